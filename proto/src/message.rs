@@ -1,0 +1,1007 @@
+//! Request and response messages: the bodies of frames. Each message type has one opcode;
+//! requests use 0x01..=0x7E, responses 0x80..=0xFE, and every response frame also carries
+//! [`FLAG_RESPONSE`](crate::frame::FLAG_RESPONSE). See docs/PROTOCOL.md for every body.
+
+use crate::authorization::{AuthorizationKind, ProviderAuthorization};
+use crate::codec::{Reader, Writer};
+use crate::error::{DecodeError, EncodeError};
+use crate::error_code::ErrorCode;
+use crate::frame::{encode_frame, FLAG_RESPONSE};
+use crate::indicium::{zip, DATA_DIGEST_BYTES, INDICIUM_BYTES_MAX};
+use crate::types::{Algorithm, MailingDate, Zip};
+
+#[cfg(feature = "serde")]
+use serde::{Deserialize, Serialize};
+
+/// Length of the handshake nonces and HMAC-SHA256 proofs.
+pub const NONCE_BYTES: usize = 32;
+pub const PROOF_BYTES: usize = 32;
+/// Longest client id (UTF-8 bytes).
+pub const CLIENT_ID_BYTES_MAX: usize = 64;
+/// Longest owner account name of a vPSD.
+pub const OWNER_BYTES_MAX: usize = 64;
+/// Longest lock reason.
+pub const REASON_BYTES_MAX: usize = 256;
+/// Longest error message.
+pub const MESSAGE_BYTES_MAX: usize = 256;
+/// Most items in one batch request.
+pub const BATCH_ITEMS_MAX: usize = 256;
+/// Longest SubjectPublicKeyInfo (DER) in a public-key response.
+pub const SPKI_BYTES_MAX: usize = 128;
+/// Most entries in a stats response, and the longest entry name.
+pub const STATS_ENTRIES_MAX: usize = 1024;
+pub const STAT_NAME_BYTES_MAX: usize = 64;
+/// Domain-separation labels of the handshake proofs (see docs/PROTOCOL.md, "Handshake").
+pub const CLIENT_PROOF_LABEL: &[u8] = b"indicia client proof v1";
+pub const SERVER_PROOF_LABEL: &[u8] = b"indicia server proof v1";
+
+/// Opcodes. A request's response comes back with the response opcode named beside it, or
+/// [`opcode::ERROR`].
+pub mod opcode {
+    pub const HELLO: u8 = 0x01;
+    pub const AUTHENTICATE: u8 = 0x02;
+    pub const SIGN: u8 = 0x10;
+    pub const SIGN_BATCH: u8 = 0x11;
+    pub const STATUS: u8 = 0x12;
+    pub const PUBLIC_KEY: u8 = 0x13;
+    pub const VERIFY: u8 = 0x14;
+    pub const PROVISION: u8 = 0x20;
+    pub const REFILL: u8 = 0x21;
+    pub const CONTACT: u8 = 0x22;
+    pub const LOCK: u8 = 0x23;
+    pub const UNLOCK: u8 = 0x24;
+    pub const WITHDRAW: u8 = 0x25;
+    pub const ROTATE_KEY: u8 = 0x26;
+    pub const STATS: u8 = 0x30;
+
+    pub const CHALLENGE: u8 = 0x81;
+    pub const WELCOME: u8 = 0x82;
+    pub const SIGNED: u8 = 0x90;
+    pub const BATCH_SIGNED: u8 = 0x91;
+    pub const VPSD_STATUS: u8 = 0x92;
+    pub const PUBLIC_KEY_INFO: u8 = 0x93;
+    pub const VERIFIED: u8 = 0x94;
+    pub const WITHDRAWN: u8 = 0xA5;
+    pub const STATS_REPORT: u8 = 0xB0;
+    pub const ERROR: u8 = 0xFF;
+}
+
+/// The role a client is granted at the handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum Role {
+    /// May sign and read status and public keys of the vPSDs listed for it.
+    User,
+    /// May also provision, lock, unlock, withdraw, rotate keys and read stats.
+    Admin,
+}
+
+impl Role {
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::User => 1,
+            Self::Admin => 2,
+        }
+    }
+
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            1 => Some(Self::User),
+            2 => Some(Self::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// Lifecycle state of a vPSD as reported by status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "kebab-case", tag = "state", content = "reason")
+)]
+pub enum VpsdState {
+    Active,
+    /// Refuses to sign until unlocked (operator), contacted (watchdog) or repaired (integrity).
+    Locked(LockReason),
+    /// Retired for good after its descending register was refunded.
+    Withdrawn,
+}
+
+/// Why a vPSD is locked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "kebab-case", tag = "kind", content = "text")
+)]
+pub enum LockReason {
+    /// Locked by an operator, with their stated reason.
+    Operator(String),
+    /// No provider contact for longer than the configured number of days.
+    ContactOverdue,
+    /// Its history does not reconcile; the text says what was found.
+    Integrity(String),
+}
+
+/// Fields of one indicium to sign; the appliance fills in everything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct SignItem {
+    pub postage_mills: u64,
+    pub mailing_date: MailingDate,
+    pub rate_category: u16,
+    pub destination_zip: Option<Zip>,
+    #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::option_array"))]
+    pub data_digest: Option<[u8; DATA_DIGEST_BYTES]>,
+}
+
+const ITEM_FLAG_DESTINATION_ZIP: u8 = 0x01;
+const ITEM_FLAG_DATA_DIGEST: u8 = 0x02;
+
+impl SignItem {
+    fn encode(&self, writer: &mut Writer<'_>) -> Result<(), EncodeError> {
+        let mut flags = 0;
+        if self.destination_zip.is_some() {
+            flags |= ITEM_FLAG_DESTINATION_ZIP;
+        }
+        if self.data_digest.is_some() {
+            flags |= ITEM_FLAG_DATA_DIGEST;
+        }
+        writer.u64(self.postage_mills)?;
+        writer.u16(self.mailing_date.days_since_2000())?;
+        writer.u16(self.rate_category)?;
+        writer.u8(flags)?;
+        if let Some(destination) = self.destination_zip {
+            writer.u32(destination.wire())?;
+        }
+        if let Some(digest) = &self.data_digest {
+            writer.put(digest)?;
+        }
+        Ok(())
+    }
+
+    fn decode(reader: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let postage_mills = reader.u64()?;
+        let mailing_date = MailingDate::from_days_since_2000(reader.u16()?);
+        let rate_category = reader.u16()?;
+        let offset = reader.position();
+        let flags = reader.u8()?;
+        if flags & !(ITEM_FLAG_DESTINATION_ZIP | ITEM_FLAG_DATA_DIGEST) != 0 {
+            return Err(DecodeError::ReservedNotZero {
+                field: "sign.flags",
+                offset,
+            });
+        }
+        let destination_zip = if flags & ITEM_FLAG_DESTINATION_ZIP != 0 {
+            Some(zip(reader, "sign.destination_zip")?)
+        } else {
+            None
+        };
+        let data_digest = if flags & ITEM_FLAG_DATA_DIGEST != 0 {
+            Some(reader.array()?)
+        } else {
+            None
+        };
+        Ok(Self {
+            postage_mills,
+            mailing_date,
+            rate_category,
+            destination_zip,
+            data_digest,
+        })
+    }
+}
+
+/// Everything a client can ask. The frame's request id is the correlation id and, for
+/// sign, batch sign and refill, the idempotency key (per client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case", tag = "type"))]
+#[non_exhaustive]
+pub enum Request {
+    /// First handshake message: the versions the client speaks and who it claims to be.
+    Hello {
+        version_min: u8,
+        version_max: u8,
+        client_id: String,
+        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::array"))]
+        client_nonce: [u8; NONCE_BYTES],
+    },
+    /// Second handshake message: HMAC-SHA256 proof of the client's secret.
+    Authenticate {
+        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::array"))]
+        proof: [u8; PROOF_BYTES],
+    },
+    Sign {
+        vpsd_id: u64,
+        item: SignItem,
+    },
+    /// Up to [`BATCH_ITEMS_MAX`] indicia for one vPSD, answered with one result per item.
+    SignBatch {
+        vpsd_id: u64,
+        items: Vec<SignItem>,
+    },
+    Status {
+        vpsd_id: u64,
+    },
+    /// Public key of the given serial, or of the current key when `key_serial` is None.
+    PublicKey {
+        vpsd_id: u64,
+        key_serial: Option<u32>,
+    },
+    Verify {
+        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::vec"))]
+        indicium: Vec<u8>,
+    },
+    Provision {
+        vpsd_id: u64,
+        owner: String,
+        algorithm: Algorithm,
+        origin_zip: Zip,
+    },
+    /// Credit funds with a provider authorization of kind refill for this vPSD.
+    Refill {
+        vpsd_id: u64,
+        authorization: ProviderAuthorization,
+    },
+    /// Record provider contact with an authorization of kind contact.
+    Contact {
+        vpsd_id: u64,
+        authorization: ProviderAuthorization,
+    },
+    Lock {
+        vpsd_id: u64,
+        reason: String,
+    },
+    Unlock {
+        vpsd_id: u64,
+    },
+    Withdraw {
+        vpsd_id: u64,
+    },
+    RotateKey {
+        vpsd_id: u64,
+    },
+    Stats,
+}
+
+/// A single item's outcome within a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum ItemResult {
+    Signed(#[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::vec"))] Vec<u8>),
+    Failed(ErrorBody),
+}
+
+/// A typed error: code plus a human-readable message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ErrorBody {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MESSAGE_BYTES_MAX {
+            let mut cut = MESSAGE_BYTES_MAX;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+        }
+        Self { code, message }
+    }
+}
+
+impl std::fmt::Display for ErrorBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+impl std::error::Error for ErrorBody {}
+
+/// The registers and state of one vPSD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct VpsdStatus {
+    pub vpsd_id: u64,
+    pub owner: String,
+    pub algorithm: Algorithm,
+    pub key_serial: u32,
+    pub state: VpsdState,
+    pub ascending_mills: u64,
+    pub descending_mills: u64,
+    pub control_total_mills: u64,
+    pub piece_count: u64,
+    pub origin_zip: Zip,
+    /// Unix seconds of the last provider contact (provisioning counts).
+    pub last_contact_unix: u64,
+    /// Last provider authorization sequence accepted (0 before the first).
+    pub provider_sequence: u64,
+    /// Freshness counter: grows with every durable change of the vPSD record.
+    pub version: u64,
+}
+
+/// Outcome of an online verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum Verdict {
+    Valid,
+    BadSignature,
+    /// No such vPSD, or no key with that serial.
+    UnknownKey,
+    /// The bytes are not an indicium.
+    Malformed,
+    /// The signature is good but the piece number was never issued (beyond the count).
+    NotIssued,
+}
+
+impl Verdict {
+    pub const fn code(self) -> u8 {
+        match self {
+            Self::Valid => 0,
+            Self::BadSignature => 1,
+            Self::UnknownKey => 2,
+            Self::Malformed => 3,
+            Self::NotIssued => 4,
+        }
+    }
+
+    pub const fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(Self::Valid),
+            1 => Some(Self::BadSignature),
+            2 => Some(Self::UnknownKey),
+            3 => Some(Self::Malformed),
+            4 => Some(Self::NotIssued),
+            _ => None,
+        }
+    }
+}
+
+/// One named counter or gauge of the appliance's statistics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct StatEntry {
+    pub name: String,
+    pub value: u64,
+}
+
+/// Everything the appliance answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case", tag = "type"))]
+#[non_exhaustive]
+pub enum Response {
+    Challenge {
+        version: u8,
+        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::array"))]
+        server_nonce: [u8; NONCE_BYTES],
+    },
+    Welcome {
+        role: Role,
+        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::array"))]
+        server_proof: [u8; PROOF_BYTES],
+    },
+    /// One encoded indicium (decode it with [`Indicium::decode`](crate::Indicium::decode)).
+    Signed {
+        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::vec"))]
+        indicium: Vec<u8>,
+    },
+    BatchSigned {
+        results: Vec<ItemResult>,
+    },
+    /// Answer to status, provision, refill, contact, lock, unlock and rotate-key.
+    VpsdStatus(VpsdStatus),
+    PublicKeyInfo {
+        vpsd_id: u64,
+        algorithm: Algorithm,
+        key_serial: u32,
+        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::vec"))]
+        spki_der: Vec<u8>,
+    },
+    Verified {
+        verdict: Verdict,
+        vpsd_id: u64,
+        piece_number: u64,
+    },
+    Withdrawn {
+        refund_mills: u64,
+        status: VpsdStatus,
+    },
+    Stats {
+        entries: Vec<StatEntry>,
+    },
+    Error(ErrorBody),
+}
+
+/// The bytes both handshake proofs are computed over (see docs/PROTOCOL.md, "Handshake"):
+/// `label || version || len(client_id) as u16 || client_id || client_nonce || server_nonce`.
+pub fn handshake_transcript(
+    label: &[u8],
+    version: u8,
+    client_id: &str,
+    client_nonce: &[u8; NONCE_BYTES],
+    server_nonce: &[u8; NONCE_BYTES],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(label.len() + 3 + client_id.len() + 2 * NONCE_BYTES);
+    out.extend_from_slice(label);
+    out.push(version);
+    // client_id is bounded by CLIENT_ID_BYTES_MAX (64) wherever it was decoded.
+    let len = u16::try_from(client_id.len()).unwrap_or(u16::MAX);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(client_id.as_bytes());
+    out.extend_from_slice(client_nonce);
+    out.extend_from_slice(server_nonce);
+    out
+}
+
+fn bad_value(field: &'static str, offset: usize, value: u64) -> DecodeError {
+    DecodeError::InvalidValue {
+        field,
+        offset,
+        value,
+    }
+}
+
+fn algorithm(reader: &mut Reader<'_>, field: &'static str) -> Result<Algorithm, DecodeError> {
+    let offset = reader.position();
+    let code = reader.u8()?;
+    Algorithm::from_code(code).ok_or(bad_value(field, offset, u64::from(code)))
+}
+
+/// A non-empty string: client ids and owners must name something.
+fn name16(
+    reader: &mut Reader<'_>,
+    field: &'static str,
+    len_max: usize,
+) -> Result<String, DecodeError> {
+    let offset = reader.position();
+    let text = reader.string16(field, len_max)?;
+    if text.is_empty() {
+        return Err(bad_value(field, offset, 0));
+    }
+    Ok(text)
+}
+
+fn authorization(
+    reader: &mut Reader<'_>,
+    expected: AuthorizationKind,
+) -> Result<ProviderAuthorization, DecodeError> {
+    let offset = reader.position();
+    let authorization = ProviderAuthorization::decode(reader)?;
+    if authorization.kind != expected {
+        return Err(bad_value(
+            "authorization.kind",
+            offset,
+            u64::from(authorization.kind.code()),
+        ));
+    }
+    Ok(authorization)
+}
+
+/// Reads an item count (u16) that must be within `1..=max` (or `0..=max` if `allow_empty`).
+fn count16(
+    reader: &mut Reader<'_>,
+    field: &'static str,
+    max: usize,
+    allow_empty: bool,
+) -> Result<usize, DecodeError> {
+    let offset = reader.position();
+    let count = usize::from(reader.u16()?);
+    if count > max || (count == 0 && !allow_empty) {
+        return Err(bad_value(field, offset, count as u64));
+    }
+    Ok(count)
+}
+
+fn write_count16(
+    writer: &mut Writer<'_>,
+    field: &'static str,
+    count: usize,
+    max: usize,
+) -> Result<(), EncodeError> {
+    if count > max {
+        return Err(EncodeError::TooLong {
+            field,
+            len: count,
+            len_max: max,
+        });
+    }
+    // count <= max <= u16::MAX for every list in the protocol.
+    writer.u16(u16::try_from(count).map_err(|_| EncodeError::TooLong {
+        field,
+        len: count,
+        len_max: usize::from(u16::MAX),
+    })?)
+}
+
+impl Request {
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Self::Hello { .. } => opcode::HELLO,
+            Self::Authenticate { .. } => opcode::AUTHENTICATE,
+            Self::Sign { .. } => opcode::SIGN,
+            Self::SignBatch { .. } => opcode::SIGN_BATCH,
+            Self::Status { .. } => opcode::STATUS,
+            Self::PublicKey { .. } => opcode::PUBLIC_KEY,
+            Self::Verify { .. } => opcode::VERIFY,
+            Self::Provision { .. } => opcode::PROVISION,
+            Self::Refill { .. } => opcode::REFILL,
+            Self::Contact { .. } => opcode::CONTACT,
+            Self::Lock { .. } => opcode::LOCK,
+            Self::Unlock { .. } => opcode::UNLOCK,
+            Self::Withdraw { .. } => opcode::WITHDRAW,
+            Self::RotateKey { .. } => opcode::ROTATE_KEY,
+            Self::Stats => opcode::STATS,
+        }
+    }
+
+    /// The vPSD a request is about, if any (used for routing and authorization).
+    pub fn vpsd_id(&self) -> Option<u64> {
+        match self {
+            Self::Sign { vpsd_id, .. }
+            | Self::SignBatch { vpsd_id, .. }
+            | Self::Status { vpsd_id }
+            | Self::PublicKey { vpsd_id, .. }
+            | Self::Provision { vpsd_id, .. }
+            | Self::Refill { vpsd_id, .. }
+            | Self::Contact { vpsd_id, .. }
+            | Self::Lock { vpsd_id, .. }
+            | Self::Unlock { vpsd_id }
+            | Self::Withdraw { vpsd_id }
+            | Self::RotateKey { vpsd_id } => Some(*vpsd_id),
+            Self::Hello { .. } | Self::Authenticate { .. } | Self::Verify { .. } | Self::Stats => {
+                None
+            }
+        }
+    }
+
+    pub fn encode_body(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        match self {
+            Self::Hello {
+                version_min,
+                version_max,
+                client_id,
+                client_nonce,
+            } => {
+                w.u8(*version_min)?;
+                w.u8(*version_max)?;
+                w.string16("hello.client_id", client_id, CLIENT_ID_BYTES_MAX)?;
+                w.put(client_nonce)
+            }
+            Self::Authenticate { proof } => w.put(proof),
+            Self::Sign { vpsd_id, item } => {
+                w.u64(*vpsd_id)?;
+                item.encode(w)
+            }
+            Self::SignBatch { vpsd_id, items } => {
+                w.u64(*vpsd_id)?;
+                write_count16(w, "sign_batch.count", items.len(), BATCH_ITEMS_MAX)?;
+                items.iter().try_for_each(|item| item.encode(w))
+            }
+            Self::Status { vpsd_id }
+            | Self::Unlock { vpsd_id }
+            | Self::Withdraw { vpsd_id }
+            | Self::RotateKey { vpsd_id } => w.u64(*vpsd_id),
+            Self::PublicKey {
+                vpsd_id,
+                key_serial,
+            } => {
+                if *key_serial == Some(0) {
+                    return Err(EncodeError::InvalidValue {
+                        field: "public_key.key_serial",
+                        reason: "serial 0 means the current key; use None",
+                    });
+                }
+                w.u64(*vpsd_id)?;
+                w.u32(key_serial.unwrap_or(0))
+            }
+            Self::Verify { indicium } => w.bytes16("verify.indicium", indicium, INDICIUM_BYTES_MAX),
+            Self::Provision {
+                vpsd_id,
+                owner,
+                algorithm,
+                origin_zip,
+            } => {
+                w.u64(*vpsd_id)?;
+                w.string16("provision.owner", owner, OWNER_BYTES_MAX)?;
+                w.u8(algorithm.code())?;
+                w.u32(origin_zip.wire())
+            }
+            Self::Refill {
+                vpsd_id,
+                authorization,
+            }
+            | Self::Contact {
+                vpsd_id,
+                authorization,
+            } => {
+                w.u64(*vpsd_id)?;
+                authorization.encode(w)
+            }
+            Self::Lock { vpsd_id, reason } => {
+                w.u64(*vpsd_id)?;
+                w.string16("lock.reason", reason, REASON_BYTES_MAX)
+            }
+            Self::Stats => Ok(()),
+        }
+    }
+
+    /// Decodes a request body. Unknown opcodes, response opcodes, out-of-range values and
+    /// trailing bytes are errors.
+    pub fn decode(opcode: u8, body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let request = match opcode {
+            opcode::HELLO => {
+                let version_min = r.u8()?;
+                let version_max = r.u8()?;
+                if version_min == 0 || version_min > version_max {
+                    return Err(bad_value(
+                        "hello.versions",
+                        0,
+                        u64::from(version_min) << 8 | u64::from(version_max),
+                    ));
+                }
+                Self::Hello {
+                    version_min,
+                    version_max,
+                    client_id: name16(&mut r, "hello.client_id", CLIENT_ID_BYTES_MAX)?,
+                    client_nonce: r.array()?,
+                }
+            }
+            opcode::AUTHENTICATE => Self::Authenticate { proof: r.array()? },
+            opcode::SIGN => Self::Sign {
+                vpsd_id: r.u64()?,
+                item: SignItem::decode(&mut r)?,
+            },
+            opcode::SIGN_BATCH => {
+                let vpsd_id = r.u64()?;
+                let count = count16(&mut r, "sign_batch.count", BATCH_ITEMS_MAX, false)?;
+                // The count is capped, so this allocation is bounded.
+                let mut items = Vec::with_capacity(count);
+                for _ in 0..count {
+                    items.push(SignItem::decode(&mut r)?);
+                }
+                Self::SignBatch { vpsd_id, items }
+            }
+            opcode::STATUS => Self::Status { vpsd_id: r.u64()? },
+            opcode::PUBLIC_KEY => Self::PublicKey {
+                vpsd_id: r.u64()?,
+                key_serial: Some(r.u32()?).filter(|serial| *serial != 0),
+            },
+            opcode::VERIFY => Self::Verify {
+                indicium: r.bytes16("verify.indicium", INDICIUM_BYTES_MAX)?.to_vec(),
+            },
+            opcode::PROVISION => Self::Provision {
+                vpsd_id: r.u64()?,
+                owner: name16(&mut r, "provision.owner", OWNER_BYTES_MAX)?,
+                algorithm: algorithm(&mut r, "provision.algorithm")?,
+                origin_zip: zip(&mut r, "provision.origin_zip")?,
+            },
+            opcode::REFILL => Self::Refill {
+                vpsd_id: r.u64()?,
+                authorization: authorization(&mut r, AuthorizationKind::Refill)?,
+            },
+            opcode::CONTACT => Self::Contact {
+                vpsd_id: r.u64()?,
+                authorization: authorization(&mut r, AuthorizationKind::Contact)?,
+            },
+            opcode::LOCK => Self::Lock {
+                vpsd_id: r.u64()?,
+                reason: r.string16("lock.reason", REASON_BYTES_MAX)?,
+            },
+            opcode::UNLOCK => Self::Unlock { vpsd_id: r.u64()? },
+            opcode::WITHDRAW => Self::Withdraw { vpsd_id: r.u64()? },
+            opcode::ROTATE_KEY => Self::RotateKey { vpsd_id: r.u64()? },
+            opcode::STATS => Self::Stats,
+            other if other >= 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),
+            other => return Err(DecodeError::UnknownOpcode { opcode: other }),
+        };
+        r.finish()?;
+        Ok(request)
+    }
+
+    /// Encodes a whole request frame into `out`; returns its length.
+    pub fn encode_frame(
+        &self,
+        version: u8,
+        request_id: u64,
+        out: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        encode_frame(out, version, self.opcode(), 0, request_id, |w| {
+            self.encode_body(w)
+        })
+    }
+}
+
+fn encode_state(w: &mut Writer<'_>, state: &VpsdState) -> Result<(), EncodeError> {
+    let (state_code, lock_code, text) = match state {
+        VpsdState::Active => (0, 0, ""),
+        VpsdState::Locked(LockReason::Operator(text)) => (1, 1, text.as_str()),
+        VpsdState::Locked(LockReason::ContactOverdue) => (1, 2, ""),
+        VpsdState::Locked(LockReason::Integrity(text)) => (1, 3, text.as_str()),
+        VpsdState::Withdrawn => (2, 0, ""),
+    };
+    w.u8(state_code)?;
+    w.u8(lock_code)?;
+    w.string16("status.reason", text, REASON_BYTES_MAX)
+}
+
+fn decode_state(r: &mut Reader<'_>) -> Result<VpsdState, DecodeError> {
+    let offset = r.position();
+    let state_code = r.u8()?;
+    let lock_code = r.u8()?;
+    let text_offset = r.position();
+    let text = r.string16("status.reason", REASON_BYTES_MAX)?;
+    let no_text = |state: VpsdState| {
+        if text.is_empty() {
+            Ok(state)
+        } else {
+            Err(DecodeError::ReservedNotZero {
+                field: "status.reason",
+                offset: text_offset,
+            })
+        }
+    };
+    match (state_code, lock_code) {
+        (0, 0) => no_text(VpsdState::Active),
+        (1, 1) => Ok(VpsdState::Locked(LockReason::Operator(text))),
+        (1, 2) => no_text(VpsdState::Locked(LockReason::ContactOverdue)),
+        (1, 3) => Ok(VpsdState::Locked(LockReason::Integrity(text))),
+        (2, 0) => no_text(VpsdState::Withdrawn),
+        _ => Err(bad_value(
+            "status.state",
+            offset,
+            u64::from(state_code) << 8 | u64::from(lock_code),
+        )),
+    }
+}
+
+impl VpsdStatus {
+    fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.u64(self.vpsd_id)?;
+        w.string16("status.owner", &self.owner, OWNER_BYTES_MAX)?;
+        w.u8(self.algorithm.code())?;
+        w.u32(self.key_serial)?;
+        encode_state(w, &self.state)?;
+        w.u64(self.ascending_mills)?;
+        w.u64(self.descending_mills)?;
+        w.u64(self.control_total_mills)?;
+        w.u64(self.piece_count)?;
+        w.u32(self.origin_zip.wire())?;
+        w.u64(self.last_contact_unix)?;
+        w.u64(self.provider_sequence)?;
+        w.u64(self.version)
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            vpsd_id: r.u64()?,
+            owner: r.string16("status.owner", OWNER_BYTES_MAX)?,
+            algorithm: algorithm(r, "status.algorithm")?,
+            key_serial: r.u32()?,
+            state: decode_state(r)?,
+            ascending_mills: r.u64()?,
+            descending_mills: r.u64()?,
+            control_total_mills: r.u64()?,
+            piece_count: r.u64()?,
+            origin_zip: zip(r, "status.origin_zip")?,
+            last_contact_unix: r.u64()?,
+            provider_sequence: r.u64()?,
+            version: r.u64()?,
+        })
+    }
+}
+
+impl ErrorBody {
+    fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        w.u16(self.code.wire())?;
+        w.string16("error.message", &self.message, MESSAGE_BYTES_MAX)
+    }
+
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        Ok(Self {
+            code: ErrorCode::from_wire(r.u16()?),
+            message: r.string16("error.message", MESSAGE_BYTES_MAX)?,
+        })
+    }
+}
+
+impl Response {
+    pub fn opcode(&self) -> u8 {
+        match self {
+            Self::Challenge { .. } => opcode::CHALLENGE,
+            Self::Welcome { .. } => opcode::WELCOME,
+            Self::Signed { .. } => opcode::SIGNED,
+            Self::BatchSigned { .. } => opcode::BATCH_SIGNED,
+            Self::VpsdStatus(_) => opcode::VPSD_STATUS,
+            Self::PublicKeyInfo { .. } => opcode::PUBLIC_KEY_INFO,
+            Self::Verified { .. } => opcode::VERIFIED,
+            Self::Withdrawn { .. } => opcode::WITHDRAWN,
+            Self::Stats { .. } => opcode::STATS_REPORT,
+            Self::Error(_) => opcode::ERROR,
+        }
+    }
+
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self::Error(ErrorBody::new(code, message))
+    }
+
+    pub fn encode_body(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
+        match self {
+            Self::Challenge {
+                version,
+                server_nonce,
+            } => {
+                w.u8(*version)?;
+                w.put(server_nonce)
+            }
+            Self::Welcome { role, server_proof } => {
+                w.u8(role.code())?;
+                w.put(server_proof)
+            }
+            Self::Signed { indicium } => w.bytes16("signed.indicium", indicium, INDICIUM_BYTES_MAX),
+            Self::BatchSigned { results } => {
+                write_count16(w, "batch_signed.count", results.len(), BATCH_ITEMS_MAX)?;
+                for result in results {
+                    match result {
+                        ItemResult::Signed(indicium) => {
+                            w.u8(0)?;
+                            w.bytes16("batch_signed.indicium", indicium, INDICIUM_BYTES_MAX)?;
+                        }
+                        ItemResult::Failed(error) => {
+                            w.u8(1)?;
+                            error.encode(w)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Self::VpsdStatus(status) => status.encode(w),
+            Self::PublicKeyInfo {
+                vpsd_id,
+                algorithm,
+                key_serial,
+                spki_der,
+            } => {
+                w.u64(*vpsd_id)?;
+                w.u8(algorithm.code())?;
+                w.u32(*key_serial)?;
+                w.bytes16("public_key.spki_der", spki_der, SPKI_BYTES_MAX)
+            }
+            Self::Verified {
+                verdict,
+                vpsd_id,
+                piece_number,
+            } => {
+                w.u8(verdict.code())?;
+                w.u64(*vpsd_id)?;
+                w.u64(*piece_number)
+            }
+            Self::Withdrawn {
+                refund_mills,
+                status,
+            } => {
+                w.u64(*refund_mills)?;
+                status.encode(w)
+            }
+            Self::Stats { entries } => {
+                write_count16(w, "stats.count", entries.len(), STATS_ENTRIES_MAX)?;
+                for entry in entries {
+                    w.string16("stats.name", &entry.name, STAT_NAME_BYTES_MAX)?;
+                    w.u64(entry.value)?;
+                }
+                Ok(())
+            }
+            Self::Error(error) => error.encode(w),
+        }
+    }
+
+    pub fn decode(opcode: u8, body: &[u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(body);
+        let response = match opcode {
+            opcode::CHALLENGE => Self::Challenge {
+                version: r.u8()?,
+                server_nonce: r.array()?,
+            },
+            opcode::WELCOME => {
+                let offset = r.position();
+                let code = r.u8()?;
+                Self::Welcome {
+                    role: Role::from_code(code).ok_or(bad_value(
+                        "welcome.role",
+                        offset,
+                        u64::from(code),
+                    ))?,
+                    server_proof: r.array()?,
+                }
+            }
+            opcode::SIGNED => Self::Signed {
+                indicium: r.bytes16("signed.indicium", INDICIUM_BYTES_MAX)?.to_vec(),
+            },
+            opcode::BATCH_SIGNED => {
+                let count = count16(&mut r, "batch_signed.count", BATCH_ITEMS_MAX, false)?;
+                let mut results = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let offset = r.position();
+                    results.push(match r.u8()? {
+                        0 => ItemResult::Signed(
+                            r.bytes16("batch_signed.indicium", INDICIUM_BYTES_MAX)?
+                                .to_vec(),
+                        ),
+                        1 => ItemResult::Failed(ErrorBody::decode(&mut r)?),
+                        other => {
+                            return Err(bad_value("batch_signed.status", offset, u64::from(other)))
+                        }
+                    });
+                }
+                Self::BatchSigned { results }
+            }
+            opcode::VPSD_STATUS => Self::VpsdStatus(VpsdStatus::decode(&mut r)?),
+            opcode::PUBLIC_KEY_INFO => Self::PublicKeyInfo {
+                vpsd_id: r.u64()?,
+                algorithm: algorithm(&mut r, "public_key.algorithm")?,
+                key_serial: r.u32()?,
+                spki_der: r.bytes16("public_key.spki_der", SPKI_BYTES_MAX)?.to_vec(),
+            },
+            opcode::VERIFIED => {
+                let offset = r.position();
+                let code = r.u8()?;
+                Self::Verified {
+                    verdict: Verdict::from_code(code).ok_or(bad_value(
+                        "verified.verdict",
+                        offset,
+                        u64::from(code),
+                    ))?,
+                    vpsd_id: r.u64()?,
+                    piece_number: r.u64()?,
+                }
+            }
+            opcode::WITHDRAWN => Self::Withdrawn {
+                refund_mills: r.u64()?,
+                status: VpsdStatus::decode(&mut r)?,
+            },
+            opcode::STATS_REPORT => {
+                let count = count16(&mut r, "stats.count", STATS_ENTRIES_MAX, true)?;
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(StatEntry {
+                        name: name16(&mut r, "stats.name", STAT_NAME_BYTES_MAX)?,
+                        value: r.u64()?,
+                    });
+                }
+                Self::Stats { entries }
+            }
+            opcode::ERROR => Self::Error(ErrorBody::decode(&mut r)?),
+            other if other < 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),
+            other => return Err(DecodeError::UnknownOpcode { opcode: other }),
+        };
+        r.finish()?;
+        Ok(response)
+    }
+
+    /// Encodes a whole response frame (with [`FLAG_RESPONSE`]) into `out`; returns its length.
+    pub fn encode_frame(
+        &self,
+        version: u8,
+        request_id: u64,
+        out: &mut [u8],
+    ) -> Result<usize, EncodeError> {
+        encode_frame(
+            out,
+            version,
+            self.opcode(),
+            FLAG_RESPONSE,
+            request_id,
+            |w| self.encode_body(w),
+        )
+    }
+}
