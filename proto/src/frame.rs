@@ -290,7 +290,7 @@ mod tests {
     #[test]
     fn bad_header_is_rejected_before_the_body_arrives() {
         let mut bytes = sample_frame(b"body");
-        bytes[4] = 9; // version
+        bytes[4] = 9; // the version byte, changed without resealing the header checksum
         let decoder = FrameDecoder::default();
         // Only the header is offered: the error comes anyway.
         assert!(matches!(

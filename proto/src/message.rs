@@ -1,5 +1,5 @@
 //! Request and response messages: the bodies of frames. Each message type has one opcode;
-//! requests use 0x01..=0x7E, responses 0x80..=0xFE, and every response frame also carries
+//! requests use 0x01..=0x7F, responses 0x80..=0xFF, and every response frame also carries
 //! [`FLAG_RESPONSE`](crate::frame::FLAG_RESPONSE). See docs/PROTOCOL.md for every body.
 
 use crate::authorization::{AuthorizationKind, ProviderAuthorization};
@@ -7,7 +7,7 @@ use crate::codec::{Reader, Writer};
 use crate::error::{DecodeError, EncodeError};
 use crate::error_code::ErrorCode;
 use crate::frame::{encode_frame, FLAG_RESPONSE};
-use crate::indicium::{zip, DATA_DIGEST_BYTES, INDICIUM_BYTES_MAX};
+use crate::indicium::{zip, Indicium, DATA_DIGEST_BYTES, INDICIUM_BYTES_MAX};
 use crate::types::{Algorithm, MailingDate, Zip};
 
 #[cfg(feature = "serde")]
@@ -272,7 +272,7 @@ pub enum Request {
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum ItemResult {
-    Signed(#[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::vec"))] Vec<u8>),
+    Signed(Indicium),
     Failed(ErrorBody),
 }
 
@@ -390,10 +390,9 @@ pub enum Response {
         #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::array"))]
         server_proof: [u8; PROOF_BYTES],
     },
-    /// One encoded indicium (decode it with [`Indicium::decode`](crate::Indicium::decode)).
+    /// One indicium (on the wire: its encoding, decoded and checked on receipt).
     Signed {
-        #[cfg_attr(feature = "serde", serde(with = "crate::serde_hex::vec"))]
-        indicium: Vec<u8>,
+        indicium: Indicium,
     },
     BatchSigned {
         results: Vec<ItemResult>,
@@ -443,6 +442,27 @@ pub fn handshake_transcript(
     out
 }
 
+/// An indicium inside a response: u16 length, then its encoding, which must decode whole.
+fn encode_indicium(w: &mut Writer<'_>, indicium: &Indicium) -> Result<(), EncodeError> {
+    w.bytes16("indicium", indicium.to_bytes().as_ref(), INDICIUM_BYTES_MAX)
+}
+
+fn decode_indicium(r: &mut Reader<'_>, field: &'static str) -> Result<Indicium, DecodeError> {
+    let offset = r.position();
+    let bytes = r.bytes16(field, INDICIUM_BYTES_MAX)?;
+    Indicium::decode(bytes).map_err(|err| match err {
+        // Report where in the body the bad indicium starts.
+        DecodeError::Truncated {
+            needed, available, ..
+        } => DecodeError::Truncated {
+            offset: offset + 2,
+            needed,
+            available,
+        },
+        _ => bad_value(field, offset, bytes.len() as u64),
+    })
+}
+
 fn bad_value(field: &'static str, offset: usize, value: u64) -> DecodeError {
     DecodeError::InvalidValue {
         field,
@@ -469,6 +489,21 @@ fn name16(
         return Err(bad_value(field, offset, 0));
     }
     Ok(text)
+}
+
+fn write_name16(
+    w: &mut Writer<'_>,
+    field: &'static str,
+    text: &str,
+    len_max: usize,
+) -> Result<(), EncodeError> {
+    if text.is_empty() {
+        return Err(EncodeError::InvalidValue {
+            field,
+            reason: "must not be empty",
+        });
+    }
+    w.string16(field, text, len_max)
 }
 
 fn authorization(
@@ -507,7 +542,14 @@ fn write_count16(
     field: &'static str,
     count: usize,
     max: usize,
+    allow_empty: bool,
 ) -> Result<(), EncodeError> {
+    if count == 0 && !allow_empty {
+        return Err(EncodeError::InvalidValue {
+            field,
+            reason: "must hold at least one item",
+        });
+    }
     if count > max {
         return Err(EncodeError::TooLong {
             field,
@@ -574,7 +616,7 @@ impl Request {
             } => {
                 w.u8(*version_min)?;
                 w.u8(*version_max)?;
-                w.string16("hello.client_id", client_id, CLIENT_ID_BYTES_MAX)?;
+                write_name16(w, "hello.client_id", client_id, CLIENT_ID_BYTES_MAX)?;
                 w.put(client_nonce)
             }
             Self::Authenticate { proof } => w.put(proof),
@@ -584,7 +626,7 @@ impl Request {
             }
             Self::SignBatch { vpsd_id, items } => {
                 w.u64(*vpsd_id)?;
-                write_count16(w, "sign_batch.count", items.len(), BATCH_ITEMS_MAX)?;
+                write_count16(w, "sign_batch.count", items.len(), BATCH_ITEMS_MAX, false)?;
                 items.iter().try_for_each(|item| item.encode(w))
             }
             Self::Status { vpsd_id }
@@ -612,7 +654,7 @@ impl Request {
                 origin_zip,
             } => {
                 w.u64(*vpsd_id)?;
-                w.string16("provision.owner", owner, OWNER_BYTES_MAX)?;
+                write_name16(w, "provision.owner", owner, OWNER_BYTES_MAX)?;
                 w.u8(algorithm.code())?;
                 w.u32(origin_zip.wire())
             }
@@ -768,7 +810,7 @@ fn decode_state(r: &mut Reader<'_>) -> Result<VpsdState, DecodeError> {
 impl VpsdStatus {
     fn encode(&self, w: &mut Writer<'_>) -> Result<(), EncodeError> {
         w.u64(self.vpsd_id)?;
-        w.string16("status.owner", &self.owner, OWNER_BYTES_MAX)?;
+        write_name16(w, "status.owner", &self.owner, OWNER_BYTES_MAX)?;
         w.u8(self.algorithm.code())?;
         w.u32(self.key_serial)?;
         encode_state(w, &self.state)?;
@@ -785,7 +827,7 @@ impl VpsdStatus {
     fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         Ok(Self {
             vpsd_id: r.u64()?,
-            owner: r.string16("status.owner", OWNER_BYTES_MAX)?,
+            owner: name16(r, "status.owner", OWNER_BYTES_MAX)?,
             algorithm: algorithm(r, "status.algorithm")?,
             key_serial: r.u32()?,
             state: decode_state(r)?,
@@ -841,6 +883,12 @@ impl Response {
                 version,
                 server_nonce,
             } => {
+                if *version == 0 {
+                    return Err(EncodeError::InvalidValue {
+                        field: "challenge.version",
+                        reason: "version 0 does not exist",
+                    });
+                }
                 w.u8(*version)?;
                 w.put(server_nonce)
             }
@@ -848,14 +896,20 @@ impl Response {
                 w.u8(role.code())?;
                 w.put(server_proof)
             }
-            Self::Signed { indicium } => w.bytes16("signed.indicium", indicium, INDICIUM_BYTES_MAX),
+            Self::Signed { indicium } => encode_indicium(w, indicium),
             Self::BatchSigned { results } => {
-                write_count16(w, "batch_signed.count", results.len(), BATCH_ITEMS_MAX)?;
+                write_count16(
+                    w,
+                    "batch_signed.count",
+                    results.len(),
+                    BATCH_ITEMS_MAX,
+                    false,
+                )?;
                 for result in results {
                     match result {
                         ItemResult::Signed(indicium) => {
                             w.u8(0)?;
-                            w.bytes16("batch_signed.indicium", indicium, INDICIUM_BYTES_MAX)?;
+                            encode_indicium(w, indicium)?;
                         }
                         ItemResult::Failed(error) => {
                             w.u8(1)?;
@@ -894,9 +948,9 @@ impl Response {
                 status.encode(w)
             }
             Self::Stats { entries } => {
-                write_count16(w, "stats.count", entries.len(), STATS_ENTRIES_MAX)?;
+                write_count16(w, "stats.count", entries.len(), STATS_ENTRIES_MAX, true)?;
                 for entry in entries {
-                    w.string16("stats.name", &entry.name, STAT_NAME_BYTES_MAX)?;
+                    write_name16(w, "stats.name", &entry.name, STAT_NAME_BYTES_MAX)?;
                     w.u64(entry.value)?;
                 }
                 Ok(())
@@ -908,10 +962,17 @@ impl Response {
     pub fn decode(opcode: u8, body: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(body);
         let response = match opcode {
-            opcode::CHALLENGE => Self::Challenge {
-                version: r.u8()?,
-                server_nonce: r.array()?,
-            },
+            opcode::CHALLENGE => {
+                let offset = r.position();
+                let version = r.u8()?;
+                if version == 0 {
+                    return Err(bad_value("challenge.version", offset, 0));
+                }
+                Self::Challenge {
+                    version,
+                    server_nonce: r.array()?,
+                }
+            }
             opcode::WELCOME => {
                 let offset = r.position();
                 let code = r.u8()?;
@@ -925,7 +986,7 @@ impl Response {
                 }
             }
             opcode::SIGNED => Self::Signed {
-                indicium: r.bytes16("signed.indicium", INDICIUM_BYTES_MAX)?.to_vec(),
+                indicium: decode_indicium(&mut r, "signed.indicium")?,
             },
             opcode::BATCH_SIGNED => {
                 let count = count16(&mut r, "batch_signed.count", BATCH_ITEMS_MAX, false)?;
@@ -933,10 +994,7 @@ impl Response {
                 for _ in 0..count {
                     let offset = r.position();
                     results.push(match r.u8()? {
-                        0 => ItemResult::Signed(
-                            r.bytes16("batch_signed.indicium", INDICIUM_BYTES_MAX)?
-                                .to_vec(),
-                        ),
+                        0 => ItemResult::Signed(decode_indicium(&mut r, "batch_signed.indicium")?),
                         1 => ItemResult::Failed(ErrorBody::decode(&mut r)?),
                         other => {
                             return Err(bad_value("batch_signed.status", offset, u64::from(other)))

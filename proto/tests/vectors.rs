@@ -5,6 +5,7 @@
 //!
 //! To regenerate after a deliberate format change (and then update docs/):
 //! `INDICIA_WRITE_VECTORS=1 cargo test -p indicia-proto --test vectors`
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -218,6 +219,21 @@ fn request_samples() -> Vec<(&'static str, Request)> {
     ]
 }
 
+/// An Ed25519 indicium signed with a fixed key (Ed25519 is deterministic, so the bytes are
+/// stable across regenerations).
+fn sample_indicium(piece_number: u64, postage_mills: u64) -> Indicium {
+    let key = Ed25519KeyPair::from_seed_unchecked(&[0x07; 32]).unwrap();
+    let payload = IndiciumPayload {
+        algorithm: Algorithm::Ed25519,
+        piece_number,
+        postage_mills,
+        ..indicium_samples()[0].2
+    };
+    let mut signature = [0u8; 64];
+    signature.copy_from_slice(key.sign(payload.signed_bytes().as_ref()).as_ref());
+    Indicium { payload, signature }
+}
+
 fn response_samples() -> Vec<(&'static str, Response)> {
     let mut locked = sample_status();
     locked.state = VpsdState::Locked(LockReason::Operator("audit".into()));
@@ -247,14 +263,14 @@ fn response_samples() -> Vec<(&'static str, Response)> {
         (
             "signed",
             Response::Signed {
-                indicium: vec![0xAA; 125],
+                indicium: sample_indicium(10, 730),
             },
         ),
         (
             "batch signed: one ok, one failed",
             Response::BatchSigned {
                 results: vec![
-                    ItemResult::Signed(vec![0xBB; 125]),
+                    ItemResult::Signed(sample_indicium(11, 1_200)),
                     ItemResult::Failed(ErrorBody::new(
                         ErrorCode::InsufficientFunds,
                         "needs 1.200, has 0.500",

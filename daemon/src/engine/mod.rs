@@ -1,0 +1,584 @@
+//! The engine: one shard's vPSDs, their registers and signing sessions, as a deterministic
+//! state machine with no runtime, no sockets and no clock (time is passed in).
+//!
+//! Every operation has two halves. `prepare_*` validates a request against the current
+//! state and returns the [`Record`] that would carry it out, plus the answer, changing
+//! nothing. [`Engine::apply`] is the only place where state changes: the server applies a
+//! record after the journal has accepted it, and recovery applies the journal's records
+//! in order. So a failure before the commit applies nothing, and a replayed history yields
+//! exactly the state that was live.
+
+pub mod error;
+pub mod idempotency;
+pub mod keys;
+pub mod record;
+pub mod registers;
+pub mod session;
+pub mod vpsd;
+
+use std::collections::HashMap;
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{UnparsedPublicKey, ED25519};
+use indicia_proto::{
+    Algorithm, AuthorizationKind, Indicium, LockReason, ProviderAuthorization, Verdict, VpsdState,
+    VpsdStatus, Zip,
+};
+
+pub use error::{ApplyError, EngineError};
+pub use idempotency::{IdempotencyWindow, Remembered, RememberedAnswer};
+pub use keys::{MasterKey, PublicKey, SealedKey};
+pub use record::{ClientTag, Fingerprint, ItemOutcome, JobRecord, Record, SessionRecord};
+pub use registers::Registers;
+pub use session::{JobAnswer, PreparedSession, SignJob};
+pub use vpsd::{KeyEntry, StoredState, Vpsd};
+
+/// Seconds in a day, for the watchdog and the mailing-date window.
+pub const DAY_SECONDS: u64 = 86_400;
+
+/// Limits and policies of one shard's engine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineConfig {
+    /// Most indicia one signing session signs (the sum over its requests).
+    pub session_indicia_max: usize,
+    /// Largest postage of one indicium, in mills.
+    pub postage_mills_max: u64,
+    /// A vPSD without provider contact for longer than this is locked by the watchdog.
+    pub contact_days_max: u64,
+    /// How many days before today a mailing date may be.
+    pub mailing_days_back: u16,
+    /// How many days after today a mailing date may be.
+    pub mailing_days_ahead: u16,
+    /// Software id written into every indicium.
+    pub software_id: u16,
+    /// Bound of the idempotency window, in remembered indicia.
+    pub idempotency_indicia_max: usize,
+    /// Most vPSDs this shard holds.
+    pub vpsds_max: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            session_indicia_max: 256,
+            postage_mills_max: 100_000,
+            contact_days_max: 90,
+            mailing_days_back: 1,
+            mailing_days_ahead: 30,
+            software_id: 0x0100,
+            idempotency_indicia_max: 65_536,
+            vpsds_max: 100_000,
+        }
+    }
+}
+
+/// The answer to a provider authorization: fresh, or the original one for a retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prepared {
+    /// The change to journal and apply; None when nothing changes (a retry, a no-op).
+    pub record: Option<Record>,
+}
+
+/// One shard's state.
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    master: MasterKey,
+    provider_public_key: [u8; 32],
+    vpsds: HashMap<u64, Vpsd>,
+    window: IdempotencyWindow,
+    rng: SystemRandom,
+}
+
+impl Engine {
+    pub fn new(config: EngineConfig, master: MasterKey, provider_public_key: [u8; 32]) -> Self {
+        let window = IdempotencyWindow::new(config.idempotency_indicia_max);
+        Self {
+            config,
+            master,
+            provider_public_key,
+            vpsds: HashMap::new(),
+            window,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn vpsd(&self, vpsd_id: u64) -> Option<&Vpsd> {
+        self.vpsds.get(&vpsd_id)
+    }
+
+    pub fn vpsds(&self) -> impl Iterator<Item = &Vpsd> {
+        self.vpsds.values()
+    }
+
+    pub fn window(&self) -> &IdempotencyWindow {
+        &self.window
+    }
+
+    fn contact_seconds_max(&self) -> u64 {
+        self.config.contact_days_max.saturating_mul(DAY_SECONDS)
+    }
+
+    fn get(&self, vpsd_id: u64) -> Result<&Vpsd, EngineError> {
+        self.vpsds
+            .get(&vpsd_id)
+            .ok_or(EngineError::UnknownVpsd { vpsd_id })
+    }
+
+    pub fn status(&self, now_unix: u64, vpsd_id: u64) -> Result<VpsdStatus, EngineError> {
+        Ok(self
+            .get(vpsd_id)?
+            .status(now_unix, self.contact_seconds_max()))
+    }
+
+    /// The public key of the given serial (or the current one) as SubjectPublicKeyInfo DER.
+    pub fn public_key(
+        &self,
+        vpsd_id: u64,
+        key_serial: Option<u32>,
+    ) -> Result<(Algorithm, u32, Vec<u8>), EngineError> {
+        let vpsd = self.get(vpsd_id)?;
+        let key = match key_serial {
+            None => vpsd.current_key(),
+            Some(serial) => vpsd.key(serial).ok_or(EngineError::UnknownKey {
+                vpsd_id,
+                key_serial: serial,
+            })?,
+        };
+        Ok((vpsd.algorithm, key.serial, key.public.spki_der()?))
+    }
+
+    /// Online verification of an indicium against the keys this shard holds.
+    pub fn verify(&self, bytes: &[u8]) -> (Verdict, u64, u64) {
+        let Ok(indicium) = Indicium::decode(bytes) else {
+            return (Verdict::Malformed, 0, 0);
+        };
+        let payload = &indicium.payload;
+        let verdict = match self.vpsds.get(&payload.vpsd_id) {
+            None => Verdict::UnknownKey,
+            Some(vpsd) => match vpsd.key(payload.key_serial) {
+                None => Verdict::UnknownKey,
+                Some(key) if key.public.algorithm != payload.algorithm => Verdict::BadSignature,
+                Some(key) => {
+                    if !key
+                        .public
+                        .verify(payload.signed_bytes().as_ref(), &indicium.signature)
+                    {
+                        Verdict::BadSignature
+                    } else if payload.piece_number == 0
+                        || payload.piece_number > vpsd.registers.piece_count
+                    {
+                        Verdict::NotIssued
+                    } else {
+                        Verdict::Valid
+                    }
+                }
+            },
+        };
+        (verdict, payload.vpsd_id, payload.piece_number)
+    }
+
+    pub fn prepare_provision(
+        &self,
+        now_unix: u64,
+        vpsd_id: u64,
+        owner: &str,
+        algorithm: Algorithm,
+        origin_zip: Zip,
+    ) -> Result<Record, EngineError> {
+        if self.vpsds.contains_key(&vpsd_id) {
+            return Err(EngineError::VpsdExists { vpsd_id });
+        }
+        if self.vpsds.len() >= self.config.vpsds_max {
+            return Err(EngineError::Capacity {
+                vpsds_max: self.config.vpsds_max,
+            });
+        }
+        if owner.is_empty() {
+            return Err(EngineError::InvalidArgument(
+                "owner must not be empty".into(),
+            ));
+        }
+        let (sealed_key, public_key) = self.master.generate(algorithm, vpsd_id, 1)?;
+        Ok(Record::Provision {
+            vpsd_id,
+            owner: owner.to_owned(),
+            algorithm,
+            origin_zip,
+            public_key,
+            sealed_key,
+            at_unix: now_unix,
+        })
+    }
+
+    /// A refill or contact acknowledgment. A retry of an applied authorization (same
+    /// client, same request id, same content) changes nothing and answers the status.
+    pub fn prepare_provider(
+        &self,
+        now_unix: u64,
+        client: ClientTag,
+        request_id: u64,
+        vpsd_id: u64,
+        authorization: &ProviderAuthorization,
+    ) -> Result<Prepared, EngineError> {
+        let vpsd = self.get(vpsd_id)?;
+        let fingerprint = provider_fingerprint(vpsd_id, authorization);
+        if let Some(remembered) = self.window.get(client, request_id) {
+            if remembered.fingerprint == fingerprint
+                && remembered.answer == RememberedAnswer::Provider
+            {
+                return Ok(Prepared { record: None });
+            }
+            return Err(EngineError::RequestIdReused { request_id });
+        }
+        let signature_ok = UnparsedPublicKey::new(&ED25519, &self.provider_public_key)
+            .verify(&authorization.signed_bytes(), &authorization.signature)
+            .is_ok();
+        if !signature_ok {
+            return Err(EngineError::AuthorizationInvalid);
+        }
+        if authorization.vpsd_id != vpsd_id {
+            return Err(EngineError::AuthorizationWrongVpsd {
+                authorized: authorization.vpsd_id,
+                requested: vpsd_id,
+            });
+        }
+        if authorization.expires_unix < now_unix {
+            return Err(EngineError::AuthorizationExpired {
+                expires_unix: authorization.expires_unix,
+                now_unix,
+            });
+        }
+        if authorization.sequence <= vpsd.provider_sequence {
+            return Err(EngineError::AuthorizationReplayed {
+                sequence: authorization.sequence,
+                last_sequence: vpsd.provider_sequence,
+            });
+        }
+        if vpsd.state == StoredState::Withdrawn {
+            return Err(EngineError::Withdrawn { vpsd_id });
+        }
+        let amount_mills = match authorization.kind {
+            AuthorizationKind::Refill if authorization.amount_mills == 0 => {
+                return Err(EngineError::InvalidArgument(
+                    "a refill must credit more than 0".into(),
+                ));
+            }
+            AuthorizationKind::Refill => authorization.amount_mills,
+            AuthorizationKind::Contact => 0,
+        };
+        vpsd.registers
+            .credit(amount_mills)
+            .map_err(|_| EngineError::RegisterOverflow)?;
+        Ok(Prepared {
+            record: Some(Record::Provider {
+                vpsd_id,
+                version: vpsd.version + 1,
+                kind: authorization.kind,
+                amount_mills,
+                sequence: authorization.sequence,
+                at_unix: now_unix,
+                client,
+                request_id,
+                fingerprint,
+            }),
+        })
+    }
+
+    /// Operator lock with a reason. Locking a locked vPSD replaces the reason.
+    pub fn prepare_lock(
+        &self,
+        now_unix: u64,
+        vpsd_id: u64,
+        reason: &str,
+    ) -> Result<Record, EngineError> {
+        let vpsd = self.get(vpsd_id)?;
+        match &vpsd.state {
+            StoredState::Withdrawn => Err(EngineError::Withdrawn { vpsd_id }),
+            StoredState::Locked(LockReason::Integrity(text)) => {
+                Err(EngineError::Integrity(text.clone()))
+            }
+            StoredState::Active | StoredState::Locked(_) => Ok(Record::StateChange {
+                vpsd_id,
+                version: vpsd.version + 1,
+                state: StoredState::Locked(LockReason::Operator(reason.to_owned())),
+                at_unix: now_unix,
+            }),
+        }
+    }
+
+    /// Lifts an operator lock; None when the vPSD is not locked by an operator (nothing to
+    /// do). An integrity lock is not lifted this way, and a watchdog lock lifts only with
+    /// provider contact.
+    pub fn prepare_unlock(
+        &self,
+        now_unix: u64,
+        vpsd_id: u64,
+    ) -> Result<Option<Record>, EngineError> {
+        let vpsd = self.get(vpsd_id)?;
+        match &vpsd.state {
+            StoredState::Withdrawn => Err(EngineError::Withdrawn { vpsd_id }),
+            StoredState::Locked(LockReason::Integrity(text)) => {
+                Err(EngineError::Integrity(text.clone()))
+            }
+            StoredState::Active => Ok(None),
+            StoredState::Locked(_) => Ok(Some(Record::StateChange {
+                vpsd_id,
+                version: vpsd.version + 1,
+                state: StoredState::Active,
+                at_unix: now_unix,
+            })),
+        }
+    }
+
+    /// Withdrawal: the descending register is refunded and the vPSD retired for good.
+    pub fn prepare_withdraw(&self, now_unix: u64, vpsd_id: u64) -> Result<Record, EngineError> {
+        let vpsd = self.get(vpsd_id)?;
+        match &vpsd.state {
+            StoredState::Withdrawn => Err(EngineError::Withdrawn { vpsd_id }),
+            StoredState::Locked(LockReason::Integrity(text)) => {
+                Err(EngineError::Integrity(text.clone()))
+            }
+            StoredState::Active | StoredState::Locked(_) => Ok(Record::Withdraw {
+                vpsd_id,
+                version: vpsd.version + 1,
+                refund_mills: vpsd.registers.descending_mills,
+                at_unix: now_unix,
+            }),
+        }
+    }
+
+    /// A new key generation; indicia signed with older keys still verify under their serial.
+    pub fn prepare_rotate_key(&self, now_unix: u64, vpsd_id: u64) -> Result<Record, EngineError> {
+        let vpsd = self.get(vpsd_id)?;
+        match &vpsd.state {
+            StoredState::Withdrawn => return Err(EngineError::Withdrawn { vpsd_id }),
+            StoredState::Locked(LockReason::Integrity(text)) => {
+                return Err(EngineError::Integrity(text.clone()))
+            }
+            StoredState::Active | StoredState::Locked(_) => {}
+        }
+        let key_serial = vpsd
+            .current_key()
+            .serial
+            .checked_add(1)
+            .ok_or_else(|| EngineError::InvalidArgument("key serials exhausted".into()))?;
+        let (sealed_key, public_key) = self.master.generate(vpsd.algorithm, vpsd_id, key_serial)?;
+        Ok(Record::RotateKey {
+            vpsd_id,
+            version: vpsd.version + 1,
+            key_serial,
+            public_key,
+            sealed_key,
+            at_unix: now_unix,
+        })
+    }
+
+    /// Applies a record to the state: the only way state changes. Checks that the record
+    /// follows the current state (version, registers, piece numbers, sums) and changes
+    /// nothing if it does not.
+    pub fn apply(&mut self, record: &Record) -> Result<(), ApplyError> {
+        let vpsd_id = record.vpsd_id();
+        if let Record::Provision {
+            owner,
+            algorithm,
+            origin_zip,
+            public_key,
+            sealed_key,
+            at_unix,
+            ..
+        } = record
+        {
+            if self.vpsds.contains_key(&vpsd_id) {
+                return Err(ApplyError::AlreadyProvisioned { vpsd_id });
+            }
+            if public_key.algorithm != *algorithm {
+                return Err(ApplyError::Mismatch {
+                    vpsd_id,
+                    what: "public key algorithm differs from the vPSD's".into(),
+                });
+            }
+            self.vpsds.insert(
+                vpsd_id,
+                Vpsd {
+                    id: vpsd_id,
+                    owner: owner.clone(),
+                    algorithm: *algorithm,
+                    origin_zip: *origin_zip,
+                    keys: vec![KeyEntry {
+                        serial: 1,
+                        public: public_key.clone(),
+                        sealed: Some(*sealed_key),
+                    }],
+                    registers: Registers::default(),
+                    state: StoredState::Active,
+                    last_contact_unix: *at_unix,
+                    provider_sequence: 0,
+                    version: 1,
+                },
+            );
+            return Ok(());
+        }
+        let vpsd = self
+            .vpsds
+            .get(&vpsd_id)
+            .ok_or(ApplyError::UnknownVpsd { vpsd_id })?;
+        if record.version() != vpsd.version + 1 {
+            return Err(ApplyError::Version {
+                vpsd_id,
+                current: vpsd.version,
+                found: record.version(),
+            });
+        }
+        let mismatch = |what: &str| ApplyError::Mismatch {
+            vpsd_id,
+            what: what.to_owned(),
+        };
+        if vpsd.state == StoredState::Withdrawn {
+            return Err(mismatch("record after withdrawal"));
+        }
+        // Compute the new state fully before touching anything.
+        let mut next = vpsd.clone();
+        next.version = record.version();
+        let mut remember = None;
+        match record {
+            Record::Provision { .. } => unreachable!("handled above"),
+            Record::Provider {
+                kind,
+                amount_mills,
+                sequence,
+                at_unix,
+                client,
+                request_id,
+                fingerprint,
+                ..
+            } => {
+                if *sequence <= vpsd.provider_sequence {
+                    return Err(mismatch("provider sequence does not increase"));
+                }
+                if *kind == AuthorizationKind::Contact && *amount_mills != 0 {
+                    return Err(mismatch("contact with an amount"));
+                }
+                next.registers = vpsd
+                    .registers
+                    .credit(*amount_mills)
+                    .map_err(|_| mismatch("refill overflows the registers"))?;
+                next.provider_sequence = *sequence;
+                next.last_contact_unix = next.last_contact_unix.max(*at_unix);
+                remember = Some((
+                    *client,
+                    *request_id,
+                    Remembered {
+                        vpsd_id,
+                        fingerprint: *fingerprint,
+                        answer: RememberedAnswer::Provider,
+                    },
+                ));
+            }
+            Record::StateChange { state, .. } => {
+                if *state == StoredState::Withdrawn {
+                    return Err(mismatch("withdrawal as a state change"));
+                }
+                next.state = state.clone();
+            }
+            Record::Withdraw { refund_mills, .. } => {
+                let (registers, refund) = vpsd.registers.refund_all();
+                if refund != *refund_mills {
+                    return Err(mismatch("refund differs from the descending register"));
+                }
+                next.registers = registers;
+                next.state = StoredState::Withdrawn;
+                for key in &mut next.keys {
+                    key.sealed = None;
+                }
+            }
+            Record::RotateKey {
+                key_serial,
+                public_key,
+                sealed_key,
+                ..
+            } => {
+                if *key_serial != vpsd.current_key().serial + 1
+                    || public_key.algorithm != vpsd.algorithm
+                {
+                    return Err(mismatch("rotated key does not follow the current one"));
+                }
+                for key in &mut next.keys {
+                    key.sealed = None;
+                }
+                next.keys.push(KeyEntry {
+                    serial: *key_serial,
+                    public: public_key.clone(),
+                    sealed: Some(*sealed_key),
+                });
+            }
+            Record::Session(session) => {
+                session::check_session(vpsd, session).map_err(|what| mismatch(&what))?;
+                next.registers = session.after;
+            }
+        }
+        next.registers.assert_invariants();
+        if let Record::Session(session) = record {
+            for job in &session.jobs {
+                if job.signed().next().is_some() {
+                    self.window.insert(
+                        job.client,
+                        job.request_id,
+                        Remembered {
+                            vpsd_id,
+                            fingerprint: job.fingerprint,
+                            answer: RememberedAnswer::Items(job.outcomes.clone().into()),
+                        },
+                    );
+                }
+            }
+        }
+        if let Some((client, request_id, remembered)) = remember {
+            self.window.insert(client, request_id, remembered);
+        }
+        self.vpsds.insert(vpsd_id, next);
+        Ok(())
+    }
+
+    /// Prepares and applies in one step, for callers without a journal (tests, benches).
+    pub fn commit(&mut self, record: Record) -> Record {
+        if let Err(err) = self.apply(&record) {
+            // The record was prepared against this very state: not applying is a bug.
+            panic!("a freshly prepared record does not apply: {err}");
+        }
+        record
+    }
+}
+
+/// Fingerprint of a provider request: vPSD id and the whole authorization.
+fn provider_fingerprint(vpsd_id: u64, authorization: &ProviderAuthorization) -> Fingerprint {
+    let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
+    context.update(&vpsd_id.to_le_bytes());
+    context.update(&authorization.to_bytes());
+    truncate(context.finish())
+}
+
+pub(crate) fn truncate(digest: aws_lc_rs::digest::Digest) -> Fingerprint {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&digest.as_ref()[..16]);
+    out
+}
+
+/// Why a vPSD in this state refuses to sign, if it does.
+pub(crate) fn refusal(state: &VpsdState, vpsd_id: u64) -> Option<EngineError> {
+    match state {
+        VpsdState::Active => None,
+        VpsdState::Locked(reason) => Some(EngineError::Locked {
+            vpsd_id,
+            reason: reason.clone(),
+        }),
+        VpsdState::Withdrawn => Some(EngineError::Withdrawn { vpsd_id }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,145 @@
+//! Records: everything that changes a vPSD, as a value. The engine prepares a record
+//! without changing anything, the journal makes it durable, and [`Engine::apply`]
+//! (live or at recovery) is the only place where state changes.
+//!
+//! [`Engine::apply`]: super::Engine::apply
+
+use indicia_proto::{Algorithm, AuthorizationKind, ErrorCode, Indicium, Zip};
+
+use super::keys::{PublicKey, SealedKey};
+use super::registers::Registers;
+use super::vpsd::StoredState;
+
+/// Who sent a request: the first 8 bytes of SHA-256 of the client id. With the request id
+/// it keys the idempotency window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientTag(pub u64);
+
+impl ClientTag {
+    pub fn of(client_id: &str) -> Self {
+        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, client_id.as_bytes());
+        let mut tag = [0u8; 8];
+        tag.copy_from_slice(&digest.as_ref()[..8]);
+        Self(u64::from_le_bytes(tag))
+    }
+}
+
+/// The first 16 bytes of SHA-256 over a request's content: a retry must match it.
+pub type Fingerprint = [u8; 16];
+
+/// What happened to one requested indicium.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ItemOutcome {
+    Signed(Indicium),
+    /// Refused; nothing was charged for it.
+    Failed(ErrorCode),
+}
+
+/// One client request (a sign or a batch) within a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobRecord {
+    pub client: ClientTag,
+    pub request_id: u64,
+    pub fingerprint: Fingerprint,
+    pub outcomes: Vec<ItemOutcome>,
+}
+
+impl JobRecord {
+    pub fn signed(&self) -> impl Iterator<Item = &Indicium> {
+        self.outcomes.iter().filter_map(|outcome| match outcome {
+            ItemOutcome::Signed(indicium) => Some(indicium),
+            ItemOutcome::Failed(_) => None,
+        })
+    }
+}
+
+/// One signing session: the register change and every indicium it produced, in piece order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub vpsd_id: u64,
+    /// The vPSD version this record produces (the previous one plus one).
+    pub version: u64,
+    pub key_serial: u32,
+    pub before: Registers,
+    pub after: Registers,
+    pub jobs: Vec<JobRecord>,
+}
+
+impl SessionRecord {
+    pub fn indicia(&self) -> impl Iterator<Item = &Indicium> {
+        self.jobs.iter().flat_map(JobRecord::signed)
+    }
+}
+
+/// A durable change of one vPSD.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Provision {
+        vpsd_id: u64,
+        owner: String,
+        algorithm: Algorithm,
+        origin_zip: Zip,
+        public_key: PublicKey,
+        sealed_key: SealedKey,
+        at_unix: u64,
+    },
+    /// A refill (credits funds) or a contact acknowledgment (amount 0), both authorized by
+    /// the provider, both counting as provider contact.
+    Provider {
+        vpsd_id: u64,
+        version: u64,
+        kind: AuthorizationKind,
+        amount_mills: u64,
+        sequence: u64,
+        at_unix: u64,
+        client: ClientTag,
+        request_id: u64,
+        fingerprint: Fingerprint,
+    },
+    StateChange {
+        vpsd_id: u64,
+        version: u64,
+        state: StoredState,
+        at_unix: u64,
+    },
+    Withdraw {
+        vpsd_id: u64,
+        version: u64,
+        refund_mills: u64,
+        at_unix: u64,
+    },
+    RotateKey {
+        vpsd_id: u64,
+        version: u64,
+        key_serial: u32,
+        public_key: PublicKey,
+        sealed_key: SealedKey,
+        at_unix: u64,
+    },
+    Session(SessionRecord),
+}
+
+impl Record {
+    pub fn vpsd_id(&self) -> u64 {
+        match self {
+            Self::Provision { vpsd_id, .. }
+            | Self::Provider { vpsd_id, .. }
+            | Self::StateChange { vpsd_id, .. }
+            | Self::Withdraw { vpsd_id, .. }
+            | Self::RotateKey { vpsd_id, .. } => *vpsd_id,
+            Self::Session(session) => session.vpsd_id,
+        }
+    }
+
+    /// The vPSD version after this record.
+    pub fn version(&self) -> u64 {
+        match self {
+            Self::Provision { .. } => 1,
+            Self::Provider { version, .. }
+            | Self::StateChange { version, .. }
+            | Self::Withdraw { version, .. }
+            | Self::RotateKey { version, .. } => *version,
+            Self::Session(session) => session.version,
+        }
+    }
+}

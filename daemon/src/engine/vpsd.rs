@@ -1,0 +1,88 @@
+//! The state of one virtual PSD.
+
+use indicia_proto::{Algorithm, LockReason, VpsdState, VpsdStatus, Zip};
+
+use super::keys::{PublicKey, SealedKey};
+use super::registers::Registers;
+
+/// The lifecycle state as recorded. The watchdog lock is not recorded: it follows from the
+/// time of the last provider contact, see [`Vpsd::effective_state`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoredState {
+    Active,
+    Locked(LockReason),
+    Withdrawn,
+}
+
+/// One key generation of a vPSD. Only the current key is kept sealed; older ones keep
+/// their public key so that indicia they signed still verify.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub serial: u32,
+    pub public: PublicKey,
+    pub sealed: Option<SealedKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Vpsd {
+    pub id: u64,
+    pub owner: String,
+    pub algorithm: Algorithm,
+    pub origin_zip: Zip,
+    /// Every key generation, oldest first; the last is current.
+    pub keys: Vec<KeyEntry>,
+    pub registers: Registers,
+    pub state: StoredState,
+    pub last_contact_unix: u64,
+    pub provider_sequence: u64,
+    /// Freshness counter: the number of records applied to this vPSD.
+    pub version: u64,
+}
+
+impl Vpsd {
+    pub fn current_key(&self) -> &KeyEntry {
+        // A vPSD is created with one key and keys are only ever added.
+        self.keys
+            .last()
+            .expect("a vPSD always has at least one key")
+    }
+
+    pub fn key(&self, serial: u32) -> Option<&KeyEntry> {
+        self.keys.iter().find(|key| key.serial == serial)
+    }
+
+    pub fn contact_overdue(&self, now_unix: u64, contact_seconds_max: u64) -> bool {
+        now_unix.saturating_sub(self.last_contact_unix) > contact_seconds_max
+    }
+
+    /// The state that decides what the vPSD may do now: an active vPSD whose last provider
+    /// contact is too old is locked by the watchdog until the next contact.
+    pub fn effective_state(&self, now_unix: u64, contact_seconds_max: u64) -> VpsdState {
+        match &self.state {
+            StoredState::Active if self.contact_overdue(now_unix, contact_seconds_max) => {
+                VpsdState::Locked(LockReason::ContactOverdue)
+            }
+            StoredState::Active => VpsdState::Active,
+            StoredState::Locked(reason) => VpsdState::Locked(reason.clone()),
+            StoredState::Withdrawn => VpsdState::Withdrawn,
+        }
+    }
+
+    pub fn status(&self, now_unix: u64, contact_seconds_max: u64) -> VpsdStatus {
+        VpsdStatus {
+            vpsd_id: self.id,
+            owner: self.owner.clone(),
+            algorithm: self.algorithm,
+            key_serial: self.current_key().serial,
+            state: self.effective_state(now_unix, contact_seconds_max),
+            ascending_mills: self.registers.ascending_mills,
+            descending_mills: self.registers.descending_mills,
+            control_total_mills: self.registers.control_total_mills,
+            piece_count: self.registers.piece_count,
+            origin_zip: self.origin_zip,
+            last_contact_unix: self.last_contact_unix,
+            provider_sequence: self.provider_sequence,
+            version: self.version,
+        }
+    }
+}
