@@ -415,6 +415,7 @@ pub enum Response {
         refund_mills: u64,
         status: VpsdStatus,
     },
+    #[cfg_attr(feature = "serde", serde(rename = "stats-report"))]
     Stats {
         entries: Vec<StatEntry>,
     },
