@@ -73,11 +73,14 @@ impl IdempotencyWindow {
     /// present keeps its first answer (a retry never replaces what was charged).
     pub fn insert(&mut self, client: ClientTag, request_id: u64, remembered: Remembered) {
         let key = (client, request_id);
-        if self.entries.contains_key(&key) {
-            return;
+        let weight = remembered.weight();
+        match self.entries.entry(key) {
+            std::collections::hash_map::Entry::Occupied(_) => return,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(remembered);
+            }
         }
-        self.weight += remembered.weight();
-        self.entries.insert(key, remembered);
+        self.weight += weight;
         self.order.push_back(key);
         while self.weight > self.weight_max {
             let Some(oldest) = self.order.pop_front() else {

@@ -44,28 +44,32 @@ impl PreparedSession {
     }
 }
 
-/// Fingerprint of a sign job: the vPSD and every item field, in order.
+/// Fingerprint of a sign job: the vPSD and every item field, in order. The fields are
+/// laid out in a stack buffer and hashed in one call.
 pub fn job_fingerprint(vpsd_id: u64, items: &[SignItem]) -> Fingerprint {
+    const ITEM_BYTES: usize = 8 + 2 + 2 + 1 + 4 + 1 + 32;
     let mut context = aws_lc_rs::digest::Context::new(&aws_lc_rs::digest::SHA256);
     context.update(&vpsd_id.to_le_bytes());
-    for item in items {
-        context.update(&item.postage_mills.to_le_bytes());
-        context.update(&item.mailing_date.days_since_2000().to_le_bytes());
-        context.update(&item.rate_category.to_le_bytes());
-        match item.destination_zip {
-            Some(zip) => {
-                context.update(&[1]);
-                context.update(&zip.wire().to_le_bytes());
-            }
-            None => context.update(&[0]),
+    let mut buf = [0u8; ITEM_BYTES * 16];
+    for chunk in items.chunks(16) {
+        let mut at = 0;
+        for item in chunk {
+            let out = &mut buf[at..at + ITEM_BYTES];
+            out[0..8].copy_from_slice(&item.postage_mills.to_le_bytes());
+            out[8..10].copy_from_slice(&item.mailing_date.days_since_2000().to_le_bytes());
+            out[10..12].copy_from_slice(&item.rate_category.to_le_bytes());
+            out[12] = u8::from(item.destination_zip.is_some());
+            out[13..17].copy_from_slice(
+                &item
+                    .destination_zip
+                    .map_or(0, |zip| zip.wire())
+                    .to_le_bytes(),
+            );
+            out[17] = u8::from(item.data_digest.is_some());
+            out[18..50].copy_from_slice(item.data_digest.as_ref().unwrap_or(&[0; 32]));
+            at += ITEM_BYTES;
         }
-        match &item.data_digest {
-            Some(digest) => {
-                context.update(&[1]);
-                context.update(digest);
-            }
-            None => context.update(&[0]),
-        }
+        context.update(&buf[..at]);
     }
     truncate(context.finish())
 }
