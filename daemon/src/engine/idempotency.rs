@@ -61,6 +61,15 @@ impl IdempotencyWindow {
         self.entries.get(&(client, request_id))
     }
 
+    /// Every remembered answer, oldest first.
+    pub fn entries(&self) -> impl Iterator<Item = (ClientTag, u64, Remembered)> + '_ {
+        self.order.iter().filter_map(|key| {
+            self.entries
+                .get(key)
+                .map(|remembered| (key.0, key.1, remembered.clone()))
+        })
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }

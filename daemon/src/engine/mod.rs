@@ -79,6 +79,17 @@ pub struct Prepared {
     pub record: Option<Record>,
 }
 
+/// The whole state of a shard, as a checkpoint record holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Checkpoint {
+    /// Every vPSD, ordered by id.
+    pub vpsds: Vec<Vpsd>,
+    /// Ids whose history was lost to journal damage: never to be provisioned again.
+    pub quarantine: Vec<(u64, String)>,
+    /// The idempotency window, oldest first.
+    pub window: Vec<(ClientTag, u64, Remembered)>,
+}
+
 /// One shard's state.
 #[derive(Debug)]
 pub struct Engine {
@@ -86,6 +97,8 @@ pub struct Engine {
     master: MasterKey,
     provider_public_key: [u8; 32],
     vpsds: HashMap<u64, Vpsd>,
+    /// vPSD ids whose provisioning was lost to journal damage, with the finding.
+    quarantine: HashMap<u64, String>,
     window: IdempotencyWindow,
     rng: SystemRandom,
 }
@@ -98,9 +111,69 @@ impl Engine {
             master,
             provider_public_key,
             vpsds: HashMap::new(),
+            quarantine: HashMap::new(),
             window,
             rng: SystemRandom::new(),
         }
+    }
+
+    /// The whole state, for a checkpoint record.
+    pub fn checkpoint(&self) -> Checkpoint {
+        let mut vpsds: Vec<Vpsd> = self.vpsds.values().cloned().collect();
+        vpsds.sort_by_key(|vpsd| vpsd.id);
+        let mut quarantine: Vec<(u64, String)> = self
+            .quarantine
+            .iter()
+            .map(|(id, reason)| (*id, reason.clone()))
+            .collect();
+        quarantine.sort();
+        Checkpoint {
+            vpsds,
+            quarantine,
+            window: self.window.entries().collect(),
+        }
+    }
+
+    /// Replaces the whole state with a checkpoint's (at recovery).
+    pub fn restore(&mut self, checkpoint: Checkpoint) {
+        self.vpsds = checkpoint
+            .vpsds
+            .into_iter()
+            .map(|vpsd| (vpsd.id, vpsd))
+            .collect();
+        self.quarantine = checkpoint.quarantine.into_iter().collect();
+        self.window = IdempotencyWindow::new(self.config.idempotency_indicia_max);
+        for (client, request_id, remembered) in checkpoint.window {
+            self.window.insert(client, request_id, remembered);
+        }
+    }
+
+    /// Locks a vPSD whose history does not reconcile (found by recovery or the audit); an
+    /// id with no vPSD is quarantined so that it can never be provisioned afresh. Not a
+    /// record: recovery finds the same damage again, and checkpoints carry the lock.
+    pub fn lock_integrity(&mut self, vpsd_id: u64, reason: &str) {
+        match self.vpsds.get_mut(&vpsd_id) {
+            Some(vpsd) => {
+                if !matches!(
+                    vpsd.state,
+                    StoredState::Locked(LockReason::Integrity(_)) | StoredState::Withdrawn
+                ) {
+                    vpsd.state = StoredState::Locked(LockReason::Integrity(reason.to_owned()));
+                }
+            }
+            None => {
+                self.quarantine
+                    .entry(vpsd_id)
+                    .or_insert_with(|| reason.to_owned());
+            }
+        }
+    }
+
+    /// Ids whose provisioning was lost, with the finding.
+    pub fn quarantined(&self) -> impl Iterator<Item = (u64, &str)> {
+        self.quarantine
+            .iter()
+            .map(|(id, reason)| (*id, reason.as_str()))
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -192,6 +265,11 @@ impl Engine {
     ) -> Result<Record, EngineError> {
         if self.vpsds.contains_key(&vpsd_id) {
             return Err(EngineError::VpsdExists { vpsd_id });
+        }
+        if let Some(reason) = self.quarantine.get(&vpsd_id) {
+            return Err(EngineError::Integrity(format!(
+                "vPSD {vpsd_id} is quarantined: {reason}"
+            )));
         }
         if self.vpsds.len() >= self.config.vpsds_max {
             return Err(EngineError::Capacity {
@@ -393,7 +471,7 @@ impl Engine {
             ..
         } = record
         {
-            if self.vpsds.contains_key(&vpsd_id) {
+            if self.vpsds.contains_key(&vpsd_id) || self.quarantine.contains_key(&vpsd_id) {
                 return Err(ApplyError::AlreadyProvisioned { vpsd_id });
             }
             if public_key.algorithm != *algorithm {

@@ -1,0 +1,700 @@
+//! Recovery: rebuild a shard's state from its journal.
+//!
+//! 1. Find the newest segment that starts with an authentic checkpoint (or segment 1);
+//!    earlier segments are kept as the audit trail but not read.
+//! 2. Scan from there: every record's header checksum, body checksum and chain MAC.
+//!    A record is *good* when all three hold. A bad header is skipped by searching for the
+//!    next header whose checksum holds.
+//! 3. Everything after the last good record is a torn tail (a crash cut the last, unflushed
+//!    writes): it is zeroed, and segments holding nothing good are removed.
+//! 4. Damage before the last good record is corruption in the middle of history. It is
+//!    never skipped silently: each finding is reported, and the vPSDs it touches are
+//!    locked with the reason. A damaged record whose header checksum holds names its
+//!    vPSD. Records lost without a readable header are counted (sequence numbers are
+//!    contiguous) and attributed through the version gaps they leave in later records of
+//!    their vPSD; if some remain unattributed, every vPSD of the shard is locked, because
+//!    none can be shown to be complete.
+//! 5. Good records are applied to the engine in order; the engine checks that each one
+//!    follows its vPSD's state (version, registers, piece numbers), and a record that does
+//!    not is a finding too.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::format::{
+    body_checksum, decode_checkpoint, decode_record, kind, record_len, RecordHeader, CHAIN_BYTES,
+    PAYLOAD_BYTES_MAX, RECORD_ALIGN, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
+};
+use super::segment::{self, Segment};
+use super::{ChainKey, JournalError};
+use crate::engine::{ApplyError, Engine};
+
+/// One thing recovery found wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finding {
+    pub segment: u64,
+    pub offset: usize,
+    /// The sequence number concerned, when it could be read.
+    pub sequence: Option<u64>,
+    /// The vPSD concerned, when it is known.
+    pub vpsd_id: Option<u64>,
+    pub what: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "segment {} offset {}", self.segment, self.offset)?;
+        if let Some(sequence) = self.sequence {
+            write!(f, " seq {sequence}")?;
+        }
+        if let Some(vpsd_id) = self.vpsd_id {
+            write!(f, " vPSD {vpsd_id}")?;
+        }
+        write!(f, ": {}", self.what)
+    }
+}
+
+/// Where the tail was cut.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub segment: u64,
+    pub offset: usize,
+    /// Bytes zeroed in that segment.
+    pub bytes: usize,
+    /// Later segments removed because they held nothing good.
+    pub segments_removed: Vec<u64>,
+}
+
+/// What recovery did and found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segment index and sequence of the checkpoint recovery started from (None: genesis).
+    pub checkpoint: Option<(u64, u64)>,
+    pub segments_scanned: u64,
+    pub records_replayed: u64,
+    pub indicia_replayed: u64,
+    pub last_sequence: u64,
+    pub torn_tail: Option<TornTail>,
+    pub findings: Vec<Finding>,
+    /// vPSDs locked (or quarantined) by recovery, with the reason.
+    pub locked: BTreeMap<u64, String>,
+}
+
+impl RecoveryReport {
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+pub(super) struct Tail {
+    pub segment: Segment,
+    pub offset: usize,
+}
+
+pub(super) struct Recovered {
+    pub tail: Option<Tail>,
+    /// Index for a new segment when there is no tail to append to.
+    pub next_index: u64,
+    pub last_sequence: u64,
+    pub last_chain: [u8; CHAIN_BYTES],
+    pub report: RecoveryReport,
+}
+
+enum Entry {
+    Good {
+        offset: usize,
+        end: usize,
+        header: RecordHeader,
+        payload: std::ops::Range<usize>,
+        prev_chain: [u8; CHAIN_BYTES],
+        chain: [u8; CHAIN_BYTES],
+    },
+    /// Checksum failed, header readable: random damage in a known record.
+    Damaged { offset: usize, header: RecordHeader },
+    /// Checksums hold but the MAC does not: altered, its header cannot be trusted.
+    Forged { offset: usize, sequence: u64 },
+    /// Bytes that are not a readable record, up to the next readable header (or the end).
+    Unreadable { offset: usize, end: usize },
+}
+
+fn array32(bytes: &[u8]) -> [u8; CHAIN_BYTES] {
+    let mut out = [0u8; CHAIN_BYTES];
+    out.copy_from_slice(&bytes[..CHAIN_BYTES]);
+    out
+}
+
+/// A header at `offset` that parses and whose record fits in the segment.
+fn header_at(bytes: &[u8], offset: usize) -> Option<RecordHeader> {
+    let header = RecordHeader::decode(bytes.get(offset..)?)?;
+    let len = header.payload_len as usize;
+    (len <= PAYLOAD_BYTES_MAX && offset + record_len(len) <= bytes.len()).then_some(header)
+}
+
+/// Reads every record of one segment, from `start`.
+fn scan(bytes: &[u8], start: usize, key: &ChainKey) -> Vec<Entry> {
+    let mut entries = Vec::new();
+    let mut offset = start;
+    while offset + RECORD_HEADER_BYTES <= bytes.len() {
+        let Some(header) = header_at(bytes, offset) else {
+            let blank = bytes[offset..offset + RECORD_HEADER_BYTES]
+                .iter()
+                .all(|b| *b == 0);
+            // Look for the next readable header; if there is none, this is the end (blank)
+            // or unreadable bytes up to the end of what was written.
+            let resync = (offset + RECORD_ALIGN
+                ..bytes.len().saturating_sub(RECORD_HEADER_BYTES - 1))
+                .step_by(RECORD_ALIGN)
+                .find(|at| header_at(bytes, *at).is_some());
+            match resync {
+                Some(next) => {
+                    entries.push(Entry::Unreadable { offset, end: next });
+                    offset = next;
+                    continue;
+                }
+                None if blank => {
+                    // A blank header at the end of what was written: the segment ends here,
+                    // unless non-zero bytes follow (garbage of a torn write).
+                    if let Some(last) = bytes[offset..].iter().rposition(|b| *b != 0) {
+                        entries.push(Entry::Unreadable {
+                            offset,
+                            end: (offset + last + 1)
+                                .next_multiple_of(RECORD_ALIGN)
+                                .min(bytes.len()),
+                        });
+                    }
+                    break;
+                }
+                None => {
+                    let last = bytes[offset..].iter().rposition(|b| *b != 0).unwrap_or(0);
+                    entries.push(Entry::Unreadable {
+                        offset,
+                        end: (offset + last + 1)
+                            .next_multiple_of(RECORD_ALIGN)
+                            .min(bytes.len()),
+                    });
+                    break;
+                }
+            }
+        };
+        let payload_len = header.payload_len as usize;
+        let end = offset + record_len(payload_len);
+        let payload = offset + RECORD_HEADER_BYTES..offset + RECORD_HEADER_BYTES + payload_len;
+        let trailer = &bytes[payload.end..];
+        let prev_chain = array32(trailer);
+        let chain = array32(&trailer[CHAIN_BYTES..]);
+        let mut crc = [0u8; 4];
+        crc.copy_from_slice(&trailer[2 * CHAIN_BYTES..2 * CHAIN_BYTES + 4]);
+        let padding_clean = trailer[2 * CHAIN_BYTES + 4..end - payload.end]
+            .iter()
+            .all(|b| *b == 0);
+        if body_checksum(&bytes[payload.clone()], &prev_chain, &chain) != u32::from_le_bytes(crc)
+            || !padding_clean
+        {
+            entries.push(Entry::Damaged { offset, header });
+        } else if key.chain(
+            &prev_chain,
+            &bytes[offset..offset + RECORD_HEADER_BYTES],
+            &bytes[payload.clone()],
+        ) != chain
+        {
+            entries.push(Entry::Forged {
+                offset,
+                sequence: header.sequence,
+            });
+        } else {
+            entries.push(Entry::Good {
+                offset,
+                end,
+                header,
+                payload,
+                prev_chain,
+                chain,
+            });
+        }
+        offset = end;
+    }
+    entries
+}
+
+/// The segment files in `dir`, by index.
+fn list(dir: &Path) -> Result<Vec<(u64, std::path::PathBuf)>, JournalError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if let Some(index) = entry
+            .file_name()
+            .to_str()
+            .and_then(segment::parse_file_name)
+        {
+            out.push((index, entry.path()));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Whether a segment begins with an authentic checkpoint matching its header.
+fn starts_with_checkpoint(segment: &Segment, key: &ChainKey) -> bool {
+    let Some(header) = segment.header else {
+        return false;
+    };
+    match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key).first() {
+        Some(Entry::Good {
+            header: record,
+            prev_chain,
+            ..
+        }) => {
+            record.kind == kind::CHECKPOINT
+                && record.sequence == header.first_sequence
+                && *prev_chain == header.prev_chain
+        }
+        _ => false,
+    }
+}
+
+struct Replay<'a> {
+    engine: &'a mut Engine,
+    report: RecoveryReport,
+    /// Records lost without a trustworthy header.
+    unattributed: u64,
+    /// Records found missing from a vPSD's versions.
+    attributed: u64,
+}
+
+impl Replay<'_> {
+    fn finding(
+        &mut self,
+        segment: u64,
+        offset: usize,
+        sequence: Option<u64>,
+        vpsd_id: Option<u64>,
+        what: String,
+    ) {
+        self.report.findings.push(Finding {
+            segment,
+            offset,
+            sequence,
+            vpsd_id,
+            what,
+        });
+    }
+
+    fn lock(&mut self, vpsd_id: u64, reason: String) {
+        self.engine.lock_integrity(vpsd_id, &reason);
+        self.report.locked.entry(vpsd_id).or_insert(reason);
+    }
+
+    fn apply(
+        &mut self,
+        segment: u64,
+        offset: usize,
+        header: &RecordHeader,
+        payload: &[u8],
+        is_start: bool,
+    ) {
+        let sequence = header.sequence;
+        if header.kind == kind::CHECKPOINT {
+            match decode_checkpoint(payload) {
+                Ok(checkpoint) => {
+                    // A later checkpoint must agree with the replay up to it (unless damage
+                    // already made them differ); the start checkpoint is the state itself.
+                    if !is_start
+                        && self.report.findings.is_empty()
+                        && checkpoint != self.engine.checkpoint()
+                    {
+                        self.finding(
+                            segment,
+                            offset,
+                            Some(sequence),
+                            None,
+                            "checkpoint differs from the replayed state".into(),
+                        );
+                    }
+                    // The checkpoint is authentic; keep recovery's locks on top of it.
+                    self.engine.restore(checkpoint);
+                    let locked: Vec<(u64, String)> = self
+                        .report
+                        .locked
+                        .iter()
+                        .map(|(id, reason)| (*id, reason.clone()))
+                        .collect();
+                    for (vpsd_id, reason) in locked {
+                        self.engine.lock_integrity(vpsd_id, &reason);
+                    }
+                }
+                Err(err) => {
+                    self.finding(
+                        segment,
+                        offset,
+                        Some(sequence),
+                        None,
+                        format!("checkpoint does not decode: {err}"),
+                    );
+                    self.unattributed += 1;
+                }
+            }
+            return;
+        }
+        let vpsd_id = header.vpsd_id;
+        if self.report.locked.contains_key(&vpsd_id) {
+            return;
+        }
+        let record = match decode_record(header, payload, |id| {
+            self.engine.vpsd(id).map(|vpsd| vpsd.algorithm)
+        }) {
+            Ok(record) => record,
+            Err(err) => {
+                let what = format!("record does not decode: {err}");
+                self.finding(segment, offset, Some(sequence), Some(vpsd_id), what.clone());
+                self.lock(vpsd_id, format!("journal seq {sequence}: {what}"));
+                return;
+            }
+        };
+        match self.engine.apply(&record) {
+            Ok(()) => {
+                self.report.records_replayed += 1;
+                if let crate::engine::Record::Session(session) = &record {
+                    self.report.indicia_replayed += session.indicia().count() as u64;
+                }
+            }
+            Err(err) => {
+                match &err {
+                    ApplyError::Version { current, found, .. } if found > current => {
+                        self.attributed += found - current - 1;
+                    }
+                    ApplyError::UnknownVpsd { .. } => {
+                        self.attributed += record.version().saturating_sub(1)
+                    }
+                    _ => {}
+                }
+                let what = format!("history does not reconcile: {err}");
+                self.finding(segment, offset, Some(sequence), Some(vpsd_id), what.clone());
+                self.lock(vpsd_id, format!("journal seq {sequence}: {what}"));
+            }
+        }
+    }
+}
+
+/// Damage seen but not yet known to be in the middle of history: if a good record follows
+/// it is corruption, otherwise it is the torn tail.
+enum Pending {
+    Damaged {
+        segment: u64,
+        offset: usize,
+        header: RecordHeader,
+    },
+    Forged {
+        segment: u64,
+        offset: usize,
+        sequence: u64,
+    },
+    Unreadable {
+        segment: u64,
+        offset: usize,
+        end: usize,
+    },
+    SegmentMissing {
+        segment: u64,
+    },
+}
+
+impl Replay<'_> {
+    /// Turns pending damage into findings (a good record follows it). Returns the highest
+    /// sequence number the damage accounts for by a readable header.
+    fn confirm(&mut self, pending: &mut Vec<Pending>) -> u64 {
+        let mut accounted = 0;
+        for damage in pending.drain(..) {
+            match damage {
+                Pending::Damaged {
+                    segment,
+                    offset,
+                    header,
+                } => {
+                    let what = "record checksum does not match".to_owned();
+                    self.finding(
+                        segment,
+                        offset,
+                        Some(header.sequence),
+                        Some(header.vpsd_id),
+                        what.clone(),
+                    );
+                    if header.kind == kind::CHECKPOINT {
+                        // A checkpoint changes nothing by itself; the state stands without it.
+                    } else {
+                        self.lock(
+                            header.vpsd_id,
+                            format!("journal seq {}: {what}", header.sequence),
+                        );
+                    }
+                    accounted = accounted.max(header.sequence);
+                }
+                Pending::Forged {
+                    segment,
+                    offset,
+                    sequence,
+                } => {
+                    self.finding(
+                        segment,
+                        offset,
+                        Some(sequence),
+                        None,
+                        "record MAC does not match: altered or foreign".into(),
+                    );
+                }
+                Pending::Unreadable {
+                    segment,
+                    offset,
+                    end,
+                } => {
+                    self.finding(
+                        segment,
+                        offset,
+                        None,
+                        None,
+                        format!("{} unreadable bytes", end - offset),
+                    );
+                }
+                Pending::SegmentMissing { segment } => {
+                    self.finding(
+                        segment,
+                        0,
+                        None,
+                        None,
+                        format!("segment {segment} is missing"),
+                    );
+                }
+            }
+        }
+        accounted
+    }
+
+    /// At the end: records lost without a readable header that no vPSD's version gap
+    /// accounts for leave every vPSD in doubt.
+    fn settle(&mut self) {
+        if self.unattributed > self.attributed {
+            let reason = format!(
+                "journal damage lost {} record(s) that no vPSD's history accounts for",
+                self.unattributed - self.attributed
+            );
+            let ids: Vec<u64> = self.engine.vpsds().map(|vpsd| vpsd.id).collect();
+            for vpsd_id in ids {
+                self.lock(vpsd_id, reason.clone());
+            }
+        }
+    }
+}
+
+/// Recovers the journal in `dir` into `engine`; see the module documentation.
+pub(super) fn recover(
+    dir: &Path,
+    shard: u16,
+    key: &ChainKey,
+    engine: &mut Engine,
+) -> Result<Recovered, JournalError> {
+    let files = list(dir)?;
+    if files.is_empty() {
+        return Ok(Recovered {
+            tail: None,
+            next_index: 1,
+            last_sequence: 0,
+            last_chain: key.genesis(),
+            report: RecoveryReport::default(),
+        });
+    }
+    // 1. The newest segment that starts with an authentic checkpoint.
+    let mut start = 0;
+    for position in (0..files.len()).rev() {
+        let (index, path) = &files[position];
+        let segment = Segment::open(path, *index)?;
+        if let Some(header) = segment.header {
+            if header.shard != shard {
+                return Err(JournalError::WrongShard {
+                    expected: shard,
+                    found: header.shard,
+                });
+            }
+        }
+        if starts_with_checkpoint(&segment, key) {
+            start = position;
+            break;
+        }
+    }
+
+    // 2. Scan and replay.
+    let mut replay = Replay {
+        engine,
+        report: RecoveryReport::default(),
+        unattributed: 0,
+        attributed: 0,
+    };
+    // (position in `segments`, end offset, sequence, chain) of the last good record.
+    let mut last_good: Option<(usize, usize, u64, [u8; CHAIN_BYTES])> = None;
+    let mut accounted = 0u64;
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut expected_index = files[start].0;
+    let mut segments = Vec::new();
+    for (index, path) in files.iter().skip(start) {
+        let index = *index;
+        let segment = Segment::open(path, index)?;
+        replay.report.segments_scanned += 1;
+        if index != expected_index {
+            pending.push(Pending::SegmentMissing {
+                segment: expected_index,
+            });
+        }
+        expected_index = index + 1;
+        if segment.header.is_none() {
+            replay.finding(index, 0, None, None, "segment header does not parse".into());
+        }
+        for entry in scan(segment.bytes(), SEGMENT_HEADER_BYTES, key) {
+            match entry {
+                Entry::Good {
+                    offset,
+                    end,
+                    header,
+                    payload,
+                    prev_chain,
+                    chain,
+                } => {
+                    let sequence = header.sequence;
+                    let damaged_before = !pending.is_empty();
+                    accounted = accounted.max(replay.confirm(&mut pending));
+                    let is_start = segments.is_empty()
+                        && offset == SEGMENT_HEADER_BYTES
+                        && header.kind == kind::CHECKPOINT;
+                    if last_good.is_some() && sequence <= accounted {
+                        replay.finding(
+                            index,
+                            offset,
+                            Some(sequence),
+                            None,
+                            format!("record out of order after seq {accounted}"),
+                        );
+                        continue;
+                    }
+                    let missing = match last_good {
+                        None if is_start || sequence == 1 => 0,
+                        _ => sequence - accounted - 1,
+                    };
+                    if missing > 0 {
+                        replay.unattributed += missing;
+                        replay.finding(
+                            index,
+                            offset,
+                            Some(sequence),
+                            None,
+                            format!("{missing} record(s) before this one are lost"),
+                        );
+                    } else if let Some((_, _, _, last_chain)) = last_good {
+                        if prev_chain != last_chain && !damaged_before {
+                            replay.unattributed += 1;
+                            replay.finding(
+                                index,
+                                offset,
+                                Some(sequence),
+                                None,
+                                "chain does not link to the previous record".into(),
+                            );
+                        }
+                    }
+                    if is_start {
+                        replay.report.checkpoint = Some((index, sequence));
+                    }
+                    replay.apply(index, offset, &header, &segment.bytes()[payload], is_start);
+                    accounted = sequence;
+                    last_good = Some((segments.len(), end, sequence, chain));
+                }
+                Entry::Damaged { offset, header, .. } => pending.push(Pending::Damaged {
+                    segment: index,
+                    offset,
+                    header,
+                }),
+                Entry::Forged {
+                    offset, sequence, ..
+                } => pending.push(Pending::Forged {
+                    segment: index,
+                    offset,
+                    sequence,
+                }),
+                Entry::Unreadable { offset, end } => pending.push(Pending::Unreadable {
+                    segment: index,
+                    offset,
+                    end,
+                }),
+            }
+        }
+        segments.push(segment);
+    }
+    // What is still pending lies after the last good record: the torn tail.
+    replay.settle();
+    let mut report = std::mem::take(&mut replay.report);
+
+    // 3. Cut the torn tail after the last good record.
+    let (keep, offset, last_sequence, last_chain) = match last_good {
+        Some((position, end, sequence, chain)) => (position, end, sequence, chain),
+        None => (0, SEGMENT_HEADER_BYTES, 0, key.genesis()),
+    };
+    report.last_sequence = last_sequence;
+    let next_index = segments.last().map_or(1, |segment| segment.index + 1);
+    let kept = cut_tail(dir, segments, keep, offset, &mut report)?;
+    let tail = kept
+        .filter(|segment| segment.header.is_some())
+        .map(|segment| Tail { segment, offset });
+    Ok(Recovered {
+        tail,
+        next_index,
+        last_sequence,
+        last_chain,
+        report,
+    })
+}
+
+/// Zeroes everything after `offset` in the kept segment and removes the later segments,
+/// which hold nothing good. Returns the kept segment, to append to.
+fn cut_tail(
+    dir: &Path,
+    segments: Vec<Segment>,
+    keep: usize,
+    offset: usize,
+    report: &mut RecoveryReport,
+) -> Result<Option<Segment>, JournalError> {
+    let mut kept = None;
+    let mut removed = Vec::new();
+    let mut zeroed = 0;
+    let mut kept_index = 0;
+    for (position, mut segment) in segments.into_iter().enumerate() {
+        if position < keep {
+            continue;
+        }
+        if position > keep {
+            removed.push(segment.index);
+            let path = segment.path.clone();
+            drop(segment);
+            std::fs::remove_file(&path)?;
+            continue;
+        }
+        kept_index = segment.index;
+        let bytes = segment.bytes_mut();
+        if let Some(last) = bytes[offset.min(bytes.len())..]
+            .iter()
+            .rposition(|b| *b != 0)
+        {
+            zeroed = last + 1;
+            bytes[offset..offset + zeroed].fill(0);
+            segment.sync_range(offset, zeroed)?;
+        }
+        kept = Some(segment);
+    }
+    if !removed.is_empty() {
+        segment::sync_dir(dir)?;
+    }
+    if zeroed > 0 || !removed.is_empty() {
+        report.torn_tail = Some(TornTail {
+            segment: kept_index,
+            offset,
+            bytes: zeroed,
+            segments_removed: removed,
+        });
+    }
+    Ok(kept)
+}
