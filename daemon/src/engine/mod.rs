@@ -26,7 +26,7 @@ use indicia_proto::{
 };
 
 pub use error::{ApplyError, EngineError};
-pub use idempotency::{IdempotencyWindow, Remembered, RememberedAnswer};
+pub use idempotency::{IdempotencyWindow, Remembered, RememberedAnswer, WindowSnapshot};
 pub use keys::{MasterKey, PublicKey, SealedKey};
 pub use record::{ClientTag, Fingerprint, ItemOutcome, JobRecord, Record, SessionRecord};
 pub use registers::Registers;
@@ -86,8 +86,8 @@ pub struct Checkpoint {
     pub vpsds: Vec<Vpsd>,
     /// Ids whose history was lost to journal damage: never to be provisioned again.
     pub quarantine: Vec<(u64, String)>,
-    /// The idempotency window, oldest first.
-    pub window: Vec<(ClientTag, u64, Remembered)>,
+    /// The idempotency window, by generation.
+    pub window: WindowSnapshot,
 }
 
 /// One shard's state.
@@ -130,7 +130,7 @@ impl Engine {
         Checkpoint {
             vpsds,
             quarantine,
-            window: self.window.entries().collect(),
+            window: self.window.snapshot(),
         }
     }
 
@@ -142,10 +142,8 @@ impl Engine {
             .map(|vpsd| (vpsd.id, vpsd))
             .collect();
         self.quarantine = checkpoint.quarantine.into_iter().collect();
-        self.window = IdempotencyWindow::new(self.config.idempotency_indicia_max);
-        for (client, request_id, remembered) in checkpoint.window {
-            self.window.insert(client, request_id, remembered);
-        }
+        self.window =
+            IdempotencyWindow::restore(self.config.idempotency_indicia_max, checkpoint.window);
     }
 
     /// Locks a vPSD whose history does not reconcile (found by recovery or the audit); an
@@ -337,8 +335,13 @@ impl Engine {
                 last_sequence: vpsd.provider_sequence,
             });
         }
-        if vpsd.state == StoredState::Withdrawn {
-            return Err(EngineError::Withdrawn { vpsd_id });
+        match &vpsd.state {
+            StoredState::Withdrawn => return Err(EngineError::Withdrawn { vpsd_id }),
+            // Its history does not reconcile: nothing may be added to it until repaired.
+            StoredState::Locked(LockReason::Integrity(text)) => {
+                return Err(EngineError::Integrity(text.clone()))
+            }
+            StoredState::Active | StoredState::Locked(_) => {}
         }
         let amount_mills = match authorization.kind {
             AuthorizationKind::Refill if authorization.amount_mills == 0 => {

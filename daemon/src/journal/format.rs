@@ -7,6 +7,7 @@ use indicia_proto::{
 };
 
 use crate::engine::keys::SEALED_KEY_BYTES;
+use crate::engine::WindowSnapshot;
 use crate::engine::{
     Checkpoint, ClientTag, ItemOutcome, JobRecord, KeyEntry, PublicKey, Record, Registers,
     Remembered, RememberedAnswer, SealedKey, SessionRecord, StoredState, Vpsd,
@@ -361,18 +362,20 @@ pub fn encode_checkpoint(checkpoint: &Checkpoint, out: &mut Encoder) {
         out.u64(*vpsd_id);
         out.bytes16(reason.as_bytes());
     }
-    out.count32(checkpoint.window.len());
-    for (client, request_id, remembered) in &checkpoint.window {
-        out.u64(client.0);
-        out.u64(*request_id);
-        out.u64(remembered.vpsd_id);
-        out.put(&remembered.fingerprint);
-        match &remembered.answer {
-            RememberedAnswer::Items(outcomes) => {
-                out.u8(0);
-                out.outcomes(outcomes);
+    for generation in [&checkpoint.window.previous, &checkpoint.window.current] {
+        out.count32(generation.len());
+        for (client, request_id, remembered) in generation {
+            out.u64(client.0);
+            out.u64(*request_id);
+            out.u64(remembered.vpsd_id);
+            out.put(&remembered.fingerprint);
+            match &remembered.answer {
+                RememberedAnswer::Items(outcomes) => {
+                    out.u8(0);
+                    out.outcomes(outcomes);
+                }
+                RememberedAnswer::Provider => out.u8(1),
             }
-            RememberedAnswer::Provider => out.u8(1),
         }
     }
 }
@@ -604,6 +607,17 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
     for _ in 0..count {
         quarantine.push((r.u64()?, r.string16("quarantine.reason", 1024)?));
     }
+    let previous = window_generation(&mut r)?;
+    let current = window_generation(&mut r)?;
+    r.finish()?;
+    Ok(Checkpoint {
+        vpsds,
+        quarantine,
+        window: WindowSnapshot { previous, current },
+    })
+}
+
+fn window_generation(r: &mut Reader<'_>) -> Result<Vec<(ClientTag, u64, Remembered)>, DecodeError> {
     let count = r.u32()? as usize;
     let mut window = Vec::with_capacity(count.min(1 << 16));
     for _ in 0..count {
@@ -613,7 +627,7 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
         let fingerprint = r.array()?;
         let offset = r.position();
         let answer = match r.u8()? {
-            0 => RememberedAnswer::Items(outcomes(&mut r)?.into()),
+            0 => RememberedAnswer::Items(outcomes(r)?.into()),
             1 => RememberedAnswer::Provider,
             other => return Err(bad("window.answer", offset, u64::from(other))),
         };
@@ -627,10 +641,5 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
             },
         ));
     }
-    r.finish()?;
-    Ok(Checkpoint {
-        vpsds,
-        quarantine,
-        window,
-    })
+    Ok(window)
 }

@@ -149,6 +149,9 @@ pub struct Journal {
     /// the previous one).
     unflushed: Vec<Arc<File>>,
     poisoned: bool,
+    /// A ticket is out: the next one waits for its completion, so durability is
+    /// acknowledged strictly in order.
+    flush_in_flight: bool,
     scratch: Encoder,
     _lock: Flock<File>,
 }
@@ -200,6 +203,7 @@ impl Journal {
             durable_sequence: recovered.last_sequence,
             unflushed: Vec::new(),
             poisoned: false,
+            flush_in_flight: false,
             scratch: Encoder::default(),
             _lock: lock,
         };
@@ -325,11 +329,14 @@ impl Journal {
         Ok(sequence)
     }
 
-    /// What the next flush must do, or None if everything appended is durable already.
+    /// What the next flush must do, or None if everything appended is durable already or
+    /// a ticket is still out (complete it first: one flush at a time keeps the durable
+    /// sequence honest).
     pub fn flush_ticket(&mut self) -> Option<FlushTicket> {
-        if self.unflushed.is_empty() || self.poisoned {
+        if self.unflushed.is_empty() || self.poisoned || self.flush_in_flight {
             return None;
         }
+        self.flush_in_flight = true;
         Some(FlushTicket {
             files: std::mem::take(&mut self.unflushed),
             up_to_sequence: self.last_sequence(),
@@ -343,6 +350,10 @@ impl Journal {
         ticket: &FlushTicket,
         result: io::Result<()>,
     ) -> Result<u64, JournalError> {
+        self.flush_in_flight = false;
+        if self.poisoned {
+            return Err(JournalError::Poisoned);
+        }
         match result {
             Ok(()) => {
                 self.durable_sequence = self.durable_sequence.max(ticket.up_to_sequence);
@@ -360,6 +371,7 @@ impl Journal {
         if self.poisoned {
             return Err(JournalError::Poisoned);
         }
+        debug_assert!(!self.flush_in_flight, "flush() while a ticket is out");
         match self.flush_ticket() {
             None => Ok(self.durable_sequence),
             Some(ticket) => {

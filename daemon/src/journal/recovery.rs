@@ -130,11 +130,11 @@ fn header_at(bytes: &[u8], offset: usize) -> Option<RecordHeader> {
     (len <= PAYLOAD_BYTES_MAX && offset + record_len(len) <= bytes.len()).then_some(header)
 }
 
-/// Reads every record of one segment, from `start`.
-fn scan(bytes: &[u8], start: usize, key: &ChainKey) -> Vec<Entry> {
+/// Reads the records of one segment, from `start`, at most `limit` entries.
+fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> Vec<Entry> {
     let mut entries = Vec::new();
     let mut offset = start;
-    while offset + RECORD_HEADER_BYTES <= bytes.len() {
+    while offset + RECORD_HEADER_BYTES <= bytes.len() && entries.len() < limit {
         let Some(header) = header_at(bytes, offset) else {
             let blank = bytes[offset..offset + RECORD_HEADER_BYTES]
                 .iter()
@@ -238,7 +238,7 @@ fn starts_with_checkpoint(segment: &Segment, key: &ChainKey) -> bool {
     let Some(header) = segment.header else {
         return false;
     };
-    match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key).first() {
+    match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, 1).first() {
         Some(Entry::Good {
             header: record,
             prev_chain,
@@ -396,6 +396,10 @@ enum Pending {
     SegmentMissing {
         segment: u64,
     },
+    SegmentHeader {
+        segment: u64,
+        what: String,
+    },
 }
 
 impl Replay<'_> {
@@ -462,6 +466,9 @@ impl Replay<'_> {
                         None,
                         format!("segment {segment} is missing"),
                     );
+                }
+                Pending::SegmentHeader { segment, what } => {
+                    self.finding(segment, 0, None, None, what)
                 }
             }
         }
@@ -543,10 +550,20 @@ pub(super) fn recover(
             });
         }
         expected_index = index + 1;
-        if segment.header.is_none() {
-            replay.finding(index, 0, None, None, "segment header does not parse".into());
+        // Only a finding if something good follows: a crash while a segment was being
+        // created leaves a header that never became durable, at the tail.
+        match segment.header {
+            None => pending.push(Pending::SegmentHeader {
+                segment: index,
+                what: "segment header does not parse".into(),
+            }),
+            Some(header) if header.index != index => pending.push(Pending::SegmentHeader {
+                segment: index,
+                what: format!("segment header says index {}", header.index),
+            }),
+            Some(_) => {}
         }
-        for entry in scan(segment.bytes(), SEGMENT_HEADER_BYTES, key) {
+        for entry in scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, usize::MAX) {
             match entry {
                 Entry::Good {
                     offset,
@@ -562,7 +579,7 @@ pub(super) fn recover(
                     let is_start = segments.is_empty()
                         && offset == SEGMENT_HEADER_BYTES
                         && header.kind == kind::CHECKPOINT;
-                    if last_good.is_some() && sequence <= accounted {
+                    if sequence <= accounted {
                         replay.finding(
                             index,
                             offset,
@@ -570,10 +587,17 @@ pub(super) fn recover(
                             None,
                             format!("record out of order after seq {accounted}"),
                         );
+                        replay.unattributed += 1;
+                        // Not applied, but the tail is cut after it, never before: the
+                        // damage stays on disk and is found again at the next recovery.
+                        if let Some((_, _, last_sequence, last_chain)) = last_good {
+                            last_good = Some((segments.len(), end, last_sequence, last_chain));
+                        }
                         continue;
                     }
                     let missing = match last_good {
                         None if is_start || sequence == 1 => 0,
+                        // accounted < sequence here (checked above).
                         _ => sequence - accounted - 1,
                     };
                     if missing > 0 {
@@ -635,8 +659,10 @@ pub(super) fn recover(
         None => (0, SEGMENT_HEADER_BYTES, 0, key.genesis()),
     };
     report.last_sequence = last_sequence;
-    let next_index = segments.last().map_or(1, |segment| segment.index + 1);
     let kept = cut_tail(dir, segments, keep, offset, &mut report)?;
+    let next_index = kept
+        .as_ref()
+        .map_or(files[start].0, |segment| segment.index + 1);
     let tail = kept
         .filter(|segment| segment.header.is_some())
         .map(|segment| Tail { segment, offset });
