@@ -130,8 +130,12 @@ fn header_at(bytes: &[u8], offset: usize) -> Option<RecordHeader> {
     (len <= PAYLOAD_BYTES_MAX && offset + record_len(len) <= bytes.len()).then_some(header)
 }
 
-/// Reads the records of one segment, from `start`, at most `limit` entries.
-fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> Vec<Entry> {
+/// How far past a blank header recovery looks for the garbage of torn writes.
+pub const TAIL_PROBE_BYTES: usize = 8 << 20;
+
+/// Reads the records of one segment, from `start`, at most `limit` entries. Returns them
+/// and the offset up to which anything was found (the extent to zero if it is cut).
+fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>, usize) {
     let mut entries = Vec::new();
     let mut offset = start;
     while offset + RECORD_HEADER_BYTES <= bytes.len() && entries.len() < limit {
@@ -139,42 +143,32 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> Vec<Entry> 
             let blank = bytes[offset..offset + RECORD_HEADER_BYTES]
                 .iter()
                 .all(|b| *b == 0);
-            // Look for the next readable header; if there is none, this is the end (blank)
-            // or unreadable bytes up to the end of what was written.
+            // A blank header is normally the end of what was written. A torn write leaves
+            // bytes beyond it only within what was appended after the last flush, so only
+            // a bounded stretch is searched; damage (a non-blank bad header) is searched to
+            // the end of the segment.
+            let search_end = if blank {
+                (offset + TAIL_PROBE_BYTES).min(bytes.len())
+            } else {
+                bytes.len()
+            };
             let resync = (offset + RECORD_ALIGN
-                ..bytes.len().saturating_sub(RECORD_HEADER_BYTES - 1))
+                ..search_end.saturating_sub(RECORD_HEADER_BYTES - 1))
                 .step_by(RECORD_ALIGN)
                 .find(|at| header_at(bytes, *at).is_some());
-            match resync {
-                Some(next) => {
-                    entries.push(Entry::Unreadable { offset, end: next });
-                    offset = next;
-                    continue;
-                }
-                None if blank => {
-                    // A blank header at the end of what was written: the segment ends here,
-                    // unless non-zero bytes follow (garbage of a torn write).
-                    if let Some(last) = bytes[offset..].iter().rposition(|b| *b != 0) {
-                        entries.push(Entry::Unreadable {
-                            offset,
-                            end: (offset + last + 1)
-                                .next_multiple_of(RECORD_ALIGN)
-                                .min(bytes.len()),
-                        });
-                    }
-                    break;
-                }
-                None => {
-                    let last = bytes[offset..].iter().rposition(|b| *b != 0).unwrap_or(0);
-                    entries.push(Entry::Unreadable {
-                        offset,
-                        end: (offset + last + 1)
-                            .next_multiple_of(RECORD_ALIGN)
-                            .min(bytes.len()),
-                    });
-                    break;
-                }
+            if let Some(next) = resync {
+                entries.push(Entry::Unreadable { offset, end: next });
+                offset = next;
+                continue;
             }
+            if let Some(last) = bytes[offset..search_end].iter().rposition(|b| *b != 0) {
+                let end = (offset + last + 1)
+                    .next_multiple_of(RECORD_ALIGN)
+                    .min(bytes.len());
+                entries.push(Entry::Unreadable { offset, end });
+                offset = end;
+            }
+            break;
         };
         let payload_len = header.payload_len as usize;
         let end = offset + record_len(payload_len);
@@ -213,7 +207,7 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> Vec<Entry> 
         }
         offset = end;
     }
-    entries
+    (entries, offset)
 }
 
 /// The segment files in `dir`, by index.
@@ -238,7 +232,10 @@ fn starts_with_checkpoint(segment: &Segment, key: &ChainKey) -> bool {
     let Some(header) = segment.header else {
         return false;
     };
-    match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, 1).first() {
+    match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, 1)
+        .0
+        .first()
+    {
         Some(Entry::Good {
             header: record,
             prev_chain,
@@ -540,6 +537,8 @@ pub(super) fn recover(
     let mut pending: Vec<Pending> = Vec::new();
     let mut expected_index = files[start].0;
     let mut segments = Vec::new();
+    // Per scanned segment: how far anything was written (the bytes a tail cut zeroes).
+    let mut extents = Vec::new();
     for (index, path) in files.iter().skip(start) {
         let index = *index;
         let segment = Segment::open(path, index)?;
@@ -563,7 +562,9 @@ pub(super) fn recover(
             }),
             Some(_) => {}
         }
-        for entry in scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, usize::MAX) {
+        let (entries, extent) = scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, usize::MAX);
+        extents.push(extent);
+        for entry in entries {
             match entry {
                 Entry::Good {
                     offset,
@@ -659,7 +660,8 @@ pub(super) fn recover(
         None => (0, SEGMENT_HEADER_BYTES, 0, key.genesis()),
     };
     report.last_sequence = last_sequence;
-    let kept = cut_tail(dir, segments, keep, offset, &mut report)?;
+    let extent = extents.get(keep).copied().unwrap_or(offset);
+    let kept = cut_tail(dir, segments, keep, offset, extent, &mut report)?;
     let next_index = kept
         .as_ref()
         .map_or(files[start].0, |segment| segment.index + 1);
@@ -682,6 +684,7 @@ fn cut_tail(
     segments: Vec<Segment>,
     keep: usize,
     offset: usize,
+    extent: usize,
     report: &mut RecoveryReport,
 ) -> Result<Option<Segment>, JournalError> {
     let mut kept = None;
@@ -701,10 +704,8 @@ fn cut_tail(
         }
         kept_index = segment.index;
         let bytes = segment.bytes_mut();
-        if let Some(last) = bytes[offset.min(bytes.len())..]
-            .iter()
-            .rposition(|b| *b != 0)
-        {
+        let extent = extent.clamp(offset, bytes.len());
+        if let Some(last) = bytes[offset..extent].iter().rposition(|b| *b != 0) {
             zeroed = last + 1;
             bytes[offset..offset + zeroed].fill(0);
             segment.sync_range(offset, zeroed)?;
