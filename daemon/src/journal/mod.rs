@@ -182,7 +182,7 @@ impl Journal {
                 let header = SegmentHeader {
                     shard,
                     index: recovered.next_index,
-                    first_sequence: recovered.last_sequence + 1,
+                    first_sequence: recovered.next_sequence,
                     prev_chain: recovered.last_chain,
                 };
                 (
@@ -198,7 +198,7 @@ impl Journal {
             config,
             current,
             offset,
-            next_sequence: recovered.last_sequence + 1,
+            next_sequence: recovered.next_sequence,
             chain: recovered.last_chain,
             durable_sequence: recovered.last_sequence,
             unflushed: Vec::new(),

@@ -95,6 +95,8 @@ pub(super) struct Recovered {
     pub tail: Option<Tail>,
     /// Index for a new segment when there is no tail to append to.
     pub next_index: u64,
+    /// Sequence number for the next record.
+    pub next_sequence: u64,
     pub last_sequence: u64,
     pub last_chain: [u8; CHAIN_BYTES],
     pub report: RecoveryReport,
@@ -500,6 +502,7 @@ pub(super) fn recover(
         return Ok(Recovered {
             tail: None,
             next_index: 1,
+            next_sequence: 1,
             last_sequence: 0,
             last_chain: key.genesis(),
             report: RecoveryReport::default(),
@@ -671,6 +674,9 @@ pub(super) fn recover(
     Ok(Recovered {
         tail,
         next_index,
+        // Past every sequence number still on disk before the cut, damaged ones included,
+        // so that a new record never reuses one.
+        next_sequence: last_sequence.max(accounted) + 1,
         last_sequence,
         last_chain,
         report,
