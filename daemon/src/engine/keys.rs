@@ -2,10 +2,11 @@
 //! short-lived unsealed form used by one signing session.
 //!
 //! A sealed key is AES-256-GCM of the raw private key (the P-256 scalar or the Ed25519
-//! seed, 32 bytes) with a random 96-bit nonce. The associated data binds it to its vPSD and
-//! its key serial (the key's version), so a sealed key copied onto another vPSD, or an old
-//! key presented as the current serial, does not open. The unsealed bytes live in a
-//! zeroizing buffer for the length of one session.
+//! seed, 32 bytes) with a random 96-bit nonce. The associated data binds it to its vPSD, its
+//! key serial and the vPSD version of the record that created it (provision or rotation),
+//! so a sealed key copied onto another vPSD, presented under another serial, or spliced
+//! into another record does not open. The unsealed bytes live in a zeroizing buffer for the
+//! length of one session.
 
 use aws_lc_rs::aead::{Aad, RandomizedNonceKey, AES_256_GCM, NONCE_LEN};
 use aws_lc_rs::encoding::{AsBigEndian, AsDer};
@@ -69,11 +70,22 @@ pub struct PublicKey {
     pub bytes: Vec<u8>,
 }
 
-fn associated_data(vpsd_id: u64, key_serial: u32) -> [u8; 31] {
-    let mut aad = [0u8; 31];
+/// What a sealed key is bound to (its associated data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyBinding {
+    pub vpsd_id: u64,
+    pub key_serial: u32,
+    /// The vPSD version of the record that created the key.
+    pub sealed_version: u64,
+}
+
+/// label (19 bytes) || vpsd_id u64 LE || key_serial u32 LE || sealed_version u64 LE.
+fn associated_data(binding: KeyBinding) -> [u8; 39] {
+    let mut aad = [0u8; 39];
     aad[..19].copy_from_slice(SEAL_LABEL);
-    aad[19..27].copy_from_slice(&vpsd_id.to_le_bytes());
-    aad[27..31].copy_from_slice(&key_serial.to_le_bytes());
+    aad[19..27].copy_from_slice(&binding.vpsd_id.to_le_bytes());
+    aad[27..31].copy_from_slice(&binding.key_serial.to_le_bytes());
+    aad[31..39].copy_from_slice(&binding.sealed_version.to_le_bytes());
     aad
 }
 
@@ -95,15 +107,14 @@ impl MasterKey {
 
     fn seal(
         &self,
-        vpsd_id: u64,
-        key_serial: u32,
+        binding: KeyBinding,
         private: &[u8; PRIVATE_KEY_BYTES],
     ) -> Result<SealedKey, KeyError> {
         let mut buf = Zeroizing::new(Vec::with_capacity(PRIVATE_KEY_BYTES + TAG_BYTES));
         buf.extend_from_slice(private);
         let nonce = self
             .key
-            .seal_in_place_append_tag(Aad::from(associated_data(vpsd_id, key_serial)), &mut *buf)
+            .seal_in_place_append_tag(Aad::from(associated_data(binding)), &mut *buf)
             .map_err(|_| KeyError::Crypto("seal"))?;
         let mut sealed = [0u8; SEALED_KEY_BYTES];
         sealed[..NONCE_LEN].copy_from_slice(nonce.as_ref());
@@ -113,13 +124,12 @@ impl MasterKey {
 
     fn unseal(
         &self,
-        vpsd_id: u64,
-        key_serial: u32,
+        binding: KeyBinding,
         sealed: &SealedKey,
     ) -> Result<Zeroizing<[u8; PRIVATE_KEY_BYTES]>, KeyError> {
         let failed = KeyError::Unseal {
-            vpsd_id,
-            key_serial,
+            vpsd_id: binding.vpsd_id,
+            key_serial: binding.key_serial,
         };
         let mut nonce = [0u8; NONCE_LEN];
         nonce.copy_from_slice(&sealed.0[..NONCE_LEN]);
@@ -128,7 +138,7 @@ impl MasterKey {
             .key
             .open_in_place(
                 aws_lc_rs::aead::Nonce::from(&nonce),
-                Aad::from(associated_data(vpsd_id, key_serial)),
+                Aad::from(associated_data(binding)),
                 &mut buf,
             )
             .map_err(|_| failed.clone())?;
@@ -145,8 +155,7 @@ impl MasterKey {
     pub fn generate(
         &self,
         algorithm: Algorithm,
-        vpsd_id: u64,
-        key_serial: u32,
+        binding: KeyBinding,
     ) -> Result<(SealedKey, PublicKey), KeyError> {
         let (private, public) = match algorithm {
             Algorithm::EcdsaP256 => {
@@ -175,7 +184,7 @@ impl MasterKey {
                 (private, pair.public_key().as_ref().to_vec())
             }
         };
-        let sealed = self.seal(vpsd_id, key_serial, &private)?;
+        let sealed = self.seal(binding, &private)?;
         Ok((
             sealed,
             PublicKey {
@@ -188,13 +197,14 @@ impl MasterKey {
     /// Loads a vPSD's key for one session: unseals it and checks it against the public key.
     pub fn load(
         &self,
-        vpsd_id: u64,
-        key_serial: u32,
+        binding: KeyBinding,
         sealed: &SealedKey,
         public: &PublicKey,
     ) -> Result<SigningKey, KeyError> {
-        let private = self.unseal(vpsd_id, key_serial, sealed)?;
-        let mismatch = KeyError::Mismatch { vpsd_id };
+        let private = self.unseal(binding, sealed)?;
+        let mismatch = KeyError::Mismatch {
+            vpsd_id: binding.vpsd_id,
+        };
         let inner = match public.algorithm {
             Algorithm::EcdsaP256 => SigningKeyInner::Ecdsa(
                 EcdsaKeyPair::from_private_key_and_public_key(
@@ -298,6 +308,14 @@ impl PublicKey {
 mod tests {
     use super::*;
 
+    fn bound(vpsd_id: u64, key_serial: u32, sealed_version: u64) -> KeyBinding {
+        KeyBinding {
+            vpsd_id,
+            key_serial,
+            sealed_version,
+        }
+    }
+
     fn master() -> MasterKey {
         MasterKey::new(&MasterKey::generate_bytes().unwrap()).unwrap()
     }
@@ -307,8 +325,8 @@ mod tests {
         let master = master();
         let rng = SystemRandom::new();
         for algorithm in [Algorithm::EcdsaP256, Algorithm::Ed25519] {
-            let (sealed, public) = master.generate(algorithm, 7, 1).unwrap();
-            let key = master.load(7, 1, &sealed, &public).unwrap();
+            let (sealed, public) = master.generate(algorithm, bound(7, 1, 1)).unwrap();
+            let key = master.load(bound(7, 1, 1), &sealed, &public).unwrap();
             let signature = key.sign(&rng, b"payload").unwrap();
             assert!(public.verify(b"payload", &signature));
             assert!(!public.verify(b"payloae", &signature));
@@ -320,27 +338,33 @@ mod tests {
     #[test]
     fn sealed_key_is_bound_to_vpsd_serial_and_master() {
         let master = master();
-        let (sealed, public) = master.generate(Algorithm::EcdsaP256, 7, 1).unwrap();
+        let (sealed, public) = master
+            .generate(Algorithm::EcdsaP256, bound(7, 1, 1))
+            .unwrap();
         assert_eq!(
-            master.load(8, 1, &sealed, &public).unwrap_err(),
+            master.load(bound(8, 1, 1), &sealed, &public).unwrap_err(),
             KeyError::Unseal {
                 vpsd_id: 8,
                 key_serial: 1
             }
         );
         assert!(matches!(
-            master.load(7, 2, &sealed, &public),
+            master.load(bound(7, 2, 1), &sealed, &public),
+            Err(KeyError::Unseal { .. })
+        ));
+        assert!(matches!(
+            master.load(bound(7, 1, 2), &sealed, &public),
             Err(KeyError::Unseal { .. })
         ));
         let other = MasterKey::new(&MasterKey::generate_bytes().unwrap()).unwrap();
         assert!(matches!(
-            other.load(7, 1, &sealed, &public),
+            other.load(bound(7, 1, 1), &sealed, &public),
             Err(KeyError::Unseal { .. })
         ));
         let mut flipped = sealed;
         flipped.0[20] ^= 1;
         assert!(matches!(
-            master.load(7, 1, &flipped, &public),
+            master.load(bound(7, 1, 1), &flipped, &public),
             Err(KeyError::Unseal { .. })
         ));
     }
@@ -348,10 +372,12 @@ mod tests {
     #[test]
     fn a_key_loaded_against_the_wrong_public_key_is_refused() {
         let master = master();
-        let (sealed, _) = master.generate(Algorithm::Ed25519, 7, 1).unwrap();
-        let (_, other_public) = master.generate(Algorithm::Ed25519, 7, 1).unwrap();
+        let (sealed, _) = master.generate(Algorithm::Ed25519, bound(7, 1, 1)).unwrap();
+        let (_, other_public) = master.generate(Algorithm::Ed25519, bound(7, 1, 1)).unwrap();
         assert_eq!(
-            master.load(7, 1, &sealed, &other_public).unwrap_err(),
+            master
+                .load(bound(7, 1, 1), &sealed, &other_public)
+                .unwrap_err(),
             KeyError::Mismatch { vpsd_id: 7 }
         );
     }

@@ -27,7 +27,7 @@ use indicia_proto::{
 
 pub use error::{ApplyError, EngineError};
 pub use idempotency::{IdempotencyWindow, Remembered, RememberedAnswer, WindowSnapshot};
-pub use keys::{MasterKey, PublicKey, SealedKey};
+pub use keys::{KeyBinding, MasterKey, PublicKey, SealedKey};
 pub use record::{ClientTag, Fingerprint, ItemOutcome, JobRecord, Record, SessionRecord};
 pub use registers::Registers;
 pub use session::{JobAnswer, PreparedSession, SignJob};
@@ -279,7 +279,12 @@ impl Engine {
                 "owner must not be empty".into(),
             ));
         }
-        let (sealed_key, public_key) = self.master.generate(algorithm, vpsd_id, 1)?;
+        let binding = keys::KeyBinding {
+            vpsd_id,
+            key_serial: 1,
+            sealed_version: 1,
+        };
+        let (sealed_key, public_key) = self.master.generate(algorithm, binding)?;
         Ok(Record::Provision {
             vpsd_id,
             owner: owner.to_owned(),
@@ -448,7 +453,12 @@ impl Engine {
             .serial
             .checked_add(1)
             .ok_or_else(|| EngineError::InvalidArgument("key serials exhausted".into()))?;
-        let (sealed_key, public_key) = self.master.generate(vpsd.algorithm, vpsd_id, key_serial)?;
+        let binding = keys::KeyBinding {
+            vpsd_id,
+            key_serial,
+            sealed_version: vpsd.version + 1,
+        };
+        let (sealed_key, public_key) = self.master.generate(vpsd.algorithm, binding)?;
         Ok(Record::RotateKey {
             vpsd_id,
             version: vpsd.version + 1,
@@ -492,6 +502,7 @@ impl Engine {
                     origin_zip: *origin_zip,
                     keys: vec![KeyEntry {
                         serial: 1,
+                        sealed_version: 1,
                         public: public_key.clone(),
                         sealed: Some(*sealed_key),
                     }],
@@ -593,6 +604,7 @@ impl Engine {
                 }
                 next.keys.push(KeyEntry {
                     serial: *key_serial,
+                    sealed_version: record.version(),
                     public: public_key.clone(),
                     sealed: Some(*sealed_key),
                 });

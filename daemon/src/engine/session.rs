@@ -247,7 +247,7 @@ impl Engine {
                     };
                     match self
                         .master
-                        .load(vpsd_id, current.serial, sealed, &current.public)
+                        .load(vpsd.key_binding(current), sealed, &current.public)
                     {
                         Ok(key) => signing_key = Some(key),
                         Err(err) => {

@@ -19,6 +19,8 @@ pub enum StoredState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyEntry {
     pub serial: u32,
+    /// The vPSD version of the record that created this key (bound into its sealing).
+    pub sealed_version: u64,
     pub public: PublicKey,
     pub sealed: Option<SealedKey>,
 }
@@ -40,6 +42,15 @@ pub struct Vpsd {
 }
 
 impl Vpsd {
+    /// What the current key's sealing is bound to.
+    pub fn key_binding(&self, key: &KeyEntry) -> super::keys::KeyBinding {
+        super::keys::KeyBinding {
+            vpsd_id: self.id,
+            key_serial: key.serial,
+            sealed_version: key.sealed_version,
+        }
+    }
+
     pub fn current_key(&self) -> &KeyEntry {
         // A vPSD is created with one key and keys are only ever added.
         self.keys

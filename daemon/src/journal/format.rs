@@ -347,6 +347,7 @@ pub fn encode_checkpoint(checkpoint: &Checkpoint, out: &mut Encoder) {
         out.u16(keys);
         for key in &vpsd.keys {
             out.u32(key.serial);
+            out.u64(key.sealed_version);
             out.bytes16(&key.public.bytes);
             match &key.sealed {
                 Some(sealed) => {
@@ -573,6 +574,7 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
         let mut keys = Vec::with_capacity(usize::from(key_count));
         for _ in 0..key_count {
             let serial = r.u32()?;
+            let sealed_version = r.u64()?;
             let public = public_key(&mut r, algorithm)?;
             let offset = r.position();
             let sealed = match r.u8()? {
@@ -582,6 +584,7 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
             };
             keys.push(KeyEntry {
                 serial,
+                sealed_version,
                 public,
                 sealed,
             });
