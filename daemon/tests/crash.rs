@@ -5,8 +5,9 @@
 //! what was not. Recovery must yield exactly the state after some prefix of the operations
 //! that includes every flushed one, with all invariants holding and nothing reported.
 //!
-//! Damage: one random bit flipped anywhere in an older record. Recovery must report it,
-//! lock what it touched, never panic, and never show a register value that was not real.
+//! Damage: one random bit flipped, a span zeroed, or a span cut out, anywhere before the
+//! last record. Recovery must report it, lock what it touched, never panic, and never show
+//! a register value that was not real.
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 mod common;
@@ -20,6 +21,14 @@ use indiciad::engine::{Checkpoint, Registers, StoredState};
 use indiciad::journal::format::{record_len, RecordHeader, SEGMENT_HEADER_BYTES};
 
 const SEGMENT_BYTES: usize = 8 << 10;
+
+/// The number of seeds: the default, or more from the environment for a deeper run.
+fn seeds(variable: &str, default: u64) -> u64 {
+    std::env::var(variable)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
 
 /// A temporary directory, in memory where the machine has one: the crash is simulated on
 /// the bytes, so the disk's speed adds nothing but time.
@@ -158,7 +167,7 @@ fn crash_once(seed: u64, coverage: &mut Coverage) {
 #[test]
 fn recovery_after_a_crash_keeps_every_flushed_record_and_a_prefix_of_the_rest() {
     let mut coverage = Coverage::default();
-    let seeds = 2_000;
+    let seeds = seeds("INDICIA_CRASH_SEEDS", 2_000);
     for seed in 0..seeds {
         crash_once(seed, &mut coverage);
     }
@@ -206,12 +215,20 @@ fn damage_once(seed: u64) {
     let mut workload = Workload::new(seed, 4);
     let mut rng = Rng::new(seed ^ 0xBAD);
     let mut snapshots = vec![state(&store.engine)];
-    let records = 20 + rng.below(40) as usize;
-    while snapshots.len() <= records {
+    let wanted = 20 + rng.below(40) as usize;
+    // Bounded: a workload whose vPSDs are all withdrawn produces nothing more.
+    for _ in 0..wanted * 50 {
+        if snapshots.len() > wanted {
+            break;
+        }
         if let Some(record) = workload.next_record(&store.engine) {
             store.commit(record, NOW).unwrap();
             snapshots.push(state(&store.engine));
         }
+    }
+    let records = snapshots.len() - 1;
+    if records < 3 {
+        return;
     }
     store.flush().unwrap();
     let truth = state(&store.engine);
@@ -228,17 +245,33 @@ fn damage_once(seed: u64) {
         offset += len;
     }
     assert_eq!(positions.len(), records);
-    // Any record but the last, so that the damage is in the middle of history.
+    // Damage that ends before the last record, so that it is in the middle of history:
+    // a flipped bit, a zeroed span, or a span cut out (the rest moves up).
+    let last_start = positions[records - 1].0;
     let (offset, len) = positions[rng.below(records as u64 - 1) as usize];
     let at = offset + rng.below(len as u64) as usize;
-    segment[at] ^= 1 << rng.below(8);
+    let span = 1 + rng.below((last_start - at).min(300) as u64) as usize;
+    let mode = rng.below(3);
+    match mode {
+        0 => segment[at] ^= 1 << rng.below(8),
+        // Zeroing bytes that are zero already (padding) is no damage at all.
+        1 if segment[at..at + span].iter().all(|b| *b == 0) => return,
+        1 => segment[at..at + span].fill(0),
+        _ => {
+            let size = segment.len();
+            segment.drain(at..at + span);
+            segment.resize(size, 0);
+        }
+    }
+    let what = ["bit flip", "zeroed span", "cut span"][mode as usize];
 
     let damaged_dir = scratch_dir();
     write_dir(damaged_dir.path(), &files);
     let (store, report) = open(damaged_dir.path(), 1 << 20);
     assert!(
         !report.findings.is_empty(),
-        "seed {seed}: flip at byte {at} not reported"
+        "seed {seed}: {what} of {span} at byte {at} not reported: {:?}",
+        report.torn_tail
     );
     assert!(
         !report.locked.is_empty(),
@@ -277,24 +310,41 @@ fn damage_once(seed: u64) {
             ),
         }
     }
-    // A vPSD whose provisioning was lost is quarantined, not forgotten.
+    // A vPSD whose provisioning was lost is quarantined, or provisioning is blocked.
     for true_vpsd in &truth.vpsds {
         let present = recovered.vpsds.iter().any(|vpsd| vpsd.id == true_vpsd.id);
         let quarantined = recovered
             .quarantine
             .iter()
             .any(|(id, _)| *id == true_vpsd.id);
+        // Whatever happened to it, its id can never be provisioned afresh (which would
+        // restart its piece numbers under a new key).
+        let blocked = store
+            .engine
+            .prepare_provision(
+                NOW,
+                true_vpsd.id,
+                "again",
+                indicia_proto::Algorithm::Ed25519,
+                "02134".parse().unwrap(),
+            )
+            .is_err();
         assert!(
-            present || quarantined || report.locked.contains_key(&true_vpsd.id),
-            "seed {seed}: vPSD {} vanished",
+            blocked,
+            "seed {seed}: vPSD {}'s id could be provisioned again: {report:#?}",
+            true_vpsd.id
+        );
+        assert!(
+            present || quarantined || report.provisioning_blocked.is_some(),
+            "seed {seed}: vPSD {} vanished without a trace",
             true_vpsd.id
         );
     }
 }
 
 #[test]
-fn a_bit_flip_in_the_middle_is_reported_and_locks_only_with_real_registers() {
-    for seed in 0..600 {
+fn damage_in_the_middle_is_reported_and_locks_only_with_real_registers() {
+    for seed in 0..seeds("INDICIA_DAMAGE_SEEDS", 900) {
         damage_once(seed);
     }
 }

@@ -12,12 +12,18 @@ use indiciad::journal::format::{
 
 fn fill(store: &mut indiciad::journal::Store, workload: &mut Workload, records: usize) -> Vec<u64> {
     let mut sequences = Vec::new();
-    while sequences.len() < records {
+    for _ in 0..records * 50 {
+        if sequences.len() == records {
+            return sequences;
+        }
         if let Some(record) = workload.next_record(&store.engine) {
             sequences.push(store.commit(record, NOW).unwrap());
         }
     }
-    sequences
+    panic!(
+        "the workload produced only {} of {records} records",
+        sequences.len()
+    );
 }
 
 #[test]

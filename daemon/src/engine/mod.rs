@@ -86,6 +86,9 @@ pub struct Checkpoint {
     pub vpsds: Vec<Vpsd>,
     /// Ids whose history was lost to journal damage: never to be provisioned again.
     pub quarantine: Vec<(u64, String)>,
+    /// Set when journal damage lost records that no vPSD accounts for: any id may have been
+    /// lost, so no new vPSD may be provisioned on this shard until the damage is resolved.
+    pub provisioning_blocked: Option<String>,
     /// The idempotency window, by generation.
     pub window: WindowSnapshot,
 }
@@ -99,6 +102,8 @@ pub struct Engine {
     vpsds: HashMap<u64, Vpsd>,
     /// vPSD ids whose provisioning was lost to journal damage, with the finding.
     quarantine: HashMap<u64, String>,
+    /// See [`Checkpoint::provisioning_blocked`].
+    provisioning_blocked: Option<String>,
     window: IdempotencyWindow,
     rng: SystemRandom,
 }
@@ -112,6 +117,7 @@ impl Engine {
             provider_public_key,
             vpsds: HashMap::new(),
             quarantine: HashMap::new(),
+            provisioning_blocked: None,
             window,
             rng: SystemRandom::new(),
         }
@@ -130,6 +136,7 @@ impl Engine {
         Checkpoint {
             vpsds,
             quarantine,
+            provisioning_blocked: self.provisioning_blocked.clone(),
             window: self.window.snapshot(),
         }
     }
@@ -142,6 +149,7 @@ impl Engine {
             .map(|vpsd| (vpsd.id, vpsd))
             .collect();
         self.quarantine = checkpoint.quarantine.into_iter().collect();
+        self.provisioning_blocked = checkpoint.provisioning_blocked;
         self.window =
             IdempotencyWindow::restore(self.config.idempotency_indicia_max, checkpoint.window);
     }
@@ -165,6 +173,12 @@ impl Engine {
                     .or_insert_with(|| reason.to_owned());
             }
         }
+    }
+
+    /// Refuses every new provisioning (journal damage may have lost any id's history).
+    pub fn block_provisioning(&mut self, reason: &str) {
+        self.provisioning_blocked
+            .get_or_insert_with(|| reason.to_owned());
     }
 
     /// Ids whose provisioning was lost, with the finding.
@@ -267,6 +281,11 @@ impl Engine {
         if let Some(reason) = self.quarantine.get(&vpsd_id) {
             return Err(EngineError::Integrity(format!(
                 "vPSD {vpsd_id} is quarantined: {reason}"
+            )));
+        }
+        if let Some(reason) = &self.provisioning_blocked {
+            return Err(EngineError::Integrity(format!(
+                "provisioning is blocked on this shard: {reason}"
             )));
         }
         if self.vpsds.len() >= self.config.vpsds_max {

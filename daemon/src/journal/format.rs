@@ -363,6 +363,13 @@ pub fn encode_checkpoint(checkpoint: &Checkpoint, out: &mut Encoder) {
         out.u64(*vpsd_id);
         out.bytes16(reason.as_bytes());
     }
+    out.bytes16(
+        checkpoint
+            .provisioning_blocked
+            .as_deref()
+            .unwrap_or("")
+            .as_bytes(),
+    );
     for generation in [&checkpoint.window.previous, &checkpoint.window.current] {
         out.count32(generation.len());
         for (client, request_id, remembered) in generation {
@@ -610,12 +617,15 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
     for _ in 0..count {
         quarantine.push((r.u64()?, r.string16("quarantine.reason", 1024)?));
     }
+    let blocked = r.string16("provisioning_blocked", 1024)?;
+    let provisioning_blocked = (!blocked.is_empty()).then_some(blocked);
     let previous = window_generation(&mut r)?;
     let current = window_generation(&mut r)?;
     r.finish()?;
     Ok(Checkpoint {
         vpsds,
         quarantine,
+        provisioning_blocked,
         window: WindowSnapshot { previous, current },
     })
 }

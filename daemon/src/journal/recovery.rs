@@ -78,6 +78,8 @@ pub struct RecoveryReport {
     pub findings: Vec<Finding>,
     /// vPSDs locked (or quarantined) by recovery, with the reason.
     pub locked: BTreeMap<u64, String>,
+    /// Set when losses could not be attributed: provisioning is refused on the shard.
+    pub provisioning_blocked: Option<String>,
 }
 
 impl RecoveryReport {
@@ -154,22 +156,24 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>
             } else {
                 bytes.len()
             };
-            let resync = (offset + RECORD_ALIGN
-                ..search_end.saturating_sub(RECORD_HEADER_BYTES - 1))
-                .step_by(RECORD_ALIGN)
+            let Some(last) = bytes[offset..search_end].iter().rposition(|b| *b != 0) else {
+                // Nothing but zeros: the clean end of what was written.
+                break;
+            };
+            // Every byte offset, not just aligned ones: bytes cut out of the middle shift
+            // the records after them off the 8-byte grid.
+            let resync = (offset + 1..search_end.saturating_sub(RECORD_HEADER_BYTES - 1))
                 .find(|at| header_at(bytes, *at).is_some());
             if let Some(next) = resync {
                 entries.push(Entry::Unreadable { offset, end: next });
                 offset = next;
                 continue;
             }
-            if let Some(last) = bytes[offset..search_end].iter().rposition(|b| *b != 0) {
-                let end = (offset + last + 1)
-                    .next_multiple_of(RECORD_ALIGN)
-                    .min(bytes.len());
-                entries.push(Entry::Unreadable { offset, end });
-                offset = end;
-            }
+            let end = (offset + last + 1)
+                .next_multiple_of(RECORD_ALIGN)
+                .min(bytes.len());
+            entries.push(Entry::Unreadable { offset, end });
+            offset = end;
             break;
         };
         let payload_len = header.payload_len as usize;
@@ -187,6 +191,12 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>
             || !padding_clean
         {
             entries.push(Entry::Damaged { offset, header });
+            // Its length cannot be trusted either (bytes may have been cut out of it): go
+            // on at the next readable header, wherever it is.
+            offset = (offset + 1..bytes.len().saturating_sub(RECORD_HEADER_BYTES - 1))
+                .find(|at| header_at(bytes, *at).is_some())
+                .unwrap_or(end);
+            continue;
         } else if key.chain(
             &prev_chain,
             &bytes[offset..offset + RECORD_HEADER_BYTES],
@@ -311,6 +321,9 @@ impl Replay<'_> {
                     }
                     // The checkpoint is authentic; keep recovery's locks on top of it.
                     self.engine.restore(checkpoint);
+                    if let Some(reason) = &self.report.provisioning_blocked {
+                        self.engine.block_provisioning(reason);
+                    }
                     let locked: Vec<(u64, String)> = self
                         .report
                         .locked
@@ -486,6 +499,9 @@ impl Replay<'_> {
             for vpsd_id in ids {
                 self.lock(vpsd_id, reason.clone());
             }
+            // The lost records may have provisioned ids nobody knows of now.
+            self.engine.block_provisioning(&reason);
+            self.report.provisioning_blocked = Some(reason);
         }
     }
 }
