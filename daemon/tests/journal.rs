@@ -318,3 +318,44 @@ fn tickets_complete_in_order_and_advance_the_durable_sequence() {
         "nothing left to flush"
     );
 }
+
+#[test]
+fn an_empty_first_segment_left_by_a_crash_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    // A crash after the file was created, before it was allocated or got its header.
+    std::fs::write(dir.path().join(SEGMENT), b"").unwrap();
+    let (mut store, report) = open(dir.path(), 1 << 20);
+    assert!(report.is_clean(), "{:?}", report.findings);
+    let mut workload = Workload::new(9, 2);
+    fill(&mut store, &mut workload, 5);
+    store.flush().unwrap();
+    let before = state(&store.engine);
+    drop(store);
+    let (store, report) = open(dir.path(), 1 << 20);
+    assert!(report.is_clean(), "{:?}", report.findings);
+    assert_eq!(state(&store.engine), before);
+}
+
+#[test]
+fn a_record_that_does_not_follow_the_state_never_reaches_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(dir.path(), 1 << 20);
+    let mut workload = Workload::new(10, 1);
+    fill(&mut store, &mut workload, 3);
+    // Two records prepared from the same state: the second is stale once the first is in.
+    let (first, second) = (0..100)
+        .find_map(|_| {
+            Some((
+                workload.next_record(&store.engine)?,
+                workload.next_record(&store.engine)?,
+            ))
+        })
+        .expect("the workload yields two records");
+    store.commit(first, NOW).unwrap();
+    let last = store.journal.last_sequence();
+    assert!(matches!(
+        store.commit(second, NOW),
+        Err(indiciad::journal::JournalError::Rejected(_))
+    ));
+    assert_eq!(store.journal.last_sequence(), last, "nothing appended");
+}

@@ -6,6 +6,16 @@
 //! simply evaluated again. The window is bounded by the number of remembered indicia (a
 //! refill counts as one) and forgets the oldest generation first. It is rebuilt from the journal at
 //! recovery, because entries are only ever added by [`Engine::apply`](super::Engine::apply).
+//!
+//! Two rules for whoever answers from it (the server):
+//! - An entry exists as soon as its record is *applied*, which is before it is durable. A
+//!   retry answered from the window must therefore wait, like the original, until the
+//!   journal is durable up to the point where the retry arrived.
+//! - The window is bounded by count, not time. With the default bound a shard remembers at
+//!   least the last 131 072 charged indicia; at 50 000 indicia/s that is under 3 s, so a
+//!   client that retries later than that is charged again. Keeping references into the
+//!   journal instead of whole answers (so that the window can span minutes) is planned with
+//!   the server (step 4).
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -33,6 +33,9 @@ pub use registers::Registers;
 pub use session::{JobAnswer, PreparedSession, SignJob};
 pub use vpsd::{KeyEntry, StoredState, Vpsd};
 
+/// Longest integrity-lock or quarantine reason kept (the journal's bound for such texts).
+pub const REASON_JOURNAL_BYTES_MAX: usize = 1024;
+
 /// Seconds in a day, for the watchdog and the mailing-date window.
 pub const DAY_SECONDS: u64 = 86_400;
 
@@ -66,7 +69,7 @@ impl Default for EngineConfig {
             mailing_days_back: 1,
             mailing_days_ahead: 30,
             software_id: 0x0100,
-            idempotency_indicia_max: 65_536,
+            idempotency_indicia_max: 262_144,
             vpsds_max: 100_000,
         }
     }
@@ -158,6 +161,12 @@ impl Engine {
     /// id with no vPSD is quarantined so that it can never be provisioned afresh. Not a
     /// record: recovery finds the same damage again, and checkpoints carry the lock.
     pub fn lock_integrity(&mut self, vpsd_id: u64, reason: &str) {
+        // Bounded like every text the journal holds (checkpoints store it).
+        let mut cut = reason.len().min(REASON_JOURNAL_BYTES_MAX);
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let reason = &reason[..cut];
         match self.vpsds.get_mut(&vpsd_id) {
             Some(vpsd) => {
                 if !matches!(
@@ -293,10 +302,11 @@ impl Engine {
                 vpsds_max: self.config.vpsds_max,
             });
         }
-        if owner.is_empty() {
-            return Err(EngineError::InvalidArgument(
-                "owner must not be empty".into(),
-            ));
+        if owner.is_empty() || owner.len() > indicia_proto::message::OWNER_BYTES_MAX {
+            return Err(EngineError::InvalidArgument(format!(
+                "owner must be 1 to {} bytes",
+                indicia_proto::message::OWNER_BYTES_MAX
+            )));
         }
         let binding = keys::KeyBinding {
             vpsd_id,
@@ -402,6 +412,12 @@ impl Engine {
         reason: &str,
     ) -> Result<Record, EngineError> {
         let vpsd = self.get(vpsd_id)?;
+        if reason.len() > indicia_proto::message::REASON_BYTES_MAX {
+            return Err(EngineError::InvalidArgument(format!(
+                "lock reason longer than {} bytes",
+                indicia_proto::message::REASON_BYTES_MAX
+            )));
+        }
         match &vpsd.state {
             StoredState::Withdrawn => Err(EngineError::Withdrawn { vpsd_id }),
             StoredState::Locked(LockReason::Integrity(text)) => {
@@ -492,6 +508,14 @@ impl Engine {
     /// follows the current state (version, registers, piece numbers, sums) and changes
     /// nothing if it does not.
     pub fn apply(&mut self, record: &Record) -> Result<(), ApplyError> {
+        let next = self.successor(record)?;
+        self.install(record, next);
+        Ok(())
+    }
+
+    /// The vPSD as it would be after `record`, or why the record does not follow the
+    /// current state. Changes nothing: a caller can check a record before journaling it.
+    pub fn successor(&self, record: &Record) -> Result<Vpsd, ApplyError> {
         let vpsd_id = record.vpsd_id();
         if let Record::Provision {
             owner,
@@ -512,27 +536,23 @@ impl Engine {
                     what: "public key algorithm differs from the vPSD's".into(),
                 });
             }
-            self.vpsds.insert(
-                vpsd_id,
-                Vpsd {
-                    id: vpsd_id,
-                    owner: owner.clone(),
-                    algorithm: *algorithm,
-                    origin_zip: *origin_zip,
-                    keys: vec![KeyEntry {
-                        serial: 1,
-                        sealed_version: 1,
-                        public: public_key.clone(),
-                        sealed: Some(*sealed_key),
-                    }],
-                    registers: Registers::default(),
-                    state: StoredState::Active,
-                    last_contact_unix: *at_unix,
-                    provider_sequence: 0,
-                    version: 1,
-                },
-            );
-            return Ok(());
+            return Ok(Vpsd {
+                id: vpsd_id,
+                owner: owner.clone(),
+                algorithm: *algorithm,
+                origin_zip: *origin_zip,
+                keys: vec![KeyEntry {
+                    serial: 1,
+                    sealed_version: 1,
+                    public: public_key.clone(),
+                    sealed: Some(*sealed_key),
+                }],
+                registers: Registers::default(),
+                state: StoredState::Active,
+                last_contact_unix: *at_unix,
+                provider_sequence: 0,
+                version: 1,
+            });
         }
         let vpsd = self
             .vpsds
@@ -555,7 +575,6 @@ impl Engine {
         // Compute the new state fully before touching anything.
         let mut next = vpsd.clone();
         next.version = record.version();
-        let mut remember = None;
         match record {
             Record::Provision { .. } => unreachable!("handled above"),
             Record::Provider {
@@ -563,9 +582,6 @@ impl Engine {
                 amount_mills,
                 sequence,
                 at_unix,
-                client,
-                request_id,
-                fingerprint,
                 ..
             } => {
                 if *sequence <= vpsd.provider_sequence {
@@ -580,15 +596,6 @@ impl Engine {
                     .map_err(|_| mismatch("refill overflows the registers"))?;
                 next.provider_sequence = *sequence;
                 next.last_contact_unix = next.last_contact_unix.max(*at_unix);
-                remember = Some((
-                    *client,
-                    *request_id,
-                    Remembered {
-                        vpsd_id,
-                        fingerprint: *fingerprint,
-                        answer: RememberedAnswer::Provider,
-                    },
-                ));
             }
             Record::StateChange { state, .. } => {
                 if *state == StoredState::Withdrawn {
@@ -634,26 +641,46 @@ impl Engine {
             }
         }
         next.registers.assert_invariants();
-        if let Record::Session(session) = record {
-            for job in &session.jobs {
-                if job.signed().next().is_some() {
-                    self.window.insert(
-                        job.client,
-                        job.request_id,
-                        Remembered {
-                            vpsd_id,
-                            fingerprint: job.fingerprint,
-                            answer: RememberedAnswer::Items(job.outcomes.clone().into()),
-                        },
-                    );
+        Ok(next)
+    }
+
+    /// Installs a successor computed by [`Engine::successor`] for `record`, and remembers
+    /// the answers the record carries in the idempotency window.
+    pub fn install(&mut self, record: &Record, next: Vpsd) {
+        let vpsd_id = record.vpsd_id();
+        match record {
+            Record::Session(session) => {
+                for job in &session.jobs {
+                    if job.signed().next().is_some() {
+                        self.window.insert(
+                            job.client,
+                            job.request_id,
+                            Remembered {
+                                vpsd_id,
+                                fingerprint: job.fingerprint,
+                                answer: RememberedAnswer::Items(job.outcomes.clone().into()),
+                            },
+                        );
+                    }
                 }
             }
-        }
-        if let Some((client, request_id, remembered)) = remember {
-            self.window.insert(client, request_id, remembered);
+            Record::Provider {
+                client,
+                request_id,
+                fingerprint,
+                ..
+            } => self.window.insert(
+                *client,
+                *request_id,
+                Remembered {
+                    vpsd_id,
+                    fingerprint: *fingerprint,
+                    answer: RememberedAnswer::Provider,
+                },
+            ),
+            _ => {}
         }
         self.vpsds.insert(vpsd_id, next);
-        Ok(())
     }
 
     /// Prepares and applies in one step, for callers without a journal (tests, benches).

@@ -24,7 +24,8 @@ impl ClientTag {
     }
 }
 
-/// The first 16 bytes of SHA-256 over a request's content: a retry must match it.
+/// A digest of a request's content (XXH3-128 for sign jobs, truncated SHA-256 for provider
+/// authorizations): a retry must match it.
 pub type Fingerprint = [u8; 16];
 
 /// What happened to one requested indicium.

@@ -106,6 +106,8 @@ pub enum JournalError {
     SegmentFull { needed: usize },
     #[error("record payload of {0} bytes is too large")]
     RecordTooLarge(usize),
+    #[error("record does not follow the current state: {0}")]
+    Rejected(crate::engine::ApplyError),
     #[error("journal of shard {found} found where shard {expected} was expected")]
     WrongShard { expected: u16, found: u16 },
 }
@@ -411,6 +413,13 @@ impl Store {
     /// current one is full), then applies it. Returns its sequence number; it is durable
     /// once a flush covers it.
     pub fn commit(&mut self, record: Record, now_unix: u64) -> Result<u64, JournalError> {
+        // Checked before it is journaled: a record that does not follow the state (a bug
+        // in the caller, e.g. two sessions prepared from the same state) must not reach
+        // the disk, where the next recovery would take it for damage.
+        let next = self
+            .engine
+            .successor(&record)
+            .map_err(JournalError::Rejected)?;
         let sequence = match self.journal.append(&record, now_unix) {
             Err(JournalError::SegmentFull { needed }) => {
                 self.journal
@@ -419,11 +428,7 @@ impl Store {
             }
             other => other?,
         };
-        if let Err(err) = self.engine.apply(&record) {
-            // The record was prepared against this very state and is now journaled: a
-            // mismatch is a bug, and serving on would diverge from the journal.
-            panic!("a journaled record does not apply: {err}");
-        }
+        self.engine.install(&record, next);
         Ok(sequence)
     }
 

@@ -251,11 +251,13 @@ fn starts_with_checkpoint(segment: &Segment, key: &ChainKey) -> bool {
         Some(Entry::Good {
             header: record,
             prev_chain,
+            payload,
             ..
         }) => {
             record.kind == kind::CHECKPOINT
                 && record.sequence == header.first_sequence
                 && *prev_chain == header.prev_chain
+                && decode_checkpoint(&segment.bytes()[payload.clone()]).is_ok()
         }
         _ => false,
     }
@@ -268,6 +270,8 @@ struct Replay<'a> {
     unattributed: u64,
     /// Records found missing from a vPSD's versions.
     attributed: u64,
+    /// An authentic checkpoint could not be read: any vPSD may be missing.
+    state_lost: bool,
 }
 
 impl Replay<'_> {
@@ -342,7 +346,8 @@ impl Replay<'_> {
                         None,
                         format!("checkpoint does not decode: {err}"),
                     );
-                    self.unattributed += 1;
+                    // The whole state it carried is unknown now.
+                    self.state_lost = true;
                 }
             }
             return;
@@ -490,11 +495,15 @@ impl Replay<'_> {
     /// At the end: records lost without a readable header that no vPSD's version gap
     /// accounts for leave every vPSD in doubt.
     fn settle(&mut self) {
-        if self.unattributed > self.attributed {
-            let reason = format!(
-                "journal damage lost {} record(s) that no vPSD's history accounts for",
-                self.unattributed - self.attributed
-            );
+        if self.unattributed > self.attributed || self.state_lost {
+            let reason = if self.state_lost {
+                "an authentic checkpoint could not be read: any vPSD's state may be lost".to_owned()
+            } else {
+                format!(
+                    "journal damage lost {} record(s) that no vPSD's history accounts for",
+                    self.unattributed - self.attributed
+                )
+            };
             let ids: Vec<u64> = self.engine.vpsds().map(|vpsd| vpsd.id).collect();
             for vpsd_id in ids {
                 self.lock(vpsd_id, reason.clone());
@@ -549,6 +558,7 @@ pub(super) fn recover(
         report: RecoveryReport::default(),
         unattributed: 0,
         attributed: 0,
+        state_lost: false,
     };
     // (position in `segments`, end offset, sequence, chain) of the last good record.
     let mut last_good: Option<(usize, usize, u64, [u8; CHAIN_BYTES])> = None;
@@ -680,6 +690,17 @@ pub(super) fn recover(
     };
     report.last_sequence = last_sequence;
     let extent = extents.get(keep).copied().unwrap_or(offset);
+    // Nothing good at all and no readable segment header (a crash while the very first
+    // segment was being created): nothing is worth keeping, start afresh.
+    let keep = if last_good.is_none()
+        && segments
+            .first()
+            .is_some_and(|segment| segment.header.is_none())
+    {
+        usize::MAX
+    } else {
+        keep
+    };
     let kept = cut_tail(dir, segments, keep, offset, extent, &mut report)?;
     let next_index = kept
         .as_ref()
@@ -714,10 +735,10 @@ fn cut_tail(
     let mut zeroed = 0;
     let mut kept_index = 0;
     for (position, mut segment) in segments.into_iter().enumerate() {
-        if position < keep {
+        if position < keep && keep != usize::MAX {
             continue;
         }
-        if position > keep {
+        if position > keep || keep == usize::MAX {
             removed.push(segment.index);
             let path = segment.path.clone();
             drop(segment);
@@ -726,11 +747,13 @@ fn cut_tail(
         }
         kept_index = segment.index;
         let bytes = segment.bytes_mut();
-        let extent = extent.clamp(offset, bytes.len());
-        if let Some(last) = bytes[offset..extent].iter().rposition(|b| *b != 0) {
+        // A segment file shorter than its header (cut short by a crash) has nothing to zero.
+        let start = offset.min(bytes.len());
+        let extent = extent.clamp(start, bytes.len());
+        if let Some(last) = bytes[start..extent].iter().rposition(|b| *b != 0) {
             zeroed = last + 1;
-            bytes[offset..offset + zeroed].fill(0);
-            segment.sync_range(offset, zeroed)?;
+            bytes[start..start + zeroed].fill(0);
+            segment.sync_range(start, zeroed)?;
         }
         kept = Some(segment);
     }
