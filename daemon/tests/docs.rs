@@ -1,0 +1,65 @@
+//! docs/JOURNAL.md must agree with the code: every record kind is listed with its number
+//! and name, and the fixed sizes it states are the code's.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+
+use indiciad::journal::format::{
+    kind, RECORD_HEADER_BYTES, RECORD_MAGIC, RECORD_TRAILER_BYTES, SEGMENT_HEADER_BYTES,
+    SEGMENT_MAGIC,
+};
+
+fn journal_md() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/JOURNAL.md")).unwrap()
+}
+
+#[test]
+fn every_record_kind_is_documented_once() {
+    let text = journal_md();
+    let mut lines = text
+        .lines()
+        .skip_while(|line| line.trim() != "| kind | name | payload |");
+    assert!(lines.next().is_some(), "no kind table in docs/JOURNAL.md");
+    let mut rows = BTreeMap::new();
+    for line in lines.skip(1).take_while(|line| line.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let number: u8 = cells[1].parse().unwrap();
+        assert!(
+            rows.insert(number, cells[2].to_owned()).is_none(),
+            "kind {number} listed twice"
+        );
+    }
+    let expected: BTreeMap<u8, String> = [
+        (kind::PROVISION, "provision"),
+        (kind::PROVIDER, "provider"),
+        (kind::STATE_CHANGE, "state-change"),
+        (kind::WITHDRAW, "withdraw"),
+        (kind::ROTATE_KEY, "rotate-key"),
+        (kind::SESSION, "session"),
+        (kind::CHECKPOINT, "checkpoint"),
+    ]
+    .into_iter()
+    .map(|(number, name)| (number, name.to_owned()))
+    .collect();
+    assert_eq!(rows, expected);
+}
+
+#[test]
+fn the_fixed_sizes_and_magics_in_the_doc_are_the_codes() {
+    let text = journal_md();
+    assert_eq!(SEGMENT_HEADER_BYTES, 64);
+    assert_eq!(RECORD_HEADER_BYTES, 40);
+    assert_eq!(RECORD_TRAILER_BYTES, 68);
+    for needle in [
+        format!("`{}`", std::str::from_utf8(SEGMENT_MAGIC).unwrap()),
+        format!("`{}`", std::str::from_utf8(RECORD_MAGIC).unwrap()),
+        "The first 64 bytes of every segment file".to_owned(),
+        "40-byte **header**".to_owned(),
+        "68-byte".to_owned(),
+    ] {
+        assert!(
+            text.contains(&needle),
+            "docs/JOURNAL.md does not say {needle}"
+        );
+    }
+}
