@@ -2,7 +2,11 @@
 //!
 //! - [`engine`]: one shard's vPSDs, registers and signing sessions; deterministic, no I/O.
 //! - [`journal`]: the durable store: memory-mapped, chained, checksummed segments.
+//! - [`config`]: the TOML configuration and its embedded default.
+//! - [`datadir`]: master key, credentials and provider key in the data directory.
 #![deny(unsafe_code)]
 
+pub mod config;
+pub mod datadir;
 pub mod engine;
 pub mod journal;

@@ -1,0 +1,286 @@
+//! The appliance's configuration: a TOML file, or the embedded default (an empty file).
+//! Every field has a safe default; unknown fields are an error, so a typo never silently
+//! leaves a setting at its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::engine::EngineConfig;
+use crate::journal::JournalConfig;
+
+/// Most shards one appliance runs (one per core).
+pub const SHARDS_MAX: usize = 256;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address every shard listens on (SO_REUSEPORT).
+    pub listen: SocketAddr,
+    /// Where the master key, credentials and journals live.
+    pub data_dir: PathBuf,
+    /// Number of shards (executors); 0 means one per available core.
+    pub shards: usize,
+    pub engine: EngineSection,
+    pub journal: JournalSection,
+    /// Clients besides the admin credential created at first start.
+    pub clients: Vec<ClientConfig>,
+}
+
+/// Engine limits and policies; see [`EngineConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineSection {
+    pub session_indicia_max: usize,
+    pub postage_mills_max: u64,
+    pub contact_days_max: u64,
+    pub mailing_days_back: u16,
+    pub mailing_days_ahead: u16,
+    pub software_id: u16,
+    pub idempotency_indicia_max: usize,
+    pub vpsds_max: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalSection {
+    pub segment_bytes: usize,
+}
+
+/// A client allowed to connect.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// The id it presents at the handshake.
+    pub id: String,
+    pub role: ClientRole,
+    /// File holding its secret (hex, 32 bytes), readable by the appliance only.
+    pub secret_file: PathBuf,
+    /// The vPSDs a user may sign for and read (ignored for admins, who may use all).
+    #[serde(default)]
+    pub vpsds: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientRole {
+    User,
+    Admin,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7450)),
+            data_dir: PathBuf::from("./indicia-data"),
+            shards: 0,
+            engine: EngineSection::default(),
+            journal: JournalSection::default(),
+            clients: Vec::new(),
+        }
+    }
+}
+
+impl Default for EngineSection {
+    fn default() -> Self {
+        let engine = EngineConfig::default();
+        Self {
+            session_indicia_max: engine.session_indicia_max,
+            postage_mills_max: engine.postage_mills_max,
+            contact_days_max: engine.contact_days_max,
+            mailing_days_back: engine.mailing_days_back,
+            mailing_days_ahead: engine.mailing_days_ahead,
+            software_id: engine.software_id,
+            idempotency_indicia_max: engine.idempotency_indicia_max,
+            vpsds_max: engine.vpsds_max,
+        }
+    }
+}
+
+impl Default for JournalSection {
+    fn default() -> Self {
+        Self {
+            segment_bytes: JournalConfig::default().segment_bytes,
+        }
+    }
+}
+
+impl Config {
+    /// Parses and validates a configuration text (`path` names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if self.shards > SHARDS_MAX {
+            return invalid(format!(
+                "shards = {} is above the maximum of {SHARDS_MAX}",
+                self.shards
+            ));
+        }
+        let engine = &self.engine;
+        if !(1..=4096).contains(&engine.session_indicia_max) {
+            return invalid(format!(
+                "engine.session_indicia_max = {} is outside 1..=4096",
+                engine.session_indicia_max
+            ));
+        }
+        if engine.postage_mills_max == 0 || engine.postage_mills_max > 1_000_000_000 {
+            return invalid(format!(
+                "engine.postage_mills_max = {} is outside 1..=1000000000",
+                engine.postage_mills_max
+            ));
+        }
+        if engine.contact_days_max == 0 || engine.contact_days_max > 3_650 {
+            return invalid(format!(
+                "engine.contact_days_max = {} is outside 1..=3650",
+                engine.contact_days_max
+            ));
+        }
+        if engine.idempotency_indicia_max < 2 || engine.vpsds_max == 0 {
+            return invalid(
+                "engine.idempotency_indicia_max must be at least 2 and engine.vpsds_max at least 1"
+                    .into(),
+            );
+        }
+        if self.journal.segment_bytes < (64 << 10) || self.journal.segment_bytes > (1 << 34) {
+            return invalid(format!(
+                "journal.segment_bytes = {} is outside 64 KiB..=16 GiB",
+                self.journal.segment_bytes
+            ));
+        }
+        let mut ids = std::collections::HashSet::new();
+        for client in &self.clients {
+            if client.id.is_empty() || client.id.len() > indicia_proto::message::CLIENT_ID_BYTES_MAX
+            {
+                return invalid(format!("client id `{}` must be 1 to 64 bytes", client.id));
+            }
+            if !ids.insert(client.id.as_str()) || client.id == crate::datadir::ADMIN_CLIENT_ID {
+                return invalid(format!(
+                    "client id `{}` is used twice (or is the built-in admin)",
+                    client.id
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The number of shards to run: the configured number, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            shards => shards,
+        }
+    }
+
+    pub fn engine_config(&self) -> EngineConfig {
+        let engine = &self.engine;
+        EngineConfig {
+            session_indicia_max: engine.session_indicia_max,
+            postage_mills_max: engine.postage_mills_max,
+            contact_days_max: engine.contact_days_max,
+            mailing_days_back: engine.mailing_days_back,
+            mailing_days_ahead: engine.mailing_days_ahead,
+            software_id: engine.software_id,
+            idempotency_indicia_max: engine.idempotency_indicia_max,
+            vpsds_max: engine.vpsds_max,
+        }
+    }
+
+    pub fn journal_config(&self) -> JournalConfig {
+        JournalConfig {
+            segment_bytes: self.journal.segment_bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_default_is_an_empty_file() {
+        let parsed = Config::parse("", Path::new("empty.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+        assert_eq!(parsed.listen.to_string(), "127.0.0.1:7450");
+        assert_eq!(parsed.data_dir, PathBuf::from("./indicia-data"));
+        assert_eq!(parsed.engine_config(), EngineConfig::default());
+        assert!(parsed.shard_count() >= 1);
+    }
+
+    #[test]
+    fn a_full_file_parses() {
+        let text = r#"
+            listen = "0.0.0.0:7451"
+            data_dir = "/var/lib/indicia"
+            shards = 4
+            [engine]
+            session_indicia_max = 64
+            contact_days_max = 30
+            [journal]
+            segment_bytes = 1048576
+            [[clients]]
+            id = "station-7"
+            role = "user"
+            secret_file = "/etc/indicia/station-7.secret"
+            vpsds = [1001, 1002]
+        "#;
+        let config = Config::parse(text, Path::new("full.toml")).unwrap();
+        assert_eq!(config.shard_count(), 4);
+        assert_eq!(config.engine.session_indicia_max, 64);
+        assert_eq!(
+            config.engine.postage_mills_max,
+            EngineConfig::default().postage_mills_max
+        );
+        assert_eq!(config.journal_config().segment_bytes, 1 << 20);
+        assert_eq!(config.clients[0].role, ClientRole::User);
+        assert_eq!(config.clients[0].vpsds, vec![1001, 1002]);
+    }
+
+    #[test]
+    fn typos_and_bad_values_are_errors_that_name_the_problem() {
+        let typo = Config::parse("listne = \"127.0.0.1:1\"", Path::new("typo.toml")).unwrap_err();
+        assert!(typo.to_string().contains("listne"), "{typo}");
+        let zero =
+            Config::parse("[engine]\nsession_indicia_max = 0", Path::new("zero.toml")).unwrap_err();
+        assert!(zero.to_string().contains("session_indicia_max"), "{zero}");
+        let twice = Config::parse(
+            "[[clients]]\nid = \"a\"\nrole = \"user\"\nsecret_file = \"x\"\n[[clients]]\nid = \"a\"\nrole = \"admin\"\nsecret_file = \"y\"",
+            Path::new("twice.toml"),
+        )
+        .unwrap_err();
+        assert!(twice.to_string().contains("used twice"), "{twice}");
+        assert!(Config::parse("listen = \"not an address\"", Path::new("bad.toml")).is_err());
+    }
+}

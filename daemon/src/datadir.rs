@@ -1,0 +1,271 @@
+//! The data directory: the master key, the admin credential, the provider's public key
+//! (and, on a development appliance, the provider's key pair), and one journal per shard.
+//!
+//! On first start in an empty directory the appliance creates the master key, an admin
+//! credential and a development provider key, each readable by its owner only (mode 0600),
+//! and says where they are. There is never unauthenticated access, not even by default. A
+//! master key file that the group or others may read is refused.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+pub const MASTER_KEY_FILE: &str = "master.key";
+pub const ADMIN_CREDENTIAL_FILE: &str = "admin.credential";
+pub const PROVIDER_KEY_FILE: &str = "provider.key";
+pub const PROVIDER_PUBLIC_KEY_FILE: &str = "provider.pub";
+/// The client id of the credential created at first start.
+pub const ADMIN_CLIENT_ID: &str = "admin";
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum DataDirError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} may be read by group or others (mode {mode:o}); it must be 0600 or stricter")]
+    Permissions { path: PathBuf, mode: u32 },
+    #[error("{path}: {what}")]
+    Malformed { path: PathBuf, what: String },
+    #[error("random number generator failed")]
+    Random,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A client's identity and HMAC secret.
+pub struct Credential {
+    pub client_id: String,
+    pub secret: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+fn random32() -> Result<Zeroizing<[u8; 32]>, DataDirError> {
+    let mut bytes = Zeroizing::new([0u8; 32]);
+    SystemRandom::new()
+        .fill(bytes.as_mut())
+        .map_err(|_| DataDirError::Random)?;
+    Ok(bytes)
+}
+
+/// Writes a new file readable by its owner only; fails if it exists.
+fn write_private(path: &Path, text: &str) -> Result<(), DataDirError> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(path))?;
+    file.write_all(text.as_bytes()).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
+/// Reads a secret file, refusing it if the group or others may read it.
+fn read_private(path: &Path) -> Result<Zeroizing<String>, DataDirError> {
+    let file = File::open(path).map_err(io(path))?;
+    let mode = file.metadata().map_err(io(path))?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(DataDirError::Permissions {
+            path: path.to_owned(),
+            mode: mode & 0o7777,
+        });
+    }
+    let text = std::io::read_to_string(file).map_err(io(path))?;
+    Ok(Zeroizing::new(text))
+}
+
+fn hex32(path: &Path, text: &str) -> Result<Zeroizing<[u8; 32]>, DataDirError> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(text.trim(), out.as_mut()).map_err(|err| DataDirError::Malformed {
+        path: path.to_owned(),
+        what: format!("expected 64 hex digits: {err}"),
+    })?;
+    Ok(out)
+}
+
+impl Credential {
+    /// Reads a credential file: `client_id = "..."` and `secret = "<64 hex digits>"`.
+    pub fn load(path: &Path) -> Result<Self, DataDirError> {
+        let text = read_private(path)?;
+        let malformed = |what: String| DataDirError::Malformed {
+            path: path.to_owned(),
+            what,
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(|err| malformed(err.to_string()))?;
+        let field = |name: &str| -> Result<&str, DataDirError> {
+            table
+                .get(name)
+                .and_then(toml::Value::as_str)
+                .ok_or_else(|| malformed(format!("missing `{name}`")))
+        };
+        let client_id = field("client_id")?.to_owned();
+        if client_id.is_empty() || client_id.len() > indicia_proto::message::CLIENT_ID_BYTES_MAX {
+            return Err(malformed("client_id must be 1 to 64 bytes".into()));
+        }
+        Ok(Self {
+            client_id,
+            secret: hex32(path, field("secret")?)?,
+        })
+    }
+
+    fn create(path: &Path, client_id: &str) -> Result<Self, DataDirError> {
+        let secret = random32()?;
+        let text = Zeroizing::new(format!(
+            "client_id = \"{client_id}\"\nsecret = \"{}\"\n",
+            hex::encode(secret.as_ref())
+        ));
+        write_private(path, &text)?;
+        Ok(Self {
+            client_id: client_id.to_owned(),
+            secret,
+        })
+    }
+}
+
+/// The appliance's secrets and where its journals go.
+#[derive(Debug)]
+pub struct DataDir {
+    pub path: PathBuf,
+    master_key: Zeroizing<[u8; 32]>,
+    pub provider_public_key: [u8; 32],
+    pub admin: Credential,
+    /// Files this start created (first start), to tell the operator.
+    pub created: Vec<PathBuf>,
+}
+
+impl DataDir {
+    /// Opens the data directory, creating what is missing on first start.
+    pub fn open_or_init(path: &Path) -> Result<Self, DataDirError> {
+        std::fs::create_dir_all(path).map_err(io(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+        let mut created = Vec::new();
+
+        let master_path = path.join(MASTER_KEY_FILE);
+        let master_key = if master_path.exists() {
+            hex32(&master_path, &read_private(&master_path)?)?
+        } else {
+            let key = random32()?;
+            write_private(&master_path, &format!("{}\n", hex::encode(key.as_ref())))?;
+            created.push(master_path);
+            key
+        };
+
+        let admin_path = path.join(ADMIN_CREDENTIAL_FILE);
+        let admin = if admin_path.exists() {
+            Credential::load(&admin_path)?
+        } else {
+            created.push(admin_path.clone());
+            Credential::create(&admin_path, ADMIN_CLIENT_ID)?
+        };
+
+        let public_path = path.join(PROVIDER_PUBLIC_KEY_FILE);
+        let provider_public_key = if public_path.exists() {
+            let text = std::fs::read_to_string(&public_path).map_err(io(&public_path))?;
+            *hex32(&public_path, &text)?
+        } else {
+            // A development provider: in production the provider keeps its key pair and the
+            // operator installs only provider.pub.
+            let seed = random32()?;
+            let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
+                .map_err(|_| DataDirError::Random)?;
+            let key_path = path.join(PROVIDER_KEY_FILE);
+            write_private(&key_path, &format!("{}\n", hex::encode(seed.as_ref())))?;
+            let mut public = [0u8; 32];
+            public.copy_from_slice(pair.public_key().as_ref());
+            std::fs::write(&public_path, format!("{}\n", hex::encode(public)))
+                .map_err(io(&public_path))?;
+            created.push(key_path);
+            created.push(public_path);
+            public
+        };
+
+        Ok(Self {
+            path: path.to_owned(),
+            master_key,
+            provider_public_key,
+            admin,
+            created,
+        })
+    }
+
+    pub fn master_key(&self) -> &[u8; 32] {
+        &self.master_key
+    }
+
+    /// The journal directory of a shard.
+    pub fn shard_dir(&self, shard: u16) -> PathBuf {
+        self.path.join(format!("shard-{shard:03}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn first_start_creates_private_secrets_and_later_starts_reuse_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let first = DataDir::open_or_init(&path).unwrap();
+        assert_eq!(first.created.len(), 4);
+        for name in [MASTER_KEY_FILE, ADMIN_CREDENTIAL_FILE, PROVIDER_KEY_FILE] {
+            assert_eq!(mode(&path.join(name)), 0o600, "{name}");
+        }
+        assert_eq!(mode(&path), 0o700);
+        assert_eq!(first.admin.client_id, ADMIN_CLIENT_ID);
+        let second = DataDir::open_or_init(&path).unwrap();
+        assert!(second.created.is_empty());
+        assert_eq!(second.master_key(), first.master_key());
+        assert_eq!(*second.admin.secret, *first.admin.secret);
+        assert_eq!(second.provider_public_key, first.provider_public_key);
+        assert_ne!(first.master_key(), &[0u8; 32]);
+    }
+
+    #[test]
+    fn a_master_key_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        DataDir::open_or_init(&path).unwrap();
+        let key = path.join(MASTER_KEY_FILE);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let err = DataDir::open_or_init(&path).unwrap_err();
+        assert!(
+            matches!(err, DataDirError::Permissions { mode: 0o640, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("master.key"));
+    }
+
+    #[test]
+    fn a_malformed_credential_says_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bad.credential");
+        write_private(&file, "client_id = \"x\"\nsecret = \"abc\"\n").unwrap();
+        let err = Credential::load(&file).unwrap_err();
+        assert!(err.to_string().contains("64 hex digits"), "{err}");
+    }
+}
