@@ -444,7 +444,7 @@ fn sealed(r: &mut Reader<'_>) -> Result<SealedKey, DecodeError> {
 
 fn outcomes(r: &mut Reader<'_>) -> Result<Vec<ItemOutcome>, DecodeError> {
     let count = usize::from(r.u16()?);
-    let mut out = Vec::with_capacity(count.min(256));
+    let mut out = Vec::with_capacity(count.min(r.remaining() / 3));
     for _ in 0..count {
         let offset = r.position();
         out.push(match r.u8()? {
@@ -538,7 +538,7 @@ pub fn decode_record(
             let before = registers(&mut r)?;
             let after = registers(&mut r)?;
             let count = r.u32()? as usize;
-            let mut jobs = Vec::with_capacity(count.min(4096));
+            let mut jobs = Vec::with_capacity(count.min(r.remaining() / 34));
             for _ in 0..count {
                 jobs.push(JobRecord {
                     client: ClientTag(r.u64()?),
@@ -564,9 +564,11 @@ pub fn decode_record(
 
 /// Decodes a checkpoint payload.
 pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
+    // Capacities below are bounded by the bytes left, so a corrupt count cannot make a
+    // large allocation.
     let mut r = Reader::new(payload);
     let count = r.u32()? as usize;
-    let mut vpsds = Vec::with_capacity(count.min(1 << 16));
+    let mut vpsds = Vec::with_capacity(count.min(r.remaining() / 64));
     for _ in 0..count {
         let id = r.u64()?;
         let owner = r.string16("owner", 64)?;
@@ -613,7 +615,7 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
         });
     }
     let count = r.u32()? as usize;
-    let mut quarantine = Vec::with_capacity(count.min(1 << 16));
+    let mut quarantine = Vec::with_capacity(count.min(r.remaining() / 10));
     for _ in 0..count {
         quarantine.push((r.u64()?, r.string16("quarantine.reason", 1024)?));
     }
@@ -632,7 +634,7 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
 
 fn window_generation(r: &mut Reader<'_>) -> Result<Vec<(ClientTag, u64, Remembered)>, DecodeError> {
     let count = r.u32()? as usize;
-    let mut window = Vec::with_capacity(count.min(1 << 16));
+    let mut window = Vec::with_capacity(count.min(r.remaining() / 41));
     for _ in 0..count {
         let client = ClientTag(r.u64()?);
         let request_id = r.u64()?;
