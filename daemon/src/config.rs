@@ -38,30 +38,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Number of shards (executors); 0 means one per available core.
     pub shards: usize,
-    pub engine: EngineSection,
-    pub journal: JournalSection,
+    pub engine: EngineConfig,
+    pub journal: JournalConfig,
     /// Clients besides the admin credential created at first start.
     pub clients: Vec<ClientConfig>,
-}
-
-/// Engine limits and policies; see [`EngineConfig`].
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EngineSection {
-    pub session_indicia_max: usize,
-    pub postage_mills_max: u64,
-    pub contact_days_max: u64,
-    pub mailing_days_back: u16,
-    pub mailing_days_ahead: u16,
-    pub software_id: u16,
-    pub idempotency_indicia_max: usize,
-    pub vpsds_max: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct JournalSection {
-    pub segment_bytes: usize,
 }
 
 /// A client allowed to connect.
@@ -91,33 +71,9 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 7450)),
             data_dir: PathBuf::from("./indicia-data"),
             shards: 0,
-            engine: EngineSection::default(),
-            journal: JournalSection::default(),
+            engine: EngineConfig::default(),
+            journal: JournalConfig::default(),
             clients: Vec::new(),
-        }
-    }
-}
-
-impl Default for EngineSection {
-    fn default() -> Self {
-        let engine = EngineConfig::default();
-        Self {
-            session_indicia_max: engine.session_indicia_max,
-            postage_mills_max: engine.postage_mills_max,
-            contact_days_max: engine.contact_days_max,
-            mailing_days_back: engine.mailing_days_back,
-            mailing_days_ahead: engine.mailing_days_ahead,
-            software_id: engine.software_id,
-            idempotency_indicia_max: engine.idempotency_indicia_max,
-            vpsds_max: engine.vpsds_max,
-        }
-    }
-}
-
-impl Default for JournalSection {
-    fn default() -> Self {
-        Self {
-            segment_bytes: JournalConfig::default().segment_bytes,
         }
     }
 }
@@ -205,23 +161,11 @@ impl Config {
     }
 
     pub fn engine_config(&self) -> EngineConfig {
-        let engine = &self.engine;
-        EngineConfig {
-            session_indicia_max: engine.session_indicia_max,
-            postage_mills_max: engine.postage_mills_max,
-            contact_days_max: engine.contact_days_max,
-            mailing_days_back: engine.mailing_days_back,
-            mailing_days_ahead: engine.mailing_days_ahead,
-            software_id: engine.software_id,
-            idempotency_indicia_max: engine.idempotency_indicia_max,
-            vpsds_max: engine.vpsds_max,
-        }
+        self.engine.clone()
     }
 
     pub fn journal_config(&self) -> JournalConfig {
-        JournalConfig {
-            segment_bytes: self.journal.segment_bytes,
-        }
+        self.journal.clone()
     }
 }
 

@@ -182,7 +182,7 @@ impl Harness {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.next_sequence += 1;
-        let mut authorization = ProviderAuthorization {
+        let authorization = ProviderAuthorization {
             kind,
             vpsd_id,
             amount_mills,
@@ -190,9 +190,7 @@ impl Harness {
             expires_unix: self.now + 600,
             signature: [0; 64],
         };
-        let signature = self.provider.sign(&authorization.signed_bytes());
-        authorization.signature.copy_from_slice(signature.as_ref());
-        authorization
+        indiciad::engine::provider::sign_authorization(&self.provider, authorization)
     }
 
     fn overdue(&self, vpsd: &ModelVpsd) -> bool {

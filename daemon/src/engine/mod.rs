@@ -11,6 +11,7 @@
 pub mod error;
 pub mod idempotency;
 pub mod keys;
+pub mod provider;
 pub mod record;
 pub mod registers;
 pub mod session;
@@ -39,8 +40,9 @@ pub const REASON_JOURNAL_BYTES_MAX: usize = 1024;
 /// Seconds in a day, for the watchdog and the mailing-date window.
 pub const DAY_SECONDS: u64 = 86_400;
 
-/// Limits and policies of one shard's engine.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Limits and policies of one shard's engine (the `[engine]` section of the config file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
     /// Most indicia one signing session signs (the sum over its requests).
     pub session_indicia_max: usize,

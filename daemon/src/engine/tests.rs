@@ -35,7 +35,7 @@ impl Fixture {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        let mut authorization = ProviderAuthorization {
+        let authorization = ProviderAuthorization {
             kind,
             vpsd_id,
             amount_mills,
@@ -43,13 +43,11 @@ impl Fixture {
             expires_unix: NOW + 3_600,
             signature: [0; 64],
         };
-        self.resign(&mut authorization);
-        authorization
+        provider::sign_authorization(&self.provider, authorization)
     }
 
     fn resign(&self, authorization: &mut ProviderAuthorization) {
-        let signature = self.provider.sign(&authorization.signed_bytes());
-        authorization.signature.copy_from_slice(signature.as_ref());
+        *authorization = provider::sign_authorization(&self.provider, *authorization);
     }
 
     fn provision(&mut self, vpsd_id: u64, algorithm: Algorithm) {

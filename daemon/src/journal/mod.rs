@@ -34,8 +34,9 @@ use format::{
 pub use recovery::{Finding, RecoveryReport, TornTail};
 use segment::Segment;
 
-/// Limits of one shard's journal.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Limits of one shard's journal (the `[journal]` section of the config file).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
     /// Size of each preallocated segment file. A record larger than this (a checkpoint of a
     /// big shard) gets a segment of its own size.

@@ -81,7 +81,7 @@ impl Workload {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        let mut authorization = ProviderAuthorization {
+        let authorization = ProviderAuthorization {
             kind,
             vpsd_id,
             amount_mills,
@@ -89,9 +89,7 @@ impl Workload {
             expires_unix: NOW + 3_600,
             signature: [0; 64],
         };
-        let signature = self.provider.sign(&authorization.signed_bytes());
-        authorization.signature.copy_from_slice(signature.as_ref());
-        authorization
+        indiciad::engine::provider::sign_authorization(&self.provider, authorization)
     }
 
     /// Prepares one random operation against the engine; None if it changes nothing.
