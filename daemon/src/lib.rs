@@ -4,9 +4,11 @@
 //! - [`journal`]: the durable store: memory-mapped, chained, checksummed segments.
 //! - [`config`]: the TOML configuration and its embedded default.
 //! - [`datadir`]: master key, credentials and provider key in the data directory.
+//! - [`server`]: the network side: handshake and access control.
 #![deny(unsafe_code)]
 
 pub mod config;
 pub mod datadir;
 pub mod engine;
 pub mod journal;
+pub mod server;
