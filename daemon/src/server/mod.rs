@@ -5,3 +5,4 @@
 
 pub mod coalesce;
 pub mod handshake;
+pub mod shard;

@@ -1,0 +1,305 @@
+//! A shard's request handling on a real journal: answers leave only after the flush that
+//! makes them durable, sign requests coalesce into sessions, retries are answered once,
+//! a full queue answers busy, and a failed flush is fatal.
+#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{open, NOW};
+use indicia_proto::{
+    Algorithm, AuthorizationKind, ErrorCode, Indicium, ItemResult, MailingDate,
+    ProviderAuthorization, Request, Response, Role, SignItem, Verdict,
+};
+use indiciad::engine::provider::sign_authorization;
+use indiciad::server::handshake::ClientEntry;
+use indiciad::server::shard::ShardCore;
+use zeroize::Zeroizing;
+
+fn admin() -> Arc<ClientEntry> {
+    Arc::new(ClientEntry::new(
+        "admin",
+        Zeroizing::new([9; 32]),
+        Role::Admin,
+        [],
+    ))
+}
+
+fn user(id: &str) -> Arc<ClientEntry> {
+    Arc::new(ClientEntry::new(
+        id,
+        Zeroizing::new([7; 32]),
+        Role::User,
+        [1],
+    ))
+}
+
+fn item(postage_mills: u64) -> SignItem {
+    SignItem {
+        postage_mills,
+        mailing_date: MailingDate::from_unix_seconds(NOW).unwrap(),
+        rate_category: 1,
+        destination_zip: None,
+        data_digest: None,
+    }
+}
+
+/// Flushes and returns what became ready.
+fn flush(shard: &mut ShardCore<u64>) -> Vec<(u64, Response)> {
+    if let Some(ticket) = shard.flush_ticket() {
+        let result = ticket.execute();
+        shard.complete(&ticket, result).unwrap();
+    }
+    let mut ready = shard.take_ready();
+    ready.sort_by_key(|(reply, _)| *reply);
+    ready
+}
+
+/// A shard with vPSD 1 provisioned and funded.
+fn funded(dir: &std::path::Path) -> ShardCore<u64> {
+    let (store, _) = open(dir, 1 << 20);
+    let mut shard = ShardCore::new(store, 10_000);
+    let request = Request::Provision {
+        vpsd_id: 1,
+        owner: "acme".into(),
+        algorithm: Algorithm::EcdsaP256,
+        origin_zip: "02134".parse().unwrap(),
+    };
+    shard.handle(NOW, &admin(), 1, request, 0).unwrap();
+    let authorization = sign_authorization(
+        &common::provider(),
+        ProviderAuthorization {
+            kind: AuthorizationKind::Refill,
+            vpsd_id: 1,
+            amount_mills: 1_000_000,
+            sequence: 1,
+            expires_unix: NOW + 600,
+            signature: [0; 64],
+        },
+    );
+    shard
+        .handle(
+            NOW,
+            &admin(),
+            2,
+            Request::Refill {
+                vpsd_id: 1,
+                authorization,
+            },
+            0,
+        )
+        .unwrap();
+    flush(&mut shard);
+    shard
+}
+
+#[test]
+fn no_answer_leaves_before_its_record_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 1 << 20);
+    let mut shard: ShardCore<u64> = ShardCore::new(store, 10_000);
+    let request = Request::Provision {
+        vpsd_id: 5,
+        owner: "acme".into(),
+        algorithm: Algorithm::Ed25519,
+        origin_zip: "02134".parse().unwrap(),
+    };
+    shard.handle(NOW, &admin(), 1, request, 77).unwrap();
+    // A read behind it waits too: it would show state that is not durable yet.
+    shard
+        .handle(NOW, &admin(), 2, Request::Status { vpsd_id: 5 }, 78)
+        .unwrap();
+    assert!(shard.take_ready().is_empty(), "answered before the flush");
+    let ready = flush(&mut shard);
+    assert_eq!(ready.len(), 2);
+    assert!(matches!(&ready[0], (77, Response::VpsdStatus(status)) if status.vpsd_id == 5));
+    assert!(matches!(&ready[1], (78, Response::VpsdStatus(_))));
+    // Nothing pending: a read is answered at once.
+    shard
+        .handle(NOW, &admin(), 3, Request::Status { vpsd_id: 5 }, 79)
+        .unwrap();
+    assert_eq!(shard.take_ready().len(), 1);
+}
+
+#[test]
+fn sign_requests_from_many_users_coalesce_into_one_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = funded(dir.path());
+    let sessions_before = shard.stats().sessions;
+    for n in 0..40u64 {
+        let request = Request::Sign {
+            vpsd_id: 1,
+            item: item(730),
+        };
+        shard
+            .handle(NOW, &user(&format!("user-{n}")), 100, request, n)
+            .unwrap();
+    }
+    assert!(shard.take_ready().is_empty(), "signs wait for a session");
+    shard.run_sessions(NOW).unwrap();
+    assert_eq!(
+        shard.stats().sessions - sessions_before,
+        1,
+        "one session for 40 requests"
+    );
+    assert!(shard.take_ready().is_empty(), "answered before the flush");
+    let ready = flush(&mut shard);
+    assert_eq!(ready.len(), 40);
+    let mut pieces = Vec::new();
+    for (_, response) in &ready {
+        let Response::Signed { indicium } = response else {
+            panic!("signed expected, got {response:?}");
+        };
+        let bytes = indicium.to_bytes();
+        assert_eq!(
+            shard.store().engine.verify(bytes.as_ref()).0,
+            Verdict::Valid
+        );
+        pieces.push(
+            Indicium::decode(bytes.as_ref())
+                .unwrap()
+                .payload
+                .piece_number,
+        );
+    }
+    pieces.sort_unstable();
+    assert_eq!(pieces, (1..=40).collect::<Vec<u64>>());
+    let status = shard.store().engine.status(NOW, 1).unwrap();
+    assert_eq!(status.ascending_mills, 40 * 730);
+}
+
+#[test]
+fn a_retry_is_answered_with_the_original_and_charged_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = funded(dir.path());
+    let station = user("station-1");
+    shard
+        .handle(
+            NOW,
+            &station,
+            42,
+            Request::Sign {
+                vpsd_id: 1,
+                item: item(500),
+            },
+            1,
+        )
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    let first = flush(&mut shard);
+    shard
+        .handle(
+            NOW,
+            &station,
+            42,
+            Request::Sign {
+                vpsd_id: 1,
+                item: item(500),
+            },
+            2,
+        )
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    let retry = flush(&mut shard);
+    assert_eq!(
+        first[0].1, retry[0].1,
+        "the same indicium, signature and all"
+    );
+    assert_eq!(
+        shard.store().engine.status(NOW, 1).unwrap().ascending_mills,
+        500
+    );
+    shard
+        .handle(
+            NOW,
+            &station,
+            42,
+            Request::Sign {
+                vpsd_id: 1,
+                item: item(501),
+            },
+            3,
+        )
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    let reused = flush(&mut shard);
+    assert!(
+        matches!(&reused[0].1, Response::Error(body) if body.code == ErrorCode::RequestIdReused)
+    );
+}
+
+#[test]
+fn a_batch_gets_one_result_per_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = funded(dir.path());
+    let request = Request::SignBatch {
+        vpsd_id: 1,
+        items: vec![item(100), item(0), item(200)],
+    };
+    shard
+        .handle(NOW, &user("station-2"), 7, request, 1)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    let ready = flush(&mut shard);
+    let Response::BatchSigned { results } = &ready[0].1 else {
+        panic!("batch-signed expected");
+    };
+    assert!(matches!(results[0], ItemResult::Signed(_)));
+    assert!(
+        matches!(&results[1], ItemResult::Failed(body) if body.code == ErrorCode::PostageOutOfRange)
+    );
+    assert!(matches!(results[2], ItemResult::Signed(_)));
+}
+
+#[test]
+fn a_full_queue_answers_busy_and_charges_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), 1 << 20);
+    let mut shard: ShardCore<u64> = ShardCore::new(store, 2);
+    for n in 0..3u64 {
+        shard
+            .handle(
+                NOW,
+                &user("station-3"),
+                n,
+                Request::Sign {
+                    vpsd_id: 1,
+                    item: item(1),
+                },
+                n,
+            )
+            .unwrap();
+    }
+    let ready = flush(&mut shard);
+    assert_eq!(ready.len(), 1);
+    assert!(matches!(&ready[0], (2, Response::Error(body)) if body.code == ErrorCode::Busy));
+    assert_eq!(shard.stats().busy, 1);
+}
+
+#[test]
+fn a_failed_flush_is_fatal_and_releases_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = funded(dir.path());
+    shard
+        .handle(
+            NOW,
+            &user("station-4"),
+            1,
+            Request::Sign {
+                vpsd_id: 1,
+                item: item(10),
+            },
+            1,
+        )
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    let ticket = shard.flush_ticket().unwrap();
+    assert!(shard
+        .complete(&ticket, Err(std::io::Error::other("EIO")))
+        .is_err());
+    assert!(
+        shard.take_ready().is_empty(),
+        "nothing acknowledged after a failed flush"
+    );
+}
