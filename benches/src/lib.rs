@@ -3,7 +3,8 @@
 //! `cargo bench -p indicia-benches`.
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use indicia_proto::{Algorithm, AuthorizationKind, MailingDate, ProviderAuthorization, SignItem};
+use indicia_proto::{Algorithm, AuthorizationKind, MailingDate, SignItem};
+use indiciad::engine::provider::authorize;
 use indiciad::engine::{ClientTag, Engine, EngineConfig, MasterKey, Record, SignJob};
 
 /// 2026-11-30T00:00:00Z.
@@ -64,16 +65,14 @@ fn funded_engine_with(
     let mut engine = Engine::new(config, MasterKey::new(master)?, provider_public);
     let record = engine.prepare_provision(NOW, 1, "bench", algorithm, "02134".parse()?)?;
     engine.commit(record);
-    let mut authorization = ProviderAuthorization {
-        kind: AuthorizationKind::Refill,
-        vpsd_id: 1,
-        amount_mills: 1 << 60,
-        sequence: 1,
-        expires_unix: NOW + 3_600,
-        signature: [0; 64],
-    };
-    let signature = provider.sign(&authorization.signed_bytes());
-    authorization.signature.copy_from_slice(signature.as_ref());
+    let authorization = authorize(
+        &provider,
+        AuthorizationKind::Refill,
+        1,
+        1 << 60,
+        1,
+        NOW + 3_600,
+    );
     let prepared = engine.prepare_provider(NOW, ClientTag(1), 1, 1, &authorization)?;
     if let Some(record) = prepared.record {
         engine.commit(record);

@@ -8,10 +8,8 @@
 use std::time::Instant;
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use indicia_proto::{
-    format_mills, Algorithm, AuthorizationKind, Indicium, MailingDate, ProviderAuthorization,
-    SignItem,
-};
+use indicia_proto::{format_mills, Algorithm, AuthorizationKind, Indicium, MailingDate, SignItem};
+use indiciad::engine::provider::authorize;
 use indiciad::engine::{ClientTag, Engine, EngineConfig, MasterKey, Record, SignJob};
 use indiciad::journal::{ChainKey, JournalConfig, Store};
 
@@ -84,16 +82,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "02134".parse()?,
         )?;
         store.commit(record, now)?;
-        let mut authorization = ProviderAuthorization {
-            kind: AuthorizationKind::Refill,
+        let authorization = authorize(
+            &provider,
+            AuthorizationKind::Refill,
             vpsd_id,
-            amount_mills: 1_000_000_000,
-            sequence: 1,
-            expires_unix: now + 3_600,
-            signature: [0; 64],
-        };
-        let signature = provider.sign(&authorization.signed_bytes());
-        authorization.signature.copy_from_slice(signature.as_ref());
+            1_000_000_000,
+            1,
+            now + 3_600,
+        );
         let prepared =
             store
                 .engine

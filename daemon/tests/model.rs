@@ -182,15 +182,14 @@ impl Harness {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.next_sequence += 1;
-        let authorization = ProviderAuthorization {
+        indiciad::engine::provider::authorize(
+            &self.provider,
             kind,
             vpsd_id,
             amount_mills,
-            sequence: self.next_sequence,
-            expires_unix: self.now + 600,
-            signature: [0; 64],
-        };
-        indiciad::engine::provider::sign_authorization(&self.provider, authorization)
+            self.next_sequence,
+            self.now + 600,
+        )
     }
 
     fn overdue(&self, vpsd: &ModelVpsd) -> bool {
@@ -602,25 +601,16 @@ fn the_engine_behaves_like_the_model() {
     runner
         .run(&proptest::collection::vec(op(), 1..40), |ops| {
             let mut harness = Harness::new();
-            // Most sequences should get to sign: start with one funded vPSD.
-            harness.run(&Op::Provision {
-                vpsd: 1,
-                ed25519: false,
-            });
-            harness.run(&Op::Refill {
-                vpsd: 1,
-                amount: 100_000,
-                kind: RefillKind::Valid,
-            });
-            harness.run(&Op::Provision {
-                vpsd: 2,
-                ed25519: true,
-            });
-            harness.run(&Op::Refill {
-                vpsd: 2,
-                amount: 100_000,
-                kind: RefillKind::Valid,
-            });
+            // Most sequences should get to sign: start with two funded vPSDs, one of each
+            // algorithm.
+            for (vpsd, ed25519) in [(1, false), (2, true)] {
+                harness.run(&Op::Provision { vpsd, ed25519 });
+                harness.run(&Op::Refill {
+                    vpsd,
+                    amount: 100_000,
+                    kind: RefillKind::Valid,
+                });
+            }
             for op in &ops {
                 harness.run(op);
                 harness.check();

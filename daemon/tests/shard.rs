@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use common::{open, NOW};
 use indicia_proto::{
-    Algorithm, AuthorizationKind, ErrorCode, Indicium, ItemResult, MailingDate,
-    ProviderAuthorization, Request, Response, Role, SignItem, Verdict,
+    Algorithm, AuthorizationKind, ErrorCode, Indicium, ItemResult, MailingDate, Request, Response,
+    Role, SignItem, Verdict,
 };
-use indiciad::engine::provider::sign_authorization;
+use indiciad::engine::provider::authorize;
 use indiciad::server::handshake::ClientEntry;
 use indiciad::server::shard::ShardCore;
 use zeroize::Zeroizing;
@@ -56,6 +56,21 @@ fn flush(shard: &mut ShardCore<u64>) -> Vec<(u64, Response)> {
     ready
 }
 
+/// One turn of the shard's loop for one request: handle, run sessions, flush.
+fn round(
+    shard: &mut ShardCore<u64>,
+    client: &Arc<ClientEntry>,
+    request_id: u64,
+    request: Request,
+    reply: u64,
+) -> Vec<(u64, Response)> {
+    shard
+        .handle(NOW, client, request_id, request, reply)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    flush(shard)
+}
+
 /// A shard with vPSD 1 provisioned and funded.
 fn funded(dir: &std::path::Path) -> ShardCore<u64> {
     let (store, _) = open(dir, 1 << 20);
@@ -67,16 +82,13 @@ fn funded(dir: &std::path::Path) -> ShardCore<u64> {
         origin_zip: "02134".parse().unwrap(),
     };
     shard.handle(NOW, &admin(), 1, request, 0).unwrap();
-    let authorization = sign_authorization(
+    let authorization = authorize(
         &common::provider(),
-        ProviderAuthorization {
-            kind: AuthorizationKind::Refill,
-            vpsd_id: 1,
-            amount_mills: 1_000_000,
-            sequence: 1,
-            expires_unix: NOW + 600,
-            signature: [0; 64],
-        },
+        AuthorizationKind::Refill,
+        1,
+        1_000_000,
+        1,
+        NOW + 600,
     );
     shard
         .handle(
@@ -174,34 +186,26 @@ fn a_retry_is_answered_with_the_original_and_charged_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut shard = funded(dir.path());
     let station = user("station-1");
-    shard
-        .handle(
-            NOW,
-            &station,
-            42,
-            Request::Sign {
-                vpsd_id: 1,
-                item: item(500),
-            },
-            1,
-        )
-        .unwrap();
-    shard.run_sessions(NOW).unwrap();
-    let first = flush(&mut shard);
-    shard
-        .handle(
-            NOW,
-            &station,
-            42,
-            Request::Sign {
-                vpsd_id: 1,
-                item: item(500),
-            },
-            2,
-        )
-        .unwrap();
-    shard.run_sessions(NOW).unwrap();
-    let retry = flush(&mut shard);
+    let first = round(
+        &mut shard,
+        &station,
+        42,
+        Request::Sign {
+            vpsd_id: 1,
+            item: item(500),
+        },
+        1,
+    );
+    let retry = round(
+        &mut shard,
+        &station,
+        42,
+        Request::Sign {
+            vpsd_id: 1,
+            item: item(500),
+        },
+        2,
+    );
     assert_eq!(
         first[0].1, retry[0].1,
         "the same indicium, signature and all"
@@ -210,20 +214,16 @@ fn a_retry_is_answered_with_the_original_and_charged_once() {
         shard.store().engine.status(NOW, 1).unwrap().ascending_mills,
         500
     );
-    shard
-        .handle(
-            NOW,
-            &station,
-            42,
-            Request::Sign {
-                vpsd_id: 1,
-                item: item(501),
-            },
-            3,
-        )
-        .unwrap();
-    shard.run_sessions(NOW).unwrap();
-    let reused = flush(&mut shard);
+    let reused = round(
+        &mut shard,
+        &station,
+        42,
+        Request::Sign {
+            vpsd_id: 1,
+            item: item(501),
+        },
+        3,
+    );
     assert!(
         matches!(&reused[0].1, Response::Error(body) if body.code == ErrorCode::RequestIdReused)
     );
@@ -237,11 +237,7 @@ fn a_batch_gets_one_result_per_item() {
         vpsd_id: 1,
         items: vec![item(100), item(0), item(200)],
     };
-    shard
-        .handle(NOW, &user("station-2"), 7, request, 1)
-        .unwrap();
-    shard.run_sessions(NOW).unwrap();
-    let ready = flush(&mut shard);
+    let ready = round(&mut shard, &user("station-2"), 7, request, 1);
     let Response::BatchSigned { results } = &ready[0].1 else {
         panic!("batch-signed expected");
     };

@@ -14,3 +14,25 @@ pub fn sign_authorization(
     authorization.signature.copy_from_slice(signature.as_ref());
     authorization
 }
+
+/// Builds and signs an authorization: what the provider's tool issues.
+pub fn authorize(
+    provider: &Ed25519KeyPair,
+    kind: indicia_proto::AuthorizationKind,
+    vpsd_id: u64,
+    amount_mills: u64,
+    sequence: u64,
+    expires_unix: u64,
+) -> ProviderAuthorization {
+    sign_authorization(
+        provider,
+        ProviderAuthorization {
+            kind,
+            vpsd_id,
+            amount_mills,
+            sequence,
+            expires_unix,
+            signature: [0; 64],
+        },
+    )
+}

@@ -35,15 +35,14 @@ impl Fixture {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        let authorization = ProviderAuthorization {
+        provider::authorize(
+            &self.provider,
             kind,
             vpsd_id,
             amount_mills,
-            sequence: self.sequence,
-            expires_unix: NOW + 3_600,
-            signature: [0; 64],
-        };
-        provider::sign_authorization(&self.provider, authorization)
+            self.sequence,
+            NOW + 3_600,
+        )
     }
 
     fn resign(&self, authorization: &mut ProviderAuthorization) {

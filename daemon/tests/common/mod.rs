@@ -81,15 +81,14 @@ impl Workload {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        let authorization = ProviderAuthorization {
+        indiciad::engine::provider::authorize(
+            &self.provider,
             kind,
             vpsd_id,
             amount_mills,
-            sequence: self.sequence,
-            expires_unix: NOW + 3_600,
-            signature: [0; 64],
-        };
-        indiciad::engine::provider::sign_authorization(&self.provider, authorization)
+            self.sequence,
+            NOW + 3_600,
+        )
     }
 
     /// Prepares one random operation against the engine; None if it changes nothing.
