@@ -40,8 +40,47 @@ pub struct Config {
     pub shards: usize,
     pub engine: EngineConfig,
     pub journal: JournalConfig,
+    pub server: ServerConfig,
     /// Clients besides the admin credential created at first start.
     pub clients: Vec<ClientConfig>,
+}
+
+/// Limits and timeouts of the network side (the `[server]` section).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Connections one shard serves at once; more are closed at accept.
+    pub connections_max: usize,
+    /// Requests one connection may have unanswered; the shard stops reading it beyond.
+    pub inflight_per_connection: usize,
+    /// Time a new connection has to complete the handshake.
+    pub handshake_timeout_ms: u64,
+    /// Time a frame that has started to arrive has to arrive whole.
+    pub frame_timeout_ms: u64,
+    /// Indicia one shard queues for sessions; sign requests beyond are answered `busy`.
+    pub queued_indicia_max: usize,
+    /// Optional wait before a turn's sessions start, to let more requests join them
+    /// (natural batching needs none; 0 turns it off).
+    pub linger_us: u64,
+    /// Capacity of each channel between two shards, in messages.
+    pub cross_shard_channel: usize,
+    /// On SIGTERM, how long to wait for running work to be answered before exiting.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            connections_max: 4096,
+            inflight_per_connection: 1024,
+            handshake_timeout_ms: 10_000,
+            frame_timeout_ms: 10_000,
+            queued_indicia_max: 65_536,
+            linger_us: 0,
+            cross_shard_channel: 1024,
+            drain_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// A client allowed to connect.
@@ -73,6 +112,7 @@ impl Default for Config {
             shards: 0,
             engine: EngineConfig::default(),
             journal: JournalConfig::default(),
+            server: ServerConfig::default(),
             clients: Vec::new(),
         }
     }
@@ -97,7 +137,7 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
         if self.shards > SHARDS_MAX {
             return invalid(format!(
@@ -135,6 +175,42 @@ impl Config {
                 "journal.segment_bytes = {} is outside 64 KiB..=16 GiB",
                 self.journal.segment_bytes
             ));
+        }
+        let server = &self.server;
+        let ranges: [(&str, u64, u64, u64); 8] = [
+            ("connections_max", server.connections_max as u64, 1, 1 << 20),
+            (
+                "inflight_per_connection",
+                server.inflight_per_connection as u64,
+                1,
+                1 << 16,
+            ),
+            (
+                "handshake_timeout_ms",
+                server.handshake_timeout_ms,
+                10,
+                3_600_000,
+            ),
+            ("frame_timeout_ms", server.frame_timeout_ms, 10, 3_600_000),
+            (
+                "queued_indicia_max",
+                server.queued_indicia_max as u64,
+                256,
+                1 << 24,
+            ),
+            ("linger_us", server.linger_us, 0, 1_000_000),
+            (
+                "cross_shard_channel",
+                server.cross_shard_channel as u64,
+                1,
+                1 << 20,
+            ),
+            ("drain_timeout_ms", server.drain_timeout_ms, 0, 3_600_000),
+        ];
+        for (name, value, low, high) in ranges {
+            if !(low..=high).contains(&value) {
+                return invalid(format!("server.{name} = {value} is outside {low}..={high}"));
+            }
         }
         let mut ids = std::collections::HashSet::new();
         for client in &self.clients {

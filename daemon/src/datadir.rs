@@ -103,6 +103,11 @@ fn hex32(path: &Path, text: &str) -> Result<Zeroizing<[u8; 32]>, DataDirError> {
     Ok(out)
 }
 
+/// A client secret file of the configuration: 64 hex digits, readable by the owner only.
+pub fn load_secret(path: &Path) -> Result<Zeroizing<[u8; 32]>, DataDirError> {
+    hex32(path, &read_private(path)?)
+}
+
 impl Credential {
     /// Reads a credential file: `client_id = "..."` and `secret = "<64 hex digits>"`.
     pub fn load(path: &Path) -> Result<Self, DataDirError> {

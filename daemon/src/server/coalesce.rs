@@ -50,6 +50,15 @@ impl<R> Coalescer<R> {
         self.queued_indicia
     }
 
+    /// vPSDs that could start a session now.
+    pub fn ready_len(&self) -> usize {
+        self.ready.len()
+    }
+
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
     /// Queues a request for `vpsd_id`, or refuses it when the shard's queue is full.
     pub fn push(&mut self, vpsd_id: u64, job: SignJob, reply: R) -> Result<(), Busy<R>> {
         let items = job.items.len();

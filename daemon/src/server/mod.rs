@@ -1,8 +1,342 @@
-//! The network side of the appliance. So far, sans-io: the per-connection handshake and
-//! access control ([`handshake`]) and the per-vPSD natural batching ([`coalesce`]). The
-//! thread-per-core server (glommio executors, listeners, routing between shards, group
-//! commit) builds on them.
+//! The network side of the appliance.
+//!
+//! - [`handshake`]: one connection's handshake and access control (sans-io).
+//! - [`coalesce`]: per-vPSD queues and natural batching (sans-io).
+//! - [`shard`]: one shard's request handling and the durability rule (sans-io).
+//! - [`metrics`]: counters and histograms for the `stats` request.
+//! - `runtime`: the thread-per-core server around them (glommio).
+//!
+//! [`Server::start`] opens the data directory's journals, binds the listeners and starts
+//! one executor per shard; [`Server::shutdown`] asks it to stop gracefully and
+//! [`Server::join`] waits for that.
 
 pub mod coalesce;
 pub mod handshake;
+mod local;
+pub mod metrics;
+mod runtime;
 pub mod shard;
+
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+
+use indicia_proto::Role;
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+
+use crate::config::{ClientRole, Config};
+use crate::datadir::{self, DataDir, DataDirError};
+use crate::engine::{Engine, MasterKey};
+use crate::journal::{ChainKey, JournalError, RecoveryReport, Store};
+use handshake::{ClientDirectory, ClientEntry};
+use metrics::Metrics;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("shard {shard}: journal: {source}")]
+    Journal { shard: u16, source: JournalError },
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error("master key: {0}")]
+    MasterKey(String),
+    #[error("runtime: {0}")]
+    Runtime(String),
+    #[error("shard {0} failed to start: {1}")]
+    ShardFailed(u16, String),
+    #[error("{0}")]
+    Layout(String),
+}
+
+/// The shard that owns a vPSD. Fixed for the life of a data directory: the journals hold
+/// each vPSD in its shard's files, which is why the shard count is recorded there.
+pub fn shard_of(vpsd_id: u64, shards: u16) -> u16 {
+    let hash = xxhash_rust::xxh3::xxh3_64(&vpsd_id.to_le_bytes());
+    // hash % shards < shards <= u16::MAX.
+    (hash % u64::from(shards.max(1))) as u16
+}
+
+/// State shared by the shards and the thread that controls them.
+#[derive(Debug)]
+pub struct Control {
+    shutdown: AtomicBool,
+    /// Shards still closing their own connections.
+    draining: AtomicUsize,
+    /// Advanced by every shard's loop a few times a second (for the watchdog).
+    heartbeats: Vec<AtomicU64>,
+}
+
+impl Control {
+    /// A snapshot of every shard's heartbeat counter.
+    pub fn heartbeats(&self) -> Vec<u64> {
+        self.heartbeats
+            .iter()
+            .map(|beat| beat.load(Ordering::Relaxed))
+            .collect()
+    }
+}
+
+/// A shard's report at startup.
+#[derive(Debug)]
+enum ShardReady {
+    Ready,
+    Failed(u16, String),
+}
+
+/// A running appliance.
+#[derive(Debug)]
+pub struct Server {
+    local_addr: SocketAddr,
+    shards: u16,
+    control: Arc<Control>,
+    metrics: Arc<Metrics>,
+    recovery: Vec<RecoveryReport>,
+    executors: Vec<glommio::ExecutorJoinHandle<Result<(), ServerError>>>,
+}
+
+/// The clients the appliance knows: the admin credential of the data directory plus those
+/// in the configuration.
+pub fn client_directory(config: &Config, data: &DataDir) -> Result<ClientDirectory, ServerError> {
+    let mut directory = ClientDirectory::default();
+    directory.insert(ClientEntry::new(
+        &data.admin.client_id,
+        data.admin.secret.clone(),
+        Role::Admin,
+        [],
+    ));
+    for client in &config.clients {
+        let secret = datadir::load_secret(&client.secret_file)?;
+        let role = match client.role {
+            ClientRole::User => Role::User,
+            ClientRole::Admin => Role::Admin,
+        };
+        directory.insert(ClientEntry::new(
+            &client.id,
+            secret,
+            role,
+            client.vpsds.iter().copied(),
+        ));
+    }
+    Ok(directory)
+}
+
+/// A listening TCP socket, with SO_REUSEPORT when every shard is to have one on the same
+/// address.
+fn listener(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ServerError> {
+    let listen_error = |source| ServerError::Listen { addr, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(listen_error)?;
+    socket.set_reuse_address(true).map_err(listen_error)?;
+    if reuse_port {
+        socket.set_reuse_port(true).map_err(listen_error)?;
+    }
+    socket.bind(&addr.into()).map_err(listen_error)?;
+    if reuse_port {
+        socket.listen(1024).map_err(listen_error)?;
+    }
+    Ok(socket)
+}
+
+/// The listeners of all shards. A first socket without SO_REUSEPORT checks that nobody
+/// listens on the address already (SO_REUSEPORT alone would let a second appliance share
+/// the port and take half of the connections) and picks the port when 0 was asked for.
+fn listeners(addr: SocketAddr, shards: u16) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
+    let probe = listener(addr, false)?;
+    let addr = probe
+        .local_addr()
+        .ok()
+        .and_then(|bound| bound.as_socket())
+        .unwrap_or(addr);
+    drop(probe);
+    let fds = (0..shards)
+        .map(|_| listener(addr, true).map(OwnedFd::from))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((addr, fds))
+}
+
+/// The shard count of a data directory: recorded at first start, fixed afterwards.
+fn layout(data: &DataDir, config: &Config) -> Result<u16, ServerError> {
+    let path = data.path.join("layout.toml");
+    let configured = config.shard_count();
+    let layout_error = |message: String| ServerError::Layout(message);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let recorded = text
+            .lines()
+            .find_map(|line| line.strip_prefix("shards = "))
+            .and_then(|value| value.trim().parse::<u16>().ok())
+            .filter(|shards| (1..=crate::config::SHARDS_MAX).contains(&usize::from(*shards)))
+            .ok_or_else(|| {
+                layout_error(format!("{}: no valid `shards = N` line", path.display()))
+            })?;
+        if config.shards != 0 && config.shards != usize::from(recorded) {
+            return Err(layout_error(format!(
+                "the data directory {} holds {recorded} shards; it cannot be opened with {} \
+                 (vPSDs live in their shard's journal; resharding is not supported)",
+                data.path.display(),
+                config.shards
+            )));
+        }
+        return Ok(recorded);
+    }
+    let shards = u16::try_from(configured)
+        .map_err(|_| layout_error(format!("{configured} shards is too many")))?;
+    std::fs::write(
+        &path,
+        format!("# Written at first start; vPSDs are placed by shard count.\nshards = {shards}\n"),
+    )
+    .map_err(|source| {
+        ServerError::DataDir(DataDirError::Io {
+            path: path.clone(),
+            source,
+        })
+    })?;
+    Ok(shards)
+}
+
+impl Server {
+    /// Recovers every shard's journal, binds the listeners and starts serving.
+    pub fn start(config: &Config, data: &DataDir) -> Result<Self, ServerError> {
+        let shards = layout(data, config)?;
+        let directory = Arc::new(client_directory(config, data)?);
+        let (local_addr, fds) = listeners(config.listen, shards)?;
+        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let metrics = Metrics::new(usize::from(shards));
+        let control = Arc::new(Control {
+            shutdown: AtomicBool::new(false),
+            draining: AtomicUsize::new(usize::from(shards)),
+            heartbeats: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+        });
+        let (senders, receivers) =
+            runtime::mesh(usize::from(shards), config.server.cross_shard_channel);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (report_tx, report_rx) = mpsc::channel::<(u16, RecoveryReport)>();
+        let mut executors = Vec::new();
+        for (((index, fd), senders), receivers) in (0..shards).zip(fds).zip(senders).zip(receivers)
+        {
+            let master = *data.master_key();
+            let provider = data.provider_public_key;
+            let engine_config = config.engine_config();
+            let journal_config = config.journal_config();
+            let dir = data.shard_dir(index);
+            let report_tx = report_tx.clone();
+            let open_store = Box::new(move || {
+                let master_key = MasterKey::new(&master)
+                    .map_err(|err| ServerError::MasterKey(err.to_string()))?;
+                let engine = Engine::new(engine_config, master_key, provider);
+                let key = ChainKey::derive(&master, index);
+                let (store, report) = Store::open(&dir, index, key, journal_config, engine)
+                    .map_err(|source| ServerError::Journal {
+                        shard: index,
+                        source,
+                    })?;
+                let _ = report_tx.send((index, report));
+                Ok(store)
+            });
+            let setup = runtime::ShardSetup {
+                index,
+                shards,
+                // More shards than cores (a test, or an operator's choice) share cores.
+                cpu: Some(usize::from(index) % cpus),
+                listener: fd,
+                open_store,
+                senders,
+                receivers,
+                directory: Arc::clone(&directory),
+                metrics: Arc::clone(&metrics),
+                control: Arc::clone(&control),
+                config: config.server.clone(),
+                ready: ready_tx.clone(),
+            };
+            executors.push(runtime::spawn(setup)?);
+        }
+        drop(ready_tx);
+        drop(report_tx);
+        let mut failure = None;
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(ShardReady::Ready) => {}
+                Ok(ShardReady::Failed(shard, message)) => {
+                    failure.get_or_insert(ServerError::ShardFailed(shard, message));
+                }
+                Err(_) => {
+                    failure.get_or_insert(ServerError::Runtime(
+                        "a shard stopped while starting".into(),
+                    ));
+                    break;
+                }
+            }
+        }
+        let mut recovery: Vec<(u16, RecoveryReport)> = report_rx.try_iter().collect();
+        recovery.sort_by_key(|(shard, _)| *shard);
+        let server = Self {
+            local_addr,
+            shards,
+            control,
+            metrics,
+            recovery: recovery.into_iter().map(|(_, report)| report).collect(),
+            executors,
+        };
+        if let Some(err) = failure {
+            server.shutdown();
+            let _ = server.join();
+            return Err(err);
+        }
+        Ok(server)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shards(&self) -> u16 {
+        self.shards
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// What recovery found on each shard, in shard order.
+    pub fn recovery(&self) -> &[RecoveryReport] {
+        &self.recovery
+    }
+
+    /// Asks every shard to stop: no new connections, answer what was read, flush, exit.
+    pub fn shutdown(&self) {
+        self.control.shutdown.store(true, Ordering::Release);
+    }
+
+    /// Waits for every shard to stop.
+    pub fn join(self) -> Result<(), ServerError> {
+        let mut result = Ok(());
+        for executor in self.executors {
+            let outcome = match executor.join() {
+                Ok(outcome) => outcome,
+                Err(err) => Err(ServerError::Runtime(err.to_string())),
+            };
+            if let Err(err) = outcome {
+                if result.is_ok() {
+                    result = Err(err);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// The data directory named by the config, opened (and initialized on first start).
+pub fn open_data_dir(config: &Config) -> Result<DataDir, ServerError> {
+    Ok(DataDir::open_or_init(Path::new(&config.data_dir))?)
+}

@@ -29,6 +29,10 @@ pub struct ShardStats {
     pub indicia: u64,
     pub busy: u64,
     pub flushes: u64,
+    /// Sizes (indicia) of the sessions run since the metrics last drained them.
+    pub session_sizes: Vec<u32>,
+    /// Wire codes of the errors answered since the metrics last drained them.
+    pub new_errors: Vec<u16>,
 }
 
 /// The journal failed: the process must stop (fail-stop) and recover from disk.
@@ -85,10 +89,42 @@ impl<R> ShardCore<R> {
         &self.stats
     }
 
+    /// For the metrics, which drain what was recorded per session and per error.
+    pub fn stats_mut(&mut self) -> &mut ShardStats {
+        &mut self.stats
+    }
+
+    /// Indicia queued for a session now.
+    pub fn queued_indicia(&self) -> usize {
+        self.coalescer.queued_indicia()
+    }
+
+    /// Answers made but waiting for the journal to become durable.
+    pub fn awaiting(&self) -> usize {
+        self.awaiting.len()
+    }
+
+    /// Whether a session could start now.
+    pub fn has_sessions(&self) -> bool {
+        self.coalescer.has_ready()
+    }
+
     /// Queues an answer behind everything appended so far.
     fn answer(&mut self, reply: R, response: Response) {
-        if matches!(response, Response::Error(_)) {
-            self.stats.errors += 1;
+        match &response {
+            Response::Error(body) => {
+                self.stats.errors += 1;
+                self.stats.new_errors.push(body.code.wire());
+            }
+            Response::BatchSigned { results } => {
+                for result in results {
+                    if let ItemResult::Failed(body) = result {
+                        self.stats.errors += 1;
+                        self.stats.new_errors.push(body.code.wire());
+                    }
+                }
+            }
+            _ => {}
         }
         let last = self.store.journal.last_sequence();
         if self.store.journal.durable_sequence() >= last && self.awaiting.is_empty() {
@@ -281,15 +317,24 @@ impl<R> ShardCore<R> {
         }
     }
 
-    /// Runs every session that can start now (one per vPSD with queued requests).
+    /// Runs every session that can start now: one per vPSD with queued requests. A vPSD
+    /// with more queued than one session takes gets its next session in the next call, so
+    /// one busy vPSD cannot hold the shard's loop.
     pub fn run_sessions(&mut self, now_unix: u64) -> Result<(), Fatal> {
-        while let Some((vpsd_id, pending)) = self.coalescer.next_session() {
+        for _ in 0..self.coalescer.ready_len() {
+            let Some((vpsd_id, pending)) = self.coalescer.next_session() else {
+                break;
+            };
             let jobs: Vec<SignJob> = pending.iter().map(|pending| pending.job.clone()).collect();
             let prepared = self.store.engine.prepare_session(now_unix, vpsd_id, &jobs);
             let mut failure = None;
             if let Some(record) = prepared.record {
+                let size = record.indicia().count();
                 self.stats.sessions += 1;
-                self.stats.indicia += record.indicia().count() as u64;
+                self.stats.indicia += size as u64;
+                self.stats
+                    .session_sizes
+                    .push(u32::try_from(size).unwrap_or(u32::MAX));
                 if let Err(response) = self.commit(now_unix, Record::Session(record))? {
                     failure = Some(response);
                 }

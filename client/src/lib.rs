@@ -1,0 +1,445 @@
+//! `indicia-client`: a blocking client of the indicia appliance, and the `indiciactl` CLI.
+//!
+//! [`Client::connect`] opens a TCP connection and runs the handshake (both sides prove
+//! the client's secret; the appliance's proof is checked). Requests can be pipelined:
+//! [`Client::send`] any number, then [`Client::recv`] the answers, which may come in any
+//! order and are matched by request id. [`Client::call`] does one round trip.
+//!
+//! Request ids are the idempotency keys of `sign`, `sign-batch`, `refill` and `contact`
+//! (per client id): a retry with the same id, also on a new connection, is charged once.
+//! A new `Client` starts its ids at a random point so that two processes using the same
+//! credential do not collide.
+
+pub mod cli;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aws_lc_rs::hmac;
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use indicia_proto::frame::{
+    FrameDecoder, FRAME_BYTES_MAX, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
+};
+use indicia_proto::message::{
+    handshake_transcript, CLIENT_ID_BYTES_MAX, CLIENT_PROOF_LABEL, NONCE_BYTES, SERVER_PROOF_LABEL,
+};
+use indicia_proto::{
+    Decoded, ErrorBody, Indicium, ItemResult, Request, Response, Role, SignItem, StatEntry,
+    VpsdStatus,
+};
+use thiserror::Error;
+use zeroize::Zeroizing;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {what}")]
+    Credential { path: PathBuf, what: String },
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the appliance closed the connection")]
+    Closed,
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("the appliance failed to prove that it knows this client's secret")]
+    ServerNotAuthenticated,
+    /// The appliance answered with an error.
+    #[error("{0}")]
+    Refused(ErrorBody),
+    #[error("random number generator failed")]
+    Random,
+}
+
+impl ClientError {
+    /// The appliance's error, if that is what this is.
+    pub fn refusal(&self) -> Option<&ErrorBody> {
+        match self {
+            Self::Refused(body) => Some(body),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A client id and its secret, as in the appliance's `admin.credential` file:
+/// `client_id = "..."` and `secret = "<64 hex digits>"`, readable by its owner only.
+pub struct Credential {
+    pub client_id: String,
+    secret: Zeroizing<[u8; 32]>,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("client_id", &self.client_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads a file that holds a secret, refusing it if group or others may read it.
+pub fn read_private(path: &Path) -> Result<Zeroizing<String>> {
+    let file_error = |source| ClientError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(file_error)?;
+    let mode = file.metadata().map_err(file_error)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(ClientError::Credential {
+            path: path.to_owned(),
+            what: format!(
+                "may be read by group or others (mode {:o}); it must be 0600 or stricter",
+                mode & 0o7777
+            ),
+        });
+    }
+    Ok(Zeroizing::new(
+        std::io::read_to_string(file).map_err(file_error)?,
+    ))
+}
+
+impl Credential {
+    pub fn new(client_id: &str, secret: [u8; 32]) -> Self {
+        Self {
+            client_id: client_id.to_owned(),
+            secret: Zeroizing::new(secret),
+        }
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = read_private(path)?;
+        let malformed = |what: String| ClientError::Credential {
+            path: path.to_owned(),
+            what,
+        };
+        let table: toml::Table = toml::from_str(&text).map_err(|err| malformed(err.to_string()))?;
+        let field = |name: &str| {
+            table
+                .get(name)
+                .and_then(toml::Value::as_str)
+                .ok_or_else(|| malformed(format!("missing `{name}`")))
+        };
+        let client_id = field("client_id")?;
+        if client_id.is_empty() || client_id.len() > CLIENT_ID_BYTES_MAX {
+            return Err(malformed("client_id must be 1 to 64 bytes".into()));
+        }
+        let mut secret = Zeroizing::new([0u8; 32]);
+        hex::decode_to_slice(field("secret")?.trim(), secret.as_mut())
+            .map_err(|err| malformed(format!("secret: expected 64 hex digits: {err}")))?;
+        Ok(Self {
+            client_id: client_id.to_owned(),
+            secret,
+        })
+    }
+}
+
+/// One authenticated connection to the appliance.
+#[derive(Debug)]
+pub struct Client {
+    stream: TcpStream,
+    peer: SocketAddr,
+    version: u8,
+    role: Role,
+    next_id: u64,
+    decoder: FrameDecoder,
+    inbuf: Vec<u8>,
+    start: usize,
+    end: usize,
+    outbuf: Vec<u8>,
+    /// Bytes of `outbuf` queued and not yet written.
+    pending_out: usize,
+    /// Answers received while [`Client::call`] waited for another one.
+    stashed: HashMap<u64, Response>,
+}
+
+fn random_u64(rng: &SystemRandom) -> Result<u64> {
+    let mut bytes = [0u8; 8];
+    rng.fill(&mut bytes).map_err(|_| ClientError::Random)?;
+    Ok(u64::from_le_bytes(bytes))
+}
+
+impl Client {
+    /// Connects and authenticates.
+    pub fn connect(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        credential: &Credential,
+    ) -> Result<Self> {
+        let connect_error = |source| ClientError::Connect {
+            addr: format!("{addr:?}"),
+            source,
+        };
+        let stream = TcpStream::connect(&addr).map_err(connect_error)?;
+        Self::handshake(stream, credential)
+    }
+
+    /// Runs the handshake on an open stream.
+    pub fn handshake(stream: TcpStream, credential: &Credential) -> Result<Self> {
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        let rng = SystemRandom::new();
+        let mut client = Self {
+            stream,
+            peer,
+            version: PROTOCOL_VERSION_MIN,
+            role: Role::User,
+            // Random, and far from wrapping, so that ids stay distinct per credential.
+            next_id: random_u64(&rng)? >> 1,
+            decoder: FrameDecoder::default(),
+            inbuf: vec![0u8; 64 << 10],
+            start: 0,
+            end: 0,
+            // Room for several frames, so that pipelined requests go out together.
+            outbuf: vec![0u8; 4 * FRAME_BYTES_MAX],
+            pending_out: 0,
+            stashed: HashMap::new(),
+        };
+        let mut client_nonce = [0u8; NONCE_BYTES];
+        rng.fill(&mut client_nonce)
+            .map_err(|_| ClientError::Random)?;
+        let (version, server_nonce) = match client.call(&Request::Hello {
+            version_min: PROTOCOL_VERSION_MIN,
+            version_max: PROTOCOL_VERSION_MAX,
+            client_id: credential.client_id.clone(),
+            client_nonce,
+        })? {
+            Response::Challenge {
+                version,
+                server_nonce,
+            } => (version, server_nonce),
+            other => return Err(unexpected("hello", &other)),
+        };
+        if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) {
+            return Err(ClientError::Protocol(format!(
+                "the appliance chose version {version}, outside the range offered"
+            )));
+        }
+        client.version = version;
+        let key = hmac::Key::new(hmac::HMAC_SHA256, credential.secret.as_ref());
+        let transcript = |label| {
+            handshake_transcript(
+                label,
+                version,
+                &credential.client_id,
+                &client_nonce,
+                &server_nonce,
+            )
+        };
+        let mut proof = [0u8; 32];
+        proof.copy_from_slice(hmac::sign(&key, &transcript(CLIENT_PROOF_LABEL)).as_ref());
+        match client.call(&Request::Authenticate { proof })? {
+            Response::Welcome { role, server_proof } => {
+                // Constant-time comparison inside aws-lc.
+                hmac::verify(&key, &transcript(SERVER_PROOF_LABEL), &server_proof)
+                    .map_err(|_| ClientError::ServerNotAuthenticated)?;
+                client.role = role;
+            }
+            other => return Err(unexpected("authenticate", &other)),
+        }
+        Ok(client)
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Bounds how long a read or write may block (None: forever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
+        self.stream.set_read_timeout(timeout)?;
+        self.stream.set_write_timeout(timeout)?;
+        Ok(())
+    }
+
+    /// A request id not used before by this client.
+    pub fn next_request_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// Queues a request with the given id; it goes out at the next [`Client::flush`] or
+    /// [`Client::recv`] (or when the buffer is full).
+    pub fn send(&mut self, request_id: u64, request: &Request) -> Result<()> {
+        if self.outbuf.len() - self.pending_out < FRAME_BYTES_MAX {
+            self.flush()?;
+        }
+        let at = self.pending_out;
+        let len = request
+            .encode_frame(self.version, request_id, &mut self.outbuf[at..])
+            .map_err(|err| ClientError::Protocol(format!("cannot encode the request: {err}")))?;
+        self.pending_out += len;
+        Ok(())
+    }
+
+    /// Writes every queued request.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending_out > 0 {
+            self.stream.write_all(&self.outbuf[..self.pending_out])?;
+            self.pending_out = 0;
+        }
+        Ok(())
+    }
+
+    /// The next answer, whichever request it is for.
+    pub fn recv(&mut self) -> Result<(u64, Response)> {
+        if let Some(&id) = self.stashed.keys().next() {
+            if let Some(response) = self.stashed.remove(&id) {
+                return Ok((id, response));
+            }
+        }
+        self.recv_wire()
+    }
+
+    fn recv_wire(&mut self) -> Result<(u64, Response)> {
+        self.flush()?;
+        loop {
+            match self.decoder.decode(&self.inbuf[self.start..self.end]) {
+                Ok(Decoded::Frame(frame)) => {
+                    let header = frame.header;
+                    let len = frame.len();
+                    if !header.is_response() {
+                        return Err(ClientError::Protocol(
+                            "the appliance sent a request frame".into(),
+                        ));
+                    }
+                    let response = Response::decode(header.opcode, frame.body)
+                        .map_err(|err| ClientError::Protocol(format!("bad answer: {err}")))?;
+                    self.start += len;
+                    if self.start == self.end {
+                        self.start = 0;
+                        self.end = 0;
+                    }
+                    return Ok((header.request_id, response));
+                }
+                Ok(Decoded::Incomplete { needed }) => {
+                    if self.inbuf.len() - self.end < needed {
+                        self.inbuf.copy_within(self.start..self.end, 0);
+                        self.end -= self.start;
+                        self.start = 0;
+                        if self.inbuf.len() < self.end + needed {
+                            self.inbuf.resize(self.end + needed, 0);
+                        }
+                    }
+                    let read = self.stream.read(&mut self.inbuf[self.end..])?;
+                    if read == 0 {
+                        return Err(ClientError::Closed);
+                    }
+                    self.end += read;
+                }
+                Err(err) => return Err(ClientError::Protocol(format!("bad frame: {err}"))),
+            }
+        }
+    }
+
+    /// Sends one request with the given id and waits for its answer (answers to other
+    /// requests in flight are kept for [`Client::recv`]).
+    pub fn call_with_id(&mut self, request_id: u64, request: &Request) -> Result<Response> {
+        self.send(request_id, request)?;
+        if let Some(response) = self.stashed.remove(&request_id) {
+            return Ok(response);
+        }
+        loop {
+            let (id, response) = self.recv_wire()?;
+            if id == request_id {
+                return Ok(response);
+            }
+            self.stashed.insert(id, response);
+        }
+    }
+
+    pub fn call(&mut self, request: &Request) -> Result<Response> {
+        let id = self.next_request_id();
+        self.call_with_id(id, request)
+    }
+
+    /// Calls, turning an error answer into [`ClientError::Refused`].
+    fn call_ok(&mut self, request: &Request) -> Result<Response> {
+        match self.call(request)? {
+            Response::Error(body) => Err(ClientError::Refused(body)),
+            response => Ok(response),
+        }
+    }
+
+    pub fn status(&mut self, vpsd_id: u64) -> Result<VpsdStatus> {
+        match self.call_ok(&Request::Status { vpsd_id })? {
+            Response::VpsdStatus(status) => Ok(status),
+            other => Err(unexpected("status", &other)),
+        }
+    }
+
+    /// Provisions, refills, contacts, locks, unlocks or rotates: every request answered
+    /// with the vPSD's status.
+    pub fn change(&mut self, request: &Request) -> Result<VpsdStatus> {
+        match self.call_ok(request)? {
+            Response::VpsdStatus(status) => Ok(status),
+            other => Err(unexpected("request", &other)),
+        }
+    }
+
+    /// Signs one indicium.
+    pub fn sign(&mut self, vpsd_id: u64, item: SignItem) -> Result<Indicium> {
+        match self.call_ok(&Request::Sign { vpsd_id, item })? {
+            Response::Signed { indicium } => Ok(indicium),
+            other => Err(unexpected("sign", &other)),
+        }
+    }
+
+    /// Signs up to 256 indicia in one request; one result per item.
+    pub fn sign_batch(&mut self, vpsd_id: u64, items: Vec<SignItem>) -> Result<Vec<ItemResult>> {
+        match self.call_ok(&Request::SignBatch { vpsd_id, items })? {
+            Response::BatchSigned { results } => Ok(results),
+            other => Err(unexpected("sign-batch", &other)),
+        }
+    }
+
+    /// The current public key (SubjectPublicKeyInfo, DER), its algorithm and serial.
+    pub fn public_key(&mut self, vpsd_id: u64) -> Result<(indicia_proto::Algorithm, u32, Vec<u8>)> {
+        match self.call_ok(&Request::PublicKey {
+            vpsd_id,
+            key_serial: None,
+        })? {
+            Response::PublicKeyInfo {
+                algorithm,
+                key_serial,
+                spki_der,
+                ..
+            } => Ok((algorithm, key_serial, spki_der)),
+            other => Err(unexpected("public-key", &other)),
+        }
+    }
+
+    pub fn stats(&mut self) -> Result<Vec<StatEntry>> {
+        match self.call_ok(&Request::Stats)? {
+            Response::Stats { entries } => Ok(entries),
+            other => Err(unexpected("stats", &other)),
+        }
+    }
+}
+
+fn unexpected(what: &str, response: &Response) -> ClientError {
+    match response {
+        Response::Error(body) => ClientError::Refused(body.clone()),
+        other => ClientError::Protocol(format!(
+            "unexpected answer to {what}: opcode {:#04x}",
+            other.opcode()
+        )),
+    }
+}

@@ -1,0 +1,301 @@
+//! What the operator can read of a running appliance (the `stats` request): per shard,
+//! counters and gauges in atomics and two histograms behind a lock that only the owning
+//! shard takes on its hot path (once per turn of its loop), gathered into one report on
+//! whichever shard answers the request.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Instant;
+
+use hdrhistogram::Histogram;
+use indicia_proto::message::{StatEntry, STATS_ENTRIES_MAX};
+use indicia_proto::ErrorCode;
+
+use super::shard::ShardStats;
+
+/// The counters and gauges of one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Counter {
+    /// Requests handled by the shard that owns their vPSD.
+    Requests,
+    /// Error answers and failed batch items, all codes.
+    Errors,
+    Sessions,
+    Indicia,
+    /// Sign requests refused because the shard's queue was full.
+    Busy,
+    /// Group commits (one fdatasync round each).
+    Flushes,
+    ConnectionsAccepted,
+    /// Gauge: connections open on this shard now.
+    ConnectionsOpen,
+    /// Requests this shard's connections sent to the shard owning their vPSD.
+    CrossShardRequests,
+    /// Gauge: indicia queued for a session now.
+    QueuedIndicia,
+    /// Gauge: answers waiting for the journal to become durable.
+    AwaitingDurable,
+    /// Frames refused before they reached a shard (bad frames, bad bodies, handshake and
+    /// access control errors).
+    ConnectionErrors,
+}
+
+const COUNTERS: [(Counter, &str); 12] = [
+    (Counter::Requests, "requests"),
+    (Counter::Errors, "errors"),
+    (Counter::Sessions, "sessions"),
+    (Counter::Indicia, "indicia"),
+    (Counter::Busy, "busy"),
+    (Counter::Flushes, "flushes"),
+    (Counter::ConnectionsAccepted, "connections.accepted"),
+    (Counter::ConnectionsOpen, "connections.open"),
+    (Counter::CrossShardRequests, "cross_shard.requests"),
+    (Counter::QueuedIndicia, "queue.indicia"),
+    (Counter::AwaitingDurable, "answers.awaiting_durable"),
+    (Counter::ConnectionErrors, "connection_errors"),
+];
+
+/// Upper bound of the commit latency histogram, in microseconds (one minute).
+const LATENCY_US_MAX: u64 = 60_000_000;
+
+#[derive(Debug)]
+struct Histograms {
+    session_size: Histogram<u64>,
+    commit_latency_us: Histogram<u64>,
+    errors_by_code: BTreeMap<u16, u64>,
+}
+
+/// One shard's metrics.
+#[derive(Debug)]
+pub struct ShardMetrics {
+    counters: [AtomicU64; COUNTERS.len()],
+    histograms: Mutex<Histograms>,
+}
+
+fn histogram(high: u64) -> Histogram<u64> {
+    // Two significant digits: 1% resolution is plenty for an operator and keeps each
+    // histogram a few KiB. Bounds are constants, so this cannot fail.
+    Histogram::new_with_bounds(1, high, 2).unwrap_or_else(|_| unreachable!("constant bounds"))
+}
+
+impl Default for ShardMetrics {
+    fn default() -> Self {
+        Self {
+            counters: std::array::from_fn(|_| AtomicU64::new(0)),
+            histograms: Mutex::new(Histograms {
+                session_size: histogram(1 << 16),
+                commit_latency_us: histogram(LATENCY_US_MAX),
+                errors_by_code: BTreeMap::new(),
+            }),
+        }
+    }
+}
+
+impl ShardMetrics {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.counters[counter as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn add(&self, counter: Counter, value: u64) {
+        self.counters[counter as usize].fetch_add(value, Ordering::Relaxed);
+    }
+
+    pub fn sub(&self, counter: Counter, value: u64) {
+        self.counters[counter as usize].fetch_sub(value, Ordering::Relaxed);
+    }
+
+    pub fn set(&self, counter: Counter, value: u64) {
+        self.counters[counter as usize].store(value, Ordering::Relaxed);
+    }
+
+    fn histograms(&self) -> std::sync::MutexGuard<'_, Histograms> {
+        // A panic while holding this lock aborts the process (panic = abort in release);
+        // in tests, the data is still consistent enough to read.
+        self.histograms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Copies the shard core's counters and drains what it recorded during the turn.
+    pub fn publish(&self, stats: &mut ShardStats, queued_indicia: usize, awaiting: usize) {
+        self.set(Counter::Requests, stats.requests);
+        self.set(Counter::Errors, stats.errors);
+        self.set(Counter::Sessions, stats.sessions);
+        self.set(Counter::Indicia, stats.indicia);
+        self.set(Counter::Busy, stats.busy);
+        self.set(Counter::Flushes, stats.flushes);
+        self.set(Counter::QueuedIndicia, queued_indicia as u64);
+        self.set(Counter::AwaitingDurable, awaiting as u64);
+        if stats.session_sizes.is_empty() && stats.new_errors.is_empty() {
+            return;
+        }
+        let mut histograms = self.histograms();
+        for size in stats.session_sizes.drain(..) {
+            histograms.session_size.saturating_record(u64::from(size));
+        }
+        for code in stats.new_errors.drain(..) {
+            *histograms.errors_by_code.entry(code).or_default() += 1;
+        }
+    }
+
+    /// An error answered before the request reached a shard.
+    pub fn connection_error(&self, code: ErrorCode) {
+        self.add(Counter::ConnectionErrors, 1);
+        *self
+            .histograms()
+            .errors_by_code
+            .entry(code.wire())
+            .or_default() += 1;
+    }
+
+    pub fn record_commit(&self, latency_us: u64) {
+        self.histograms()
+            .commit_latency_us
+            .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+    }
+}
+
+/// Every shard's metrics, shared by all shards.
+#[derive(Debug)]
+pub struct Metrics {
+    pub shards: Vec<ShardMetrics>,
+    started: Instant,
+}
+
+impl Metrics {
+    pub fn new(shards: usize) -> Arc<Self> {
+        Arc::new(Self {
+            shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
+            started: Instant::now(),
+        })
+    }
+
+    pub fn total(&self, counter: Counter) -> u64 {
+        self.shards.iter().map(|shard| shard.get(counter)).sum()
+    }
+
+    /// The `stats` answer: totals, errors by code, histogram summaries, then per-shard
+    /// counters (as many shards as fit in one report).
+    pub fn report(&self) -> Vec<StatEntry> {
+        let mut entries = Vec::new();
+        let mut push = |name: String, value: u64| entries.push(StatEntry { name, value });
+        push("uptime_s".into(), self.started.elapsed().as_secs());
+        push("shards".into(), self.shards.len() as u64);
+        for (counter, name) in COUNTERS {
+            push(name.into(), self.total(counter));
+        }
+        let mut session_size = histogram(1 << 16);
+        let mut commit_latency_us = histogram(LATENCY_US_MAX);
+        let mut errors_by_code = BTreeMap::<u16, u64>::new();
+        for shard in &self.shards {
+            let histograms = shard.histograms();
+            // Same bounds on both sides: adding cannot fail.
+            let _ = session_size.add(&histograms.session_size);
+            let _ = commit_latency_us.add(&histograms.commit_latency_us);
+            for (code, count) in &histograms.errors_by_code {
+                *errors_by_code.entry(*code).or_default() += count;
+            }
+        }
+        for (code, count) in errors_by_code {
+            push(
+                format!("errors.{}", ErrorCode::from_wire(code).name()),
+                count,
+            );
+        }
+        for (name, histogram) in [
+            ("session_size", &session_size),
+            ("commit_latency_us", &commit_latency_us),
+        ] {
+            push(format!("{name}.count"), histogram.len());
+            if histogram.is_empty() {
+                continue;
+            }
+            push(format!("{name}.mean"), histogram.mean().round() as u64);
+            for (label, quantile) in [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)] {
+                push(
+                    format!("{name}.{label}"),
+                    histogram.value_at_quantile(quantile),
+                );
+            }
+            push(format!("{name}.max"), histogram.max());
+        }
+        let per_shard = [
+            (Counter::Requests, "requests"),
+            (Counter::Sessions, "sessions"),
+            (Counter::Indicia, "indicia"),
+            (Counter::QueuedIndicia, "queue.indicia"),
+        ];
+        for (index, shard) in self.shards.iter().enumerate() {
+            if entries.len() + per_shard.len() > STATS_ENTRIES_MAX {
+                break;
+            }
+            for (counter, name) in per_shard {
+                entries.push(StatEntry {
+                    name: format!("shard.{index}.{name}"),
+                    value: shard.get(counter),
+                });
+            }
+        }
+        entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn value(entries: &[StatEntry], name: &str) -> Option<u64> {
+        entries
+            .iter()
+            .find(|entry| entry.name == name)
+            .map(|entry| entry.value)
+    }
+
+    #[test]
+    fn the_report_sums_shards_and_summarizes_histograms() {
+        let metrics = Metrics::new(3);
+        let mut stats = ShardStats {
+            requests: 10,
+            indicia: 7,
+            sessions: 2,
+            session_sizes: vec![3, 4],
+            new_errors: vec![ErrorCode::InsufficientFunds.wire()],
+            ..ShardStats::default()
+        };
+        metrics.shards[0].publish(&mut stats, 5, 1);
+        assert!(stats.session_sizes.is_empty() && stats.new_errors.is_empty());
+        let mut other = ShardStats {
+            requests: 1,
+            session_sizes: vec![100],
+            ..ShardStats::default()
+        };
+        metrics.shards[2].publish(&mut other, 0, 0);
+        metrics.shards[1].connection_error(ErrorCode::Forbidden);
+        metrics.shards[1].record_commit(250);
+        let report = metrics.report();
+        assert_eq!(value(&report, "requests"), Some(11));
+        assert_eq!(value(&report, "indicia"), Some(7));
+        assert_eq!(value(&report, "queue.indicia"), Some(5));
+        assert_eq!(value(&report, "errors.insufficient-funds"), Some(1));
+        assert_eq!(value(&report, "errors.forbidden"), Some(1));
+        assert_eq!(value(&report, "connection_errors"), Some(1));
+        assert_eq!(value(&report, "session_size.count"), Some(3));
+        assert_eq!(value(&report, "session_size.max"), Some(100));
+        assert_eq!(value(&report, "session_size.p50"), Some(4));
+        assert_eq!(value(&report, "commit_latency_us.count"), Some(1));
+        assert_eq!(value(&report, "shard.2.requests"), Some(1));
+        assert_eq!(value(&report, "shard.1.requests"), Some(0));
+        let p99 = value(&report, "commit_latency_us.p99").unwrap();
+        assert!((248..=252).contains(&p99), "{p99}");
+    }
+
+    #[test]
+    fn a_report_of_many_shards_fits_one_frame() {
+        let report = Metrics::new(crate::config::SHARDS_MAX).report();
+        assert!(report.len() <= STATS_ENTRIES_MAX);
+        assert!(report.iter().all(|entry| entry.name.len() <= 64));
+        assert!(report.iter().any(|entry| entry.name == "shard.0.indicia"));
+    }
+}

@@ -1,0 +1,245 @@
+//! Runs the real `indiciad` binary for the integration tests: a temporary data directory,
+//! loopback on a port the kernel picks, and the real client.
+#![allow(dead_code, clippy::unwrap_used, clippy::print_stderr)] // each test binary uses part of this
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aws_lc_rs::signature::{self, UnparsedPublicKey};
+use indicia_client::cli::{authorize, load_provider_key};
+use indicia_client::{Client, Credential};
+use indicia_proto::{
+    Algorithm, AuthorizationKind, Indicium, MailingDate, Request, SignItem, VpsdStatus, Zip,
+};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_indiciad");
+
+/// A running daemon.
+pub struct Daemon {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A user client for the config file: id, secret, vPSDs.
+pub struct User {
+    pub id: &'static str,
+    pub secret: [u8; 32],
+    pub vpsds: Vec<u64>,
+}
+
+impl User {
+    pub fn credential(&self) -> Credential {
+        Credential::new(self.id, self.secret)
+    }
+}
+
+/// Writes `indiciad.toml` in `dir`: the given extra TOML, then the users (with their
+/// secret files).
+pub fn write_config(dir: &Path, extra: &str, users: &[User]) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut text = format!("{extra}\n");
+    for user in users {
+        let secret_file = dir.join(format!("{}.secret", user.id));
+        std::fs::write(&secret_file, hex::encode(user.secret)).unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        text.push_str(&format!(
+            "[[clients]]\nid = \"{}\"\nrole = \"user\"\nsecret_file = \"{}\"\nvpsds = {:?}\n",
+            user.id,
+            secret_file.display(),
+            user.vpsds
+        ));
+    }
+    let path = dir.join("indiciad.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+impl Daemon {
+    /// Starts `indiciad` on `dir/data` with 2 shards and waits until it listens.
+    pub fn start(dir: &Path, config: Option<&Path>) -> Self {
+        let mut command = Command::new(BIN);
+        command
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+            .env("INDICIA_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
+        let mut child = command.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(rest) = line.split("listening on ").nth(1) {
+                        let addr = rest.split_whitespace().next().unwrap_or_default();
+                        let _ = tx.send(addr.parse::<SocketAddr>().ok());
+                    }
+                    log.lock().unwrap().push(line);
+                }
+                let _ = tx.send(None);
+            });
+        }
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| {
+                panic!(
+                    "indiciad did not start; its log:\n{}",
+                    log.lock().unwrap().join("\n")
+                )
+            });
+        Self {
+            child,
+            addr,
+            dir: dir.join("data"),
+            log,
+        }
+    }
+
+    pub fn admin_credential(&self) -> Credential {
+        Credential::load(&self.dir.join("admin.credential")).unwrap()
+    }
+
+    pub fn admin(&self) -> Client {
+        self.connect(&self.admin_credential())
+    }
+
+    pub fn connect(&self, credential: &Credential) -> Client {
+        let client = Client::connect(self.addr, credential).unwrap();
+        client.set_timeout(Some(Duration::from_secs(60))).unwrap();
+        client
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// kill -9.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "indiciad did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Provisions and funds a vPSD through the admin credential and the development
+    /// provider key of the data directory.
+    pub fn provision_funded(&self, vpsd_id: u64, algorithm: Algorithm, amount_mills: u64) {
+        let mut admin = self.admin();
+        admin
+            .change(&Request::Provision {
+                vpsd_id,
+                owner: format!("owner-{vpsd_id}"),
+                algorithm,
+                origin_zip: Zip::new(20260, None).unwrap(),
+            })
+            .unwrap();
+        self.refill(&mut admin, vpsd_id, amount_mills);
+    }
+
+    pub fn refill(&self, client: &mut Client, vpsd_id: u64, amount_mills: u64) -> VpsdStatus {
+        let key = load_provider_key(&self.dir.join("provider.key")).unwrap();
+        let sequence = client.status(vpsd_id).unwrap().provider_sequence + 1;
+        let authorization = authorize(
+            &key,
+            AuthorizationKind::Refill,
+            vpsd_id,
+            amount_mills,
+            sequence,
+            now_unix() + 3600,
+        );
+        client
+            .change(&Request::Refill {
+                vpsd_id,
+                authorization,
+            })
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+pub fn item(postage_mills: u64) -> SignItem {
+    SignItem {
+        postage_mills,
+        mailing_date: MailingDate::from_unix_seconds(now_unix()).unwrap(),
+        rate_category: 1,
+        destination_zip: None,
+        data_digest: None,
+    }
+}
+
+/// Checks an indicium's signature offline, with the key the appliance published.
+pub fn verifies(indicium: &Indicium, spki_der: &[u8]) -> bool {
+    let algorithm: &dyn signature::VerificationAlgorithm = match indicium.payload.algorithm {
+        Algorithm::EcdsaP256 => &signature::ECDSA_P256_SHA256_FIXED,
+        Algorithm::Ed25519 => &signature::ED25519,
+    };
+    UnparsedPublicKey::new(algorithm, spki_der)
+        .verify(
+            indicium.payload.signed_bytes().as_ref(),
+            &indicium.signature,
+        )
+        .is_ok()
+}
+
+/// xorshift64*.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
