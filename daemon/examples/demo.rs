@@ -1,22 +1,41 @@
-//! The appliance's core at work, until the network daemon lands: a shard's engine and
-//! journal in a temporary directory. Provisions and funds vPSDs, signs indicia for many
-//! simulated users in coalesced sessions with group commit, restarts from the journal,
-//! and shows one indicium decoded and verified.
+//! The appliance signing under load, on the embedded default configuration.
 //!
-//! `cargo run --release -p indiciad --example demo`
+//! `cargo run --release -p indiciad --example demo [-- SECONDS]`
+//!
+//! Starts the appliance exactly as `indiciad` with no arguments does (listen on
+//! 127.0.0.1:7450, data in ./indicia-data, one shard per core; first start creates the
+//! keys), provisions and funds a demo vPSD through the admin credential and the
+//! development provider key, and drives it over TCP with many pipelining clients, all
+//! signing for that one vPSD. Then it runs the same load again with coalescing off
+//! (`session_indicia_max = 1`: one session, one key load and one register update per
+//! indicium) and compares the two. Client and appliance share this machine's cores, so
+//! the figures to compare are the ratios of one run: the appliance's CPU time per
+//! indicium against the raw cost of one signature, measured here too.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use indicia_proto::{format_mills, Algorithm, AuthorizationKind, Indicium, MailingDate, SignItem};
-use indiciad::engine::provider::authorize;
-use indiciad::engine::{ClientTag, Engine, EngineConfig, MasterKey, Record, SignJob};
-use indiciad::journal::{ChainKey, JournalConfig, Store};
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use hdrhistogram::Histogram;
+use indicia_client::cli::{authorize, load_provider_key};
+use indicia_client::{Client, ClientError, Credential};
+use indicia_proto::{
+    format_mills, Algorithm, AuthorizationKind, ErrorCode, Indicium, MailingDate, Request,
+    Response, SignItem, Zip,
+};
+use indiciad::config::Config;
+use indiciad::datadir::DataDir;
+use indiciad::server::{self, Server};
 
-const VPSDS: u64 = 4;
-const USERS: u64 = 2_000;
-const ROUNDS: usize = 40;
-const SESSION_INDICIA_MAX: usize = 64;
+const VPSD: u64 = 7_450_001;
+const CLIENTS: usize = 24;
+const WINDOW: usize = 4;
+const POSTAGE_MILLS: u64 = 730;
+
+type Error = Box<dyn std::error::Error>;
 
 fn now_unix() -> u64 {
     std::time::SystemTime::now()
@@ -24,171 +43,294 @@ fn now_unix() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-fn open(
-    dir: &std::path::Path,
-    master: &[u8; 32],
-    provider: &Ed25519KeyPair,
-) -> Result<Store, Box<dyn std::error::Error>> {
-    let mut provider_public = [0u8; 32];
-    provider_public.copy_from_slice(provider.public_key().as_ref());
-    let config = EngineConfig {
-        session_indicia_max: SESSION_INDICIA_MAX,
-        ..EngineConfig::default()
+/// CPU time (user + system) of this process's threads whose name starts with one of
+/// `prefixes`, from /proc (clock ticks of 10 ms).
+fn cpu_of_threads(prefixes: &[&str]) -> Duration {
+    let mut ticks = 0u64;
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Duration::ZERO;
     };
-    let engine = Engine::new(config, MasterKey::new(master)?, provider_public);
-    let (store, report) = Store::open(
-        dir,
-        0,
-        ChainKey::derive(master, 0),
-        JournalConfig::default(),
-        engine,
-    )?;
-    println!(
-        "journal opened: {} records replayed ({} indicia), last seq {}, {}",
-        report.records_replayed,
-        report.indicia_replayed,
-        report.last_sequence,
-        if report.is_clean() {
-            "clean"
-        } else {
-            "FINDINGS"
+    for task in tasks.flatten() {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !prefixes.iter().any(|prefix| name.starts_with(prefix)) {
+            continue;
         }
-    );
-    for finding in &report.findings {
-        println!("  finding: {finding}");
+        let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesized name: state is field 3, utime 14, stime 15.
+        let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let field = |n: usize| {
+            fields
+                .get(n - 3)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += field(14) + field(15);
     }
-    Ok(store)
+    Duration::from_millis(ticks * 10)
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir()?;
-    let master = MasterKey::generate_bytes()?;
-    let provider = Ed25519KeyPair::generate()?;
-    let now = now_unix();
-    println!("data directory: {}", dir.path().display());
-    let mut store = open(dir.path(), &master, &provider)?;
+/// The appliance's threads: the shard executors and their blocking pools (fdatasync),
+/// which inherit the executor's thread name.
+fn appliance_cpu() -> Duration {
+    cpu_of_threads(&["indicia-shard"])
+}
 
-    for vpsd_id in 1..=VPSDS {
-        let algorithm = if vpsd_id % 2 == 1 {
-            Algorithm::EcdsaP256
-        } else {
-            Algorithm::Ed25519
-        };
-        let record = store.engine.prepare_provision(
-            now,
-            vpsd_id,
-            "demo-mailer",
-            algorithm,
-            "02134".parse()?,
-        )?;
-        store.commit(record, now)?;
-        let authorization = authorize(
-            &provider,
-            AuthorizationKind::Refill,
-            vpsd_id,
-            1_000_000_000,
-            1,
-            now + 3_600,
-        );
-        let prepared =
-            store
-                .engine
-                .prepare_provider(now, ClientTag(0), vpsd_id, vpsd_id, &authorization)?;
-        if let Some(record) = prepared.record {
-            store.commit(record, now)?;
-        }
-    }
-    store.flush()?;
-    println!("provisioned and funded {VPSDS} vPSDs with 1,000,000.000 each");
-
-    // Each round: every user asks for one indicium on one of the vPSDs; requests for the
-    // same vPSD are coalesced into sessions of up to 64, and one flush commits the round.
-    let today = MailingDate::from_unix_seconds(now).ok_or("clock out of range")?;
-    let mut request_id = 1_000;
-    let mut indicia = 0usize;
-    let mut sessions = 0usize;
-    let mut sample = None;
+/// Raw ECDSA P-256 signing cost on one thread, per signature.
+fn raw_sign_cost(samples: u32) -> Result<Duration, Error> {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)?;
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())?;
+    let message = [0x5A; 61];
     let started = Instant::now();
-    for round in 0..ROUNDS {
-        for vpsd_id in 1..=VPSDS {
-            let users = (0..USERS).filter(|user| (user + round as u64) % VPSDS + 1 == vpsd_id);
-            let jobs: Vec<SignJob> = users
-                .map(|user| {
-                    request_id += 1;
-                    SignJob {
-                        client: ClientTag(user),
-                        request_id,
-                        items: vec![SignItem {
-                            postage_mills: 730,
-                            mailing_date: today,
-                            rate_category: 1,
-                            destination_zip: Some(
-                                "20260-0001".parse().unwrap_or_else(|_| unreachable!()),
-                            ),
-                            data_digest: None,
-                        }],
-                    }
-                })
-                .collect();
-            for chunk in jobs.chunks(SESSION_INDICIA_MAX) {
-                let prepared = store.engine.prepare_session(now, vpsd_id, chunk);
-                if let Some(record) = prepared.record {
-                    indicia += record.indicia().count();
-                    sample = record.indicia().last().copied().or(sample);
-                    store.commit(Record::Session(record), now)?;
-                    sessions += 1;
-                }
-            }
+    for _ in 0..samples {
+        std::hint::black_box(pair.sign(&rng, &message)?);
+    }
+    Ok(started.elapsed() / samples)
+}
+
+struct Phase {
+    name: &'static str,
+    seconds: f64,
+    indicia: u64,
+    sessions: u64,
+    appliance_cpu: Duration,
+    latency_us: Histogram<u64>,
+}
+
+fn stat(entries: &HashMap<String, u64>, name: &str) -> u64 {
+    entries.get(name).copied().unwrap_or(0)
+}
+
+/// Keeps the demo vPSD provisioned and funded for the next phase.
+fn prepare_vpsd(server: &Server, data: &DataDir) -> Result<Credential, Error> {
+    let admin = Credential::load(&data.path.join(indiciad::datadir::ADMIN_CREDENTIAL_FILE))?;
+    let mut client = Client::connect(server.local_addr(), &admin)?;
+    match client.status(VPSD) {
+        Ok(_) => {}
+        Err(ClientError::Refused(body)) if body.code == ErrorCode::UnknownVpsd => {
+            client.change(&Request::Provision {
+                vpsd_id: VPSD,
+                owner: "demo".into(),
+                algorithm: Algorithm::EcdsaP256,
+                origin_zip: Zip::new(20260, None)?,
+            })?;
         }
-        store.flush()?;
+        Err(err) => return Err(err.into()),
+    }
+    let status = client.status(VPSD)?;
+    let key = load_provider_key(&data.path.join(indiciad::datadir::PROVIDER_KEY_FILE))?;
+    let authorization = authorize(
+        &key,
+        AuthorizationKind::Refill,
+        VPSD,
+        100_000_000,
+        status.provider_sequence + 1,
+        now_unix() + 600,
+    );
+    let status = client.change(&Request::Refill {
+        vpsd_id: VPSD,
+        authorization,
+    })?;
+    println!(
+        "  vPSD {VPSD}: {} pieces so far, {} available",
+        status.piece_count,
+        format_mills(status.descending_mills)
+    );
+    Ok(admin)
+}
+
+/// Many clients, each pipelining WINDOW single-indicium sign requests for the one vPSD.
+fn run_load(
+    name: &'static str,
+    server: &Server,
+    admin: &Credential,
+    seconds: f64,
+) -> Result<Phase, Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for n in 0..CLIENTS {
+        let mut client = Client::connect(server.local_addr(), admin)?;
+        let stop = Arc::clone(&stop);
+        clients.push(
+            std::thread::Builder::new()
+                .name(format!("demo-client-{n}"))
+                .spawn(move || -> Result<(u64, Histogram<u64>), ClientError> {
+                    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+                        .unwrap_or_else(|_| unreachable!("constant bounds"));
+                    let mut sent_at = HashMap::new();
+                    let mut signed = 0;
+                    let item = SignItem {
+                        postage_mills: POSTAGE_MILLS,
+                        mailing_date: MailingDate::from_unix_seconds(now_unix())
+                            .unwrap_or(MailingDate::from_days_since_2000(0)),
+                        rate_category: 1,
+                        destination_zip: None,
+                        data_digest: None,
+                    };
+                    loop {
+                        while sent_at.len() < WINDOW && !stop.load(Ordering::Relaxed) {
+                            let id = client.next_request_id();
+                            client.send(
+                                id,
+                                &Request::Sign {
+                                    vpsd_id: VPSD,
+                                    item,
+                                },
+                            )?;
+                            sent_at.insert(id, Instant::now());
+                        }
+                        if sent_at.is_empty() {
+                            return Ok((signed, latency));
+                        }
+                        let (id, response) = client.recv()?;
+                        if let Some(sent) = sent_at.remove(&id) {
+                            let micros = sent.elapsed().as_micros();
+                            latency.saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
+                        }
+                        match response {
+                            Response::Signed { .. } => signed += 1,
+                            Response::Error(body) => return Err(ClientError::Refused(body)),
+                            _ => {}
+                        }
+                    }
+                })?,
+        );
+    }
+    let before = stats(server, admin)?;
+    let cpu_before = appliance_cpu();
+    let started = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for client in clients {
+        let (_, histogram) = client.join().map_err(|_| "a client thread panicked")??;
+        latency_us.add(&histogram)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    println!(
-        "signed {indicia} indicia in {sessions} sessions ({:.1} per session) in {elapsed:.2} s: {:.0} indicia/s on one core, each durable before it would be answered",
-        indicia as f64 / sessions as f64,
-        indicia as f64 / elapsed
-    );
+    let appliance_cpu = appliance_cpu().saturating_sub(cpu_before);
+    let after = stats(server, admin)?;
+    Ok(Phase {
+        name,
+        seconds: elapsed,
+        indicia: stat(&after, "indicia") - stat(&before, "indicia"),
+        sessions: stat(&after, "sessions") - stat(&before, "sessions"),
+        appliance_cpu,
+        latency_us,
+    })
+}
 
-    let before: Vec<_> = (1..=VPSDS)
-        .map(|id| store.engine.status(now, id))
-        .collect::<Result<_, _>>()?;
-    drop(store);
-    println!("restarting from the journal ...");
-    let store = open(dir.path(), &master, &provider)?;
-    for status in &before {
-        let after = store.engine.status(now, status.vpsd_id)?;
-        assert_eq!(&after, status, "recovered state differs");
+fn stats(server: &Server, admin: &Credential) -> Result<HashMap<String, u64>, Error> {
+    let mut client = Client::connect(server.local_addr(), admin)?;
+    Ok(client
+        .stats()?
+        .into_iter()
+        .map(|entry| (entry.name, entry.value))
+        .collect())
+}
+
+fn phase(
+    config: &Config,
+    data: &DataDir,
+    name: &'static str,
+    seconds: f64,
+) -> Result<Phase, Error> {
+    let server = Server::start(config, data)?;
+    println!(
+        "{name}: appliance on {} with {} shards, session_indicia_max = {}",
+        server.local_addr(),
+        server.shards(),
+        config.engine.session_indicia_max
+    );
+    let admin = prepare_vpsd(&server, data)?;
+    let result = run_load(name, &server, &admin, seconds);
+    server.shutdown();
+    server.join()?;
+    result
+}
+
+fn main() -> Result<(), Error> {
+    let seconds: f64 = std::env::args()
+        .nth(1)
+        .map_or(Ok(5.0), |text| text.parse())?;
+    let config = Config::default();
+    let data = server::open_data_dir(&config)?;
+    if !data.created.is_empty() {
+        println!("first start: created in {}:", data.path.display());
+        for path in &data.created {
+            println!("  {}", path.display());
+        }
+    }
+    println!(
+        "load: {CLIENTS} clients x {WINDOW} pipelined sign requests, all for vPSD {VPSD}, {seconds} s per phase\n"
+    );
+    let raw_before = raw_sign_cost(2_000)?;
+    let on = phase(&config, &data, "coalescing on ", seconds)?;
+    let mut off_config = config.clone();
+    off_config.engine.session_indicia_max = 1;
+    let off = phase(&off_config, &data, "coalescing off", seconds)?;
+    let raw = (raw_before + raw_sign_cost(2_000)?) / 2;
+
+    println!(
+        "\n{:<15} {:>11} {:>11} {:>9} {:>16} {:>10} {:>10} {:>10}",
+        "", "indicia/s", "sessions/s", "per sess", "CPU/indicium", "p50 ms", "p99 ms", "max ms"
+    );
+    for phase in [&on, &off] {
+        let per_indicium = phase.appliance_cpu.as_secs_f64() / phase.indicia.max(1) as f64;
         println!(
-            "vPSD {} ({}): AR {} DR {} CS {} pieces {}",
-            after.vpsd_id,
-            after.algorithm,
-            format_mills(after.ascending_mills),
-            format_mills(after.descending_mills),
-            format_mills(after.control_total_mills),
-            after.piece_count
+            "{:<15} {:>11.0} {:>11.0} {:>9.1} {:>8.1} us {:>4.2}x {:>10.2} {:>10.2} {:>10.2}",
+            phase.name,
+            phase.indicia as f64 / phase.seconds,
+            phase.sessions as f64 / phase.seconds,
+            phase.indicia as f64 / phase.sessions.max(1) as f64,
+            per_indicium * 1e6,
+            per_indicium / raw.as_secs_f64(),
+            phase.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+            phase.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+            phase.latency_us.max() as f64 / 1000.0,
         );
     }
-
-    let indicium = sample.ok_or("nothing signed")?;
-    let bytes = indicium.to_bytes();
-    let decoded = Indicium::decode(bytes.as_ref())?;
-    let p = decoded.payload;
-    let (verdict, _, _) = store.engine.verify(bytes.as_ref());
     println!(
-        "sample indicium ({} bytes): vPSD {} key {} piece {} postage {} AR {} DR {} mailed {} from {} to {} -> {:?}",
-        bytes.as_ref().len(),
-        p.vpsd_id,
-        p.key_serial,
-        p.piece_number,
-        format_mills(p.postage_mills),
-        format_mills(p.ascending_mills),
-        format_mills(p.descending_mills),
-        p.mailing_date,
-        p.origin_zip,
-        p.destination_zip.map_or_else(|| "-".to_owned(), |zip| zip.to_string()),
-        verdict
+        "\nraw ECDSA P-256 signature on one thread: {:.1} us. CPU/indicium is the appliance's \
+         threads' CPU time (shards and their fdatasync pool) per indicium, and its ratio to that.",
+        raw.as_secs_f64() * 1e6
     );
-    let hex: String = bytes.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    println!("  {hex}");
+    show_one(&config, &data)?;
+    Ok(())
+}
+
+/// Signs one more indicium after both phases and shows it decoded.
+fn show_one(config: &Config, data: &DataDir) -> Result<(), Error> {
+    let server = Server::start(config, data)?;
+    let admin = Credential::load(&data.path.join(indiciad::datadir::ADMIN_CREDENTIAL_FILE))?;
+    let mut client = Client::connect(server.local_addr(), &admin)?;
+    let indicium: Indicium = client.sign(
+        VPSD,
+        SignItem {
+            postage_mills: POSTAGE_MILLS,
+            mailing_date: MailingDate::from_unix_seconds(now_unix())
+                .unwrap_or(MailingDate::from_days_since_2000(0)),
+            rate_category: 1,
+            destination_zip: None,
+            data_digest: None,
+        },
+    )?;
+    let status = client.status(VPSD)?;
+    let payload = &indicium.payload;
+    println!(
+        "\none indicium ({} bytes): vPSD {} piece {} postage {} AR {} DR {}; the vPSD now: AR {} + DR {} = CS {}",
+        indicium.to_bytes().as_ref().len(),
+        payload.vpsd_id,
+        payload.piece_number,
+        format_mills(payload.postage_mills),
+        format_mills(payload.ascending_mills),
+        format_mills(payload.descending_mills),
+        format_mills(status.ascending_mills),
+        format_mills(status.descending_mills),
+        format_mills(status.control_total_mills),
+    );
+    drop(client);
+    server.shutdown();
+    server.join()?;
     Ok(())
 }

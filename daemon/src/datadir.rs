@@ -161,12 +161,20 @@ pub struct DataDir {
 impl DataDir {
     /// Opens the data directory, creating what is missing on first start.
     pub fn open_or_init(path: &Path) -> Result<Self, DataDirError> {
+        Self::open_with(path, None)
+    }
+
+    /// Like [`DataDir::open_or_init`], but with the master key read from `master_key_file`
+    /// when given (a systemd credential): then none is created in the data directory.
+    pub fn open_with(path: &Path, master_key_file: Option<&Path>) -> Result<Self, DataDirError> {
         std::fs::create_dir_all(path).map_err(io(path))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
         let mut created = Vec::new();
 
         let master_path = path.join(MASTER_KEY_FILE);
-        let master_key = if master_path.exists() {
+        let master_key = if let Some(file) = master_key_file {
+            hex32(file, &read_private(file)?)?
+        } else if master_path.exists() {
             hex32(&master_path, &read_private(&master_path)?)?
         } else {
             let key = random32()?;
@@ -248,6 +256,18 @@ mod tests {
         assert_eq!(*second.admin.secret, *first.admin.secret);
         assert_eq!(second.provider_public_key, first.provider_public_key);
         assert_ne!(first.master_key(), &[0u8; 32]);
+    }
+
+    #[test]
+    fn a_master_key_from_a_credential_file_is_used_and_none_is_created() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("credential-master.key");
+        write_private(&key_file, &format!("{}\n", "ab".repeat(32))).unwrap();
+        let path = dir.path().join("data");
+        let data = DataDir::open_with(&path, Some(&key_file)).unwrap();
+        assert_eq!(data.master_key(), &[0xab; 32]);
+        assert!(!path.join(MASTER_KEY_FILE).exists());
+        assert_eq!(data.created.len(), 3);
     }
 
     #[test]

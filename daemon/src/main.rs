@@ -53,7 +53,10 @@ fn init_logging() {
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(false);
+        .with_ansi(false)
+        // A closed stderr must not take down the thread that logs (the default reports
+        // write errors with eprintln!, which panics when stderr is gone).
+        .log_internal_errors(false);
     if under_systemd {
         builder.without_time().init();
     } else {
@@ -172,9 +175,9 @@ fn run(args: &Args) -> Result<(), String> {
                         std::process::exit(1);
                     }
                     first = false;
-                    tracing::info!("{signal}: stopping (send it again to exit at once)");
                     stop.store(true, Ordering::Release);
                     main_thread.unpark();
+                    tracing::info!("{signal}: stopping (send it again to exit at once)");
                 }
             })
             .map_err(|err| format!("cannot start the signal thread: {err}"))?;

@@ -336,7 +336,15 @@ impl Server {
     }
 }
 
-/// The data directory named by the config, opened (and initialized on first start).
+/// The data directory named by the config, opened (and initialized on first start). Under
+/// systemd, a `master.key` credential (`LoadCredential=`) takes the place of the data
+/// directory's master key.
 pub fn open_data_dir(config: &Config) -> Result<DataDir, ServerError> {
-    Ok(DataDir::open_or_init(Path::new(&config.data_dir))?)
+    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|dir| Path::new(&dir).join(datadir::MASTER_KEY_FILE))
+        .filter(|path| path.exists());
+    Ok(DataDir::open_with(
+        Path::new(&config.data_dir),
+        credential.as_deref(),
+    )?)
 }

@@ -1,0 +1,153 @@
+//! `indiciad` as a program: the embedded default, first-start files, flags, the data
+//! directory's fixed shard count, and the systemd unit.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Command, Stdio};
+
+use support::{Daemon, BIN};
+
+#[test]
+fn with_no_arguments_it_runs_on_the_embedded_default_and_says_where_the_keys_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let mut log = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let done = line.contains("listening on");
+        log.push(line);
+        if done {
+            break;
+        }
+    }
+    let log = log.join("\n");
+    // Keep reading, so that the rest of its log goes somewhere.
+    let rest = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    assert!(
+        log.contains("listening on 127.0.0.1:7450"),
+        "the embedded default listens on 127.0.0.1:7450 (is another appliance running?):\n{log}"
+    );
+    let data = dir.path().join("indicia-data");
+    for file in ["master.key", "admin.credential", "provider.key"] {
+        assert!(log.contains(&format!("indicia-data/{file}")), "{log}");
+        let mode = std::fs::metadata(data.join(file))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file}");
+    }
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert!(log.contains(&format!("with {cores} shards")), "{log}");
+    // An admin can use it right away with the credential it created.
+    let credential = indicia_client::Credential::load(&data.join("admin.credential")).unwrap();
+    let mut client = indicia_client::Client::connect("127.0.0.1:7450", &credential).unwrap();
+    assert_eq!(client.role(), indicia_proto::Role::Admin);
+    assert!(client
+        .stats()
+        .unwrap()
+        .iter()
+        .any(|entry| entry.name == "shards"));
+    drop(client);
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    let rest = rest.join().unwrap().join("\n");
+    assert!(rest.contains("SIGINT: stopping"), "{rest}");
+}
+
+#[test]
+fn a_data_directory_keeps_its_shard_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(5, indicia_proto::Algorithm::Ed25519, 1_000);
+    assert!(daemon.terminate().success());
+    let output = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "3"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("holds 2 shards"), "{stderr}");
+    // Shards = 0 (one per core) adopts what the directory holds.
+    let mut config = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut config, b"shards = 0\n").unwrap();
+    let daemon = Daemon::start(dir.path(), Some(config.path()));
+    assert_eq!(daemon.admin().status(5).unwrap().control_total_mills, 1_000);
+}
+
+#[test]
+fn bad_flags_and_configs_are_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[server]\nlinger_us = 5000000\n").unwrap();
+    let output = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("server.linger_us"), "{stderr}");
+    let output = Command::new(BIN)
+        .args(["--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    // An address in use is reported, not shared (SO_REUSEPORT alone would share it).
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let output = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", &taken.local_addr().unwrap().to_string()])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("cannot listen on"), "{stderr}");
+}
+
+#[test]
+fn the_systemd_unit_verifies_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../systemd/indiciad.service"
+    ))
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/indiciad "));
+    // verify checks that the program exists: point it at the binary just built.
+    let path = dir.path().join("indiciad.service");
+    std::fs::write(&path, unit.replace("/usr/bin/indiciad", BIN)).unwrap();
+    let output = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian package systemd) is needed to check the unit");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "{stderr}"
+    );
+    for file in ["indiciad.sysusers", "indiciad.tmpfiles"] {
+        let text = std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../systemd")
+                .join(file),
+        )
+        .unwrap();
+        assert!(text.contains("/var/lib/indicia"), "{file}");
+    }
+}
