@@ -126,6 +126,14 @@ pub enum CliError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "signing stopped after {signed} of {count} indicia (those were written out): {source}"
+    )]
+    Interrupted {
+        signed: u64,
+        count: u64,
+        source: ClientError,
+    },
     #[error("{failed} of {count} indicia were not signed; first error: {first}")]
     PartlySigned {
         failed: u64,
@@ -287,54 +295,71 @@ fn print(out: &mut dyn Write, text: &str) -> Result<(), CliError> {
     write_output(None, text, out)
 }
 
-/// Signs `count` indicia in pipelined batches; returns them in piece order, and the
-/// refusals.
-pub fn sign_many(
-    client: &mut Client,
-    vpsd_id: u64,
-    item: SignItem,
-    count: u64,
-) -> Result<(Vec<Indicium>, Vec<indicia_proto::ErrorBody>), ClientError> {
+/// What [`sign_many`] got: the indicia signed (in piece order), the refusals with the
+/// number of indicia each covers, and the error that ended it early, if any. Signed
+/// indicia are charged: they are returned even when the connection failed midway.
+#[derive(Debug, Default)]
+pub struct Signed {
+    pub indicia: Vec<Indicium>,
+    pub refused: Vec<(indicia_proto::ErrorBody, u64)>,
+    pub error: Option<ClientError>,
+}
+
+/// Signs `count` indicia in pipelined batches of up to 256.
+pub fn sign_many(client: &mut Client, vpsd_id: u64, item: SignItem, count: u64) -> Signed {
     const PIPELINE: usize = 8;
-    let mut signed = Vec::new();
-    let mut refused = Vec::new();
+    let mut result = Signed::default();
     let mut left = count;
-    let mut in_flight = 0usize;
+    let mut in_flight: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
     loop {
-        while left > 0 && in_flight < PIPELINE {
+        while left > 0 && in_flight.len() < PIPELINE {
             let size = left.min(BATCH_ITEMS_MAX as u64);
             let id = client.next_request_id();
             // `size` <= 256.
             let items = vec![item; size as usize];
-            client.send(id, &Request::SignBatch { vpsd_id, items })?;
+            if let Err(err) = client.send(id, &Request::SignBatch { vpsd_id, items }) {
+                result.error = Some(err);
+                break;
+            }
             left -= size;
-            in_flight += 1;
+            in_flight.insert(id, size);
         }
-        if in_flight == 0 {
+        if in_flight.is_empty() || result.error.is_some() {
             break;
         }
-        let (_, response) = client.recv()?;
-        in_flight -= 1;
+        let (id, response) = match client.recv() {
+            Ok(answer) => answer,
+            Err(err) => {
+                result.error = Some(err);
+                break;
+            }
+        };
+        let Some(size) = in_flight.remove(&id) else {
+            continue;
+        };
         match response {
             indicia_proto::Response::BatchSigned { results } => {
-                for result in results {
-                    match result {
-                        ItemResult::Signed(indicium) => signed.push(indicium),
-                        ItemResult::Failed(body) => refused.push(body),
+                for item in results {
+                    match item {
+                        ItemResult::Signed(indicium) => result.indicia.push(indicium),
+                        ItemResult::Failed(body) => result.refused.push((body, 1)),
                     }
                 }
             }
-            indicia_proto::Response::Error(body) => refused.push(body),
+            indicia_proto::Response::Error(body) => result.refused.push((body, size)),
             other => {
-                return Err(ClientError::Protocol(format!(
+                result.error = Some(ClientError::Protocol(format!(
                     "unexpected answer to sign-batch: opcode {:#04x}",
                     other.opcode()
-                )))
+                )));
+                break;
             }
         }
     }
-    signed.sort_by_key(|indicium| indicium.payload.piece_number);
-    Ok((signed, refused))
+    result
+        .indicia
+        .sort_by_key(|indicium| indicium.payload.piece_number);
+    result
 }
 
 /// Runs one command; what it prints goes to `out`.
@@ -402,7 +427,11 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
                 destination_zip: None,
                 data_digest: None,
             };
-            let (signed, refused) = sign_many(&mut client, vpsd, item, count)?;
+            let Signed {
+                indicia: signed,
+                refused,
+                error,
+            } = sign_many(&mut client, vpsd, item, count);
             let text = if args.json {
                 let list: Vec<Value> = signed
                     .iter()
@@ -421,11 +450,19 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
                     .map(|indicium| format!("{}\n", hex::encode(indicium.to_bytes())))
                     .collect()
             };
+            // What was signed is charged: it is written out whatever happened after.
             write_output(path.as_deref(), &text, out)?;
+            if let Some(err) = error {
+                return Err(CliError::Interrupted {
+                    signed: signed.len() as u64,
+                    count,
+                    source: err,
+                });
+            }
             match refused.first() {
                 None => Ok(()),
-                Some(first) => Err(CliError::PartlySigned {
-                    failed: refused.len() as u64,
+                Some((first, _)) => Err(CliError::PartlySigned {
+                    failed: refused.iter().map(|(_, size)| size).sum(),
                     count,
                     first: first.to_string(),
                 }),

@@ -165,6 +165,8 @@ pub struct Client {
     pending_out: usize,
     /// Answers received while [`Client::call`] waited for another one.
     stashed: HashMap<u64, Response>,
+    /// An I/O or protocol error happened: the stream is no longer usable.
+    broken: bool,
 }
 
 fn random_u64(rng: &SystemRandom) -> Result<u64> {
@@ -207,6 +209,7 @@ impl Client {
             outbuf: vec![0u8; 4 * FRAME_BYTES_MAX],
             pending_out: 0,
             stashed: HashMap::new(),
+            broken: false,
         };
         let mut client_nonce = [0u8; NONCE_BYTES];
         rng.fill(&mut client_nonce)
@@ -268,16 +271,33 @@ impl Client {
         Ok(())
     }
 
-    /// A request id not used before by this client.
+    /// A request id not used before by this client (never 0: the appliance uses id 0 for
+    /// errors about the connection itself).
     pub fn next_request_id(&mut self) -> u64 {
+        if self.next_id == 0 {
+            self.next_id = 1;
+        }
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
         id
     }
 
+    fn usable(&self) -> Result<()> {
+        if self.broken {
+            Err(ClientError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+
     /// Queues a request with the given id; it goes out at the next [`Client::flush`] or
     /// [`Client::recv`] (or when the buffer is full).
+    ///
+    /// Writing blocks until the appliance takes the bytes, and the appliance stops reading
+    /// a connection with more than its limit of unanswered requests (1024 by default): a
+    /// caller that pipelines must `recv` before it has that many in flight.
     pub fn send(&mut self, request_id: u64, request: &Request) -> Result<()> {
+        self.usable()?;
         if self.outbuf.len() - self.pending_out < FRAME_BYTES_MAX {
             self.flush()?;
         }
@@ -291,9 +311,15 @@ impl Client {
 
     /// Writes every queued request.
     pub fn flush(&mut self) -> Result<()> {
+        self.usable()?;
         if self.pending_out > 0 {
-            self.stream.write_all(&self.outbuf[..self.pending_out])?;
+            let written = self.stream.write_all(&self.outbuf[..self.pending_out]);
+            // Written or not, these bytes must not go out twice.
             self.pending_out = 0;
+            if let Err(err) = written {
+                self.broken = true;
+                return Err(err.into());
+            }
         }
         Ok(())
     }
@@ -310,6 +336,20 @@ impl Client {
 
     fn recv_wire(&mut self) -> Result<(u64, Response)> {
         self.flush()?;
+        let result = self.read_answer();
+        match &result {
+            Err(_) => self.broken = true,
+            // The appliance is closing the connection and says why.
+            Ok((0, Response::Error(body))) => {
+                self.broken = true;
+                return Err(ClientError::Refused(body.clone()));
+            }
+            Ok(_) => {}
+        }
+        result
+    }
+
+    fn read_answer(&mut self) -> Result<(u64, Response)> {
         loop {
             match self.decoder.decode(&self.inbuf[self.start..self.end]) {
                 Ok(Decoded::Frame(frame)) => {
@@ -352,10 +392,10 @@ impl Client {
     /// Sends one request with the given id and waits for its answer (answers to other
     /// requests in flight are kept for [`Client::recv`]).
     pub fn call_with_id(&mut self, request_id: u64, request: &Request) -> Result<Response> {
-        self.send(request_id, request)?;
         if let Some(response) = self.stashed.remove(&request_id) {
             return Ok(response);
         }
+        self.send(request_id, request)?;
         loop {
             let (id, response) = self.recv_wire()?;
             if id == request_id {

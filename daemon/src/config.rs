@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub handshake_timeout_ms: u64,
     /// Time a frame that has started to arrive has to arrive whole.
     pub frame_timeout_ms: u64,
+    /// Time a write of answers may block (a client that does not read is cut off).
+    pub write_timeout_ms: u64,
     /// Indicia one shard queues for sessions; sign requests beyond are answered `busy`.
     pub queued_indicia_max: usize,
     /// Optional wait before a turn's sessions start, to let more requests join them
@@ -75,6 +77,7 @@ impl Default for ServerConfig {
             inflight_per_connection: 1024,
             handshake_timeout_ms: 10_000,
             frame_timeout_ms: 10_000,
+            write_timeout_ms: 30_000,
             queued_indicia_max: 65_536,
             linger_us: 0,
             cross_shard_channel: 1024,
@@ -177,7 +180,7 @@ impl Config {
             ));
         }
         let server = &self.server;
-        let ranges: [(&str, u64, u64, u64); 8] = [
+        let ranges: [(&str, u64, u64, u64); 9] = [
             ("connections_max", server.connections_max as u64, 1, 1 << 20),
             (
                 "inflight_per_connection",
@@ -192,6 +195,7 @@ impl Config {
                 3_600_000,
             ),
             ("frame_timeout_ms", server.frame_timeout_ms, 10, 3_600_000),
+            ("write_timeout_ms", server.write_timeout_ms, 10, 3_600_000),
             (
                 "queued_indicia_max",
                 server.queued_indicia_max as u64,

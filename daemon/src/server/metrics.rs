@@ -20,7 +20,8 @@ use super::shard::ShardStats;
 pub enum Counter {
     /// Requests handled by the shard that owns their vPSD.
     Requests,
-    /// Error answers and failed batch items, all codes.
+    /// Error answers and failed batch items, all codes (in the report, connection
+    /// errors included).
     Errors,
     Sessions,
     Indicia,
@@ -184,7 +185,12 @@ impl Metrics {
         push("uptime_s".into(), self.started.elapsed().as_secs());
         push("shards".into(), self.shards.len() as u64);
         for (counter, name) in COUNTERS {
-            push(name.into(), self.total(counter));
+            let mut value = self.total(counter);
+            if counter == Counter::Errors {
+                // All errors, so that the `errors.<code>` entries add up to it.
+                value += self.total(Counter::ConnectionErrors);
+            }
+            push(name.into(), value);
         }
         let mut session_size = histogram(1 << 16);
         let mut commit_latency_us = histogram(LATENCY_US_MAX);

@@ -207,7 +207,7 @@ impl Server {
         let shards = layout(data, config)?;
         let directory = Arc::new(client_directory(config, data)?);
         let (local_addr, fds) = listeners(config.listen, shards)?;
-        let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+        let cpus = allowed_cpus();
         let metrics = Metrics::new(usize::from(shards));
         let control = Arc::new(Control {
             shutdown: AtomicBool::new(false),
@@ -244,7 +244,7 @@ impl Server {
                 index,
                 shards,
                 // More shards than cores (a test, or an operator's choice) share cores.
-                cpu: Some(usize::from(index) % cpus),
+                cpu: cpus.get(usize::from(index) % cpus.len().max(1)).copied(),
                 listener: fd,
                 open_store,
                 senders,
@@ -285,6 +285,8 @@ impl Server {
             executors,
         };
         if let Some(err) = failure {
+            // The shards that did start must not wait for the one that did not.
+            server.control.draining.store(0, Ordering::Release);
             server.shutdown();
             let _ = server.join();
             return Err(err);
@@ -333,6 +335,16 @@ impl Server {
             }
         }
         result
+    }
+}
+
+/// The CPUs this process may run on (a cpuset or CPUAffinity= can exclude some), in order.
+fn allowed_cpus() -> Vec<usize> {
+    match nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)) {
+        Ok(set) => (0..nix::sched::CpuSet::count())
+            .filter(|cpu| set.is_set(*cpu).unwrap_or(false))
+            .collect(),
+        Err(_) => Vec::new(),
     }
 }
 

@@ -55,12 +55,75 @@ pub struct ReplyTo {
 /// What shards send each other.
 #[derive(Debug)]
 pub(super) enum Cross {
-    Request {
-        client: Arc<ClientEntry>,
-        reply: ReplyTo,
-        request: Request,
-    },
+    /// Requests read on the sending shard for vPSDs the receiving shard owns.
+    Requests(Vec<Forwarded>),
+    /// Answers to requests the receiving shard sent.
     Answers(Vec<(ReplyTo, Response)>),
+}
+
+/// An authorized request on its way to the shard that owns its vPSD.
+#[derive(Debug)]
+pub(super) struct Forwarded {
+    client: Arc<ClientEntry>,
+    reply: ReplyTo,
+    request: Request,
+}
+
+/// Requests a connection has read for other shards, sent in one message per shard after
+/// each read (or sooner, before the reader would wait).
+struct Forwarder {
+    batches: Vec<Vec<Forwarded>>,
+    queued: usize,
+}
+
+impl Forwarder {
+    fn new(shards: u16) -> Self {
+        Self {
+            batches: (0..shards).map(|_| Vec::new()).collect(),
+            queued: 0,
+        }
+    }
+
+    fn push(&mut self, owner: u16, forwarded: Forwarded) {
+        if let Some(batch) = self.batches.get_mut(usize::from(owner)) {
+            batch.push(forwarded);
+            self.queued += 1;
+        }
+    }
+
+    async fn flush(&mut self, shard: &Rc<Shard>) {
+        if self.queued == 0 {
+            return;
+        }
+        self.queued = 0;
+        let metrics = &shard.metrics.shards[usize::from(shard.index)];
+        for (owner, batch) in self.batches.iter_mut().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(batch);
+            metrics.add(Counter::CrossShardRequests, batch.len() as u64);
+            let Some(Some(sender)) = shard.peers.get(owner) else {
+                continue;
+            };
+            if let Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(
+                Cross::Requests(batch),
+            ))) = sender.send(Cross::Requests(batch)).await
+            {
+                let refused = batch
+                    .into_iter()
+                    .map(|forwarded| {
+                        let response = Response::error(
+                            ErrorCode::ShuttingDown,
+                            "the owning shard has stopped",
+                        );
+                        (forwarded.reply, response)
+                    })
+                    .collect();
+                deliver_local(shard, refused);
+            }
+        }
+    }
 }
 
 /// One frame to write: request id, header version, answer.
@@ -163,6 +226,9 @@ struct Shard {
     connection_closed: Signal,
     flush_in_flight: Cell<bool>,
     stop_accepting: Signal,
+    /// Shutdown has begun: connections are being closed.
+    stopping: Cell<bool>,
+    /// The driver must stop.
     stopped: Cell<bool>,
 }
 
@@ -185,6 +251,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         Ok(store) => store,
         Err(err) => {
             let message = err.to_string();
+            control.draining.fetch_sub(1, Ordering::AcqRel);
             let _ = ready.send(ShardReady::Failed(index, message));
             return Err(err);
         }
@@ -194,7 +261,17 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     #[allow(unsafe_code)]
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     // Each end of a channel waits for the other to connect: connect all ends at once, or
-    // two shards would wait for each other.
+    // two shards would wait for each other. glommio notices a peer's connection only on a
+    // turn of its reactor, so a ticker keeps the reactor turning until all are connected.
+    let connecting = Rc::new(Cell::new(true));
+    let ticker = glommio::spawn_local({
+        let connecting = Rc::clone(&connecting);
+        async move {
+            while connecting.get() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
     let receiving: Vec<_> = receivers
         .into_iter()
         .map(|receiver| glommio::spawn_local(receiver.connect()))
@@ -214,6 +291,8 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     for task in receiving {
         inbound.push(task.await);
     }
+    connecting.set(false);
+    ticker.await;
     let core = ShardCore::new(store, config.queued_indicia_max);
     let shard = Rc::new(Shard {
         index,
@@ -231,9 +310,13 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         connection_closed: Signal::default(),
         flush_in_flight: Cell::new(false),
         stop_accepting: Signal::default(),
+        stopping: Cell::new(false),
         stopped: Cell::new(false),
     });
     let _ = ready.send(ShardReady::Ready);
+    // Dropped now: if another shard fails to start, the main thread sees every sender gone
+    // instead of waiting for a report that will never come.
+    drop(ready);
 
     let mut tasks = Vec::new();
     for receiver in inbound {
@@ -243,11 +326,13 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     let watch = glommio::spawn_local(watch(Rc::clone(&shard)));
 
     accept(&shard, listener).await;
-    shutdown(&shard).await;
-
+    drain(&shard).await;
+    // No more sessions: stop the driver, then make everything appended durable and hand
+    // out the last answers.
     shard.stopped.set(true);
     shard.work.notify();
     driver.await;
+    final_flush(&shard).await;
     watch.await;
     for task in tasks {
         drop(task);
@@ -258,10 +343,14 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
 /// Accepts connections until shutdown.
 async fn accept(shard: &Rc<Shard>, listener: TcpListener) {
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            shard.stop_accepting.wait().await;
-            None
-        })
+        // The stop signal is polled first: a backlog of connections must not hide it.
+        let accepted = futures_lite::future::or(
+            async {
+                shard.stop_accepting.wait().await;
+                None
+            },
+            async { Some(listener.accept().await) },
+        )
         .await;
         let stream = match accepted {
             None => return,
@@ -287,14 +376,27 @@ async fn accept(shard: &Rc<Shard>, listener: TcpListener) {
         metrics.add(Counter::ConnectionsOpen, 1);
         let id = shard.next_connection.get();
         shard.next_connection.set(id + 1);
-        glommio::spawn_local(serve(Rc::clone(shard), stream, id)).detach();
+        // Registered before its task runs, so that a shutdown starting now sees it.
+        let outbox = Rc::new(Outbox::default());
+        let version = Rc::new(Cell::new(PROTOCOL_VERSION_MIN));
+        shard.connections.borrow_mut().insert(
+            id,
+            ConnectionHandle {
+                outbox: Rc::clone(&outbox),
+                version: Rc::clone(&version),
+                fd: stream.as_raw_fd(),
+            },
+        );
+        glommio::spawn_local(serve(Rc::clone(shard), stream, id, outbox, version)).detach();
+        glommio::yield_if_needed().await;
     }
 }
 
-/// Stops the shard: no new connections, every open one stops reading and is closed once
-/// its requests are answered; then the shard waits for the others (it keeps serving their
+/// Stops the shard's connections: every open one stops reading and is closed once its
+/// requests are answered; then the shard waits for the others (it keeps serving their
 /// requests until every shard has drained).
-async fn shutdown(shard: &Rc<Shard>) {
+async fn drain(shard: &Rc<Shard>) {
+    shard.stopping.set(true);
     let connections: Vec<RawFd> = shard
         .connections
         .borrow()
@@ -321,17 +423,6 @@ async fn shutdown(shard: &Rc<Shard>) {
     while shard.control.draining.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    // Whatever is still appended gets flushed before the process exits.
-    while shard.flush_in_flight.get() {
-        glommio::timer::sleep(Duration::from_millis(1)).await;
-    }
-    let mut core = shard.core.borrow_mut();
-    if let Some(ticket) = core.flush_ticket() {
-        let result = ticket.execute();
-        if let Err(fatal) = core.complete(&ticket, result) {
-            fail_stop(&fatal);
-        }
-    }
     if !shard.connections.borrow().is_empty() {
         tracing::warn!(
             shard = shard.index,
@@ -339,6 +430,24 @@ async fn shutdown(shard: &Rc<Shard>) {
             shard.connections.borrow().len()
         );
     }
+}
+
+/// Makes everything appended durable (the driver has stopped) and hands out the answers.
+async fn final_flush(shard: &Rc<Shard>) {
+    while shard.flush_in_flight.get() {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let ready = {
+        let mut core = shard.core.borrow_mut();
+        if let Some(ticket) = core.flush_ticket() {
+            let result = ticket.execute();
+            if let Err(fatal) = core.complete(&ticket, result) {
+                fail_stop(&fatal);
+            }
+        }
+        core.take_ready()
+    };
+    deliver(shard, ready);
 }
 
 /// Heartbeat for the watchdog, and the shutdown trigger.
@@ -351,7 +460,7 @@ async fn watch(shard: Rc<Shard>) {
             stopping = true;
             shard.stop_accepting.notify();
         }
-        glommio::timer::sleep(Duration::from_millis(25)).await;
+        glommio::timer::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -359,20 +468,19 @@ async fn watch(shard: Rc<Shard>) {
 async fn receive(shard: Rc<Shard>, receiver: ConnectedReceiver<Cross>) {
     while let Some(message) = receiver.recv().await {
         match message {
-            Cross::Request {
-                client,
-                reply,
-                request,
-            } => {
-                let result = shard.core.borrow_mut().handle(
-                    unix_now(),
-                    &client,
-                    reply.request_id,
-                    request,
+            Cross::Requests(requests) => {
+                let now = unix_now();
+                let mut core = shard.core.borrow_mut();
+                for Forwarded {
+                    client,
                     reply,
-                );
-                if let Err(fatal) = result {
-                    fail_stop(&fatal);
+                    request,
+                } in requests
+                {
+                    if let Err(fatal) = core.handle(now, &client, reply.request_id, request, reply)
+                    {
+                        fail_stop(&fatal);
+                    }
                 }
                 shard.work.notify();
             }
@@ -395,7 +503,8 @@ async fn drive(shard: Rc<Shard>) {
         }
         let ready = {
             let mut core = shard.core.borrow_mut();
-            if let Err(fatal) = core.run_sessions(unix_now()) {
+            // About 20 ms of signing per turn at most: readers and flushes run between.
+            if let Err(fatal) = core.run_sessions_within(unix_now(), 1024) {
                 fail_stop(&fatal);
             }
             let queued = core.queued_indicia();
@@ -555,6 +664,10 @@ impl Inflight {
         self.changed.notify();
     }
 
+    fn is_full(&self) -> bool {
+        self.count.get() >= self.max
+    }
+
     async fn drained(&self) {
         while self.count.get() > 0 {
             self.changed.wait().await;
@@ -563,20 +676,17 @@ impl Inflight {
 }
 
 /// One connection: the reader runs here, the writer in its own task.
-async fn serve(shard: Rc<Shard>, stream: TcpStream, id: u64) {
+async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    id: u64,
+    outbox: Rc<Outbox<Outgoing>>,
+    version: Rc<Cell<u8>>,
+) {
     let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(shard.config.write_timeout_ms)));
     let fd = stream.as_raw_fd();
     let stream = SharedStream(Rc::new(RefCell::new(stream)));
-    let outbox = Rc::new(Outbox::default());
-    let version = Rc::new(Cell::new(PROTOCOL_VERSION_MIN));
-    shard.connections.borrow_mut().insert(
-        id,
-        ConnectionHandle {
-            outbox: Rc::clone(&outbox),
-            version: Rc::clone(&version),
-            fd,
-        },
-    );
     let inflight = Rc::new(Inflight {
         count: Cell::new(0),
         max: shard.config.inflight_per_connection,
@@ -584,23 +694,46 @@ async fn serve(shard: Rc<Shard>, stream: TcpStream, id: u64) {
     });
     let writer = glommio::spawn_local(write_answers(
         stream.clone(),
+        fd,
         Rc::clone(&outbox),
         Rc::clone(&inflight),
     ));
-    read_requests(&shard, &stream, &outbox, &version, &inflight, id).await;
+    let cut_off = read_requests(&shard, &stream, &outbox, &version, &inflight, id).await;
     // Every request read gets its answer before the connection closes.
     inflight.drained().await;
     shard.connections.borrow_mut().remove(&id);
     outbox.close();
     writer.await;
+    if cut_off {
+        // Closing with unread input would reset the connection and could destroy the
+        // error frame on its way: end our side first, then discard what the client still
+        // sends, briefly.
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+        stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut sink = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded < (256 << 10) {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    }
     stream.close().await;
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
     metrics.sub(Counter::ConnectionsOpen, 1);
     shard.connection_closed.notify();
 }
 
-async fn write_answers(stream: SharedStream, outbox: Rc<Outbox<Outgoing>>, inflight: Rc<Inflight>) {
-    let mut buf = vec![0u8; FRAME_BYTES_MAX];
+async fn write_answers(
+    stream: SharedStream,
+    fd: RawFd,
+    outbox: Rc<Outbox<Outgoing>>,
+    inflight: Rc<Inflight>,
+) {
+    /// Answers are encoded into one buffer and written when it holds this much.
+    const WRITE_CHUNK: usize = 256 << 10;
+    let mut buf: Vec<u8> = Vec::new();
     let mut broken = false;
     while let Some(batch) = outbox.take().await {
         let count = batch.len();
@@ -624,13 +757,21 @@ async fn write_answers(stream: SharedStream, outbox: Rc<Outbox<Outgoing>>, infli
                     }
                 }
             }
+            if used >= WRITE_CHUNK {
+                broken = stream.write_all(&buf[..used]).await.is_err();
+                used = 0;
+            }
         }
         if !broken && used > 0 {
             broken = stream.write_all(&buf[..used]).await.is_err();
         }
-        if buf.len() > 4 * FRAME_BYTES_MAX {
-            buf.truncate(FRAME_BYTES_MAX);
-            buf.shrink_to_fit();
+        if broken {
+            // The client is gone or does not read (write timeout): stop reading it too.
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        }
+        if buf.len() > 2 * FRAME_BYTES_MAX || outbox.is_empty() {
+            // Idle connections hold no buffer.
+            buf = Vec::new();
         }
         inflight.release(count);
     }
@@ -643,21 +784,27 @@ async fn read_requests(
     version: &Rc<Cell<u8>>,
     inflight: &Rc<Inflight>,
     connection_id: u64,
-) {
+) -> bool {
+    /// Read buffer of an idle connection; it grows to hold a large frame, then shrinks.
+    const READ_BUFFER: usize = 16 << 10;
     let decoder = FrameDecoder::default();
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
     let handshake_timeout = Duration::from_millis(shard.config.handshake_timeout_ms);
     let frame_timeout = Duration::from_millis(shard.config.frame_timeout_ms);
     let handshake_deadline = Instant::now() + handshake_timeout;
     let mut connection = Connection::new();
-    let mut buf = vec![0u8; 64 << 10];
+    let mut buf = vec![0u8; READ_BUFFER];
     let (mut start, mut end) = (0usize, 0usize);
+    // When the first byte of the frame now arriving came.
+    let mut frame_started: Option<Instant> = None;
     let refuse = |request_id: u64, code: ErrorCode, message: String| {
         metrics.connection_error(code);
         outbox.push((request_id, version.get(), Response::error(code, message)));
     };
+    let mut forwarder = Forwarder::new(shard.shards);
     loop {
         // Every complete frame in the buffer.
+        let mut stop = false;
         loop {
             let frame = match decoder.decode(&buf[start..end]) {
                 Ok(Decoded::Frame(frame)) => frame,
@@ -675,14 +822,22 @@ async fn read_requests(
                 Err(err) => {
                     // A bad frame: the stream can no longer be trusted to be aligned.
                     let (code, request_id) = frame_error_answer(&err, &buf[start..end]);
+                    if inflight.is_full() {
+                        forwarder.flush(shard).await;
+                    }
                     inflight.acquire().await;
                     refuse(request_id, code, format!("bad frame: {err}"));
-                    return;
+                    stop = true;
+                    break;
                 }
             };
             let header = frame.header;
             let frame_len = frame.len();
             let body = frame.body;
+            if inflight.is_full() {
+                // Requests held here would never be answered while we wait: send them.
+                forwarder.flush(shard).await;
+            }
             inflight.acquire().await;
             // `hello` frames carry version 1 forever (docs/PROTOCOL.md section 4.1).
             let expected_version = if header.opcode == opcode::HELLO {
@@ -699,7 +854,8 @@ async fn read_requests(
                         header.version
                     ),
                 );
-                return;
+                stop = true;
+                break;
             }
             if header.is_response() {
                 refuse(
@@ -707,7 +863,8 @@ async fn read_requests(
                     ErrorCode::Malformed,
                     "a client sent a response frame".into(),
                 );
-                return;
+                stop = true;
+                break;
             }
             let request = match Request::decode(header.opcode, body) {
                 Ok(request) => request,
@@ -737,7 +894,8 @@ async fn read_requests(
                         metrics.connection_error(body.code);
                     }
                     outbox.push((header.request_id, version.get(), response));
-                    return;
+                    stop = true;
+                    break;
                 }
                 Action::Dispatch { client, request } => {
                     let reply = ReplyTo {
@@ -745,13 +903,30 @@ async fn read_requests(
                         connection: connection_id,
                         request_id: header.request_id,
                     };
-                    dispatch(shard, client, request, reply).await;
+                    if let Some((owner, forwarded)) = dispatch(shard, client, request, reply) {
+                        forwarder.push(owner, forwarded);
+                    }
                 }
             }
+            // A client with many frames buffered must not hold the shard.
+            if glommio::executor().need_preempt() {
+                forwarder.flush(shard).await;
+                glommio::yield_if_needed().await;
+            }
+        }
+        forwarder.flush(shard).await;
+        if stop {
+            return true;
         }
         if start == end {
             start = 0;
             end = 0;
+            frame_started = None;
+            if buf.len() > READ_BUFFER {
+                buf = vec![0u8; READ_BUFFER];
+            }
+        } else {
+            frame_started.get_or_insert_with(Instant::now);
         }
         // A connection must finish its handshake, and a frame that has begun must arrive
         // whole, within their time limits; an idle authenticated connection may wait.
@@ -761,23 +936,37 @@ async fn read_requests(
                     .saturating_duration_since(Instant::now())
                     .max(Duration::from_millis(1)),
             )
-        } else if end > start {
-            Some(frame_timeout)
         } else {
-            None
+            // From the frame's first byte, not from the last read: a client trickling
+            // bytes does not get to hold a connection open mid-frame.
+            frame_started.map(|started| {
+                (started + frame_timeout)
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            })
         };
         stream.set_read_timeout(timeout);
         match stream.read(&mut buf[end..]).await {
             Ok(0) => {
                 if end > start {
                     inflight.acquire().await;
-                    refuse(
-                        0,
-                        ErrorCode::Malformed,
-                        "the stream ended in the middle of a frame".into(),
-                    );
+                    if shard.stopping.get() {
+                        refuse(
+                            0,
+                            ErrorCode::ShuttingDown,
+                            "the appliance is shutting down; send the unanswered requests again"
+                                .into(),
+                        );
+                    } else {
+                        refuse(
+                            0,
+                            ErrorCode::Malformed,
+                            "the stream ended in the middle of a frame".into(),
+                        );
+                    }
+                    return true;
                 }
-                return;
+                return false;
             }
             Ok(n) => end += n,
             Err(err) => {
@@ -789,8 +978,9 @@ async fn read_requests(
                     };
                     inflight.acquire().await;
                     refuse(0, ErrorCode::Malformed, what.into());
+                    return true;
                 }
-                return;
+                return false;
             }
         }
     }
@@ -815,13 +1005,19 @@ fn frame_error_answer(err: &FrameError, input: &[u8]) -> (ErrorCode, u64) {
     }
 }
 
-/// Sends an authorized request to the shard that owns its vPSD (or answers it here).
-async fn dispatch(shard: &Rc<Shard>, client: Arc<ClientEntry>, request: Request, reply: ReplyTo) {
+/// Handles an authorized request here if this shard owns its vPSD (or it needs no
+/// owner); otherwise returns it with the shard it must go to.
+fn dispatch(
+    shard: &Rc<Shard>,
+    client: Arc<ClientEntry>,
+    request: Request,
+    reply: ReplyTo,
+) -> Option<(u16, Forwarded)> {
     let owner = match &request {
         Request::Stats => {
             let report = shard.metrics.report();
             deliver_local(shard, vec![(reply, Response::Stats { entries: report })]);
-            return;
+            return None;
         }
         // A malformed indicium names no vPSD; any shard can say so.
         Request::Verify { indicium } => Indicium::decode(indicium).map_or(shard.index, |decoded| {
@@ -831,34 +1027,24 @@ async fn dispatch(shard: &Rc<Shard>, client: Arc<ClientEntry>, request: Request,
             .vpsd_id()
             .map_or(shard.index, |vpsd_id| shard_of(vpsd_id, shard.shards)),
     };
-    if owner == shard.index {
-        let result =
-            shard
-                .core
-                .borrow_mut()
-                .handle(unix_now(), &client, reply.request_id, request, reply);
-        if let Err(fatal) = result {
-            fail_stop(&fatal);
-        }
-        shard.work.notify();
-        return;
+    if owner != shard.index {
+        return Some((
+            owner,
+            Forwarded {
+                client,
+                reply,
+                request,
+            },
+        ));
     }
-    let metrics = &shard.metrics.shards[usize::from(shard.index)];
-    metrics.add(Counter::CrossShardRequests, 1);
-    if let Some(Some(sender)) = shard.peers.get(usize::from(owner)) {
-        let message = Cross::Request {
-            client,
-            reply,
-            request,
-        };
-        if sender.send(message).await.is_err() {
-            deliver_local(
-                shard,
-                vec![(
-                    reply,
-                    Response::error(ErrorCode::ShuttingDown, "the owning shard has stopped"),
-                )],
-            );
-        }
+    let result =
+        shard
+            .core
+            .borrow_mut()
+            .handle(unix_now(), &client, reply.request_id, request, reply);
+    if let Err(fatal) = result {
+        fail_stop(&fatal);
     }
+    shard.work.notify();
+    None
 }

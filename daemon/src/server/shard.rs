@@ -321,10 +321,25 @@ impl<R> ShardCore<R> {
     /// with more queued than one session takes gets its next session in the next call, so
     /// one busy vPSD cannot hold the shard's loop.
     pub fn run_sessions(&mut self, now_unix: u64) -> Result<(), Fatal> {
+        self.run_sessions_within(now_unix, usize::MAX)
+    }
+
+    /// Like [`ShardCore::run_sessions`], but stops starting sessions once `indicia_max`
+    /// indicia were signed in this call (at least one session runs), so that one turn of
+    /// the shard's loop stays short; the rest waits for the next turn.
+    pub fn run_sessions_within(&mut self, now_unix: u64, indicia_max: usize) -> Result<(), Fatal> {
+        let mut signed = 0usize;
         for _ in 0..self.coalescer.ready_len() {
+            if signed >= indicia_max {
+                break;
+            }
             let Some((vpsd_id, pending)) = self.coalescer.next_session() else {
                 break;
             };
+            signed += pending
+                .iter()
+                .map(|pending| pending.job.items.len())
+                .sum::<usize>();
             let jobs: Vec<SignJob> = pending.iter().map(|pending| pending.job.clone()).collect();
             let prepared = self.store.engine.prepare_session(now_unix, vpsd_id, &jobs);
             let mut failure = None;
