@@ -363,7 +363,30 @@ pub fn sign_many(client: &mut Client, vpsd_id: u64, item: SignItem, count: u64) 
 }
 
 /// Runs one command; what it prints goes to `out`.
+/// Checks the arguments the appliance never sees, before connecting.
+fn check_arguments(command: &Command) -> Result<(), CliError> {
+    match command {
+        Command::Provision { origin_zip, .. } => {
+            origin_zip
+                .parse::<Zip>()
+                .map_err(|err| CliError::Usage(format!("--origin-zip: {err}")))?;
+        }
+        Command::Refill { amount: text, .. } => {
+            amount(text, "amount")?;
+        }
+        Command::Sign { postage, count, .. } => {
+            amount(postage, "postage")?;
+            if *count == 0 {
+                return Err(CliError::Usage("--count must be at least 1".into()));
+            }
+        }
+        Command::Status { .. } | Command::Pubkey { .. } | Command::Stats => {}
+    }
+    Ok(())
+}
+
 pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
+    check_arguments(&args.command)?;
     let credential = Credential::load(&args.credential)?;
     let mut client = Client::connect(args.addr.as_str(), &credential)?;
     match args.command {

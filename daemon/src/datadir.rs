@@ -81,6 +81,13 @@ fn write_private(path: &Path, text: &str) -> Result<(), DataDirError> {
 }
 
 /// Reads a secret file, refusing it if the group or others may read it.
+/// Writes a file that others may read, durably.
+pub fn write_synced(path: &Path, text: &str) -> Result<(), DataDirError> {
+    let mut file = File::create(path).map_err(io(path))?;
+    file.write_all(text.as_bytes()).map_err(io(path))?;
+    file.sync_all().map_err(io(path))
+}
+
 fn read_private(path: &Path) -> Result<Zeroizing<String>, DataDirError> {
     let file = File::open(path).map_err(io(path))?;
     let mode = file.metadata().map_err(io(path))?.permissions().mode();
@@ -158,6 +165,20 @@ pub struct DataDir {
     pub created: Vec<PathBuf>,
 }
 
+/// Whether the data directory already holds shard journals (or their layout).
+fn has_journals(path: &Path) -> Result<bool, DataDirError> {
+    if path.join("layout.toml").exists() {
+        return Ok(true);
+    }
+    for entry in std::fs::read_dir(path).map_err(io(path))? {
+        let entry = entry.map_err(io(path))?;
+        if entry.file_name().to_string_lossy().starts_with("shard-") {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 impl DataDir {
     /// Opens the data directory, creating what is missing on first start.
     pub fn open_or_init(path: &Path) -> Result<Self, DataDirError> {
@@ -176,6 +197,14 @@ impl DataDir {
             hex32(file, &read_private(file)?)?
         } else if master_path.exists() {
             hex32(&master_path, &read_private(&master_path)?)?
+        } else if has_journals(path)? {
+            // A new key could read none of the journals: never make one for them.
+            return Err(DataDirError::Malformed {
+                path: master_path,
+                what: "missing, but the data directory holds journals written under it; \
+                       restore the master key (or its systemd credential)"
+                    .into(),
+            });
         } else {
             let key = random32()?;
             write_private(&master_path, &format!("{}\n", hex::encode(key.as_ref())))?;
@@ -205,8 +234,7 @@ impl DataDir {
             write_private(&key_path, &format!("{}\n", hex::encode(seed.as_ref())))?;
             let mut public = [0u8; 32];
             public.copy_from_slice(pair.public_key().as_ref());
-            std::fs::write(&public_path, format!("{}\n", hex::encode(public)))
-                .map_err(io(&public_path))?;
+            write_synced(&public_path, &format!("{}\n", hex::encode(public)))?;
             created.push(key_path);
             created.push(public_path);
             public
@@ -268,6 +296,18 @@ mod tests {
         assert_eq!(data.master_key(), &[0xab; 32]);
         assert!(!path.join(MASTER_KEY_FILE).exists());
         assert_eq!(data.created.len(), 3);
+    }
+
+    #[test]
+    fn a_lost_master_key_is_not_replaced_when_journals_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        DataDir::open_or_init(&path).unwrap();
+        std::fs::create_dir(path.join("shard-000")).unwrap();
+        std::fs::remove_file(path.join(MASTER_KEY_FILE)).unwrap();
+        let err = DataDir::open_or_init(&path).unwrap_err();
+        assert!(err.to_string().contains("restore the master key"), "{err}");
+        assert!(!path.join(MASTER_KEY_FILE).exists());
     }
 
     #[test]

@@ -88,6 +88,7 @@ fn block_signals() -> Result<SigSet, nix::Error> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
     Ok(set)
 }
@@ -109,20 +110,21 @@ fn run(args: &Args) -> Result<(), String> {
         for path in &data.created {
             tracing::info!("  created {}", path.display());
         }
-        tracing::info!(
-            "  admin credential: {} (indiciactl --credential)",
-            data.path
-                .join(indiciad::datadir::ADMIN_CREDENTIAL_FILE)
-                .display()
-        );
-        tracing::info!(
-            "  development provider key: {} (signs refills; replace provider.pub with the real \
-             provider's key for production)",
-            data.path
-                .join(indiciad::datadir::PROVIDER_KEY_FILE)
-                .display()
-        );
+        let provider_key = data.path.join(indiciad::datadir::PROVIDER_KEY_FILE);
+        if data.created.contains(&provider_key) {
+            tracing::info!(
+                "  development provider key: {} (signs refills; replace provider.pub with the \
+                 real provider's key for production)",
+                provider_key.display()
+            );
+        }
     }
+    tracing::info!(
+        "admin credential: {} (indiciactl --credential)",
+        data.path
+            .join(indiciad::datadir::ADMIN_CREDENTIAL_FILE)
+            .display()
+    );
     let started = Instant::now();
     let server = Server::start(&config, &data).map_err(|err| err.to_string())?;
     for (shard, report) in server.recovery().iter().enumerate() {
@@ -170,6 +172,10 @@ fn run(args: &Args) -> Result<(), String> {
             .spawn(move || {
                 let mut first = true;
                 while let Ok(signal) = signals.wait() {
+                    if signal == Signal::SIGHUP {
+                        tracing::warn!("SIGHUP: the configuration is read at start only; ignored");
+                        continue;
+                    }
                     if !first {
                         tracing::warn!("{signal} again: exiting without draining");
                         std::process::exit(1);

@@ -359,3 +359,44 @@ fn a_record_that_does_not_follow_the_state_never_reaches_the_journal() {
     ));
     assert_eq!(store.journal.last_sequence(), last, "nothing appended");
 }
+
+#[test]
+fn a_journal_opened_under_another_master_key_is_refused_and_left_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(dir.path(), 1 << 20);
+    let mut workload = Workload::new(9, 3);
+    fill(&mut store, &mut workload, 20);
+    store.flush().unwrap();
+    drop(store);
+    let before = read_dir(dir.path());
+    let other = [0x22; 32];
+    let engine = indiciad::engine::Engine::new(
+        indiciad::engine::EngineConfig::default(),
+        indiciad::engine::MasterKey::new(&other).unwrap(),
+        [0; 32],
+    );
+    let err = indiciad::journal::Store::open(
+        dir.path(),
+        0,
+        indiciad::journal::ChainKey::derive(&other, 0),
+        indiciad::journal::JournalConfig {
+            segment_bytes: 1 << 20,
+        },
+        engine,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            indiciad::journal::JournalError::Foreign { count: 20, .. }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("another master key"), "{err}");
+    assert_eq!(read_dir(dir.path()), before, "nothing was cut");
+    // With the right key it is all there.
+    let (store, report) = open(dir.path(), 1 << 20);
+    assert!(report.is_clean());
+    assert_eq!(report.last_sequence, 20);
+    drop(store);
+}

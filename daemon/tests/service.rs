@@ -141,6 +141,14 @@ fn the_systemd_unit_verifies_clean() {
         output.status.success() && stderr.trim().is_empty(),
         "{stderr}"
     );
+    // The example configuration the unit's header points to is valid.
+    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/indiciad.toml");
+    let config = indiciad::config::Config::load(&example).unwrap();
+    assert!(
+        config.server.drain_timeout_ms < 90_000,
+        "below TimeoutStopSec"
+    );
+    assert!(unit.contains("TimeoutStopSec=90s"));
     for file in ["indiciad.sysusers", "indiciad.tmpfiles"] {
         let text = std::fs::read_to_string(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -109,6 +109,16 @@ pub enum JournalError {
     RecordTooLarge(usize),
     #[error("record does not follow the current state: {0}")]
     Rejected(crate::engine::ApplyError),
+    #[error(
+        "{count} record(s) from segment {segment} offset {offset} on have intact checksums but \
+         fail the chain MAC: this journal was written under another master key, or altered; \
+         refusing to cut it as a torn tail (check the master key)"
+    )]
+    Foreign {
+        segment: u64,
+        offset: usize,
+        count: usize,
+    },
     #[error("journal of shard {found} found where shard {expected} was expected")]
     WrongShard { expected: u16, found: u16 },
 }

@@ -683,6 +683,28 @@ pub(super) fn recover(
     replay.settle();
     let mut report = std::mem::take(&mut replay.report);
 
+    // A crash does not leave records whose checksums hold but whose MAC fails. Several of
+    // them, or one with nothing good before it, mean a journal written under another
+    // master key (or altered): cutting them as a torn tail would destroy it.
+    let forged: Vec<(u64, usize)> = pending
+        .iter()
+        .filter_map(|damage| match damage {
+            Pending::Forged {
+                segment, offset, ..
+            } => Some((*segment, *offset)),
+            _ => None,
+        })
+        .collect();
+    if let Some(&(segment, offset)) = forged.first() {
+        if forged.len() > 1 || last_good.is_none() {
+            return Err(JournalError::Foreign {
+                segment,
+                offset,
+                count: forged.len(),
+            });
+        }
+    }
+
     // 3. Cut the torn tail after the last good record.
     let (keep, offset, last_sequence, last_chain) = match last_good {
         Some((position, end, sequence, chain)) => (position, end, sequence, chain),

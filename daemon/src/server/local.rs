@@ -67,10 +67,6 @@ impl<T> Outbox<T> {
         self.signal.notify();
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.items.borrow().is_empty()
-    }
-
     /// No more items will come: the writer ends once it has written what is queued.
     pub fn close(&self) {
         self.closed.set(true);

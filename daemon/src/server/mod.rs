@@ -188,16 +188,10 @@ fn layout(data: &DataDir, config: &Config) -> Result<u16, ServerError> {
     }
     let shards = u16::try_from(configured)
         .map_err(|_| layout_error(format!("{configured} shards is too many")))?;
-    std::fs::write(
+    datadir::write_synced(
         &path,
-        format!("# Written at first start; vPSDs are placed by shard count.\nshards = {shards}\n"),
-    )
-    .map_err(|source| {
-        ServerError::DataDir(DataDirError::Io {
-            path: path.clone(),
-            source,
-        })
-    })?;
+        &format!("# Written at first start; vPSDs are placed by shard count.\nshards = {shards}\n"),
+    )?;
     Ok(shards)
 }
 

@@ -733,6 +733,8 @@ async fn write_answers(
 ) {
     /// Answers are encoded into one buffer and written when it holds this much.
     const WRITE_CHUNK: usize = 256 << 10;
+    /// Room kept free for the next answer; a larger one grows the buffer as needed.
+    const ANSWER_ROOM: usize = 16 << 10;
     let mut buf: Vec<u8> = Vec::new();
     let mut broken = false;
     while let Some(batch) = outbox.take().await {
@@ -742,10 +744,16 @@ async fn write_answers(
             if broken {
                 continue;
             }
-            if buf.len() - used < FRAME_BYTES_MAX {
-                buf.resize(used + FRAME_BYTES_MAX, 0);
+            if buf.len() - used < ANSWER_ROOM {
+                buf.resize(used + ANSWER_ROOM, 0);
             }
-            match response.encode_frame(version, request_id, &mut buf[used..]) {
+            let mut encoded = response.encode_frame(version, request_id, &mut buf[used..]);
+            if let Err(indicia_proto::EncodeError::BufferTooSmall { .. }) = encoded {
+                // A large answer (a batch): room for the largest frame there is.
+                buf.resize(used + FRAME_BYTES_MAX, 0);
+                encoded = response.encode_frame(version, request_id, &mut buf[used..]);
+            }
+            match encoded {
                 Ok(len) => used += len,
                 Err(err) => {
                     // Every answer the appliance makes fits a frame; if one did not, the
@@ -769,8 +777,8 @@ async fn write_answers(
             // The client is gone or does not read (write timeout): stop reading it too.
             let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
         }
-        if buf.len() > 2 * FRAME_BYTES_MAX || outbox.is_empty() {
-            // Idle connections hold no buffer.
+        if buf.len() > WRITE_CHUNK + FRAME_BYTES_MAX {
+            // After a burst of large answers, back to a small buffer.
             buf = Vec::new();
         }
         inflight.release(count);
