@@ -226,16 +226,26 @@ impl DataDir {
             *hex32(&public_path, &text)?
         } else {
             // A development provider: in production the provider keeps its key pair and the
-            // operator installs only provider.pub.
-            let seed = random32()?;
-            let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
-                .map_err(|_| DataDirError::Random)?;
+            // operator installs only provider.pub. A development key whose public half was
+            // removed gets it back.
             let key_path = path.join(PROVIDER_KEY_FILE);
-            write_private(&key_path, &format!("{}\n", hex::encode(seed.as_ref())))?;
+            let seed = if key_path.exists() {
+                hex32(&key_path, &read_private(&key_path)?)?
+            } else {
+                let seed = random32()?;
+                write_private(&key_path, &format!("{}\n", hex::encode(seed.as_ref())))?;
+                created.push(key_path);
+                seed
+            };
+            let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).map_err(|_| {
+                DataDirError::Malformed {
+                    path: path.join(PROVIDER_KEY_FILE),
+                    what: "not an Ed25519 seed".into(),
+                }
+            })?;
             let mut public = [0u8; 32];
             public.copy_from_slice(pair.public_key().as_ref());
             write_synced(&public_path, &format!("{}\n", hex::encode(public)))?;
-            created.push(key_path);
             created.push(public_path);
             public
         };
@@ -296,6 +306,17 @@ mod tests {
         assert_eq!(data.master_key(), &[0xab; 32]);
         assert!(!path.join(MASTER_KEY_FILE).exists());
         assert_eq!(data.created.len(), 3);
+    }
+
+    #[test]
+    fn a_removed_provider_pub_is_derived_again_from_the_development_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("data");
+        let first = DataDir::open_or_init(&path).unwrap();
+        std::fs::remove_file(path.join(PROVIDER_PUBLIC_KEY_FILE)).unwrap();
+        let again = DataDir::open_or_init(&path).unwrap();
+        assert_eq!(again.provider_public_key, first.provider_public_key);
+        assert_eq!(again.created, vec![path.join(PROVIDER_PUBLIC_KEY_FILE)]);
     }
 
     #[test]

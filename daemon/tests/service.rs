@@ -159,3 +159,26 @@ fn the_systemd_unit_verifies_clean() {
         assert!(text.contains("/var/lib/indicia"), "{file}");
     }
 }
+
+#[test]
+fn a_wrong_master_key_is_refused_and_the_journals_survive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(8, indicia_proto::Algorithm::EcdsaP256, 5_000);
+    assert!(daemon.terminate().success());
+    let key = dir.path().join("data/master.key");
+    let original = std::fs::read(&key).unwrap();
+    std::fs::write(&key, format!("{}\n", "5a".repeat(32))).unwrap();
+    let output = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("another master key"), "{stderr}");
+    std::fs::write(&key, original).unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    assert_eq!(daemon.admin().status(8).unwrap().control_total_mills, 5_000);
+}

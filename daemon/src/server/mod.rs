@@ -75,6 +75,16 @@ pub struct Control {
 }
 
 impl Control {
+    /// One shard has closed its connections (or never opened any). Saturating: after a
+    /// failed start the count is set to zero so that no shard waits for another.
+    fn done_draining(&self) {
+        let _ = self
+            .draining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(1)
+            });
+    }
+
     /// A snapshot of every shard's heartbeat counter.
     pub fn heartbeats(&self) -> Vec<u64> {
         self.heartbeats

@@ -251,7 +251,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         Ok(store) => store,
         Err(err) => {
             let message = err.to_string();
-            control.draining.fetch_sub(1, Ordering::AcqRel);
+            control.done_draining();
             let _ = ready.send(ShardReady::Failed(index, message));
             return Err(err);
         }
@@ -419,7 +419,7 @@ async fn drain(shard: &Rc<Shard>) {
         )
         .await;
     }
-    shard.control.draining.fetch_sub(1, Ordering::AcqRel);
+    shard.control.done_draining();
     while shard.control.draining.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
