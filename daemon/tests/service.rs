@@ -7,17 +7,20 @@ mod support;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
-use support::{Daemon, BIN};
+use support::{Daemon, Reaped, BIN};
 
 #[test]
 fn with_no_arguments_it_runs_on_the_embedded_default_and_says_where_the_keys_are() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .current_dir(dir.path())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
+    let mut child = Reaped(
+        Command::new(BIN)
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = child.0.stderr.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
     let mut log = Vec::new();
     for line in lines.by_ref() {
@@ -56,9 +59,9 @@ fn with_no_arguments_it_runs_on_the_embedded_default_and_says_where_the_keys_are
         .iter()
         .any(|entry| entry.name == "shards"));
     drop(client);
-    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
-    let status = child.wait().unwrap();
+    let status = child.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     let rest = rest.join().unwrap().join("\n");
     assert!(rest.contains("SIGINT: stopping"), "{rest}");
@@ -181,4 +184,83 @@ fn a_wrong_master_key_is_refused_and_the_journals_survive_it() {
     std::fs::write(&key, original).unwrap();
     let daemon = Daemon::start(dir.path(), None);
     assert_eq!(daemon.admin().status(8).unwrap().control_total_mills, 5_000);
+}
+
+#[test]
+fn under_systemd_it_notifies_ready_stopping_and_pings_the_watchdog() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut child = Reaped(child);
+    let mut received = Vec::new();
+    let next = || {
+        let mut buf = [0u8; 512];
+        let len = socket.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..len]).trim_end().to_owned()
+    };
+    let ready = next();
+    assert!(ready.contains("READY=1"), "{ready}");
+    assert!(ready.contains("STATUS=serving on 127.0.0.1:"), "{ready}");
+    // Watchdog pings come at half the interval while the shards' loops turn.
+    for _ in 0..3 {
+        received.push(next());
+    }
+    assert!(received.iter().all(|m| m == "WATCHDOG=1"), "{received:?}");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.0.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let stopping = loop {
+        let message = next();
+        if message != "WATCHDOG=1" {
+            break message;
+        }
+    };
+    assert_eq!(stopping, "STOPPING=1");
+    assert!(child.0.wait().unwrap().success());
+}
+
+#[test]
+fn with_a_linger_sessions_still_sign_and_gather_concurrent_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_config(dir.path(), "[server]\nlinger_us = 20000", &[]);
+    let daemon = Daemon::start(dir.path(), Some(&config));
+    daemon.provision_funded(9, indicia_proto::Algorithm::Ed25519, 1_000_000);
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = daemon.admin();
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    client.sign(9, support::item(10)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let mut admin = daemon.admin();
+    assert_eq!(admin.status(9).unwrap().piece_count, 80);
+    let stats: std::collections::HashMap<String, u64> = admin
+        .stats()
+        .unwrap()
+        .into_iter()
+        .map(|entry| (entry.name, entry.value))
+        .collect();
+    assert_eq!(stats["indicia"], 80);
+    // Eight clients, one request each in flight, a 20 ms wait before each turn: sessions
+    // take several requests.
+    assert!(stats["session_size.max"] > 1, "{stats:?}");
 }

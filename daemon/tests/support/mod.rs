@@ -195,6 +195,16 @@ impl Drop for Daemon {
     }
 }
 
+/// A child process killed (and reaped) when the test ends, also when it fails halfway.
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 pub fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
