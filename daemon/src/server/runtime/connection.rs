@@ -1,0 +1,526 @@
+//! One connection: a reader (frames in, handshake and access control, dispatch to the
+//! owning shard) and a writer (answers out, in the order they become ready), with the
+//! limits that keep a hostile or slow client from costing others anything: requests in
+//! flight, the handshake and frame deadlines, the write timeout, bounded buffers.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use indicia_proto::frame::{FrameDecoder, FRAME_BYTES_MAX, PROTOCOL_VERSION_MIN};
+use indicia_proto::message::opcode;
+use indicia_proto::{DecodeError, Decoded, ErrorCode, FrameError, Indicium, Request, Response};
+
+use super::{deliver_local, fail_stop, unix_now, Cross, Forwarded, Outgoing, ReplyTo, Shard};
+use crate::server::handshake::{Action, ClientEntry, Connection};
+use crate::server::local::{Outbox, Signal};
+use crate::server::metrics::Counter;
+use crate::server::shard_of;
+
+/// Requests a connection has read for other shards, sent in one message per shard after
+/// each read (or sooner, before the reader would wait).
+struct Forwarder {
+    batches: Vec<Vec<Forwarded>>,
+    queued: usize,
+}
+
+impl Forwarder {
+    fn new(shards: u16) -> Self {
+        Self {
+            batches: (0..shards).map(|_| Vec::new()).collect(),
+            queued: 0,
+        }
+    }
+
+    fn push(&mut self, owner: u16, forwarded: Forwarded) {
+        if let Some(batch) = self.batches.get_mut(usize::from(owner)) {
+            batch.push(forwarded);
+            self.queued += 1;
+        }
+    }
+
+    async fn flush(&mut self, shard: &Rc<Shard>) {
+        if self.queued == 0 {
+            return;
+        }
+        self.queued = 0;
+        let metrics = &shard.metrics.shards[usize::from(shard.index)];
+        for (owner, batch) in self.batches.iter_mut().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let batch = std::mem::take(batch);
+            metrics.add(Counter::CrossShardRequests, batch.len() as u64);
+            let Some(Some(sender)) = shard.peers.get(owner) else {
+                continue;
+            };
+            if let Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(
+                Cross::Requests(batch),
+            ))) = sender.send(Cross::Requests(batch)).await
+            {
+                let refused = batch
+                    .into_iter()
+                    .map(|forwarded| {
+                        let response = Response::error(
+                            ErrorCode::ShuttingDown,
+                            "the owning shard has stopped",
+                        );
+                        (forwarded.reply, response)
+                    })
+                    .collect();
+                deliver_local(shard, refused);
+            }
+        }
+    }
+}
+
+/// A TCP stream shared by a connection's reader and writer. Each poll borrows it only for
+/// the duration of the poll, so the two never hold it at the same time.
+#[derive(Clone)]
+struct SharedStream(Rc<RefCell<TcpStream>>);
+
+impl SharedStream {
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)).await
+    }
+
+    async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
+        while !buf.is_empty() {
+            let written =
+                poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)).await?;
+            if written == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            buf = &buf[written..];
+        }
+        Ok(())
+    }
+
+    async fn close(&self) {
+        let _ = poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)).await;
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) {
+        let _ = self.0.borrow().set_read_timeout(timeout);
+    }
+}
+
+/// Requests in flight on one connection: the reader takes one per frame, the writer gives
+/// it back when the answer is written.
+struct Inflight {
+    count: Cell<usize>,
+    max: usize,
+    changed: Signal,
+}
+
+impl Inflight {
+    async fn acquire(&self) {
+        while self.count.get() >= self.max {
+            self.changed.wait().await;
+        }
+        self.count.set(self.count.get() + 1);
+    }
+
+    fn release(&self, n: usize) {
+        self.count.set(self.count.get().saturating_sub(n));
+        self.changed.notify();
+    }
+
+    fn is_full(&self) -> bool {
+        self.count.get() >= self.max
+    }
+
+    async fn drained(&self) {
+        while self.count.get() > 0 {
+            self.changed.wait().await;
+        }
+    }
+}
+
+/// One connection: the reader runs here, the writer in its own task.
+pub(super) async fn serve(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    id: u64,
+    outbox: Rc<Outbox<Outgoing>>,
+    version: Rc<Cell<u8>>,
+) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(shard.config.write_timeout_ms)));
+    let fd = stream.as_raw_fd();
+    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let inflight = Rc::new(Inflight {
+        count: Cell::new(0),
+        max: shard.config.inflight_per_connection,
+        changed: Signal::default(),
+    });
+    let writer = glommio::spawn_local(write_answers(
+        stream.clone(),
+        fd,
+        Rc::clone(&outbox),
+        Rc::clone(&inflight),
+    ));
+    let cut_off = read_requests(&shard, &stream, &outbox, &version, &inflight, id).await;
+    // Every request read gets its answer before the connection closes.
+    inflight.drained().await;
+    shard.connections.borrow_mut().remove(&id);
+    outbox.close();
+    writer.await;
+    if cut_off {
+        // Closing with unread input would reset the connection and could destroy the
+        // error frame on its way: end our side first, then discard what the client still
+        // sends, briefly.
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Write);
+        stream.set_read_timeout(Some(Duration::from_millis(200)));
+        let mut sink = [0u8; 4096];
+        let mut discarded = 0;
+        while discarded < (256 << 10) {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => discarded += n,
+            }
+        }
+    }
+    stream.close().await;
+    let metrics = &shard.metrics.shards[usize::from(shard.index)];
+    metrics.sub(Counter::ConnectionsOpen, 1);
+    shard.connection_closed.notify();
+}
+
+async fn write_answers(
+    stream: SharedStream,
+    fd: RawFd,
+    outbox: Rc<Outbox<Outgoing>>,
+    inflight: Rc<Inflight>,
+) {
+    /// Answers are encoded into one buffer and written when it holds this much.
+    const WRITE_CHUNK: usize = 256 << 10;
+    /// Room kept free for the next answer; a larger one grows the buffer as needed.
+    const ANSWER_ROOM: usize = 16 << 10;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut broken = false;
+    while let Some(batch) = outbox.take().await {
+        let count = batch.len();
+        let mut used = 0;
+        for (request_id, version, response) in batch {
+            if broken {
+                continue;
+            }
+            if buf.len() - used < ANSWER_ROOM {
+                buf.resize(used + ANSWER_ROOM, 0);
+            }
+            let mut encoded = response.encode_frame(version, request_id, &mut buf[used..]);
+            if let Err(indicia_proto::EncodeError::BufferTooSmall { .. }) = encoded {
+                // A large answer (a batch): room for the largest frame there is.
+                buf.resize(used + FRAME_BYTES_MAX, 0);
+                encoded = response.encode_frame(version, request_id, &mut buf[used..]);
+            }
+            match encoded {
+                Ok(len) => used += len,
+                Err(err) => {
+                    // Every answer the appliance makes fits a frame; if one did not, the
+                    // client still gets an answer for its request.
+                    tracing::error!("cannot encode an answer: {err}");
+                    let fallback = Response::error(ErrorCode::Internal, "answer too large");
+                    if let Ok(len) = fallback.encode_frame(version, request_id, &mut buf[used..]) {
+                        used += len;
+                    }
+                }
+            }
+            if used >= WRITE_CHUNK {
+                broken = stream.write_all(&buf[..used]).await.is_err();
+                used = 0;
+            }
+        }
+        if !broken && used > 0 {
+            broken = stream.write_all(&buf[..used]).await.is_err();
+        }
+        if broken {
+            // The client is gone or does not read (write timeout): stop reading it too.
+            let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Both);
+        }
+        if buf.len() > WRITE_CHUNK + FRAME_BYTES_MAX {
+            // After a burst of large answers, back to a small buffer.
+            buf = Vec::new();
+        }
+        inflight.release(count);
+    }
+}
+
+async fn read_requests(
+    shard: &Rc<Shard>,
+    stream: &SharedStream,
+    outbox: &Rc<Outbox<Outgoing>>,
+    version: &Rc<Cell<u8>>,
+    inflight: &Rc<Inflight>,
+    connection_id: u64,
+) -> bool {
+    /// Read buffer of an idle connection; it grows to hold a large frame, then shrinks.
+    const READ_BUFFER: usize = 16 << 10;
+    let decoder = FrameDecoder::default();
+    let metrics = &shard.metrics.shards[usize::from(shard.index)];
+    let handshake_timeout = Duration::from_millis(shard.config.handshake_timeout_ms);
+    let frame_timeout = Duration::from_millis(shard.config.frame_timeout_ms);
+    let handshake_deadline = Instant::now() + handshake_timeout;
+    let mut connection = Connection::new();
+    let mut buf = vec![0u8; READ_BUFFER];
+    let (mut start, mut end) = (0usize, 0usize);
+    // When the first byte of the frame now arriving came.
+    let mut frame_started: Option<Instant> = None;
+    let refuse = |request_id: u64, code: ErrorCode, message: String| {
+        metrics.connection_error(code);
+        outbox.push((request_id, version.get(), Response::error(code, message)));
+    };
+    let mut forwarder = Forwarder::new(shard.shards);
+    loop {
+        // Every complete frame in the buffer.
+        let mut stop = false;
+        loop {
+            let frame = match decoder.decode(&buf[start..end]) {
+                Ok(Decoded::Frame(frame)) => frame,
+                Ok(Decoded::Incomplete { needed }) => {
+                    if buf.len() - end < needed {
+                        buf.copy_within(start..end, 0);
+                        end -= start;
+                        start = 0;
+                        if buf.len() < end + needed {
+                            buf.resize(end + needed, 0);
+                        }
+                    }
+                    break;
+                }
+                Err(err) => {
+                    // A bad frame: the stream can no longer be trusted to be aligned.
+                    let (code, request_id) = frame_error_answer(&err, &buf[start..end]);
+                    if inflight.is_full() {
+                        forwarder.flush(shard).await;
+                    }
+                    inflight.acquire().await;
+                    refuse(request_id, code, format!("bad frame: {err}"));
+                    stop = true;
+                    break;
+                }
+            };
+            let header = frame.header;
+            let frame_len = frame.len();
+            let body = frame.body;
+            if inflight.is_full() {
+                // Requests held here would never be answered while we wait: send them.
+                forwarder.flush(shard).await;
+            }
+            inflight.acquire().await;
+            // `hello` frames carry version 1 forever (docs/PROTOCOL.md section 4.1).
+            let expected_version = if header.opcode == opcode::HELLO {
+                PROTOCOL_VERSION_MIN
+            } else {
+                connection.version()
+            };
+            if header.version != expected_version {
+                refuse(
+                    header.request_id,
+                    ErrorCode::UnsupportedVersion,
+                    format!(
+                        "frame version {} on a connection that speaks version {expected_version}",
+                        header.version
+                    ),
+                );
+                stop = true;
+                break;
+            }
+            if header.is_response() {
+                refuse(
+                    header.request_id,
+                    ErrorCode::Malformed,
+                    "a client sent a response frame".into(),
+                );
+                stop = true;
+                break;
+            }
+            let request = match Request::decode(header.opcode, body) {
+                Ok(request) => request,
+                Err(err) => {
+                    let code = match err {
+                        DecodeError::UnknownOpcode { .. } | DecodeError::WrongDirection { .. } => {
+                            ErrorCode::UnknownOpcode
+                        }
+                        _ => ErrorCode::Malformed,
+                    };
+                    refuse(header.request_id, code, err.to_string());
+                    start += frame_len;
+                    continue;
+                }
+            };
+            start += frame_len;
+            match connection.on_request(request, &shard.directory, &shard.rng) {
+                Action::Reply(response) => {
+                    if let Response::Error(body) = &response {
+                        metrics.connection_error(body.code);
+                    }
+                    outbox.push((header.request_id, version.get(), response));
+                    version.set(connection.version());
+                }
+                Action::ReplyAndClose(response) => {
+                    if let Response::Error(body) = &response {
+                        metrics.connection_error(body.code);
+                    }
+                    outbox.push((header.request_id, version.get(), response));
+                    stop = true;
+                    break;
+                }
+                Action::Dispatch { client, request } => {
+                    let reply = ReplyTo {
+                        shard: shard.index,
+                        connection: connection_id,
+                        request_id: header.request_id,
+                    };
+                    if let Some((owner, forwarded)) = dispatch(shard, client, request, reply) {
+                        forwarder.push(owner, forwarded);
+                    }
+                }
+            }
+            // A client with many frames buffered must not hold the shard.
+            if glommio::executor().need_preempt() {
+                forwarder.flush(shard).await;
+                glommio::yield_if_needed().await;
+            }
+        }
+        forwarder.flush(shard).await;
+        if stop {
+            return true;
+        }
+        if start == end {
+            start = 0;
+            end = 0;
+            frame_started = None;
+            if buf.len() > READ_BUFFER {
+                buf = vec![0u8; READ_BUFFER];
+            }
+        } else {
+            frame_started.get_or_insert_with(Instant::now);
+        }
+        // A connection must finish its handshake, and a frame that has begun must arrive
+        // whole, within their time limits; an idle authenticated connection may wait.
+        let timeout = if connection.client().is_none() {
+            Some(
+                handshake_deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            )
+        } else {
+            // From the frame's first byte, not from the last read: a client trickling
+            // bytes does not get to hold a connection open mid-frame.
+            frame_started.map(|started| {
+                (started + frame_timeout)
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
+            })
+        };
+        stream.set_read_timeout(timeout);
+        match stream.read(&mut buf[end..]).await {
+            Ok(0) => {
+                if end > start {
+                    inflight.acquire().await;
+                    if shard.stopping.get() {
+                        refuse(
+                            0,
+                            ErrorCode::ShuttingDown,
+                            "the appliance is shutting down; send the unanswered requests again"
+                                .into(),
+                        );
+                    } else {
+                        refuse(
+                            0,
+                            ErrorCode::Malformed,
+                            "the stream ended in the middle of a frame".into(),
+                        );
+                    }
+                    return true;
+                }
+                return false;
+            }
+            Ok(n) => end += n,
+            Err(err) => {
+                if err.kind() == std::io::ErrorKind::TimedOut {
+                    let what = if connection.client().is_none() {
+                        "the handshake did not complete in time"
+                    } else {
+                        "a frame did not arrive whole in time"
+                    };
+                    inflight.acquire().await;
+                    refuse(0, ErrorCode::Malformed, what.into());
+                    return true;
+                }
+                return false;
+            }
+        }
+    }
+}
+
+/// The code and request id of the error frame sent before closing on a bad frame
+/// (docs/PROTOCOL.md section 2.4).
+fn frame_error_answer(err: &FrameError, input: &[u8]) -> (ErrorCode, u64) {
+    let request_id = || {
+        input
+            .get(8..16)
+            .and_then(|bytes| bytes.try_into().ok())
+            .map_or(0, u64::from_le_bytes)
+    };
+    match err {
+        FrameError::BadMagic { .. } | FrameError::HeaderChecksum { .. } => {
+            (ErrorCode::Malformed, 0)
+        }
+        FrameError::UnsupportedVersion { .. } => (ErrorCode::UnsupportedVersion, request_id()),
+        FrameError::BodyTooLarge { .. } => (ErrorCode::FrameTooLarge, request_id()),
+        _ => (ErrorCode::Malformed, request_id()),
+    }
+}
+
+/// Handles an authorized request here if this shard owns its vPSD (or it needs no
+/// owner); otherwise returns it with the shard it must go to.
+fn dispatch(
+    shard: &Rc<Shard>,
+    client: Arc<ClientEntry>,
+    request: Request,
+    reply: ReplyTo,
+) -> Option<(u16, Forwarded)> {
+    let owner = match &request {
+        Request::Stats => {
+            let report = shard.metrics.report();
+            deliver_local(shard, vec![(reply, Response::Stats { entries: report })]);
+            return None;
+        }
+        // A malformed indicium names no vPSD; any shard can say so.
+        Request::Verify { indicium } => Indicium::decode(indicium).map_or(shard.index, |decoded| {
+            shard_of(decoded.payload.vpsd_id, shard.shards)
+        }),
+        other => other
+            .vpsd_id()
+            .map_or(shard.index, |vpsd_id| shard_of(vpsd_id, shard.shards)),
+    };
+    if owner != shard.index {
+        return Some((
+            owner,
+            Forwarded {
+                client,
+                reply,
+                request,
+            },
+        ));
+    }
+    let result =
+        shard
+            .core
+            .borrow_mut()
+            .handle(unix_now(), &client, reply.request_id, request, reply);
+    if let Err(fatal) = result {
+        fail_stop(&fatal);
+    }
+    shard.work.notify();
+    None
+}

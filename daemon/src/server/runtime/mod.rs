@@ -1,0 +1,563 @@
+//! The thread-per-core runtime: one glommio executor per shard, pinned to a core, each
+//! listening on the same address (SO_REUSEPORT) and serving the connections that land on
+//! it. A request for a vPSD another shard owns crosses over a bounded channel; the answer
+//! comes back the same way.
+//!
+//! Tasks of one shard:
+//! - the acceptor (until shutdown),
+//! - per connection, a reader (frames in, handshake and access control, dispatch) and a
+//!   writer (answers out, in whatever order they become ready),
+//! - one receiver per peer shard (requests to run here, answers to deliver here),
+//! - the driver: runs the sessions the coalescer has ready, starts a group commit when
+//!   none is running (the fdatasync runs on the executor's blocking pool, so the shard
+//!   keeps reading and signing meanwhile), and hands out the answers the journal made
+//!   durable,
+//! - the watch: a heartbeat for the systemd watchdog and the shutdown trigger.
+//!
+//! The connection tasks are in [`connection`].
+//!
+//! glommio stays inside this module, so the runtime can be replaced without touching the
+//! engine, the journal or the sans-io parts of the server.
+
+mod connection;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::rand::SystemRandom;
+use glommio::channels::shared_channel::{self, ConnectedReceiver, ConnectedSender};
+use glommio::net::TcpListener;
+use glommio::{LocalExecutorBuilder, Placement};
+use indicia_proto::frame::PROTOCOL_VERSION_MIN;
+use indicia_proto::{Request, Response};
+
+use super::handshake::{ClientDirectory, ClientEntry};
+use super::local::{Outbox, Signal};
+use super::metrics::{Counter, Metrics};
+use super::shard::{Fatal, ShardCore};
+use super::{Control, ServerError, ShardReady};
+use crate::config::ServerConfig;
+use crate::journal::{FlushTicket, Store};
+
+/// Where an answer goes: the shard and connection that received the request.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplyTo {
+    pub(super) shard: u16,
+    pub(super) connection: u64,
+    pub(super) request_id: u64,
+}
+
+/// What shards send each other.
+#[derive(Debug)]
+pub(super) enum Cross {
+    /// Requests read on the sending shard for vPSDs the receiving shard owns.
+    Requests(Vec<Forwarded>),
+    /// Answers to requests the receiving shard sent.
+    Answers(Vec<(ReplyTo, Response)>),
+}
+
+/// An authorized request on its way to the shard that owns its vPSD.
+#[derive(Debug)]
+pub(super) struct Forwarded {
+    pub(super) client: Arc<ClientEntry>,
+    pub(super) reply: ReplyTo,
+    pub(super) request: Request,
+}
+
+/// One frame to write: request id, header version, answer.
+pub(super) type Outgoing = (u64, u8, Response);
+
+struct ConnectionHandle {
+    outbox: Rc<Outbox<Outgoing>>,
+    version: Rc<Cell<u8>>,
+    fd: RawFd,
+}
+
+/// Everything a shard needs to start, built on the main thread.
+pub(super) struct ShardSetup {
+    pub index: u16,
+    pub shards: u16,
+    pub cpu: Option<usize>,
+    pub listener: OwnedFd,
+    pub open_store: Box<dyn FnOnce() -> Result<Store, ServerError> + Send>,
+    pub senders: Vec<Option<shared_channel::SharedSender<Cross>>>,
+    pub receivers: Vec<shared_channel::SharedReceiver<Cross>>,
+    pub directory: Arc<ClientDirectory>,
+    pub metrics: Arc<Metrics>,
+    pub control: Arc<Control>,
+    pub config: ServerConfig,
+    pub ready: mpsc::Sender<ShardReady>,
+}
+
+/// The channels of a full mesh between `shards` shards: `senders[from][to]`,
+/// `receivers[to]` (one per other shard).
+pub(super) type Mesh = (
+    Vec<Vec<Option<shared_channel::SharedSender<Cross>>>>,
+    Vec<Vec<shared_channel::SharedReceiver<Cross>>>,
+);
+
+pub(super) fn mesh(shards: usize, capacity: usize) -> Mesh {
+    let mut senders: Vec<Vec<_>> = (0..shards)
+        .map(|_| (0..shards).map(|_| None).collect())
+        .collect();
+    let mut receivers: Vec<Vec<_>> = (0..shards).map(|_| Vec::new()).collect();
+    for (from, row) in senders.iter_mut().enumerate() {
+        for (to, slot) in row.iter_mut().enumerate() {
+            if from != to {
+                let (sender, receiver) = shared_channel::new_bounded(capacity);
+                *slot = Some(sender);
+                receivers[to].push(receiver);
+            }
+        }
+    }
+    (senders, receivers)
+}
+
+/// Starts the executor of one shard on its own thread.
+pub(super) fn spawn(
+    setup: ShardSetup,
+) -> Result<glommio::ExecutorJoinHandle<Result<(), ServerError>>, ServerError> {
+    let placement = match setup.cpu {
+        Some(cpu) => Placement::Fixed(cpu),
+        None => Placement::Unbound,
+    };
+    LocalExecutorBuilder::new(placement)
+        .name(&format!("indicia-shard-{}", setup.index))
+        // Small rings: without CAP_IPC_LOCK, RLIMIT_MEMLOCK caps what all executors
+        // together may lock.
+        .io_memory(512 << 10)
+        .ring_depth(256)
+        // The driver can stay busy signing for a while; check for I/O often.
+        .preempt_timer(Duration::from_millis(2))
+        .spawn(move || run_shard(setup))
+        .map_err(|err| ServerError::Runtime(err.to_string()))
+}
+
+pub(super) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// The journal failed: nothing more may be acknowledged. Stop the process; the next start
+/// recovers from disk.
+pub(super) fn fail_stop(fatal: &Fatal) -> ! {
+    tracing::error!("{fatal}");
+    std::process::exit(70);
+}
+
+pub(super) struct Shard {
+    index: u16,
+    shards: u16,
+    core: RefCell<ShardCore<ReplyTo>>,
+    directory: Arc<ClientDirectory>,
+    rng: SystemRandom,
+    metrics: Arc<Metrics>,
+    control: Arc<Control>,
+    config: ServerConfig,
+    peers: Vec<Option<ConnectedSender<Cross>>>,
+    connections: RefCell<HashMap<u64, ConnectionHandle>>,
+    next_connection: Cell<u64>,
+    /// Wakes the driver: sessions may be ready, or records may need a flush.
+    work: Signal,
+    /// Wakes the shutdown sequence when a connection closes.
+    connection_closed: Signal,
+    flush_in_flight: Cell<bool>,
+    stop_accepting: Signal,
+    /// Shutdown has begun: connections are being closed.
+    stopping: Cell<bool>,
+    /// The driver must stop.
+    stopped: Cell<bool>,
+}
+
+async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
+    let ShardSetup {
+        index,
+        shards,
+        listener,
+        open_store,
+        senders,
+        receivers,
+        directory,
+        metrics,
+        control,
+        config,
+        ready,
+        ..
+    } = setup;
+    let store = match open_store() {
+        Ok(store) => store,
+        Err(err) => {
+            let message = err.to_string();
+            control.done_draining();
+            let _ = ready.send(ShardReady::Failed(index, message));
+            return Err(err);
+        }
+    };
+    // SAFETY: `listener` is an open, listening TCP socket made on the main thread for this
+    // shard; ownership of the descriptor passes to glommio's listener here.
+    #[allow(unsafe_code)]
+    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    // Each end of a channel waits for the other to connect: connect all ends at once, or
+    // two shards would wait for each other. glommio notices a peer's connection only on a
+    // turn of its reactor, so a ticker keeps the reactor turning until all are connected.
+    let connecting = Rc::new(Cell::new(true));
+    let ticker = glommio::spawn_local({
+        let connecting = Rc::clone(&connecting);
+        async move {
+            while connecting.get() {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let receiving: Vec<_> = receivers
+        .into_iter()
+        .map(|receiver| glommio::spawn_local(receiver.connect()))
+        .collect();
+    let sending: Vec<_> = senders
+        .into_iter()
+        .map(|sender| sender.map(|sender| glommio::spawn_local(sender.connect())))
+        .collect();
+    let mut peers = Vec::with_capacity(sending.len());
+    for task in sending {
+        peers.push(match task {
+            Some(task) => Some(task.await),
+            None => None,
+        });
+    }
+    let mut inbound = Vec::with_capacity(receiving.len());
+    for task in receiving {
+        inbound.push(task.await);
+    }
+    connecting.set(false);
+    ticker.await;
+    let core = ShardCore::new(store, config.queued_indicia_max);
+    let shard = Rc::new(Shard {
+        index,
+        shards,
+        core: RefCell::new(core),
+        directory,
+        rng: SystemRandom::new(),
+        metrics,
+        control,
+        config,
+        peers,
+        connections: RefCell::new(HashMap::new()),
+        next_connection: Cell::new(0),
+        work: Signal::default(),
+        connection_closed: Signal::default(),
+        flush_in_flight: Cell::new(false),
+        stop_accepting: Signal::default(),
+        stopping: Cell::new(false),
+        stopped: Cell::new(false),
+    });
+    let _ = ready.send(ShardReady::Ready);
+    // Dropped now: if another shard fails to start, the main thread sees every sender gone
+    // instead of waiting for a report that will never come.
+    drop(ready);
+
+    let mut tasks = Vec::new();
+    for receiver in inbound {
+        tasks.push(glommio::spawn_local(receive(Rc::clone(&shard), receiver)));
+    }
+    let driver = glommio::spawn_local(drive(Rc::clone(&shard)));
+    let watch = glommio::spawn_local(watch(Rc::clone(&shard)));
+
+    accept(&shard, listener).await;
+    drain(&shard).await;
+    // No more sessions: stop the driver, then make everything appended durable and hand
+    // out the last answers.
+    shard.stopped.set(true);
+    shard.work.notify();
+    driver.await;
+    final_flush(&shard).await;
+    watch.await;
+    for task in tasks {
+        drop(task);
+    }
+    Ok(())
+}
+
+/// Accepts connections until shutdown.
+async fn accept(shard: &Rc<Shard>, listener: TcpListener) {
+    loop {
+        // The stop signal is polled first: a backlog of connections must not hide it.
+        let accepted = futures_lite::future::or(
+            async {
+                shard.stop_accepting.wait().await;
+                None
+            },
+            async { Some(listener.accept().await) },
+        )
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(stream)) => stream,
+            Some(Err(err)) => {
+                // EMFILE and friends: keep the shard alive, try again shortly.
+                tracing::warn!(shard = shard.index, "accept failed: {err}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let metrics = &shard.metrics.shards[usize::from(shard.index)];
+        if shard.connections.borrow().len() >= shard.config.connections_max {
+            tracing::warn!(
+                shard = shard.index,
+                "connection refused: {} connections open (server.connections_max)",
+                shard.config.connections_max
+            );
+            drop(stream);
+            continue;
+        }
+        metrics.add(Counter::ConnectionsAccepted, 1);
+        metrics.add(Counter::ConnectionsOpen, 1);
+        let id = shard.next_connection.get();
+        shard.next_connection.set(id + 1);
+        // Registered before its task runs, so that a shutdown starting now sees it.
+        let outbox = Rc::new(Outbox::default());
+        let version = Rc::new(Cell::new(PROTOCOL_VERSION_MIN));
+        shard.connections.borrow_mut().insert(
+            id,
+            ConnectionHandle {
+                outbox: Rc::clone(&outbox),
+                version: Rc::clone(&version),
+                fd: stream.as_raw_fd(),
+            },
+        );
+        glommio::spawn_local(connection::serve(
+            Rc::clone(shard),
+            stream,
+            id,
+            outbox,
+            version,
+        ))
+        .detach();
+        glommio::yield_if_needed().await;
+    }
+}
+
+/// Stops the shard's connections: every open one stops reading and is closed once its
+/// requests are answered; then the shard waits for the others (it keeps serving their
+/// requests until every shard has drained).
+async fn drain(shard: &Rc<Shard>) {
+    shard.stopping.set(true);
+    let connections: Vec<RawFd> = shard
+        .connections
+        .borrow()
+        .values()
+        .map(|handle| handle.fd)
+        .collect();
+    for fd in connections {
+        // The reader sees end of stream and closes the connection once it is answered.
+        let _ = nix::sys::socket::shutdown(fd, nix::sys::socket::Shutdown::Read);
+    }
+    let deadline = Instant::now() + Duration::from_millis(shard.config.drain_timeout_ms);
+    while !shard.connections.borrow().is_empty() && Instant::now() < deadline {
+        let _ = futures_lite::future::or(
+            async {
+                shard.connection_closed.wait().await;
+            },
+            async {
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            },
+        )
+        .await;
+    }
+    shard.control.done_draining();
+    while shard.control.draining.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    if !shard.connections.borrow().is_empty() {
+        tracing::warn!(
+            shard = shard.index,
+            "drain timeout: closing {} connections with requests unanswered",
+            shard.connections.borrow().len()
+        );
+    }
+}
+
+/// Makes everything appended durable (the driver has stopped) and hands out the answers.
+async fn final_flush(shard: &Rc<Shard>) {
+    while shard.flush_in_flight.get() {
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+    let ready = {
+        let mut core = shard.core.borrow_mut();
+        if let Some(ticket) = core.flush_ticket() {
+            let result = ticket.execute();
+            if let Err(fatal) = core.complete(&ticket, result) {
+                fail_stop(&fatal);
+            }
+        }
+        core.take_ready()
+    };
+    deliver(shard, ready);
+}
+
+/// Heartbeat for the watchdog, and the shutdown trigger.
+async fn watch(shard: Rc<Shard>) {
+    let heartbeat = &shard.control.heartbeats[usize::from(shard.index)];
+    let mut stopping = false;
+    while !shard.stopped.get() {
+        heartbeat.fetch_add(1, Ordering::Relaxed);
+        if !stopping && shard.control.shutdown.load(Ordering::Acquire) {
+            stopping = true;
+            shard.stop_accepting.notify();
+        }
+        glommio::timer::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Requests and answers from one peer shard.
+async fn receive(shard: Rc<Shard>, receiver: ConnectedReceiver<Cross>) {
+    while let Some(message) = receiver.recv().await {
+        match message {
+            Cross::Requests(requests) => {
+                let now = unix_now();
+                let mut core = shard.core.borrow_mut();
+                for Forwarded {
+                    client,
+                    reply,
+                    request,
+                } in requests
+                {
+                    if let Err(fatal) = core.handle(now, &client, reply.request_id, request, reply)
+                    {
+                        fail_stop(&fatal);
+                    }
+                }
+                shard.work.notify();
+            }
+            Cross::Answers(answers) => deliver_local(&shard, answers),
+        }
+    }
+}
+
+/// The shard's loop: sessions, group commit, answers.
+async fn drive(shard: Rc<Shard>) {
+    let linger = Duration::from_micros(shard.config.linger_us);
+    let metrics = &shard.metrics.shards[usize::from(shard.index)];
+    loop {
+        shard.work.wait().await;
+        if shard.stopped.get() {
+            return;
+        }
+        if !linger.is_zero() && shard.core.borrow().has_sessions() {
+            glommio::timer::sleep(linger).await;
+        }
+        let ready = {
+            let mut core = shard.core.borrow_mut();
+            // About 20 ms of signing per turn at most: readers and flushes run between.
+            if let Err(fatal) = core.run_sessions_within(unix_now(), 1024) {
+                fail_stop(&fatal);
+            }
+            let queued = core.queued_indicia();
+            let awaiting = core.awaiting();
+            metrics.publish(core.stats_mut(), queued, awaiting);
+            if core.has_sessions() {
+                // More is queued than this turn took: come back after the others ran.
+                shard.work.notify();
+            }
+            core.take_ready()
+        };
+        start_flush(&shard);
+        deliver(&shard, ready);
+        // Let readers and receivers queue more before the next turn.
+        futures_lite::future::yield_now().await;
+    }
+}
+
+/// Starts a group commit of everything appended so far, unless one is running (the next
+/// starts when it completes).
+fn start_flush(shard: &Rc<Shard>) {
+    if shard.flush_in_flight.get() {
+        return;
+    }
+    let Some(ticket) = shard.core.borrow_mut().flush_ticket() else {
+        return;
+    };
+    shard.flush_in_flight.set(true);
+    glommio::spawn_local(flush(Rc::clone(shard), ticket)).detach();
+}
+
+async fn flush(shard: Rc<Shard>, ticket: FlushTicket) {
+    let started = Instant::now();
+    let (ticket, result) = glommio::executor()
+        .spawn_blocking(move || {
+            let result = ticket.execute();
+            (ticket, result)
+        })
+        .await;
+    let metrics = &shard.metrics.shards[usize::from(shard.index)];
+    metrics.record_commit(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+    let ready = {
+        let mut core = shard.core.borrow_mut();
+        if let Err(fatal) = core.complete(&ticket, result) {
+            fail_stop(&fatal);
+        }
+        metrics.set(Counter::AwaitingDurable, core.awaiting() as u64);
+        metrics.set(Counter::Flushes, core.stats().flushes);
+        core.take_ready()
+    };
+    shard.flush_in_flight.set(false);
+    deliver(&shard, ready);
+    // Records appended while this flush ran need the next one.
+    start_flush(&shard);
+}
+
+/// Hands answers to their connections, here or on the shard that received the request.
+fn deliver(shard: &Rc<Shard>, ready: Vec<(ReplyTo, Response)>) {
+    if ready.is_empty() {
+        return;
+    }
+    let mut local = Vec::new();
+    let mut remote: HashMap<u16, Vec<(ReplyTo, Response)>> = HashMap::new();
+    for (reply, response) in ready {
+        if reply.shard == shard.index {
+            local.push((reply, response));
+        } else {
+            remote
+                .entry(reply.shard)
+                .or_default()
+                .push((reply, response));
+        }
+    }
+    deliver_local(shard, local);
+    for (to, answers) in remote {
+        let Some(Some(sender)) = shard.peers.get(usize::from(to)) else {
+            continue;
+        };
+        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(
+            Cross::Answers(answers),
+        ))) = sender.try_send(Cross::Answers(answers))
+        {
+            // The channel is full: wait for room without holding up the driver.
+            let shard = Rc::clone(shard);
+            glommio::spawn_local(async move {
+                if let Some(Some(sender)) = shard.peers.get(usize::from(to)) {
+                    let _ = sender.send(Cross::Answers(answers)).await;
+                }
+            })
+            .detach();
+        }
+    }
+}
+
+pub(super) fn deliver_local(shard: &Shard, answers: Vec<(ReplyTo, Response)>) {
+    let connections = shard.connections.borrow();
+    for (reply, response) in answers {
+        // A connection that is gone has no one to tell; a retry with the same request id
+        // gets the same answer from the idempotency window.
+        if let Some(handle) = connections.get(&reply.connection) {
+            handle
+                .outbox
+                .push((reply.request_id, handle.version.get(), response));
+        }
+    }
+}
