@@ -299,3 +299,52 @@ fn a_failed_flush_is_fatal_and_releases_nothing() {
         "nothing acknowledged after a failed flush"
     );
 }
+
+#[test]
+fn a_vpsd_takes_its_next_session_only_once_the_last_one_is_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shard = funded(dir.path());
+    let sessions_before = shard.stats().sessions;
+    let sign = |shard: &mut ShardCore<u64>, n: u64| {
+        let request = Request::Sign {
+            vpsd_id: 1,
+            item: item(100),
+        };
+        shard
+            .handle(NOW, &user(&format!("user-{n}")), 500 + n, request, n)
+            .unwrap();
+    };
+    sign(&mut shard, 0);
+    shard.run_sessions(NOW).unwrap();
+    assert_eq!(shard.stats().sessions - sessions_before, 1);
+    // While the first session's record is not durable, what arrives waits for it.
+    let ticket = shard.flush_ticket().unwrap();
+    for n in 1..=5 {
+        sign(&mut shard, n);
+        shard.run_sessions(NOW).unwrap();
+    }
+    assert_eq!(
+        shard.stats().sessions - sessions_before,
+        1,
+        "no second session before the first is durable"
+    );
+    let result = ticket.execute();
+    shard.complete(&ticket, result).unwrap();
+    assert_eq!(
+        shard.take_ready().len(),
+        1,
+        "the first answer, once durable"
+    );
+    assert!(shard.has_sessions());
+    shard.run_sessions(NOW).unwrap();
+    assert_eq!(
+        shard.stats().sessions - sessions_before,
+        2,
+        "the five that waited share one session"
+    );
+    assert_eq!(flush(&mut shard).len(), 5);
+    assert_eq!(
+        shard.store().engine.vpsd(1).unwrap().registers.piece_count,
+        6
+    );
+}

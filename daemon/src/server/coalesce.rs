@@ -2,7 +2,9 @@
 //! session starts for a vPSD when none is running for it and takes everything queued, up to
 //! `session_indicia_max` indicia (whole requests only; a request larger than the cap runs
 //! alone). Requests that arrive while it runs wait for the next session, so light load
-//! gives small sessions and low latency and heavy load gives big sessions. No timer.
+//! gives small sessions and low latency and heavy load gives big sessions. No timer. The
+//! shard decides when a session has ended ([`Coalescer::finish`]): when its record is
+//! durable.
 //!
 //! The queue is bounded: past `queued_indicia_max` a request is refused at once (the
 //! server answers `busy`) instead of growing memory without limit.

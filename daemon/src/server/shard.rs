@@ -6,6 +6,10 @@
 //! with [`ShardCore::flush_ticket`] / [`ShardCore::complete`] (group commit: one flush for
 //! every session of the turn), and sends what [`ShardCore::take_ready`] returns.
 //!
+//! A vPSD's session runs until its record is durable: the vPSD takes its next session only
+//! after the flush that covers it, so everything that queued during the signing and the
+//! commit joins that next session (natural batching across the commit).
+//!
 //! Every answer, reads included, waits until the journal is durable up to the last record
 //! appended when the answer was made: a status may show registers only once they cannot be
 //! lost, and a retry answered from the idempotency window waits like the original did.
@@ -51,6 +55,9 @@ pub struct ShardCore<R> {
     coalescer: Coalescer<SignReply<R>>,
     /// Answers waiting for the journal to be durable up to their sequence number.
     awaiting: VecDeque<(u64, R, Response)>,
+    /// Sessions whose record is journaled but not yet durable: (sequence, vPSD). Their
+    /// vPSD takes no new session until then.
+    committing: VecDeque<(u64, u64)>,
     ready: Vec<(R, Response)>,
     stats: ShardStats,
 }
@@ -76,6 +83,7 @@ impl<R> ShardCore<R> {
             store,
             coalescer: Coalescer::new(session_indicia_max, queued_indicia_max),
             awaiting: VecDeque::new(),
+            committing: VecDeque::new(),
             ready: Vec::new(),
             stats: ShardStats::default(),
         }
@@ -136,9 +144,9 @@ impl<R> ShardCore<R> {
 
     /// Journals and applies a prepared record. An error the request caused (a record the
     /// engine refuses) becomes an error answer; a journal failure is fatal.
-    fn commit(&mut self, now_unix: u64, record: Record) -> Result<Result<(), Response>, Fatal> {
+    fn commit(&mut self, now_unix: u64, record: Record) -> Result<Result<u64, Response>, Fatal> {
         match self.store.commit(record, now_unix) {
-            Ok(_) => Ok(Ok(())),
+            Ok(sequence) => Ok(Ok(sequence)),
             Err(err @ (JournalError::Rejected(_) | JournalError::RecordTooLarge(_))) => Ok(Err(
                 Response::Error(ErrorBody::new(ErrorCode::Internal, err.to_string())),
             )),
@@ -199,7 +207,7 @@ impl<R> ShardCore<R> {
                 origin_zip,
             } => match engine.prepare_provision(now_unix, vpsd_id, &owner, algorithm, origin_zip) {
                 Ok(record) => match self.commit(now_unix, record)? {
-                    Ok(()) => status(&self.store, vpsd_id),
+                    Ok(_) => status(&self.store, vpsd_id),
                     Err(response) => response,
                 },
                 Err(err) => error_response(&err),
@@ -221,7 +229,7 @@ impl<R> ShardCore<R> {
                 ) {
                     Ok(prepared) => match prepared.record {
                         Some(record) => match self.commit(now_unix, record)? {
-                            Ok(()) => status(&self.store, vpsd_id),
+                            Ok(_) => status(&self.store, vpsd_id),
                             Err(response) => response,
                         },
                         // A retry: answered with the status, after the same wait.
@@ -249,7 +257,7 @@ impl<R> ShardCore<R> {
                         _ => 0,
                     };
                     match self.commit(now_unix, record)? {
-                        Ok(()) => match self.store.engine.status(now_unix, vpsd_id) {
+                        Ok(_) => match self.store.engine.status(now_unix, vpsd_id) {
                             Ok(status) => Response::Withdrawn {
                                 refund_mills,
                                 status,
@@ -283,7 +291,7 @@ impl<R> ShardCore<R> {
         };
         Ok(match prepared {
             Ok(Some(record)) => match self.commit(now_unix, record)? {
-                Ok(()) => status(&self.store),
+                Ok(_) => status(&self.store),
                 Err(response) => response,
             },
             Ok(None) => status(&self.store),
@@ -317,9 +325,9 @@ impl<R> ShardCore<R> {
         }
     }
 
-    /// Runs every session that can start now: one per vPSD with queued requests. A vPSD
-    /// with more queued than one session takes gets its next session in the next call, so
-    /// one busy vPSD cannot hold the shard's loop.
+    /// Runs every session that can start now: one per vPSD with queued requests and no
+    /// session still waiting for its commit. A vPSD with more queued than one session takes
+    /// gets its next session once this one is durable.
     pub fn run_sessions(&mut self, now_unix: u64) -> Result<(), Fatal> {
         self.run_sessions_within(now_unix, usize::MAX)
     }
@@ -343,6 +351,7 @@ impl<R> ShardCore<R> {
             let jobs: Vec<SignJob> = pending.iter().map(|pending| pending.job.clone()).collect();
             let prepared = self.store.engine.prepare_session(now_unix, vpsd_id, &jobs);
             let mut failure = None;
+            let mut journaled = None;
             if let Some(record) = prepared.record {
                 let size = record.indicia().count();
                 self.stats.sessions += 1;
@@ -350,11 +359,17 @@ impl<R> ShardCore<R> {
                 self.stats
                     .session_sizes
                     .push(u32::try_from(size).unwrap_or(u32::MAX));
-                if let Err(response) = self.commit(now_unix, Record::Session(record))? {
-                    failure = Some(response);
+                match self.commit(now_unix, Record::Session(record))? {
+                    Ok(sequence) => journaled = Some(sequence),
+                    Err(response) => failure = Some(response),
                 }
             }
-            self.coalescer.finish(vpsd_id);
+            match journaled {
+                // The session ends when its record is durable: what queues meanwhile
+                // makes the next one (natural batching across the commit).
+                Some(sequence) => self.committing.push_back((sequence, vpsd_id)),
+                None => self.coalescer.finish(vpsd_id),
+            }
             for (pending, answer) in pending.into_iter().zip(prepared.answers) {
                 let response = match &failure {
                     Some(response) => response.clone(),
@@ -380,6 +395,13 @@ impl<R> ShardCore<R> {
     ) -> Result<(), Fatal> {
         let durable = self.store.journal.complete(ticket, result).map_err(Fatal)?;
         self.stats.flushes += 1;
+        while let Some(&(sequence, vpsd_id)) = self.committing.front() {
+            if sequence > durable {
+                break;
+            }
+            self.committing.pop_front();
+            self.coalescer.finish(vpsd_id);
+        }
         while self
             .awaiting
             .front()

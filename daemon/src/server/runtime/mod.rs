@@ -503,6 +503,10 @@ async fn flush(shard: Rc<Shard>, ticket: FlushTicket) {
         }
         metrics.set(Counter::AwaitingDurable, core.awaiting() as u64);
         metrics.set(Counter::Flushes, core.stats().flushes);
+        if core.has_sessions() {
+            // Sessions that ended with this flush freed their vPSDs for the next ones.
+            shard.work.notify();
+        }
         core.take_ready()
     };
     shard.flush_in_flight.set(false);
