@@ -78,6 +78,7 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
 /// A client id and its secret, as in the appliance's `admin.credential` file:
 /// `client_id = "..."` and `secret = "<64 hex digits>"`, readable by its owner only.
+#[derive(Clone)]
 pub struct Credential {
     pub client_id: String,
     secret: Zeroizing<[u8; 32]>,

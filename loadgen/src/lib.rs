@@ -1,0 +1,123 @@
+//! `indicia-loadgen`: drives the appliance the way a fleet of shipping stations would and
+//! reports how coalescing amortizes the signing session.
+//!
+//! - [`workload`]: which vPSD each request is for (uniform or zipf).
+//! - [`pacing`]: open-loop schedules, coordinated omission corrected.
+//! - [`run`]: the connections, closed or open loop, with offline verification.
+//! - [`report`]: throughput, latency percentiles, the appliance's statistics and CPU time,
+//!   and the raw signing cost measured in the same run.
+
+pub mod pacing;
+pub mod report;
+pub mod run;
+pub mod workload;
+
+use std::path::Path;
+use std::time::Instant;
+
+use indicia_client::cli::{authorize, load_provider_key};
+use indicia_client::{Client, ClientError, Credential};
+use indicia_proto::{Algorithm, AuthorizationKind, ErrorCode, Request, Zip};
+
+use report::{Report, Stats};
+use run::{Keys, LoadError, RunConfig};
+
+fn stats(client: &mut Client) -> Result<Stats, ClientError> {
+    Ok(client
+        .stats()?
+        .into_iter()
+        .map(|entry| (entry.name, entry.value))
+        .collect())
+}
+
+/// Provisions the run's vPSDs that do not exist yet (with `algorithm`) and tops each up to
+/// at least `funds_mills` available, with provider authorizations signed by the key in
+/// `provider_key`. Needs an admin credential.
+pub fn prepare_vpsds(
+    client: &mut Client,
+    ids: impl Iterator<Item = u64>,
+    algorithm: Algorithm,
+    funds_mills: u64,
+    provider_key: &Path,
+) -> Result<(), ClientError> {
+    let key = load_provider_key(provider_key)?;
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+        + 3600;
+    for vpsd_id in ids {
+        let status = match client.status(vpsd_id) {
+            Ok(status) => status,
+            Err(ClientError::Refused(body)) if body.code == ErrorCode::UnknownVpsd => client
+                .change(&Request::Provision {
+                    vpsd_id,
+                    owner: "loadgen".into(),
+                    algorithm,
+                    origin_zip: Zip::new(20260, None).unwrap_or_else(|_| unreachable!("valid")),
+                })?,
+            Err(err) => return Err(err),
+        };
+        if status.descending_mills < funds_mills {
+            let authorization = authorize(
+                &key,
+                AuthorizationKind::Refill,
+                vpsd_id,
+                funds_mills - status.descending_mills,
+                status.provider_sequence + 1,
+                expires,
+            );
+            client.change(&Request::Refill {
+                vpsd_id,
+                authorization,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// The published keys of the run's vPSDs, for offline verification.
+pub fn public_keys(
+    client: &mut Client,
+    ids: impl Iterator<Item = u64>,
+) -> Result<Keys, ClientError> {
+    let mut keys = Keys::new();
+    for vpsd_id in ids {
+        let (algorithm, _, spki) = client.public_key(vpsd_id)?;
+        keys.insert(vpsd_id, (algorithm, spki));
+    }
+    Ok(keys)
+}
+
+/// Runs one load and reports it: the appliance's statistics before and after (through an
+/// admin connection), its CPU time if `appliance_pid` is given, and the raw signing cost of
+/// `algorithm` measured just before.
+pub fn measure(
+    label: &str,
+    config: &RunConfig,
+    admin: &Credential,
+    algorithm: Algorithm,
+    appliance_pid: Option<u32>,
+) -> Result<Report, LoadError> {
+    let raw_sign_us = report::raw_sign_us(algorithm)
+        .map_err(|_| LoadError::Protocol("the raw signing measurement failed".into()))?;
+    let mut control = Client::connect(config.addr, admin)?;
+    let keys = public_keys(&mut control, config.picker.ids())?;
+    let before = stats(&mut control)?;
+    let cpu_before = appliance_pid.and_then(report::process_cpu);
+    let started = Instant::now();
+    let tally = run::run(config, &keys)?;
+    let seconds = started.elapsed().as_secs_f64();
+    let cpu_after = appliance_pid.and_then(report::process_cpu);
+    let after = stats(&mut control)?;
+    Ok(Report {
+        label: label.to_owned(),
+        seconds,
+        tally,
+        before,
+        after,
+        appliance_cpu: cpu_before
+            .zip(cpu_after)
+            .map(|(before, after)| after.saturating_sub(before)),
+        raw_sign_us,
+    })
+}

@@ -1,0 +1,252 @@
+//! The report of a run: what the load generator saw, what the appliance says about itself
+//! (its statistics and its CPU time), and the raw signing cost measured in the same run,
+//! so the appliance's cost per indicium can be stated as a ratio of it.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::rand::SystemRandom;
+use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
+use indicia_proto::Algorithm;
+use serde_json::{json, Value};
+
+use crate::run::Tally;
+
+/// The appliance's counters before and after, by name.
+pub type Stats = HashMap<String, u64>;
+
+/// CPU seconds (user + system) a process has used, from /proc.
+pub fn process_cpu(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesized command name: state is field 3, utime 14, stime 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|hz| u64::try_from(hz).ok())
+        .filter(|hz| *hz > 0)
+        .unwrap_or(100);
+    Some(Duration::from_micros(ticks * 1_000_000 / per_second))
+}
+
+/// The raw cost of one signature on one thread, in microseconds (median of five rounds).
+pub fn raw_sign_us(algorithm: Algorithm) -> Result<f64, aws_lc_rs::error::Unspecified> {
+    let rng = SystemRandom::new();
+    let message = [0x5A_u8; 61];
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let started;
+        let count = 400u32;
+        match algorithm {
+            Algorithm::EcdsaP256 => {
+                let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &rng)?;
+                let pair =
+                    EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8.as_ref())
+                        .map_err(|_| aws_lc_rs::error::Unspecified)?;
+                started = Instant::now();
+                for _ in 0..count {
+                    std::hint::black_box(pair.sign(&rng, &message)?);
+                }
+            }
+            Algorithm::Ed25519 => {
+                let pair = Ed25519KeyPair::from_seed_unchecked(&[7; 32])
+                    .map_err(|_| aws_lc_rs::error::Unspecified)?;
+                started = Instant::now();
+                for _ in 0..count {
+                    std::hint::black_box(pair.sign(&message));
+                }
+            }
+        }
+        rounds.push(started.elapsed().as_secs_f64() * 1e6 / f64::from(count));
+    }
+    rounds.sort_by(f64::total_cmp);
+    Ok(rounds[rounds.len() / 2])
+}
+
+/// Everything one run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub label: String,
+    pub seconds: f64,
+    pub tally: Tally,
+    pub before: Stats,
+    pub after: Stats,
+    /// CPU time the appliance's process used during the run, if its pid was given.
+    pub appliance_cpu: Option<Duration>,
+    pub raw_sign_us: f64,
+}
+
+impl Report {
+    fn delta(&self, name: &str) -> u64 {
+        self.after
+            .get(name)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(self.before.get(name).copied().unwrap_or(0))
+    }
+
+    pub fn indicia_per_s(&self) -> f64 {
+        self.tally.indicia as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Indicia per session on the appliance during the run.
+    pub fn session_size_mean(&self) -> f64 {
+        self.delta("indicia") as f64 / self.delta("sessions").max(1) as f64
+    }
+
+    /// The appliance's CPU time per indicium, in microseconds.
+    pub fn cpu_per_indicium_us(&self) -> Option<f64> {
+        let indicia = self.delta("indicia");
+        self.appliance_cpu
+            .filter(|_| indicia > 0)
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / indicia as f64)
+    }
+
+    fn latency(&self, quantile: f64) -> u64 {
+        self.tally.latency_us.value_at_quantile(quantile)
+    }
+
+    pub fn to_json(&self) -> Value {
+        let cpu = self.cpu_per_indicium_us();
+        json!({
+            "label": self.label,
+            "seconds": self.seconds,
+            "requests": self.tally.requests,
+            "indicia": self.tally.indicia,
+            "indicia_per_s": self.indicia_per_s(),
+            "errors": self.tally.errors,
+            "verified": self.tally.verified,
+            "verify_failed": self.tally.verify_failed,
+            "latency_us": {
+                "p50": self.latency(0.5),
+                "p90": self.latency(0.9),
+                "p99": self.latency(0.99),
+                "p999": self.latency(0.999),
+                "max": self.tally.latency_us.max(),
+                "count": self.tally.latency_us.len(),
+            },
+            "appliance": {
+                "sessions": self.delta("sessions"),
+                "indicia": self.delta("indicia"),
+                "session_size_mean": self.session_size_mean(),
+                "session_size_p99_since_start": self.after.get("session_size.p99"),
+                "commit_latency_us_p50_since_start": self.after.get("commit_latency_us.p50"),
+                "commit_latency_us_p99_since_start": self.after.get("commit_latency_us.p99"),
+                "cpu_s": self.appliance_cpu.map(|cpu| cpu.as_secs_f64()),
+                "cpu_per_indicium_us": cpu,
+            },
+            "raw_sign_us": self.raw_sign_us,
+            "cpu_per_indicium_vs_raw_sign": cpu.map(|cpu| cpu / self.raw_sign_us),
+        })
+    }
+
+    pub fn to_table(&self) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        let mut out = format!(
+            "{}: {:.1} s, {} requests, {} indicia: {:.0} indicia/s\n",
+            self.label,
+            self.seconds,
+            self.tally.requests,
+            self.tally.indicia,
+            self.indicia_per_s()
+        );
+        out.push_str(&format!(
+            "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            ms(self.latency(0.5)),
+            ms(self.latency(0.9)),
+            ms(self.latency(0.99)),
+            ms(self.latency(0.999)),
+            ms(self.tally.latency_us.max()),
+        ));
+        out.push_str(&format!(
+            "  appliance: {} sessions, {:.1} indicia/session; commit p50 {} us, p99 {} us (since start)\n",
+            self.delta("sessions"),
+            self.session_size_mean(),
+            self.after.get("commit_latency_us.p50").copied().unwrap_or(0),
+            self.after.get("commit_latency_us.p99").copied().unwrap_or(0),
+        ));
+        match self.cpu_per_indicium_us() {
+            Some(cpu) => out.push_str(&format!(
+                "  appliance CPU per indicium {cpu:.1} us = {:.2}x the raw signature ({:.1} us, one thread, this run)\n",
+                cpu / self.raw_sign_us,
+                self.raw_sign_us
+            )),
+            None => out.push_str(&format!(
+                "  raw signature {:.1} us (give --appliance-pid for the appliance's CPU per indicium)\n",
+                self.raw_sign_us
+            )),
+        }
+        if !self.tally.errors.is_empty() {
+            out.push_str(&format!("  errors: {:?}\n", self.tally.errors));
+        }
+        out.push_str(&format!(
+            "  verified {} indicia offline, {} failed\n",
+            self.tally.verified, self.tally.verify_failed
+        ));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Report {
+        let mut tally = Tally::default();
+        for us in [1_000, 2_000, 3_000, 4_000] {
+            tally.latency_us.record(us).unwrap_or_default();
+        }
+        tally.requests = 4;
+        tally.indicia = 400;
+        tally.verified = 4;
+        let stats = |sessions: u64, indicia: u64| -> Stats {
+            [
+                ("sessions".to_owned(), sessions),
+                ("indicia".to_owned(), indicia),
+            ]
+            .into_iter()
+            .collect()
+        };
+        Report {
+            label: "closed".into(),
+            seconds: 2.0,
+            tally,
+            before: stats(10, 1_000),
+            after: stats(20, 1_400),
+            appliance_cpu: Some(Duration::from_millis(20)),
+            raw_sign_us: 25.0,
+        }
+    }
+
+    #[test]
+    fn the_report_derives_rates_and_ratios_from_deltas() {
+        let report = report();
+        assert_eq!(report.indicia_per_s(), 200.0);
+        assert_eq!(report.session_size_mean(), 40.0);
+        assert_eq!(report.cpu_per_indicium_us(), Some(50.0));
+        let json = report.to_json();
+        assert_eq!(json["appliance"]["sessions"], 10);
+        assert_eq!(json["cpu_per_indicium_vs_raw_sign"], 2.0);
+        // HDR histograms report the top of the value's bucket (3 significant digits).
+        let max = json["latency_us"]["max"].as_u64().unwrap_or_default();
+        assert!((4_000..=4_004).contains(&max), "{max}");
+        let table = report.to_table();
+        assert!(table.contains("200 indicia/s"), "{table}");
+        assert!(table.contains("40.0 indicia/session"), "{table}");
+        assert!(table.contains("2.00x the raw signature"), "{table}");
+    }
+
+    #[test]
+    fn the_cpu_of_this_process_can_be_read() {
+        let pid = std::process::id();
+        let before = process_cpu(pid).unwrap();
+        let mut x = 0u64;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(50) {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+        assert!(process_cpu(pid).unwrap() >= before);
+        assert!(process_cpu(u32::MAX).is_none());
+    }
+}

@@ -1,0 +1,415 @@
+//! Driving the appliance: one writer and one reader thread per connection, over the two
+//! halves of one authenticated socket, so that sending never waits for answers.
+//!
+//! - **Closed loop**: each connection keeps `window` requests in flight; latency runs from
+//!   the send.
+//! - **Open loop**: each connection sends at `rate / connections` per second on a fixed
+//!   schedule; latency runs from when a request was *due* (coordinated omission
+//!   corrected, see [`crate::pacing`]).
+//!
+//! Every `verify_every`-th indicium is checked offline against the vPSD's published key.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::signature::{self, UnparsedPublicKey};
+use hdrhistogram::Histogram;
+use indicia_client::{Client, ClientError, Credential};
+use indicia_proto::frame::FRAME_BYTES_MAX;
+use indicia_proto::{
+    Algorithm, Decoded, FrameDecoder, Indicium, ItemResult, MailingDate, Request, Response,
+    SignItem,
+};
+use thiserror::Error;
+
+use crate::pacing::{latency_us, Schedule};
+use crate::workload::{Rng, VpsdPicker};
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("protocol: {0}")]
+    Protocol(String),
+    #[error("a load thread panicked")]
+    Thread,
+}
+
+/// How requests are offered.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Mode {
+    /// A fixed number of requests in flight per connection.
+    Closed { window: usize },
+    /// A fixed total rate, spread evenly over the connections.
+    Open { rate_per_s: f64 },
+}
+
+/// One run's parameters.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub addr: SocketAddr,
+    pub credential: Credential,
+    pub connections: usize,
+    pub mode: Mode,
+    pub duration: Duration,
+    pub picker: VpsdPicker,
+    /// Items per request: 1 sends `sign`, more send `sign-batch`.
+    pub batch: usize,
+    pub postage_mills: u64,
+    /// Verify every n-th indicium offline (0: none).
+    pub verify_every: u64,
+    pub seed: u64,
+}
+
+/// What a run (or one connection of it) saw.
+#[derive(Debug, Clone)]
+pub struct Tally {
+    pub latency_us: Histogram<u64>,
+    pub requests: u64,
+    pub indicia: u64,
+    /// Error answers and refused items, by error code name.
+    pub errors: BTreeMap<String, u64>,
+    pub verified: u64,
+    pub verify_failed: u64,
+}
+
+/// The latency histogram's range: 1 us to one minute, 3 significant digits.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("constant bounds"))
+}
+
+impl Default for Tally {
+    fn default() -> Self {
+        Self {
+            latency_us: latency_histogram(),
+            requests: 0,
+            indicia: 0,
+            errors: BTreeMap::new(),
+            verified: 0,
+            verify_failed: 0,
+        }
+    }
+}
+
+impl Tally {
+    pub fn merge(&mut self, other: &Tally) {
+        // Both use latency_histogram()'s bounds: adding cannot fail.
+        let _ = self.latency_us.add(&other.latency_us);
+        self.requests += other.requests;
+        self.indicia += other.indicia;
+        for (code, count) in &other.errors {
+            *self.errors.entry(code.clone()).or_default() += count;
+        }
+        self.verified += other.verified;
+        self.verify_failed += other.verify_failed;
+    }
+
+    fn error(&mut self, code: String) {
+        *self.errors.entry(code).or_default() += 1;
+    }
+}
+
+/// The published public keys, by vPSD: algorithm and SubjectPublicKeyInfo.
+pub type Keys = HashMap<u64, (Algorithm, Vec<u8>)>;
+
+fn verifies(indicium: &Indicium, keys: &Keys) -> bool {
+    let Some((algorithm, spki)) = keys.get(&indicium.payload.vpsd_id) else {
+        return false;
+    };
+    let verification: &dyn signature::VerificationAlgorithm = match algorithm {
+        Algorithm::EcdsaP256 => &signature::ECDSA_P256_SHA256_FIXED,
+        Algorithm::Ed25519 => &signature::ED25519,
+    };
+    *algorithm == indicium.payload.algorithm
+        && UnparsedPublicKey::new(verification, spki)
+            .verify(
+                indicium.payload.signed_bytes().as_ref(),
+                &indicium.signature,
+            )
+            .is_ok()
+}
+
+/// Requests sent and not yet answered: request id -> (due or send time, vPSD).
+#[derive(Default)]
+struct InFlight {
+    requests: Mutex<HashMap<u64, Instant>>,
+    room: Condvar,
+}
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.requests.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs())
+}
+
+/// Runs the load; returns what all connections saw.
+pub fn run(config: &RunConfig, keys: &Keys) -> Result<Tally, LoadError> {
+    let connections = config.connections.max(1);
+    let mut threads = Vec::with_capacity(connections);
+    let start = Instant::now();
+    for index in 0..connections {
+        let stream = TcpStream::connect(config.addr)?;
+        let reader = stream.try_clone()?;
+        // The client library runs the handshake; the socket's two halves are used raw.
+        let client = Client::handshake(stream.try_clone()?, &config.credential)?;
+        drop(client);
+        let config = config.clone();
+        let keys = keys.clone();
+        threads.push(std::thread::spawn(move || {
+            connection(&config, &keys, index, start, stream, reader)
+        }));
+    }
+    let mut total = Tally::default();
+    for thread in threads {
+        let tally = thread.join().map_err(|_| LoadError::Thread)??;
+        total.merge(&tally);
+    }
+    Ok(total)
+}
+
+fn connection(
+    config: &RunConfig,
+    keys: &Keys,
+    index: usize,
+    start: Instant,
+    stream: TcpStream,
+    mut reader: TcpStream,
+) -> Result<Tally, LoadError> {
+    let in_flight = Arc::new(InFlight::default());
+    let sending_done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let config = config.clone();
+        let in_flight = Arc::clone(&in_flight);
+        let sending_done = Arc::clone(&sending_done);
+        std::thread::spawn(move || {
+            let result = send(&config, index, start, stream, &in_flight);
+            sending_done.store(true, Ordering::Release);
+            in_flight.room.notify_all();
+            result
+        })
+    };
+    reader.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut tally = Tally::default();
+    let decoder = FrameDecoder::default();
+    let mut buf = vec![0u8; 4 * FRAME_BYTES_MAX];
+    let (mut begin, mut end) = (0usize, 0usize);
+    let mut indicia_seen = 0u64;
+    let mut quiet_since = Instant::now();
+    loop {
+        loop {
+            let frame = match decoder.decode(&buf[begin..end]) {
+                Ok(Decoded::Frame(frame)) => frame,
+                Ok(Decoded::Incomplete { .. }) => break,
+                Err(err) => return Err(LoadError::Protocol(format!("bad frame: {err}"))),
+            };
+            let answered = Instant::now();
+            let request_id = frame.header.request_id;
+            let response = Response::decode(frame.header.opcode, frame.body)
+                .map_err(|err| LoadError::Protocol(format!("bad answer: {err}")))?;
+            begin += frame.len();
+            let due = in_flight.lock().remove(&request_id);
+            in_flight.room.notify_one();
+            let Some(due) = due else {
+                return Err(LoadError::Protocol(format!(
+                    "an answer to request {request_id}, which is not in flight"
+                )));
+            };
+            tally.requests += 1;
+            tally
+                .latency_us
+                .saturating_record(latency_us(due, answered));
+            let mut signed = Vec::new();
+            match response {
+                Response::Signed { indicium } => signed.push(indicium),
+                Response::BatchSigned { results } => {
+                    for result in results {
+                        match result {
+                            ItemResult::Signed(indicium) => signed.push(indicium),
+                            ItemResult::Failed(body) => tally.error(body.code.name()),
+                        }
+                    }
+                }
+                Response::Error(body) => tally.error(body.code.name()),
+                other => {
+                    return Err(LoadError::Protocol(format!(
+                        "unexpected answer opcode {:#04x}",
+                        other.opcode()
+                    )))
+                }
+            }
+            for indicium in signed {
+                tally.indicia += 1;
+                indicia_seen += 1;
+                if config.verify_every > 0 && indicia_seen % config.verify_every == 0 {
+                    if verifies(&indicium, keys) {
+                        tally.verified += 1;
+                    } else {
+                        tally.verify_failed += 1;
+                    }
+                }
+            }
+        }
+        if begin == end {
+            begin = 0;
+            end = 0;
+        } else if buf.len() - end < FRAME_BYTES_MAX {
+            buf.copy_within(begin..end, 0);
+            end -= begin;
+            begin = 0;
+        }
+        if sending_done.load(Ordering::Acquire) && in_flight.lock().is_empty() {
+            break;
+        }
+        match reader.read(&mut buf[end..]) {
+            Ok(0) => {
+                return Err(LoadError::Protocol(
+                    "the appliance closed the connection".into(),
+                ))
+            }
+            Ok(n) => {
+                end += n;
+                quiet_since = Instant::now();
+            }
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                if quiet_since.elapsed() > Duration::from_secs(60) {
+                    return Err(LoadError::Protocol("no answer for 60 s".into()));
+                }
+            }
+            Err(err) => return Err(err.into()),
+        }
+    }
+    writer.join().map_err(|_| LoadError::Thread)??;
+    Ok(tally)
+}
+
+/// The writer: sends until the run's end, paced by the mode.
+fn send(
+    config: &RunConfig,
+    index: usize,
+    start: Instant,
+    mut stream: TcpStream,
+    in_flight: &InFlight,
+) -> Result<(), LoadError> {
+    let deadline = start + config.duration;
+    let mut rng = Rng::new(config.seed.wrapping_add(index as u64 + 1));
+    // Ids from the system's random generator, not the seed: the appliance remembers
+    // (client, request id) pairs, and a second run reusing the first run's ids would be
+    // answered from that memory (retries are not what is measured here).
+    let mut id_bytes = [0u8; 8];
+    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut id_bytes)
+        .map_err(|_| LoadError::Protocol("random number generator failed".into()))?;
+    let mut next_id = (u64::from_le_bytes(id_bytes) >> 1).max(1);
+    let mailing_date =
+        MailingDate::from_unix_seconds(now_unix()).unwrap_or(MailingDate::from_days_since_2000(0));
+    let item = SignItem {
+        postage_mills: config.postage_mills,
+        mailing_date,
+        rate_category: 1,
+        destination_zip: None,
+        data_digest: None,
+    };
+    let schedule = match config.mode {
+        Mode::Open { rate_per_s } => Some(Schedule::new(
+            start,
+            rate_per_s / config.connections.max(1) as f64,
+        )),
+        Mode::Closed { .. } => None,
+    };
+    let mut frame = vec![0u8; FRAME_BYTES_MAX];
+    let mut n = 0u64;
+    loop {
+        let due = match (config.mode, schedule) {
+            (Mode::Open { .. }, Some(schedule)) => {
+                let due = schedule.due(n);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                due
+            }
+            (Mode::Closed { window }, _) => {
+                let mut requests = in_flight.lock();
+                while requests.len() >= window.max(1) && Instant::now() < deadline {
+                    requests = in_flight
+                        .room
+                        .wait_timeout(requests, Duration::from_millis(50))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                }
+                Instant::now()
+            }
+            (Mode::Open { .. }, None) => Instant::now(),
+        };
+        if due >= deadline {
+            return Ok(());
+        }
+        let vpsd_id = config.picker.pick(&mut rng);
+        let request = if config.batch <= 1 {
+            Request::Sign { vpsd_id, item }
+        } else {
+            Request::SignBatch {
+                vpsd_id,
+                items: vec![item; config.batch],
+            }
+        };
+        let id = next_id;
+        next_id = next_id.wrapping_add(1);
+        let len = request
+            .encode_frame(1, id, &mut frame)
+            .map_err(|err| LoadError::Protocol(format!("cannot encode: {err}")))?;
+        in_flight.lock().insert(id, due);
+        stream.write_all(&frame[..len])?;
+        n += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tallies_merge_counts_errors_and_histograms() {
+        let mut a = Tally {
+            requests: 3,
+            indicia: 5,
+            ..Tally::default()
+        };
+        a.latency_us.record(100).unwrap();
+        a.error("busy".into());
+        let mut b = Tally {
+            requests: 2,
+            indicia: 2,
+            verified: 1,
+            ..Tally::default()
+        };
+        b.latency_us.record(300).unwrap();
+        b.latency_us.record(200).unwrap();
+        b.error("busy".into());
+        b.error("insufficient-funds".into());
+        a.merge(&b);
+        assert_eq!((a.requests, a.indicia, a.verified), (5, 7, 1));
+        assert_eq!(a.latency_us.len(), 3);
+        assert_eq!(a.latency_us.max(), 300);
+        assert_eq!(a.latency_us.value_at_quantile(0.5), 200);
+        assert_eq!(a.errors["busy"], 2);
+        assert_eq!(a.errors["insufficient-funds"], 1);
+    }
+}
