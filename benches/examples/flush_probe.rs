@@ -122,7 +122,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "{:<34} {p50:>10.0} {p99:>10.0}",
                 format!(
                     "{} after {written_mib} MiB",
-                    if through_map { "map + fdatasync" } else { "pwrite + fdatasync" }
+                    if through_map {
+                        "map + fdatasync"
+                    } else {
+                        "pwrite + fdatasync"
+                    }
                 )
             );
         }
