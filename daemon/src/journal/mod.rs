@@ -2,7 +2,8 @@
 //! memory-mapped, append-only segment files holding checksummed records, each linked to
 //! the previous one by a MAC chain under a key derived from the master key.
 //!
-//! - [`Journal::append`] writes a record through the map (not yet durable).
+//! - [`Journal::append`] writes a record at the end of the current segment with pwrite
+//!   (not yet durable); the segment is mapped for reading.
 //! - [`Journal::flush_ticket`] / [`FlushTicket::execute`] / [`Journal::complete`] make
 //!   everything appended durable with one fdatasync per touched segment (group commit).
 //!   The ticket owns what it needs, so the server can run `execute` off the shard's
@@ -166,6 +167,8 @@ pub struct Journal {
     /// acknowledged strictly in order.
     flush_in_flight: bool,
     scratch: Encoder,
+    /// The record being appended, assembled before its one pwrite.
+    record: Vec<u8>,
     _lock: Flock<File>,
 }
 
@@ -218,6 +221,7 @@ impl Journal {
             poisoned: false,
             flush_in_flight: false,
             scratch: Encoder::default(),
+            record: Vec::new(),
             _lock: lock,
         };
         Ok((journal, recovered.report))
@@ -246,7 +250,7 @@ impl Journal {
         &self.dir
     }
 
-    /// Appends a record through the map; durable only after the next flush. Returns its
+    /// Appends a record (pwrite); durable only after the next flush. Returns its
     /// sequence number, or [`JournalError::SegmentFull`] if the caller must rotate first.
     pub fn append(&mut self, record: &Record, now_unix: u64) -> Result<u64, JournalError> {
         if self.poisoned {
@@ -319,7 +323,9 @@ impl Journal {
         let chain = self.key.chain(&prev_chain, &header, payload);
         let crc = body_checksum(payload, &prev_chain, &chain);
         let at = self.offset;
-        let out = &mut self.current.bytes_mut()[at..at + len];
+        let mut out = std::mem::take(&mut self.record);
+        out.clear();
+        out.resize(len, 0);
         let (head, rest) = out.split_at_mut(RECORD_HEADER_BYTES);
         head.copy_from_slice(&header);
         let (body, trailer) = rest.split_at_mut(payload.len());
@@ -327,7 +333,13 @@ impl Journal {
         trailer[..CHAIN_BYTES].copy_from_slice(&prev_chain);
         trailer[CHAIN_BYTES..2 * CHAIN_BYTES].copy_from_slice(&chain);
         trailer[2 * CHAIN_BYTES..2 * CHAIN_BYTES + 4].copy_from_slice(&crc.to_le_bytes());
-        trailer[2 * CHAIN_BYTES + 4..].fill(0);
+        let written = self.current.write_at(at, &out);
+        self.record = out;
+        if let Err(err) = written {
+            // What reached the file is unknown: like a failed flush, nothing more.
+            self.poisoned = true;
+            return Err(JournalError::Io(err));
+        }
         self.offset += len;
         self.chain = chain;
         self.next_sequence += 1;
