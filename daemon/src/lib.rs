@@ -4,7 +4,8 @@
 //! - [`journal`]: the durable store: memory-mapped, chained, checksummed segments.
 //! - [`config`]: the TOML configuration and its embedded default.
 //! - [`datadir`]: master key, credentials and provider key in the data directory.
-//! - [`server`]: the network side: handshake and access control.
+//! - [`server`]: the thread-per-core server: connections, routing, coalescing, stats.
+//! - [`service`]: the `indiciad` program around it: flags, signals, systemd.
 #![deny(unsafe_code)]
 
 pub mod config;
@@ -12,3 +13,4 @@ pub mod datadir;
 pub mod engine;
 pub mod journal;
 pub mod server;
+pub mod service;

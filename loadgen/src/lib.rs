@@ -4,9 +4,12 @@
 //! - [`workload`]: which vPSD each request is for (uniform or zipf).
 //! - [`pacing`]: open-loop schedules, coordinated omission corrected.
 //! - [`run`]: the connections, closed or open loop, with offline verification.
+//! - [`appliance`]: the appliance as a child process (this program's `appliance`
+//!   subcommand runs `indiciad`'s code).
 //! - [`report`]: throughput, latency percentiles, the appliance's statistics and CPU time,
 //!   and the raw signing cost measured in the same run.
 
+pub mod appliance;
 pub mod pacing;
 pub mod report;
 pub mod run;

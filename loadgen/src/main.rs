@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use indicia_client::{Client, Credential};
+use indicia_loadgen::appliance::Appliance;
 use indicia_loadgen::run::{Mode, RunConfig};
 use indicia_loadgen::workload::{Distribution, VpsdPicker};
-use indicia_proto::{parse_amount_mills, Algorithm};
+use indicia_proto::{format_mills, parse_amount_mills, Algorithm};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -26,6 +27,37 @@ struct Args {
 enum Command {
     /// Sign under load against a running appliance and report.
     Run(RunArgs),
+    /// Start the appliance on its embedded default in a temporary directory, provision and
+    /// fund a few vPSDs, run a short load (closed loop, then open loop at half that rate),
+    /// show one indicium decoded and verified, and stop the appliance.
+    Demo {
+        /// Seconds per phase.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// The amortization experiment: the same workload against a fresh appliance per point,
+    /// with coalescing off (session_indicia_max = 1) and on at several caps and levels of
+    /// concurrency; a table, and the JSON of every point.
+    Sweep {
+        /// Seconds per point.
+        #[arg(long, default_value_t = 3.0)]
+        duration: f64,
+        /// Session caps to try (1 = coalescing off).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64,256")]
+        caps: Vec<usize>,
+        /// Requests in flight in total, spread over 8 connections.
+        #[arg(long, value_delimiter = ',', default_value = "8,64")]
+        in_flight: Vec<usize>,
+        /// Where to write the JSON of every point.
+        #[arg(long, default_value = "sweep.json")]
+        out: PathBuf,
+    },
+    /// Run the appliance itself (what `indiciad` runs), with indiciad's flags.
+    #[command(hide = true)]
+    Appliance {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,10 +152,198 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
     })
 }
 
+const DEMO_FIRST_VPSD: u64 = 7_001;
+
+fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let appliance = Appliance::spawn(&dir.path().join("indicia-data"), None)?;
+    let mut out = format!(
+        "appliance (indiciad, embedded default config) pid {} on {}, data in {}\n",
+        appliance.pid(),
+        appliance.addr,
+        appliance.data_dir.display()
+    );
+    let credential = appliance.admin_credential()?;
+    let picker = VpsdPicker::new(DEMO_FIRST_VPSD, 4, Distribution::Uniform);
+    let mut admin = Client::connect(appliance.addr, &credential)?;
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        picker.ids(),
+        Algorithm::EcdsaP256,
+        100_000_000,
+        &appliance.provider_key(),
+    )?;
+    out.push_str("provisioned and funded vPSDs 7001-7004 (ECDSA P-256)\n\n");
+    let mut config = RunConfig {
+        addr: appliance.addr,
+        credential: credential.clone(),
+        connections: 8,
+        mode: Mode::Closed { window: 8 },
+        duration: Duration::from_secs_f64(duration),
+        picker,
+        batch: 1,
+        postage_mills: 730,
+        verify_every: 50,
+        seed: 1,
+    };
+    let closed = indicia_loadgen::measure(
+        "closed loop, 8 connections x 8 in flight",
+        &config,
+        &credential,
+        Algorithm::EcdsaP256,
+        Some(appliance.pid()),
+    )?;
+    out.push_str(&closed.to_table());
+    let rate = (closed.indicia_per_s() / 2.0).max(100.0).round();
+    config.mode = Mode::Open { rate_per_s: rate };
+    let open = indicia_loadgen::measure(
+        &format!("open loop at half that rate, {rate} requests/s"),
+        &config,
+        &credential,
+        Algorithm::EcdsaP256,
+        Some(appliance.pid()),
+    )?;
+    out.push('\n');
+    out.push_str(&open.to_table());
+    // One indicium, decoded and verified offline with the published key.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let indicium = admin.sign(
+        DEMO_FIRST_VPSD,
+        indicia_proto::SignItem {
+            postage_mills: 730,
+            mailing_date: indicia_proto::MailingDate::from_unix_seconds(now)
+                .ok_or("the clock is outside the date range")?,
+            rate_category: 1,
+            destination_zip: Some("10001-0001".parse()?),
+            data_digest: None,
+        },
+    )?;
+    let keys = indicia_loadgen::public_keys(&mut admin, std::iter::once(DEMO_FIRST_VPSD))?;
+    let bytes = indicium.to_bytes();
+    let decoded = indicia_proto::Indicium::decode(bytes.as_ref())?;
+    let payload = &decoded.payload;
+    let (year, month, day) = payload.mailing_date.ymd();
+    out.push_str(&format!(
+        "\none indicium, {} bytes: {}\n  vPSD {} key #{} {}, piece {}, postage {}, AR {}, DR {}, \
+         mailed {year}-{month:02}-{day:02} from {} to {}\n  signature verified offline: {}\n",
+        bytes.as_ref().len(),
+        hex::encode(bytes.as_ref()),
+        payload.vpsd_id,
+        payload.key_serial,
+        payload.algorithm.name(),
+        payload.piece_number,
+        format_mills(payload.postage_mills),
+        format_mills(payload.ascending_mills),
+        format_mills(payload.descending_mills),
+        payload.origin_zip,
+        payload
+            .destination_zip
+            .map_or("-".to_owned(), |zip| zip.to_string()),
+        indicia_loadgen::run::verifies(&decoded, &keys),
+    ));
+    drop(admin);
+    let status = appliance.stop()?;
+    out.push_str(&format!("appliance stopped on SIGTERM: {status}\n"));
+    Ok(out)
+}
+
+fn sweep(
+    duration: f64,
+    caps: &[usize],
+    in_flight: &[usize],
+    out_path: &std::path::Path,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mut points = Vec::new();
+    let mut table = format!(
+        "{:>5} {:>9} {:>11} {:>9} {:>9} {:>9} {:>13} {:>8}\n",
+        "cap", "in flight", "indicia/s", "per sess", "p50 ms", "p99 ms", "CPU/indicium", "vs raw"
+    );
+    for &total in in_flight {
+        for &cap in caps {
+            let dir = tempfile::tempdir()?;
+            let config_path = dir.path().join("indiciad.toml");
+            std::fs::write(
+                &config_path,
+                format!("[engine]\nsession_indicia_max = {cap}\n"),
+            )?;
+            let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
+            let credential = appliance.admin_credential()?;
+            let picker = VpsdPicker::new(DEMO_FIRST_VPSD, 1, Distribution::Uniform);
+            let mut admin = Client::connect(appliance.addr, &credential)?;
+            indicia_loadgen::prepare_vpsds(
+                &mut admin,
+                picker.ids(),
+                Algorithm::EcdsaP256,
+                100_000_000,
+                &appliance.provider_key(),
+            )?;
+            drop(admin);
+            let connections = total.clamp(1, 8);
+            let config = RunConfig {
+                addr: appliance.addr,
+                credential: credential.clone(),
+                connections,
+                mode: Mode::Closed {
+                    window: total.div_ceil(connections),
+                },
+                duration: Duration::from_secs_f64(duration),
+                picker,
+                batch: 1,
+                postage_mills: 730,
+                verify_every: 100,
+                seed: 1,
+            };
+            let report = indicia_loadgen::measure(
+                &format!("cap {cap}, {total} in flight"),
+                &config,
+                &credential,
+                Algorithm::EcdsaP256,
+                Some(appliance.pid()),
+            )?;
+            appliance.stop()?;
+            let cpu = report.cpu_per_indicium_us().unwrap_or(0.0);
+            table.push_str(&format!(
+                "{cap:>5} {total:>9} {:>11.0} {:>9.1} {:>9.2} {:>9.2} {:>10.1} us {:>7.2}x\n",
+                report.indicia_per_s(),
+                report.session_size_mean(),
+                report.tally.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                report.tally.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+                cpu,
+                cpu / report.raw_sign_us,
+            ));
+            let mut point = report.to_json();
+            point["session_indicia_max"] = cap.into();
+            point["in_flight"] = total.into();
+            points.push(point);
+        }
+    }
+    std::fs::write(out_path, serde_json::to_string_pretty(&points)?)?;
+    table.push_str(&format!(
+        "\n{} points written to {}\n",
+        points.len(),
+        out_path.display()
+    ));
+    Ok(table)
+}
+
 fn main() -> ExitCode {
     let Args { command } = Args::parse();
     let result = match command {
         Command::Run(args) => run(args),
+        Command::Demo { duration } => demo(duration),
+        Command::Sweep {
+            duration,
+            caps,
+            in_flight,
+            out,
+        } => sweep(duration, &caps, &in_flight, &out),
+        Command::Appliance { args } => {
+            return indiciad::service::main_with(
+                std::iter::once(std::ffi::OsString::from("indiciad")).chain(args),
+            )
+        }
     };
     match result {
         Ok(text) => {

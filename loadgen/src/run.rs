@@ -119,7 +119,8 @@ impl Tally {
 /// The published public keys, by vPSD: algorithm and SubjectPublicKeyInfo.
 pub type Keys = HashMap<u64, (Algorithm, Vec<u8>)>;
 
-fn verifies(indicium: &Indicium, keys: &Keys) -> bool {
+/// Whether an indicium's signature holds under its vPSD's published key.
+pub fn verifies(indicium: &Indicium, keys: &Keys) -> bool {
     let Some((algorithm, spki)) = keys.get(&indicium.payload.vpsd_id) else {
         return false;
     };

@@ -1,35 +1,37 @@
-//! One short end-to-end run of the load generator against the real `indiciad`: closed and
-//! open loop, a batch workload over several vPSDs, offline verification, and a report whose
-//! figures agree with the appliance's own statistics.
+//! One short end-to-end run: the load generator starts the real appliance (its
+//! `appliance` subcommand runs `indiciad`'s code) in a temporary directory and drives it in
+//! closed and open loop, with offline verification; the report agrees with the appliance's
+//! own statistics and registers; the appliance stops cleanly on SIGTERM.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
+use std::path::Path;
 use std::time::Duration;
 
+use indicia_client::Client;
+use indicia_loadgen::appliance::Appliance;
 use indicia_loadgen::run::{Mode, RunConfig};
 use indicia_loadgen::workload::{Distribution, VpsdPicker};
 use indicia_proto::Algorithm;
-use support::Daemon;
+
+const EXE: &str = env!("CARGO_BIN_EXE_indicia-loadgen");
 
 #[test]
 fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path(), None);
-    let credential = daemon.admin_credential();
+    let appliance = Appliance::spawn_with(Path::new(EXE), &dir.path().join("data"), None).unwrap();
+    let credential = appliance.admin_credential().unwrap();
     let picker = VpsdPicker::new(700, 4, Distribution::Zipf(1.0));
-    let mut admin = daemon.admin();
+    let mut admin = Client::connect(appliance.addr, &credential).unwrap();
     indicia_loadgen::prepare_vpsds(
         &mut admin,
         picker.ids(),
         Algorithm::Ed25519,
         10_000_000,
-        &daemon.dir.join("provider.key"),
+        &appliance.provider_key(),
     )
     .unwrap();
-    let pid = daemon.child.id();
     let mut config = RunConfig {
-        addr: daemon.addr,
+        addr: appliance.addr,
         credential: credential.clone(),
         connections: 3,
         mode: Mode::Closed { window: 4 },
@@ -45,7 +47,7 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         &config,
         &credential,
         Algorithm::Ed25519,
-        Some(pid),
+        Some(appliance.pid()),
     )
     .unwrap();
     assert!(closed.tally.indicia > 50, "{}", closed.to_table());
@@ -72,4 +74,6 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
         .sum();
     assert_eq!(total, (closed.tally.indicia + open.tally.indicia) * 10);
+    drop(admin);
+    assert!(appliance.stop().unwrap().success());
 }

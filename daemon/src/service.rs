@@ -1,0 +1,239 @@
+//! The `indiciad` program: flags, logging, signals, sd_notify and the watchdog around
+//! [`Server`]. The `indiciad` binary is [`main_with`]; the load generator runs the same
+//! code as its appliance process.
+//!
+//! With no arguments it runs on the embedded default configuration (listen on
+//! 127.0.0.1:7450, data in ./indicia-data, one shard per core); on first start it creates
+//! the master key, an admin credential and a development provider key in the data
+//! directory and says where they are. SIGTERM or SIGINT stops it gracefully (exit 0).
+//! Under systemd it reports READY/STOPPING and pings the watchdog.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::server::{self, Server};
+use clap::Parser;
+use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "indiciad",
+    version,
+    about = "The indicia appliance: signs postage indicia for virtual PSDs"
+)]
+struct Args {
+    /// TOML configuration file (without it: the embedded default).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Data directory (master key, credentials, journals); overrides the config file.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Address to listen on; overrides the config file.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Number of shards (0: one per core); overrides the config file.
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+}
+
+fn init_logging() {
+    let level = match std::env::var("INDICIA_LOG").as_deref() {
+        Ok("error") => tracing::Level::ERROR,
+        Ok("warn") => tracing::Level::WARN,
+        Ok("debug") => tracing::Level::DEBUG,
+        Ok("trace") => tracing::Level::TRACE,
+        _ => tracing::Level::INFO,
+    };
+    // Under systemd the journal adds its own timestamps.
+    let under_systemd = std::env::var_os("JOURNAL_STREAM").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(false)
+        // A closed stderr must not take down the thread that logs (the default reports
+        // write errors with eprintln!, which panics when stderr is gone).
+        .log_internal_errors(false);
+    if under_systemd {
+        let _ = builder.without_time().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+fn load_config(args: &Args) -> Result<Config, String> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path).map_err(|err| err.to_string())?,
+        None => Config::default(),
+    };
+    if let Some(data_dir) = &args.data_dir {
+        config.data_dir.clone_from(data_dir);
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(shards) = args.shards {
+        config.shards = shards;
+    }
+    config.validate().map_err(|err| err.to_string())?;
+    Ok(config)
+}
+
+/// SIGTERM and SIGINT are taken by a thread of their own: blocked here, before the
+/// executors start, so that every thread inherits the mask.
+fn block_signals() -> Result<SigSet, nix::Error> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.add(Signal::SIGHUP);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None)?;
+    Ok(set)
+}
+
+fn notify(state: &[sd_notify::NotifyState<'_>]) {
+    // Outside systemd there is no socket; that is not an error.
+    let _ = sd_notify::notify(state);
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let signals = block_signals().map_err(|err| format!("cannot block signals: {err}"))?;
+    let config = load_config(args)?;
+    let data = server::open_data_dir(&config).map_err(|err| err.to_string())?;
+    if !data.created.is_empty() {
+        tracing::info!(
+            "first start: initialized data directory {}",
+            data.path.display()
+        );
+        for path in &data.created {
+            tracing::info!("  created {}", path.display());
+        }
+        let provider_key = data.path.join(crate::datadir::PROVIDER_KEY_FILE);
+        if data.created.contains(&provider_key) {
+            tracing::info!(
+                "  development provider key: {} (signs refills; replace provider.pub with the \
+                 real provider's key for production)",
+                provider_key.display()
+            );
+        }
+    }
+    tracing::info!(
+        "admin credential: {} (indiciactl --credential)",
+        data.path
+            .join(crate::datadir::ADMIN_CREDENTIAL_FILE)
+            .display()
+    );
+    let started = Instant::now();
+    let server = Server::start(&config, &data).map_err(|err| err.to_string())?;
+    for (shard, report) in server.recovery().iter().enumerate() {
+        if report.records_replayed > 0 || !report.is_clean() {
+            tracing::info!(
+                shard,
+                "recovered {} records ({} indicia) up to sequence {}",
+                report.records_replayed,
+                report.indicia_replayed,
+                report.last_sequence
+            );
+        }
+        if let Some(torn) = &report.torn_tail {
+            tracing::warn!(shard, "cut a torn tail: {torn:?}");
+        }
+        for finding in &report.findings {
+            tracing::error!(shard, "journal finding: {finding}");
+        }
+        for (vpsd, reason) in &report.locked {
+            tracing::error!(shard, vpsd, "locked by recovery: {reason}");
+        }
+        if let Some(reason) = &report.provisioning_blocked {
+            tracing::error!(shard, "provisioning blocked: {reason}");
+        }
+    }
+    tracing::info!(
+        "indiciad {} listening on {} with {} shards; data in {} (started in {} ms)",
+        env!("CARGO_PKG_VERSION"),
+        server.local_addr(),
+        server.shards(),
+        data.path.display(),
+        started.elapsed().as_millis()
+    );
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {}", server.local_addr())),
+    ]);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let main_thread = std::thread::current();
+    {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new()
+            .name("indicia-signals".into())
+            .spawn(move || {
+                let mut first = true;
+                while let Ok(signal) = signals.wait() {
+                    if signal == Signal::SIGHUP {
+                        tracing::warn!("SIGHUP: the configuration is read at start only; ignored");
+                        continue;
+                    }
+                    if !first {
+                        tracing::warn!("{signal} again: exiting without draining");
+                        std::process::exit(1);
+                    }
+                    first = false;
+                    stop.store(true, Ordering::Release);
+                    main_thread.unpark();
+                    tracing::info!("{signal}: stopping (send it again to exit at once)");
+                }
+            })
+            .map_err(|err| format!("cannot start the signal thread: {err}"))?;
+    }
+
+    // The watchdog is pinged only while every shard's loop keeps turning.
+    let watchdog = sd_notify::watchdog_enabled().map(|interval| interval / 2);
+    let mut beats = server.control().heartbeats();
+    while !stop.load(Ordering::Acquire) {
+        std::thread::park_timeout(watchdog.unwrap_or(Duration::from_secs(1)));
+        if watchdog.is_some() {
+            let now = server.control().heartbeats();
+            if now.iter().zip(&beats).all(|(now, before)| now > before) {
+                notify(&[sd_notify::NotifyState::Watchdog]);
+            } else {
+                tracing::warn!("a shard's loop has not turned since the last watchdog ping");
+            }
+            beats = now;
+        }
+    }
+    notify(&[sd_notify::NotifyState::Stopping]);
+    server.shutdown();
+    server.join().map_err(|err| err.to_string())?;
+    tracing::info!("stopped: every answered request is durable");
+    Ok(())
+}
+
+/// Runs `indiciad` with these arguments (the program name first) until it is stopped.
+pub fn main_with<I, T>(args: I) -> ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let args = match Args::try_parse_from(args) {
+        Ok(args) => args,
+        Err(err) => {
+            // Help and version go to stdout with status 0; usage errors exit 2.
+            let _ = err.print();
+            return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2));
+        }
+    };
+    init_logging();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
