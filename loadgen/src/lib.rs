@@ -6,11 +6,13 @@
 //! - [`run`]: the connections, closed or open loop, with offline verification.
 //! - [`appliance`]: the appliance as a child process (this program's `appliance`
 //!   subcommand runs `indiciad`'s code).
+//! - [`plot`]: the sweep's SVG.
 //! - [`report`]: throughput, latency percentiles, the appliance's statistics and CPU time,
 //!   and the raw signing cost measured in the same run.
 
 pub mod appliance;
 pub mod pacing;
+pub mod plot;
 pub mod report;
 pub mod run;
 pub mod workload;

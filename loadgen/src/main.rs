@@ -51,6 +51,9 @@ enum Command {
         /// Where to write the JSON of every point.
         #[arg(long, default_value = "sweep.json")]
         out: PathBuf,
+        /// Where to write the plot: throughput and p99 latency against mean session size.
+        #[arg(long, default_value = "sweep.svg")]
+        svg: PathBuf,
     },
     /// Run the appliance itself (what `indiciad` runs), with indiciad's flags.
     #[command(hide = true)]
@@ -254,8 +257,10 @@ fn sweep(
     caps: &[usize],
     in_flight: &[usize],
     out_path: &std::path::Path,
+    svg_path: &std::path::Path,
 ) -> Result<String, Box<dyn std::error::Error>> {
     let mut points = Vec::new();
+    let mut plotted = Vec::new();
     let mut table = format!(
         "{:>5} {:>9} {:>11} {:>9} {:>9} {:>9} {:>13} {:>8}\n",
         "cap", "in flight", "indicia/s", "per sess", "p50 ms", "p99 ms", "CPU/indicium", "vs raw"
@@ -313,6 +318,12 @@ fn sweep(
                 cpu,
                 cpu / report.raw_sign_us,
             ));
+            plotted.push(indicia_loadgen::plot::Point {
+                in_flight: total,
+                session_size_mean: report.session_size_mean(),
+                indicia_per_s: report.indicia_per_s(),
+                latency_p99_ms: report.tally.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+            });
             let mut point = report.to_json();
             point["session_indicia_max"] = cap.into();
             point["in_flight"] = total.into();
@@ -320,10 +331,12 @@ fn sweep(
         }
     }
     std::fs::write(out_path, serde_json::to_string_pretty(&points)?)?;
+    indicia_loadgen::plot::write_svg(&plotted, svg_path)?;
     table.push_str(&format!(
-        "\n{} points written to {}\n",
+        "\n{} points written to {}, the plot to {}\n",
         points.len(),
-        out_path.display()
+        out_path.display(),
+        svg_path.display()
     ));
     Ok(table)
 }
@@ -338,7 +351,8 @@ fn main() -> ExitCode {
             caps,
             in_flight,
             out,
-        } => sweep(duration, &caps, &in_flight, &out),
+            svg,
+        } => sweep(duration, &caps, &in_flight, &out, &svg),
         Command::Appliance { args } => {
             return indiciad::service::main_with(
                 std::iter::once(std::ffi::OsString::from("indiciad")).chain(args),
