@@ -55,6 +55,13 @@ enum Command {
         #[arg(long, default_value = "sweep.svg")]
         svg: PathBuf,
     },
+    /// Draw the plot again from a sweep's JSON, without measuring.
+    Plot {
+        #[arg(long, default_value = "sweep.json")]
+        from: PathBuf,
+        #[arg(long, default_value = "sweep.svg")]
+        svg: PathBuf,
+    },
     /// Run the appliance itself (what `indiciad` runs), with indiciad's flags.
     #[command(hide = true)]
     Appliance {
@@ -341,6 +348,35 @@ fn sweep(
     Ok(table)
 }
 
+fn replot(
+    from: &std::path::Path,
+    svg: &std::path::Path,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let points: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(from)?)?;
+    let field = |point: &serde_json::Value, path: &[&str]| {
+        path.iter()
+            .try_fold(point, |value, key| value.get(key))
+            .and_then(serde_json::Value::as_f64)
+            .ok_or_else(|| format!("{}: a point without {}", from.display(), path.join(".")))
+    };
+    let mut plotted = Vec::new();
+    for point in &points {
+        plotted.push(indicia_loadgen::plot::Point {
+            in_flight: field(point, &["in_flight"])? as usize,
+            session_size_mean: field(point, &["appliance", "session_size_mean"])?,
+            indicia_per_s: field(point, &["indicia_per_s"])?,
+            latency_p99_ms: field(point, &["latency_us", "p99"])? / 1000.0,
+        });
+    }
+    indicia_loadgen::plot::write_svg(&plotted, svg)?;
+    Ok(format!(
+        "{} points from {} drawn in {}\n",
+        plotted.len(),
+        from.display(),
+        svg.display()
+    ))
+}
+
 fn main() -> ExitCode {
     let Args { command } = Args::parse();
     let result = match command {
@@ -353,6 +389,7 @@ fn main() -> ExitCode {
             out,
             svg,
         } => sweep(duration, &caps, &in_flight, &out, &svg),
+        Command::Plot { from, svg } => replot(&from, &svg),
         Command::Appliance { args } => {
             return indiciad::service::main_with(
                 std::iter::once(std::ffi::OsString::from("indiciad")).chain(args),

@@ -60,6 +60,11 @@ pub fn write_svg(points: &[Point], path: &Path) -> Result<(), Error> {
             .configure_mesh()
             .x_desc("indicia per session (log)")
             .y_desc(label)
+            .x_labels(8)
+            .y_labels(6)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .light_line_style(WHITE)
             .draw()?;
         for (index, (level, line)) in by_level.iter().enumerate() {
             let color = Palette99::pick(index).to_rgba();
