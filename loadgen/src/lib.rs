@@ -7,11 +7,14 @@
 //! - [`appliance`]: the appliance as a child process (this program's `appliance`
 //!   subcommand runs `indiciad`'s code).
 //! - [`plot`]: the sweep's SVG.
+//! - `peer` (feature `softhsm`): the same signatures through SoftHSM2, for comparison.
 //! - [`report`]: throughput, latency percentiles, the appliance's statistics and CPU time,
 //!   and the raw signing cost measured in the same run.
 
 pub mod appliance;
 pub mod pacing;
+#[cfg(feature = "softhsm")]
+pub mod peer;
 pub mod plot;
 pub mod report;
 pub mod run;

@@ -55,6 +55,16 @@ enum Command {
         #[arg(long, default_value = "sweep.svg")]
         svg: PathBuf,
     },
+    /// Signatures per CPU-second: aws-lc-rs directly, SoftHSM2 through PKCS#11, and the
+    /// appliance under load (signing, accounting, durable commit, TCP), in one run.
+    #[cfg(feature = "softhsm")]
+    Peer {
+        #[arg(long, default_value = "/usr/lib/softhsm/libsofthsm2.so")]
+        module: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
     /// Draw the plot again from a sweep's JSON, without measuring.
     Plot {
         #[arg(long, default_value = "sweep.json")]
@@ -259,6 +269,57 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
     Ok(out)
 }
 
+/// One load against a fresh appliance: one ECDSA vPSD, `session_indicia_max` = `cap`,
+/// closed loop with `total` single-indicium requests in flight over up to 8 connections.
+fn fresh_point(
+    cap: usize,
+    total: usize,
+    duration: f64,
+) -> Result<indicia_loadgen::report::Report, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("indiciad.toml");
+    std::fs::write(
+        &config_path,
+        format!("[engine]\nsession_indicia_max = {cap}\n"),
+    )?;
+    let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
+    let credential = appliance.admin_credential()?;
+    let picker = VpsdPicker::new(DEMO_FIRST_VPSD, 1, Distribution::Uniform);
+    let mut admin = Client::connect(appliance.addr, &credential)?;
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        picker.ids(),
+        Algorithm::EcdsaP256,
+        100_000_000,
+        &appliance.provider_key(),
+    )?;
+    drop(admin);
+    let connections = total.clamp(1, 8);
+    let config = RunConfig {
+        addr: appliance.addr,
+        credential: credential.clone(),
+        connections,
+        mode: Mode::Closed {
+            window: total.div_ceil(connections),
+        },
+        duration: Duration::from_secs_f64(duration),
+        picker,
+        batch: 1,
+        postage_mills: 730,
+        verify_every: 100,
+        seed: 1,
+    };
+    let report = indicia_loadgen::measure(
+        &format!("cap {cap}, {total} in flight"),
+        &config,
+        &credential,
+        Algorithm::EcdsaP256,
+        Some(appliance.pid()),
+    )?;
+    appliance.stop()?;
+    Ok(report)
+}
+
 fn sweep(
     duration: f64,
     caps: &[usize],
@@ -274,47 +335,7 @@ fn sweep(
     );
     for &total in in_flight {
         for &cap in caps {
-            let dir = tempfile::tempdir()?;
-            let config_path = dir.path().join("indiciad.toml");
-            std::fs::write(
-                &config_path,
-                format!("[engine]\nsession_indicia_max = {cap}\n"),
-            )?;
-            let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
-            let credential = appliance.admin_credential()?;
-            let picker = VpsdPicker::new(DEMO_FIRST_VPSD, 1, Distribution::Uniform);
-            let mut admin = Client::connect(appliance.addr, &credential)?;
-            indicia_loadgen::prepare_vpsds(
-                &mut admin,
-                picker.ids(),
-                Algorithm::EcdsaP256,
-                100_000_000,
-                &appliance.provider_key(),
-            )?;
-            drop(admin);
-            let connections = total.clamp(1, 8);
-            let config = RunConfig {
-                addr: appliance.addr,
-                credential: credential.clone(),
-                connections,
-                mode: Mode::Closed {
-                    window: total.div_ceil(connections),
-                },
-                duration: Duration::from_secs_f64(duration),
-                picker,
-                batch: 1,
-                postage_mills: 730,
-                verify_every: 100,
-                seed: 1,
-            };
-            let report = indicia_loadgen::measure(
-                &format!("cap {cap}, {total} in flight"),
-                &config,
-                &credential,
-                Algorithm::EcdsaP256,
-                Some(appliance.pid()),
-            )?;
-            appliance.stop()?;
+            let report = fresh_point(cap, total, duration)?;
             let cpu = report.cpu_per_indicium_us().unwrap_or(0.0);
             table.push_str(&format!(
                 "{cap:>5} {total:>9} {:>11.0} {:>9.1} {:>9.2} {:>9.2} {:>10.1} us {:>7.2}x\n",
@@ -377,6 +398,30 @@ fn replot(
     ))
 }
 
+#[cfg(feature = "softhsm")]
+fn peer(module: &std::path::Path, seconds: f64) -> Result<String, Box<dyn std::error::Error>> {
+    use indicia_loadgen::peer;
+    let aws_lc = peer::aws_lc_rate(seconds)?;
+    let softhsm = peer::softhsm_rate(module, seconds)?;
+    let report = fresh_point(256, 64, seconds)?;
+    let appliance = report
+        .cpu_per_indicium_us()
+        .map(|us| 1e6 / us)
+        .ok_or("no appliance CPU time")?;
+    Ok(format!(
+        "ECDSA P-256 signatures per CPU-second (this run, this machine):\n\
+         {:<58} {aws_lc:>9.0}\n\
+         {:<58} {softhsm:>9.0}\n\
+         {:<58} {appliance:>9.0}\n\
+         appliance / SoftHSM2: {:.2}x; appliance / raw aws-lc-rs: {:.2}\n",
+        "aws-lc-rs, raw signature, one thread",
+        "SoftHSM2 via PKCS#11 (SHA-256 + CKM_ECDSA), one thread",
+        "appliance: indicia per CPU-second (64 in flight, cap 256)",
+        appliance / softhsm,
+        appliance / aws_lc,
+    ))
+}
+
 fn main() -> ExitCode {
     let Args { command } = Args::parse();
     let result = match command {
@@ -390,6 +435,8 @@ fn main() -> ExitCode {
             svg,
         } => sweep(duration, &caps, &in_flight, &out, &svg),
         Command::Plot { from, svg } => replot(&from, &svg),
+        #[cfg(feature = "softhsm")]
+        Command::Peer { module, seconds } => peer(&module, seconds),
         Command::Appliance { args } => {
             return indiciad::service::main_with(
                 std::iter::once(std::ffi::OsString::from("indiciad")).chain(args),
