@@ -344,11 +344,12 @@ impl<R> ShardCore<R> {
             let Some((vpsd_id, pending)) = self.coalescer.next_session() else {
                 break;
             };
-            signed += pending
-                .iter()
-                .map(|pending| pending.job.items.len())
-                .sum::<usize>();
-            let jobs: Vec<SignJob> = pending.iter().map(|pending| pending.job.clone()).collect();
+            // Moved apart, not copied: the engine reads the jobs, the replies wait.
+            let (jobs, replies): (Vec<SignJob>, Vec<SignReply<R>>) = pending
+                .into_iter()
+                .map(|pending| (pending.job, pending.reply))
+                .unzip();
+            signed += jobs.iter().map(|job| job.items.len()).sum::<usize>();
             let prepared = self.store.engine.prepare_session(now_unix, vpsd_id, &jobs);
             let mut failure = None;
             let mut journaled = None;
@@ -370,12 +371,12 @@ impl<R> ShardCore<R> {
                 Some(sequence) => self.committing.push_back((sequence, vpsd_id)),
                 None => self.coalescer.finish(vpsd_id),
             }
-            for (pending, answer) in pending.into_iter().zip(prepared.answers) {
+            for (reply, answer) in replies.into_iter().zip(prepared.answers) {
                 let response = match &failure {
                     Some(response) => response.clone(),
-                    None => sign_response(answer, pending.reply.batch),
+                    None => sign_response(answer, reply.batch),
                 };
-                self.answer(pending.reply.reply, response);
+                self.answer(reply.reply, response);
             }
         }
         Ok(())
