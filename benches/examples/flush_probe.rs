@@ -15,6 +15,16 @@ fn map(file: &std::fs::File) -> std::io::Result<memmap2::MmapMut> {
     unsafe { memmap2::MmapMut::map_mut(file) }
 }
 
+/// A new, empty file for one measurement.
+fn new_file(path: &std::path::Path) -> std::io::Result<std::fs::File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+}
+
 fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples.sort_by(f64::total_cmp);
     samples[((samples.len() - 1) as f64 * p) as usize]
@@ -39,12 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("zeros", "msync"),
         ] {
             let path = dir.path().join(format!("{prealloc}-{sync}-{record}"));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)?;
+            let file = new_file(&path)?;
             if prealloc == "fallocate" {
                 nix::fcntl::posix_fallocate(&file, 0, len as i64)?;
             } else {
@@ -84,12 +89,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for through_map in [true, false] {
         for written_mib in [0usize, 4, 8, 16, 32, 60] {
             let path = dir.path().join(format!("grow-{through_map}-{written_mib}"));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(&path)?;
+            let file = new_file(&path)?;
             nix::fcntl::posix_fallocate(&file, 0, len as i64)?;
             let mut map = map(&file)?;
             // Written the way a journal fills a segment: appends, made durable as it goes.

@@ -3,8 +3,8 @@
 //! `cargo bench -p indicia-benches`.
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
+use indicia_client::cli::authorize;
 use indicia_proto::{Algorithm, AuthorizationKind, MailingDate, SignItem};
-use indiciad::engine::provider::authorize;
 use indiciad::engine::{ClientTag, Engine, EngineConfig, MasterKey, Record, SignJob};
 
 /// 2026-11-30T00:00:00Z.

@@ -263,14 +263,25 @@ pub fn authorize(
     sequence: u64,
     expires_unix: u64,
 ) -> ProviderAuthorization {
-    let mut authorization = ProviderAuthorization {
-        kind,
-        vpsd_id,
-        amount_mills,
-        sequence,
-        expires_unix,
-        signature: [0; 64],
-    };
+    sign_authorization(
+        key,
+        ProviderAuthorization {
+            kind,
+            vpsd_id,
+            amount_mills,
+            sequence,
+            expires_unix,
+            signature: [0; 64],
+        },
+    )
+}
+
+/// `authorization` with its signature made by `key` over
+/// [`ProviderAuthorization::signed_bytes`] (also to re-sign an altered one, in tests).
+pub fn sign_authorization(
+    key: &Ed25519KeyPair,
+    mut authorization: ProviderAuthorization,
+) -> ProviderAuthorization {
     let signature = key.sign(&authorization.signed_bytes());
     authorization.signature.copy_from_slice(signature.as_ref());
     authorization

@@ -43,6 +43,18 @@ fn now_unix() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
+/// The indicium every demo request asks for: 0.73 mailed today.
+fn demo_item() -> SignItem {
+    SignItem {
+        postage_mills: POSTAGE_MILLS,
+        mailing_date: MailingDate::from_unix_seconds(now_unix())
+            .unwrap_or(MailingDate::from_days_since_2000(0)),
+        rate_category: 1,
+        destination_zip: None,
+        data_digest: None,
+    }
+}
+
 /// CPU time (user + system) of this process's threads whose name starts with one of
 /// `prefixes`, from /proc (clock ticks of 10 ms).
 fn cpu_of_threads(prefixes: &[&str]) -> Duration {
@@ -160,14 +172,7 @@ fn run_load(
                         .unwrap_or_else(|_| unreachable!("constant bounds"));
                     let mut sent_at = HashMap::new();
                     let mut signed = 0;
-                    let item = SignItem {
-                        postage_mills: POSTAGE_MILLS,
-                        mailing_date: MailingDate::from_unix_seconds(now_unix())
-                            .unwrap_or(MailingDate::from_days_since_2000(0)),
-                        rate_category: 1,
-                        destination_zip: None,
-                        data_digest: None,
-                    };
+                    let item = demo_item();
                     loop {
                         while sent_at.len() < WINDOW && !stop.load(Ordering::Relaxed) {
                             let id = client.next_request_id();
@@ -304,17 +309,7 @@ fn show_one(config: &Config, data: &DataDir) -> Result<(), Error> {
     let server = Server::start(config, data)?;
     let admin = Credential::load(&data.path.join(indiciad::datadir::ADMIN_CREDENTIAL_FILE))?;
     let mut client = Client::connect(server.local_addr(), &admin)?;
-    let indicium: Indicium = client.sign(
-        VPSD,
-        SignItem {
-            postage_mills: POSTAGE_MILLS,
-            mailing_date: MailingDate::from_unix_seconds(now_unix())
-                .unwrap_or(MailingDate::from_days_since_2000(0)),
-            rate_category: 1,
-            destination_zip: None,
-            data_digest: None,
-        },
-    )?;
+    let indicium: Indicium = client.sign(VPSD, demo_item())?;
     let status = client.status(VPSD)?;
     let payload = &indicium.payload;
     println!(

@@ -2,6 +2,7 @@
 //! retries, hostile clients, access control, the CLI.
 #![allow(clippy::unwrap_used)]
 
+mod common;
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,12 +10,13 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use common::Rng;
 use indicia_client::{Client, ClientError, Credential};
 use indicia_proto::frame::{FrameHeader, HEADER_BYTES};
 use indicia_proto::{
     Algorithm, Decoded, ErrorCode, FrameDecoder, Indicium, ItemResult, Request, Response, Role,
 };
-use support::{item, verifies, Daemon, Rng, User};
+use support::{item, verifies, Daemon, User};
 
 fn error_code(err: &ClientError) -> ErrorCode {
     err.refusal()

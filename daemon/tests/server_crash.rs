@@ -8,6 +8,7 @@
 //! come from the journal), and must not charge again.
 #![allow(clippy::unwrap_used)]
 
+mod common;
 mod support;
 
 use std::collections::BTreeMap;
@@ -15,9 +16,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::Rng;
 use indicia_client::Client;
 use indicia_proto::{Algorithm, Indicium, Request, Response};
-use support::{item, Daemon, Rng};
+use support::{item, Daemon};
 
 const VPSDS: [u64; 3] = [31, 32, 33];
 

@@ -8,11 +8,11 @@ mod common;
 use std::sync::Arc;
 
 use common::{open, NOW};
+use indicia_client::cli::authorize;
 use indicia_proto::{
     Algorithm, AuthorizationKind, ErrorCode, Indicium, ItemResult, MailingDate, Request, Response,
     Role, SignItem, Verdict,
 };
-use indiciad::engine::provider::authorize;
 use indiciad::server::handshake::ClientEntry;
 use indiciad::server::shard::ShardCore;
 use zeroize::Zeroizing;

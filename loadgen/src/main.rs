@@ -174,6 +174,25 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
 
 const DEMO_FIRST_VPSD: u64 = 7_001;
 
+/// Provisions and funds `count` ECDSA vPSDs from DEMO_FIRST_VPSD on a fresh appliance;
+/// returns its admin credential, a picker over those vPSDs and the admin connection.
+fn funded(
+    appliance: &Appliance,
+    count: u64,
+) -> Result<(Credential, VpsdPicker, Client), Box<dyn std::error::Error>> {
+    let credential = appliance.admin_credential()?;
+    let picker = VpsdPicker::new(DEMO_FIRST_VPSD, count, Distribution::Uniform);
+    let mut admin = Client::connect(appliance.addr, &credential)?;
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        picker.ids(),
+        Algorithm::EcdsaP256,
+        100_000_000,
+        &appliance.provider_key(),
+    )?;
+    Ok((credential, picker, admin))
+}
+
 fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let appliance = Appliance::spawn(&dir.path().join("indicia-data"), None)?;
@@ -183,16 +202,7 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         appliance.addr,
         appliance.data_dir.display()
     );
-    let credential = appliance.admin_credential()?;
-    let picker = VpsdPicker::new(DEMO_FIRST_VPSD, 4, Distribution::Uniform);
-    let mut admin = Client::connect(appliance.addr, &credential)?;
-    indicia_loadgen::prepare_vpsds(
-        &mut admin,
-        picker.ids(),
-        Algorithm::EcdsaP256,
-        100_000_000,
-        &appliance.provider_key(),
-    )?;
+    let (credential, picker, mut admin) = funded(&appliance, 4)?;
     out.push_str("provisioned and funded vPSDs 7001-7004 (ECDSA P-256)\n\n");
     let mut config = RunConfig {
         addr: appliance.addr,
@@ -283,16 +293,7 @@ fn fresh_point(
         format!("[engine]\nsession_indicia_max = {cap}\n"),
     )?;
     let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
-    let credential = appliance.admin_credential()?;
-    let picker = VpsdPicker::new(DEMO_FIRST_VPSD, 1, Distribution::Uniform);
-    let mut admin = Client::connect(appliance.addr, &credential)?;
-    indicia_loadgen::prepare_vpsds(
-        &mut admin,
-        picker.ids(),
-        Algorithm::EcdsaP256,
-        100_000_000,
-        &appliance.provider_key(),
-    )?;
+    let (credential, picker, admin) = funded(&appliance, 1)?;
     drop(admin);
     let connections = total.clamp(1, 8);
     let config = RunConfig {

@@ -11,7 +11,6 @@
 pub mod error;
 pub mod idempotency;
 pub mod keys;
-pub mod provider;
 pub mod record;
 pub mod registers;
 pub mod session;

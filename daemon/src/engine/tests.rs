@@ -35,7 +35,7 @@ impl Fixture {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        provider::authorize(
+        indicia_client::cli::authorize(
             &self.provider,
             kind,
             vpsd_id,
@@ -46,7 +46,7 @@ impl Fixture {
     }
 
     fn resign(&self, authorization: &mut ProviderAuthorization) {
-        *authorization = provider::sign_authorization(&self.provider, *authorization);
+        *authorization = indicia_client::cli::sign_authorization(&self.provider, *authorization);
     }
 
     fn provision(&mut self, vpsd_id: u64, algorithm: Algorithm) {

@@ -81,7 +81,7 @@ impl Workload {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        indiciad::engine::provider::authorize(
+        indicia_client::cli::authorize(
             &self.provider,
             kind,
             vpsd_id,
