@@ -54,6 +54,9 @@ enum Command {
         /// Where to write the plot: throughput and p99 latency against mean session size.
         #[arg(long, default_value = "sweep.svg")]
         svg: PathBuf,
+        /// Shards of each appliance (0: one per core, the embedded default).
+        #[arg(long, default_value_t = 0)]
+        shards: usize,
     },
     /// Signatures per CPU-second: aws-lc-rs directly, SoftHSM2 through PKCS#11, and the
     /// appliance under load (signing, accounting, durable commit, TCP), in one run.
@@ -109,6 +112,11 @@ struct RunArgs {
     /// Indicia per request (1: `sign`; more: `sign-batch`).
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// The most request frames one write carries: the requests ready when a
+    /// connection writes go out together, as a pipelining gateway sends them (1: every
+    /// frame in its own write).
+    #[arg(long, default_value_t = FRAMES_PER_WRITE)]
+    frames_per_write: usize,
     #[arg(long, default_value = "0.73")]
     postage: String,
     /// Verify every N-th indicium offline (0: none).
@@ -153,6 +161,7 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
         duration: Duration::from_secs_f64(args.duration),
         picker,
         batch: args.batch,
+        frames_per_write: args.frames_per_write,
         postage_mills,
         verify_every: args.verify_every,
         seed: args.seed,
@@ -173,6 +182,8 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
 }
 
 const DEMO_FIRST_VPSD: u64 = 7_001;
+/// Request frames one write may carry in the demo and the sweep.
+const FRAMES_PER_WRITE: usize = 64;
 
 /// Provisions and funds `count` ECDSA vPSDs from DEMO_FIRST_VPSD on a fresh appliance;
 /// returns its admin credential, a picker over those vPSDs and the admin connection.
@@ -212,6 +223,7 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         duration: Duration::from_secs_f64(duration),
         picker,
         batch: 1,
+        frames_per_write: FRAMES_PER_WRITE,
         postage_mills: 730,
         verify_every: 50,
         seed: 1,
@@ -279,39 +291,62 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
     Ok(out)
 }
 
+/// One sweep point's load: closed loop with this many requests in flight in all, or
+/// open loop at this rate; over 8 connections (fewer if fewer are in flight).
+#[derive(Clone, Copy)]
+enum Load {
+    InFlight(usize),
+    Rate(f64),
+}
+
 /// One load against a fresh appliance: one ECDSA vPSD, `session_indicia_max` = `cap`,
-/// closed loop with `total` single-indicium requests in flight over up to 8 connections.
+/// single-indicium requests.
 fn fresh_point(
     cap: usize,
-    total: usize,
+    shards: usize,
+    load: Load,
     duration: f64,
 ) -> Result<indicia_loadgen::report::Report, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("indiciad.toml");
     std::fs::write(
         &config_path,
-        format!("[engine]\nsession_indicia_max = {cap}\n"),
+        format!("shards = {shards}\n\n[engine]\nsession_indicia_max = {cap}\n"),
     )?;
     let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
     let (credential, picker, admin) = funded(&appliance, 1)?;
     drop(admin);
-    let connections = total.clamp(1, 8);
+    let (connections, mode, label) = match load {
+        Load::InFlight(total) => {
+            let connections = total.clamp(1, 8);
+            let window = total.div_ceil(connections);
+            (
+                connections,
+                Mode::Closed { window },
+                format!("cap {cap}, {total} in flight"),
+            )
+        }
+        Load::Rate(rate_per_s) => (
+            8,
+            Mode::Open { rate_per_s },
+            format!("cap {cap}, open loop at {rate_per_s:.0} requests/s"),
+        ),
+    };
     let config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
         connections,
-        mode: Mode::Closed {
-            window: total.div_ceil(connections),
-        },
+        mode,
         duration: Duration::from_secs_f64(duration),
         picker,
         batch: 1,
+        frames_per_write: FRAMES_PER_WRITE,
         postage_mills: 730,
         verify_every: 100,
         seed: 1,
     };
     let report = indicia_loadgen::measure(
-        &format!("cap {cap}, {total} in flight"),
+        &label,
         &config,
         &credential,
         Algorithm::EcdsaP256,
@@ -321,22 +356,35 @@ fn fresh_point(
     Ok(report)
 }
 
-fn sweep(
+struct SweepArgs<'a> {
     duration: f64,
-    caps: &[usize],
-    in_flight: &[usize],
-    out_path: &std::path::Path,
-    svg_path: &std::path::Path,
+    caps: &'a [usize],
+    in_flight: &'a [usize],
+    shards: usize,
+    out_path: &'a std::path::Path,
+    svg_path: &'a std::path::Path,
+}
+
+fn sweep(
+    SweepArgs {
+        duration,
+        caps,
+        in_flight,
+        shards,
+        out_path,
+        svg_path,
+    }: SweepArgs<'_>,
 ) -> Result<String, Box<dyn std::error::Error>> {
     let mut points = Vec::new();
     let mut plotted = Vec::new();
+    let mut saturation: Option<(usize, f64)> = None;
     let mut table = format!(
         "{:>5} {:>9} {:>11} {:>9} {:>9} {:>9} {:>13} {:>8}\n",
         "cap", "in flight", "indicia/s", "per sess", "p50 ms", "p99 ms", "CPU/indicium", "vs raw"
     );
     for &total in in_flight {
         for &cap in caps {
-            let report = fresh_point(cap, total, duration)?;
+            let report = fresh_point(cap, shards, Load::InFlight(total), duration)?;
             let cpu = report.cpu_per_indicium_us().unwrap_or(0.0);
             table.push_str(&format!(
                 "{cap:>5} {total:>9} {:>11.0} {:>9.1} {:>9.2} {:>9.2} {:>10.1} us {:>7.2}x\n",
@@ -357,7 +405,36 @@ fn sweep(
             point["session_indicia_max"] = cap.into();
             point["in_flight"] = total.into();
             points.push(point);
+            if cap > 1 && report.indicia_per_s() > saturation.map_or(0.0, |(_, rate)| rate) {
+                saturation = Some((cap, report.indicia_per_s()));
+            }
         }
+    }
+    // Latency at half the saturation rate: the best coalescing point's throughput, halved,
+    // offered open loop (coordinated omission corrected) to a fresh appliance.
+    if let Some((cap, rate)) = saturation {
+        let half = (rate / 2.0).round().max(1.0);
+        let report = fresh_point(cap, shards, Load::Rate(half), duration)?;
+        let latency = &report.tally.latency_us;
+        let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
+        table.push_str(&format!(
+            "\nopen loop at half the saturation rate ({rate:.0}/s at cap {cap}): {half:.0} requests/s \
+             offered, {:.0} indicia/s, {:.1} per session; latency p50 {:.2} ms, p90 {:.2} ms, \
+             p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; CPU/indicium {:.1} us = {:.2}x raw\n",
+            report.indicia_per_s(),
+            report.session_size_mean(),
+            ms(0.5),
+            ms(0.9),
+            ms(0.99),
+            ms(0.999),
+            latency.max() as f64 / 1000.0,
+            report.cpu_per_indicium_us().unwrap_or(0.0),
+            report.cpu_per_indicium_us().unwrap_or(0.0) / report.raw_sign_us,
+        ));
+        let mut point = report.to_json();
+        point["session_indicia_max"] = cap.into();
+        point["open_loop_rate_per_s"] = half.into();
+        points.push(point);
     }
     std::fs::write(out_path, serde_json::to_string_pretty(&points)?)?;
     indicia_loadgen::plot::write_svg(&plotted, svg_path)?;
@@ -382,7 +459,11 @@ fn replot(
             .ok_or_else(|| format!("{}: a point without {}", from.display(), path.join(".")))
     };
     let mut plotted = Vec::new();
-    for point in &points {
+    // The open-loop point has no in-flight level; the plot is of the closed-loop grid.
+    for point in points
+        .iter()
+        .filter(|point| point.get("in_flight").is_some())
+    {
         plotted.push(indicia_loadgen::plot::Point {
             in_flight: field(point, &["in_flight"])? as usize,
             session_size_mean: field(point, &["appliance", "session_size_mean"])?,
@@ -434,7 +515,15 @@ fn main() -> ExitCode {
             in_flight,
             out,
             svg,
-        } => sweep(duration, &caps, &in_flight, &out, &svg),
+            shards,
+        } => sweep(SweepArgs {
+            duration,
+            caps: &caps,
+            in_flight: &in_flight,
+            shards,
+            out_path: &out,
+            svg_path: &svg,
+        }),
         Command::Plot { from, svg } => replot(&from, &svg),
         #[cfg(feature = "softhsm")]
         Command::Peer { module, seconds } => peer(&module, seconds),

@@ -62,6 +62,10 @@ pub struct RunConfig {
     pub picker: VpsdPicker,
     /// Items per request: 1 sends `sign`, more send `sign-batch`.
     pub batch: usize,
+    /// The most request frames one write carries. A connection stands for many users
+    /// (a shipping station's gateway): the requests that are ready when it writes go out
+    /// together, as a pipelining client sends them. 1 sends every frame on its own.
+    pub frames_per_write: usize,
     pub postage_mills: u64,
     /// Verify every n-th indicium offline (0: none).
     pub verify_every: u64,
@@ -334,51 +338,79 @@ fn send(
         )),
         Mode::Closed { .. } => None,
     };
+    let frames_per_write = config.frames_per_write.max(1);
     let mut frame = vec![0u8; FRAME_BYTES_MAX];
+    let mut out = Vec::new();
     let mut n = 0u64;
     loop {
-        let due = match (config.mode, schedule) {
+        // How many requests go out in this write, and from when each one counts.
+        let (count, first_due) = match (config.mode, schedule) {
             (Mode::Open { .. }, Some(schedule)) => {
                 let due = schedule.due(n);
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep(due - now);
                 }
-                due
+                // Everything already due goes out with it (the writer may have been late).
+                let late = schedule.due_by(Instant::now()).saturating_sub(n);
+                (
+                    usize::try_from(late)
+                        .unwrap_or(usize::MAX)
+                        .clamp(1, frames_per_write),
+                    due,
+                )
             }
             (Mode::Closed { window }, _) => {
+                let window = window.max(1);
                 let mut requests = in_flight.lock();
-                while requests.len() >= window.max(1) && Instant::now() < deadline {
+                while requests.len() >= window && Instant::now() < deadline {
                     requests = in_flight
                         .room
                         .wait_timeout(requests, Duration::from_millis(50))
                         .unwrap_or_else(PoisonError::into_inner)
                         .0;
                 }
-                Instant::now()
+                let room = window.saturating_sub(requests.len()).max(1);
+                (room.min(frames_per_write), Instant::now())
             }
-            (Mode::Open { .. }, None) => Instant::now(),
+            (Mode::Open { .. }, None) => (1, Instant::now()),
         };
-        if due >= deadline {
+        if first_due >= deadline {
             return Ok(());
         }
-        let vpsd_id = config.picker.pick(&mut rng);
-        let request = if config.batch <= 1 {
-            Request::Sign { vpsd_id, item }
-        } else {
-            Request::SignBatch {
-                vpsd_id,
-                items: vec![item; config.batch],
+        out.clear();
+        let mut sent = Vec::with_capacity(count);
+        for offset in 0..count as u64 {
+            let due = match schedule {
+                Some(schedule) => schedule.due(n + offset),
+                None => first_due,
+            };
+            if due >= deadline {
+                break;
             }
-        };
-        let id = next_id;
-        next_id = next_id.wrapping_add(1);
-        let len = request
-            .encode_frame(1, id, &mut frame)
-            .map_err(|err| LoadError::Protocol(format!("cannot encode: {err}")))?;
-        in_flight.lock().insert(id, due);
-        stream.write_all(&frame[..len])?;
-        n += 1;
+            let vpsd_id = config.picker.pick(&mut rng);
+            let request = if config.batch <= 1 {
+                Request::Sign { vpsd_id, item }
+            } else {
+                Request::SignBatch {
+                    vpsd_id,
+                    items: vec![item; config.batch],
+                }
+            };
+            let id = next_id;
+            next_id = next_id.wrapping_add(1);
+            let len = request
+                .encode_frame(1, id, &mut frame)
+                .map_err(|err| LoadError::Protocol(format!("cannot encode: {err}")))?;
+            out.extend_from_slice(&frame[..len]);
+            sent.push((id, due));
+        }
+        if sent.is_empty() {
+            return Ok(());
+        }
+        n += sent.len() as u64;
+        in_flight.lock().extend(sent);
+        stream.write_all(&out)?;
     }
 }
 

@@ -38,6 +38,7 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         duration: Duration::from_millis(700),
         picker,
         batch: 1,
+        frames_per_write: 4,
         postage_mills: 10,
         verify_every: 10,
         seed: 5,
