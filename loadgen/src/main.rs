@@ -485,7 +485,7 @@ fn peer(module: &std::path::Path, seconds: f64) -> Result<String, Box<dyn std::e
     use indicia_loadgen::peer;
     let aws_lc = peer::aws_lc_rate(seconds)?;
     let softhsm = peer::softhsm_rate(module, seconds)?;
-    let report = fresh_point(256, 64, seconds)?;
+    let report = fresh_point(256, 0, Load::InFlight(64), seconds)?;
     let appliance = report
         .cpu_per_indicium_us()
         .map(|us| 1e6 / us)
