@@ -10,7 +10,10 @@
 //! A new `Client` starts its ids at a random point so that two processes using the same
 //! credential do not collide.
 
+pub mod barcode;
 pub mod cli;
+pub mod provider;
+pub mod verify;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -453,9 +456,18 @@ impl Client {
 
     /// The current public key (SubjectPublicKeyInfo, DER), its algorithm and serial.
     pub fn public_key(&mut self, vpsd_id: u64) -> Result<(indicia_proto::Algorithm, u32, Vec<u8>)> {
+        self.public_key_of(vpsd_id, None)
+    }
+
+    /// The public key of one serial (`None`: the current one).
+    pub fn public_key_of(
+        &mut self,
+        vpsd_id: u64,
+        key_serial: Option<u32>,
+    ) -> Result<(indicia_proto::Algorithm, u32, Vec<u8>)> {
         match self.call_ok(&Request::PublicKey {
             vpsd_id,
-            key_serial: None,
+            key_serial,
         })? {
             Response::PublicKeyInfo {
                 algorithm,
@@ -464,6 +476,32 @@ impl Client {
                 ..
             } => Ok((algorithm, key_serial, spki_der)),
             other => Err(unexpected("public-key", &other)),
+        }
+    }
+
+    /// Online verification: the appliance's verdict on an indicium's bytes, with the vPSD
+    /// id and piece number it names.
+    pub fn verify(&mut self, indicium: &[u8]) -> Result<(indicia_proto::Verdict, u64, u64)> {
+        match self.call_ok(&Request::Verify {
+            indicium: indicium.to_vec(),
+        })? {
+            Response::Verified {
+                verdict,
+                vpsd_id,
+                piece_number,
+            } => Ok((verdict, vpsd_id, piece_number)),
+            other => Err(unexpected("verify", &other)),
+        }
+    }
+
+    /// Withdraws a vPSD: its descending register is refunded and it is retired for good.
+    pub fn withdraw(&mut self, vpsd_id: u64) -> Result<(u64, VpsdStatus)> {
+        match self.call_ok(&Request::Withdraw { vpsd_id })? {
+            Response::Withdrawn {
+                refund_mills,
+                status,
+            } => Ok((refund_mills, status)),
+            other => Err(unexpected("withdraw", &other)),
         }
     }
 

@@ -68,6 +68,8 @@ pub struct ServerConfig {
     pub cross_shard_channel: usize,
     /// On SIGTERM, how long to wait for running work to be answered before exiting.
     pub drain_timeout_ms: u64,
+    /// How often the integrity monitor audits every journal in the background (0: never).
+    pub audit_interval_s: u64,
 }
 
 impl Default for ServerConfig {
@@ -82,6 +84,7 @@ impl Default for ServerConfig {
             linger_us: 0,
             cross_shard_channel: 1024,
             drain_timeout_ms: 30_000,
+            audit_interval_s: 3_600,
         }
     }
 }

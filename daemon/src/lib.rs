@@ -8,6 +8,7 @@
 //! - [`service`]: the `indiciad` program around it: flags, signals, systemd.
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod config;
 pub mod datadir;
 pub mod engine;

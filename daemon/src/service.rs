@@ -29,10 +29,10 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 )]
 struct Args {
     /// TOML configuration file (without it: the embedded default).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     config: Option<PathBuf>,
     /// Data directory (master key, credentials, journals); overrides the config file.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Address to listen on; overrides the config file.
     #[arg(long, value_name = "ADDR")]
@@ -40,6 +40,134 @@ struct Args {
     /// Number of shards (0: one per core); overrides the config file.
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Tool>,
+}
+
+/// Offline tools on a data directory (the appliance itself runs without a subcommand).
+#[derive(Debug, clap::Subcommand)]
+enum Tool {
+    /// The integrity monitor: read the journals read-only and check the chain, checksums,
+    /// every invariant and every indicium's signature; with --ledger, reconcile a ledger
+    /// file against the journals. Exit status 0 when clean, 1 on any finding.
+    Audit {
+        /// Reconcile this ledger (JSON lines or CSV, as export-ledger writes it).
+        #[arg(long, value_name = "FILE")]
+        ledger: Option<PathBuf>,
+        /// The master key file, when it is not in the data directory (a credential).
+        #[arg(long, value_name = "FILE")]
+        master_key: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write the transaction log (one line per refill, session and withdrawal) for the
+    /// provider's accounting system.
+    ExportLedger {
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+        format: String,
+        /// Where to write it (default: standard output).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        master_key: Option<PathBuf>,
+    },
+}
+
+/// Exit status of `audit` when it found something.
+const EXIT_FINDINGS: u8 = 1;
+/// Exit status of a tool that could not run (unreadable data directory, key, ledger).
+const EXIT_TOOL_FAILED: u8 = 2;
+
+fn audit_report(
+    config: &Config,
+    master_key: Option<&std::path::Path>,
+) -> Result<crate::audit::AuditReport, String> {
+    let credential = master_key.map(PathBuf::from).or_else(|| {
+        std::env::var_os("CREDENTIALS_DIRECTORY")
+            .map(|dir| PathBuf::from(dir).join(crate::datadir::MASTER_KEY_FILE))
+            .filter(|path| path.exists())
+    });
+    crate::audit::audit_data_dir(
+        std::path::Path::new(&config.data_dir),
+        credential.as_deref(),
+        &config.engine_config(),
+    )
+    .map_err(|err| err.to_string())
+}
+
+/// Runs an offline tool; prints to standard output; returns the exit status.
+fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let mut print = |text: &str| {
+        stdout
+            .write_all(text.as_bytes())
+            .map_err(|err| format!("standard output: {err}"))
+    };
+    match tool {
+        Tool::Audit {
+            ledger,
+            master_key,
+            json,
+        } => {
+            let report = audit_report(config, master_key.as_deref())?;
+            let reconciliation = match &ledger {
+                Some(path) => {
+                    let lines = crate::audit::read_ledger(path).map_err(|err| err.to_string())?;
+                    Some(crate::audit::reconcile(&report.ledger(), &lines))
+                }
+                None => None,
+            };
+            if json {
+                let mut value = report.to_json();
+                if let Some(reconciliation) = &reconciliation {
+                    value["ledger"] = reconciliation.to_json();
+                }
+                print(&format!("{value}\n"))?;
+            } else {
+                print(&report.to_text())?;
+                if let Some(reconciliation) = &reconciliation {
+                    print(&reconciliation.to_text())?;
+                }
+            }
+            let clean = report.is_clean() && reconciliation.as_ref().is_none_or(|r| r.is_clean());
+            Ok(if clean { 0 } else { EXIT_FINDINGS })
+        }
+        Tool::ExportLedger {
+            format,
+            out,
+            master_key,
+        } => {
+            let report = audit_report(config, master_key.as_deref())?;
+            let mut text = String::new();
+            if format == "csv" {
+                text.push_str(&crate::audit::LEDGER_COLUMNS.join(","));
+                text.push('\n');
+            }
+            for line in report.ledger() {
+                if format == "csv" {
+                    text.push_str(&line.to_csv());
+                } else {
+                    text.push_str(&line.to_json().to_string());
+                }
+                text.push('\n');
+            }
+            match &out {
+                Some(path) => std::fs::write(path, &text)
+                    .map_err(|err| format!("{}: {err}", path.display()))?,
+                None => print(&text)?,
+            }
+            if !report.is_clean() {
+                // The ledger holds what the journal shows; the operator must know it is
+                // not clean (run audit for the findings).
+                tracing::warn!(
+                    "the journal has {} finding(s): run `indiciad audit`",
+                    report.findings().count()
+                );
+            }
+            Ok(0)
+        }
+    }
 }
 
 fn init_logging() {
@@ -229,6 +357,20 @@ where
         }
     };
     init_logging();
+    if let Some(tool) = args.command {
+        let outcome = load_config(&Args {
+            command: None,
+            ..args
+        })
+        .and_then(|config| run_tool(&config, tool));
+        return match outcome {
+            Ok(status) => ExitCode::from(status),
+            Err(message) => {
+                tracing::error!("{message}");
+                ExitCode::from(EXIT_TOOL_FAILED)
+            }
+        };
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {

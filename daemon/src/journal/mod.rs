@@ -191,7 +191,13 @@ impl Journal {
             .open(dir.join("LOCK"))?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| JournalError::Locked(dir.to_owned()))?;
-        let recovered = recovery::recover(dir, shard, &key, engine)?;
+        let closed = read_closed(dir)?;
+        let recovered = recovery::recover(dir, shard, &key, engine, closed)?;
+        if closed.is_some() {
+            // Gone before anything new is written: from here on the journal is open.
+            std::fs::remove_file(dir.join(CLOSED_FILE))?;
+            segment::sync_dir(dir)?;
+        }
         let (current, offset) = match recovered.tail {
             Some(tail) => (tail.segment, tail.offset),
             None => {
@@ -409,6 +415,56 @@ impl Journal {
     pub fn is_poisoned(&self) -> bool {
         self.poisoned
     }
+
+    /// Makes everything durable and writes the `CLOSED` marker (last sequence and chain
+    /// value): the next recovery, and the audit, then know that every record up to it was
+    /// durable, so that damage there is corruption to report, never a torn tail to cut.
+    /// Nothing may be appended after it.
+    pub fn close_cleanly(&mut self) -> Result<u64, JournalError> {
+        let durable = self.flush()?;
+        let text = format!("{CLOSED_MAGIC} {durable} {}\n", hex::encode(self.chain));
+        let path = self.dir.join(CLOSED_FILE);
+        let mut file = std::fs::File::create(&path)?;
+        std::io::Write::write_all(&mut file, text.as_bytes())?;
+        file.sync_all()?;
+        segment::sync_dir(&self.dir)?;
+        self.poisoned = true;
+        Ok(durable)
+    }
+}
+
+/// The marker a clean close leaves in the journal directory (removed when it is opened).
+pub const CLOSED_FILE: &str = "CLOSED";
+const CLOSED_MAGIC: &str = "indicia-closed-v1";
+
+/// Reads the `CLOSED` marker, if there is one: `indicia-closed-v1 <sequence> <chain hex>`.
+pub fn read_closed(dir: &Path) -> Result<Option<recovery::Expected>, JournalError> {
+    let path = dir.join(CLOSED_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err.into()),
+    };
+    let malformed = || {
+        JournalError::Io(io::Error::other(format!(
+            "{}: not a `{CLOSED_MAGIC} <sequence> <chain>` marker",
+            path.display()
+        )))
+    };
+    let mut fields = text.split_whitespace();
+    if fields.next() != Some(CLOSED_MAGIC) {
+        return Err(malformed());
+    }
+    let sequence: u64 = fields
+        .next()
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(malformed)?;
+    let mut chain = [0u8; CHAIN_BYTES];
+    hex::decode_to_slice(fields.next().unwrap_or_default(), &mut chain).map_err(|_| malformed())?;
+    Ok(Some(recovery::Expected {
+        sequence,
+        closed_chain: Some(chain),
+    }))
 }
 
 /// A shard's engine and journal together: every change goes to the journal first, then

@@ -80,6 +80,8 @@ pub struct RecoveryReport {
     pub locked: BTreeMap<u64, String>,
     /// Set when losses could not be attributed: provisioning is refused on the shard.
     pub provisioning_blocked: Option<String>,
+    /// The audit only: what lies after the last good record (not a finding).
+    pub tail_note: Option<String>,
 }
 
 impl RecoveryReport {
@@ -162,7 +164,8 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>
             };
             // Every byte offset, not just aligned ones: bytes cut out of the middle shift
             // the records after them off the 8-byte grid.
-            let resync = (offset + 1..search_end.saturating_sub(RECORD_HEADER_BYTES - 1))
+            // Nothing can start past the last non-zero byte.
+            let resync = (offset + 1..(offset + last + 1).saturating_sub(RECORD_HEADER_BYTES - 1))
                 .find(|at| header_at(bytes, *at).is_some());
             if let Some(next) = resync {
                 entries.push(Entry::Unreadable { offset, end: next });
@@ -193,7 +196,12 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>
             entries.push(Entry::Damaged { offset, header });
             // Its length cannot be trusted either (bytes may have been cut out of it): go
             // on at the next readable header, wherever it is.
-            offset = (offset + 1..bytes.len().saturating_sub(RECORD_HEADER_BYTES - 1))
+            // (Searched up to the last non-zero byte only: nothing starts in zeros.)
+            let written_end = bytes[offset..]
+                .iter()
+                .rposition(|b| *b != 0)
+                .map_or(offset, |last| offset + last + 1);
+            offset = (offset + 1..written_end.saturating_sub(RECORD_HEADER_BYTES - 1))
                 .find(|at| header_at(bytes, *at).is_some())
                 .unwrap_or(end);
             continue;
@@ -263,8 +271,24 @@ fn starts_with_checkpoint(segment: &Segment, key: &ChainKey) -> bool {
     }
 }
 
-struct Replay<'a> {
+/// What the journal is known to hold, beyond what its bytes say: damage at or before
+/// `sequence` is corruption, never a torn tail to cut.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// Records up to this sequence were durable.
+    pub sequence: u64,
+    /// Set when the appliance closed the journal cleanly (its `CLOSED` marker): then no
+    /// record may follow `sequence`, and the last record's chain value must be this.
+    pub closed_chain: Option<[u8; CHAIN_BYTES]>,
+}
+
+/// The audit's look at each record recovery applied: it gets the state after the record
+/// and returns what it found wrong (each becomes a finding and locks the vPSD).
+pub type Observer<'o> = dyn FnMut(&Engine, u64, &crate::engine::Record) -> Vec<String> + 'o;
+
+struct Replay<'a, 'o> {
     engine: &'a mut Engine,
+    observer: Option<&'a mut Observer<'o>>,
     report: RecoveryReport,
     /// Records lost without a trustworthy header.
     unattributed: u64,
@@ -274,7 +298,7 @@ struct Replay<'a> {
     state_lost: bool,
 }
 
-impl Replay<'_> {
+impl Replay<'_, '_> {
     fn finding(
         &mut self,
         segment: u64,
@@ -373,6 +397,14 @@ impl Replay<'_> {
                 if let crate::engine::Record::Session(session) = &record {
                     self.report.indicia_replayed += session.indicia().count() as u64;
                 }
+                let problems = match self.observer.as_mut() {
+                    Some(observer) => observer(&*self.engine, sequence, &record),
+                    None => Vec::new(),
+                };
+                for what in problems {
+                    self.finding(segment, offset, Some(sequence), Some(vpsd_id), what.clone());
+                    self.lock(vpsd_id, format!("journal seq {sequence}: {what}"));
+                }
             }
             Err(err) => {
                 match &err {
@@ -419,7 +451,7 @@ enum Pending {
     },
 }
 
-impl Replay<'_> {
+impl Replay<'_, '_> {
     /// Turns pending damage into findings (a good record follows it). Returns the highest
     /// sequence number the damage accounts for by a readable header.
     fn confirm(&mut self, pending: &mut Vec<Pending>) -> u64 {
@@ -521,7 +553,37 @@ pub(super) fn recover(
     shard: u16,
     key: &ChainKey,
     engine: &mut Engine,
+    expected: Option<Expected>,
 ) -> Result<Recovered, JournalError> {
+    replay_journal(dir, shard, key, engine, expected, None)
+}
+
+/// The audit: the same scan and replay as recovery, read-only and from the first segment
+/// (the whole history, every later checkpoint checked against the replay), with
+/// `observer` looking at every record applied. Nothing is cut or written: damage after
+/// the last good record is reported in [`RecoveryReport::tail_note`] (on a live journal
+/// it is a record being written), and records that fail the MAC are findings.
+pub fn audit(
+    dir: &Path,
+    shard: u16,
+    key: &ChainKey,
+    engine: &mut Engine,
+    expected: Option<Expected>,
+    observer: &mut Observer<'_>,
+) -> Result<RecoveryReport, JournalError> {
+    replay_journal(dir, shard, key, engine, expected, Some(observer))
+        .map(|recovered| recovered.report)
+}
+
+fn replay_journal(
+    dir: &Path,
+    shard: u16,
+    key: &ChainKey,
+    engine: &mut Engine,
+    expected: Option<Expected>,
+    observer: Option<&mut Observer<'_>>,
+) -> Result<Recovered, JournalError> {
+    let audit = observer.is_some();
     let files = list(dir)?;
     if files.is_empty() {
         return Ok(Recovered {
@@ -533,9 +595,10 @@ pub(super) fn recover(
             report: RecoveryReport::default(),
         });
     }
-    // 1. The newest segment that starts with an authentic checkpoint.
+    // 1. The newest segment that starts with an authentic checkpoint (the audit reads
+    // everything).
     let mut start = 0;
-    for position in (0..files.len()).rev() {
+    for position in (0..files.len()).rev().filter(|_| !audit) {
         let (index, path) = &files[position];
         let segment = Segment::open(path, *index)?;
         if let Some(header) = segment.header {
@@ -555,6 +618,7 @@ pub(super) fn recover(
     // 2. Scan and replay.
     let mut replay = Replay {
         engine,
+        observer,
         report: RecoveryReport::default(),
         unattributed: 0,
         attributed: 0,
@@ -568,9 +632,28 @@ pub(super) fn recover(
     let mut segments = Vec::new();
     // Per scanned segment: how far anything was written (the bytes a tail cut zeroes).
     let mut extents = Vec::new();
+    if audit && files[0].0 != 1 {
+        let first = files[0].0;
+        let segment = Segment::open_read_only(&files[0].1, first)?;
+        if !starts_with_checkpoint(&segment, key) {
+            replay.finding(
+                first,
+                0,
+                None,
+                None,
+                format!("segments before {first} are gone and {first} starts with no checkpoint"),
+            );
+        }
+    }
+    // How many segments were scanned before this one.
+    let mut position = 0usize;
     for (index, path) in files.iter().skip(start) {
         let index = *index;
-        let segment = Segment::open(path, index)?;
+        let segment = if audit {
+            Segment::open_read_only(path, index)?
+        } else {
+            Segment::open(path, index)?
+        };
         replay.report.segments_scanned += 1;
         if index != expected_index {
             pending.push(Pending::SegmentMissing {
@@ -606,7 +689,7 @@ pub(super) fn recover(
                     let sequence = header.sequence;
                     let damaged_before = !pending.is_empty();
                     accounted = accounted.max(replay.confirm(&mut pending));
-                    let is_start = segments.is_empty()
+                    let is_start = position == 0
                         && offset == SEGMENT_HEADER_BYTES
                         && header.kind == kind::CHECKPOINT;
                     if sequence <= accounted {
@@ -621,7 +704,7 @@ pub(super) fn recover(
                         // Not applied, but the tail is cut after it, never before: the
                         // damage stays on disk and is found again at the next recovery.
                         if let Some((_, _, last_sequence, last_chain)) = last_good {
-                            last_good = Some((segments.len(), end, last_sequence, last_chain));
+                            last_good = Some((position, end, last_sequence, last_chain));
                         }
                         continue;
                     }
@@ -656,7 +739,7 @@ pub(super) fn recover(
                     }
                     replay.apply(index, offset, &header, &segment.bytes()[payload], is_start);
                     accounted = sequence;
-                    last_good = Some((segments.len(), end, sequence, chain));
+                    last_good = Some((position, end, sequence, chain));
                 }
                 Entry::Damaged { offset, header, .. } => pending.push(Pending::Damaged {
                     segment: index,
@@ -677,12 +760,12 @@ pub(super) fn recover(
                 }),
             }
         }
-        segments.push(segment);
+        position += 1;
+        if !audit {
+            segments.push(segment);
+        }
     }
-    // What is still pending lies after the last good record: the torn tail.
-    replay.settle();
-    let mut report = std::mem::take(&mut replay.report);
-
+    // (Recovery only; the audit reports these as findings.)
     // A crash does not leave records whose checksums hold but whose MAC fails. Several of
     // them, or one with nothing good before it, mean a journal written under another
     // master key (or altered): cutting them as a torn tail would destroy it.
@@ -695,7 +778,7 @@ pub(super) fn recover(
             _ => None,
         })
         .collect();
-    if let Some(&(segment, offset)) = forged.first() {
+    if let Some(&(segment, offset)) = forged.first().filter(|_| !audit) {
         if forged.len() > 1 || last_good.is_none() {
             return Err(JournalError::Foreign {
                 segment,
@@ -705,6 +788,122 @@ pub(super) fn recover(
         }
     }
 
+    // What the journal is known to hold decides whether damage at the end is a torn tail.
+    let last_good_sequence = last_good.map_or(0, |(_, _, sequence, _)| sequence);
+    let mut damage_at_end = false;
+    if let Some(expected) = expected {
+        let (last_segment, last_offset) = files.last().map_or((0, 0), |(index, _)| (*index, 0));
+        if last_good_sequence < expected.sequence {
+            // Durable records are damaged or gone: corruption, reported and kept on disk.
+            let named = pending
+                .iter()
+                .filter(|damage| matches!(damage, Pending::Damaged { .. }))
+                .count() as u64;
+            accounted = accounted.max(replay.confirm(&mut pending));
+            let lost = expected.sequence - last_good_sequence;
+            replay.unattributed += lost.saturating_sub(named);
+            replay.finding(
+                last_segment,
+                last_offset,
+                Some(expected.sequence),
+                None,
+                format!(
+                    "records up to seq {} were durable but the readable history ends at seq \
+                     {last_good_sequence}: {lost} record(s) damaged or lost",
+                    expected.sequence
+                ),
+            );
+            damage_at_end = true;
+        } else if let Some(chain) = expected.closed_chain {
+            let last_chain = last_good.map_or(key.genesis(), |(_, _, _, chain)| chain);
+            if last_good_sequence > expected.sequence {
+                replay.unattributed += last_good_sequence - expected.sequence;
+                replay.finding(
+                    last_segment,
+                    last_offset,
+                    Some(last_good_sequence),
+                    None,
+                    format!(
+                        "{} record(s) after the clean close at seq {}",
+                        last_good_sequence - expected.sequence,
+                        expected.sequence
+                    ),
+                );
+            } else if last_chain != chain {
+                replay.unattributed += 1;
+                replay.finding(
+                    last_segment,
+                    last_offset,
+                    Some(last_good_sequence),
+                    None,
+                    "the last record is not the one the journal was closed with".into(),
+                );
+            }
+        }
+    }
+    if audit {
+        // Records failing the MAC are findings wherever they are; the rest of what is
+        // pending after the last good record is the tail, left as it is.
+        let (mut forged, tail): (Vec<Pending>, Vec<Pending>) = pending
+            .into_iter()
+            .partition(|damage| matches!(damage, Pending::Forged { .. }));
+        replay.confirm(&mut forged);
+        replay.settle();
+        let mut report = std::mem::take(&mut replay.report);
+        if !tail.is_empty() {
+            report.tail_note = Some(format!(
+                "{} unreadable entr{} after seq {}: a record being written, or writes a \
+                 crash cut short (never acknowledged; the appliance cuts them when it starts)",
+                tail.len(),
+                if tail.len() == 1 { "y" } else { "ies" },
+                last_good.map_or(0, |(_, _, sequence, _)| sequence)
+            ));
+        }
+        report.last_sequence = last_good.map_or(0, |(_, _, sequence, _)| sequence);
+        return Ok(Recovered {
+            tail: None,
+            next_index: 0,
+            next_sequence: 0,
+            last_sequence: report.last_sequence,
+            last_chain: key.genesis(),
+            report,
+        });
+    }
+    // What is still pending lies after the last good record: the torn tail.
+    replay.settle();
+    let mut report = std::mem::take(&mut replay.report);
+
+    if damage_at_end {
+        // Nothing is cut: the damaged records stay as evidence (their vPSDs are locked),
+        // and new records go to a fresh segment after them (the one an earlier start made
+        // for them, if nothing was written to it yet).
+        report.last_sequence = last_good_sequence;
+        let next_sequence = last_good_sequence
+            .max(accounted)
+            .max(expected.map_or(0, |expected| expected.sequence))
+            + 1;
+        let last_chain = last_good.map_or(key.genesis(), |(_, _, _, chain)| chain);
+        let empty_last = extents.last() == Some(&SEGMENT_HEADER_BYTES);
+        let tail = segments.pop().filter(|segment| {
+            empty_last
+                && segment.header.is_some_and(|header| {
+                    header.first_sequence == next_sequence && header.prev_chain == last_chain
+                })
+        });
+        return Ok(Recovered {
+            tail: tail.map(|segment| Tail {
+                segment,
+                offset: SEGMENT_HEADER_BYTES,
+            }),
+            next_index: files.last().map_or(1, |(index, _)| index + 1),
+            next_sequence,
+            // Everything up to the expected sequence was durable (damaged or not): a clean
+            // close must say so again, or the next start would take the damage for a tail.
+            last_sequence: last_good_sequence.max(expected.map_or(0, |expected| expected.sequence)),
+            last_chain: last_good.map_or(key.genesis(), |(_, _, _, chain)| chain),
+            report,
+        });
+    }
     // 3. Cut the torn tail after the last good record.
     let (keep, offset, last_sequence, last_chain) = match last_good {
         Some((position, end, sequence, chain)) => (position, end, sequence, chain),

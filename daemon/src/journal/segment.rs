@@ -42,6 +42,17 @@ fn map(file: &File) -> io::Result<MmapMut> {
     unsafe { MmapMut::map_mut(file) }
 }
 
+/// Maps a whole file privately (copy-on-write) from a read-only descriptor.
+#[allow(unsafe_code)]
+fn map_private(file: &File) -> io::Result<MmapMut> {
+    // SAFETY: the map is private: writes through it never reach the file. The appliance
+    // may append to the file meanwhile (the background audit reads a live journal), but it
+    // never truncates a segment, so the mapped length stays backed; bytes appended after
+    // the map was made may or may not be seen, and a record seen half-written is a torn
+    // tail to the audit, not a finding.
+    unsafe { memmap2::MmapOptions::new().map_copy(file) }
+}
+
 /// fsync of a directory, so that a created or removed file name is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -83,6 +94,21 @@ impl Segment {
     pub fn open(path: &Path, index: u64) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let map = map(&file)?;
+        let header = SegmentHeader::decode(&map);
+        Ok(Self {
+            index,
+            path: path.to_owned(),
+            header,
+            file: Arc::new(file),
+            map,
+        })
+    }
+
+    /// Opens a segment for reading only (the audit): the file is opened read-only and
+    /// mapped copy-on-write, so nothing can reach the file through this segment.
+    pub fn open_read_only(path: &Path, index: u64) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).open(path)?;
+        let map = map_private(&file)?;
         let header = SegmentHeader::decode(&map);
         Ok(Self {
             index,

@@ -19,9 +19,10 @@ pub mod shard;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use indicia_proto::Role;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -72,6 +73,10 @@ pub struct Control {
     draining: AtomicUsize,
     /// Advanced by every shard's loop a few times a second (for the watchdog).
     heartbeats: Vec<AtomicU64>,
+    /// Each shard's durable journal sequence, for the background audit.
+    durable: Vec<AtomicU64>,
+    /// vPSDs the background audit found not to reconcile, for their shard to lock.
+    integrity: Vec<std::sync::Mutex<Vec<(u64, String)>>>,
 }
 
 impl Control {
@@ -83,6 +88,41 @@ impl Control {
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
                 left.checked_sub(1)
             });
+    }
+
+    /// Hands vPSDs that do not reconcile to their shard, which locks them.
+    pub fn lock_integrity(&self, shard: u16, locks: Vec<(u64, String)>) {
+        if let Some(queue) = self.integrity.get(usize::from(shard)) {
+            queue
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(locks);
+        }
+    }
+
+    /// What the background audit asked this shard to lock.
+    fn take_integrity(&self, shard: u16) -> Vec<(u64, String)> {
+        self.integrity
+            .get(usize::from(shard))
+            .map_or_else(Vec::new, |queue| {
+                std::mem::take(
+                    &mut *queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                )
+            })
+    }
+
+    fn set_durable(&self, shard: u16, sequence: u64) {
+        if let Some(durable) = self.durable.get(usize::from(shard)) {
+            durable.fetch_max(sequence, Ordering::AcqRel);
+        }
+    }
+
+    fn durable(&self, shard: u16) -> u64 {
+        self.durable
+            .get(usize::from(shard))
+            .map_or(0, |durable| durable.load(Ordering::Acquire))
     }
 
     /// A snapshot of every shard's heartbeat counter.
@@ -110,6 +150,8 @@ pub struct Server {
     metrics: Arc<Metrics>,
     recovery: Vec<RecoveryReport>,
     executors: Vec<glommio::ExecutorJoinHandle<Result<(), ServerError>>>,
+    /// The background integrity monitor, if configured.
+    auditor: Option<std::thread::JoinHandle<()>>,
 }
 
 /// The clients the appliance knows: the admin credential of the data directory plus those
@@ -217,6 +259,10 @@ impl Server {
             shutdown: AtomicBool::new(false),
             draining: AtomicUsize::new(usize::from(shards)),
             heartbeats: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            durable: (0..shards).map(|_| AtomicU64::new(0)).collect(),
+            integrity: (0..shards)
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect(),
         });
         let (senders, receivers) =
             runtime::mesh(usize::from(shards), config.server.cross_shard_channel);
@@ -280,6 +326,18 @@ impl Server {
         }
         let mut recovery: Vec<(u16, RecoveryReport)> = report_rx.try_iter().collect();
         recovery.sort_by_key(|(shard, _)| *shard);
+        let auditor = (failure.is_none() && config.server.audit_interval_s > 0).then(|| {
+            let shard_dirs = (0..shards)
+                .map(|index| (index, data.shard_dir(index)))
+                .collect();
+            audit_in_background(
+                Arc::clone(&control),
+                shard_dirs,
+                zeroize::Zeroizing::new(*data.master_key()),
+                config.engine_config(),
+                Duration::from_secs(config.server.audit_interval_s),
+            )
+        });
         let server = Self {
             local_addr,
             shards,
@@ -287,6 +345,7 @@ impl Server {
             metrics,
             recovery: recovery.into_iter().map(|(_, report)| report).collect(),
             executors,
+            auditor: auditor.transpose()?,
         };
         if let Some(err) = failure {
             // The shards that did start must not wait for the one that did not.
@@ -326,6 +385,11 @@ impl Server {
 
     /// Waits for every shard to stop.
     pub fn join(self) -> Result<(), ServerError> {
+        // The monitor sees the shutdown between audits; one under way is read-only and is
+        // not waited for (the process may exit under it).
+        if let Some(auditor) = self.auditor.filter(std::thread::JoinHandle::is_finished) {
+            let _ = auditor.join();
+        }
         let mut result = Ok(());
         for executor in self.executors {
             let outcome = match executor.join() {
@@ -340,6 +404,77 @@ impl Server {
         }
         result
     }
+}
+
+/// The integrity monitor of the running appliance: every `interval`, each shard's journal
+/// is audited read-only ([`crate::audit::audit_shard`], everything up to the shard's
+/// durable sequence must be there and reconcile, every signature is checked), on a thread
+/// of its own; a vPSD whose history does not reconcile is handed to its shard, which locks
+/// it (no more indicia from it) with the finding as the reason.
+fn audit_in_background(
+    control: Arc<Control>,
+    shard_dirs: Vec<(u16, PathBuf)>,
+    master_key: zeroize::Zeroizing<[u8; 32]>,
+    engine_config: crate::engine::EngineConfig,
+    interval: Duration,
+) -> Result<std::thread::JoinHandle<()>, ServerError> {
+    std::thread::Builder::new()
+        .name("indicia-audit".into())
+        .spawn(move || {
+            let stopping = || control.shutdown.load(Ordering::Acquire);
+            loop {
+                let wake = std::time::Instant::now() + interval;
+                while std::time::Instant::now() < wake {
+                    if stopping() {
+                        return;
+                    }
+                    std::thread::sleep(
+                        wake.saturating_duration_since(std::time::Instant::now())
+                            .min(Duration::from_millis(200)),
+                    );
+                }
+                for (shard, dir) in &shard_dirs {
+                    if stopping() {
+                        return;
+                    }
+                    let durable = control.durable(*shard);
+                    let started = std::time::Instant::now();
+                    match crate::audit::audit_shard(
+                        dir,
+                        *shard,
+                        &master_key,
+                        engine_config.clone(),
+                        Some(durable),
+                    ) {
+                        Ok(audit) => {
+                            let report = &audit.report;
+                            for finding in &report.findings {
+                                tracing::error!(shard, "integrity monitor: {finding}");
+                            }
+                            tracing::info!(
+                                shard,
+                                records = report.records_replayed,
+                                indicia = report.indicia_replayed,
+                                signatures = audit.signatures_checked,
+                                findings = report.findings.len(),
+                                ms = started.elapsed().as_millis() as u64,
+                                "integrity monitor: journal audited up to seq {durable}"
+                            );
+                            let locks: Vec<(u64, String)> = report
+                                .locked
+                                .iter()
+                                .map(|(id, reason)| (*id, format!("integrity monitor: {reason}")))
+                                .collect();
+                            if !locks.is_empty() {
+                                control.lock_integrity(*shard, locks);
+                            }
+                        }
+                        Err(err) => tracing::error!(shard, "integrity monitor: {err}"),
+                    }
+                }
+            }
+        })
+        .map_err(|err| ServerError::Runtime(format!("cannot start the integrity monitor: {err}")))
 }
 
 /// The CPUs this process may run on (a cpuset or CPUAffinity= can exclude some), in order.

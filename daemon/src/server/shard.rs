@@ -382,6 +382,21 @@ impl<R> ShardCore<R> {
         Ok(())
     }
 
+    /// Locks a vPSD whose history the integrity monitor found not to reconcile.
+    pub fn lock_integrity(&mut self, vpsd_id: u64, reason: &str) {
+        self.store.engine.lock_integrity(vpsd_id, reason);
+    }
+
+    /// The journal's durable sequence.
+    pub fn durable_sequence(&self) -> u64 {
+        self.store.journal.durable_sequence()
+    }
+
+    /// Marks the journal closed cleanly (after the final flush); nothing more is written.
+    pub fn close_journal(&mut self) -> Result<u64, JournalError> {
+        self.store.journal.close_cleanly()
+    }
+
     /// What the next group commit must sync, if anything is waiting for it.
     pub fn flush_ticket(&mut self) -> Option<FlushTicket> {
         self.store.journal.flush_ticket()

@@ -199,6 +199,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
             return Err(err);
         }
     };
+    control.set_durable(index, store.journal.durable_sequence());
     // SAFETY: `listener` is an open, listening TCP socket made on the main thread for this
     // shard; ownership of the descriptor passes to glommio's listener here.
     #[allow(unsafe_code)]
@@ -398,6 +399,15 @@ async fn final_flush(shard: &Rc<Shard>) {
         core.take_ready()
     };
     deliver(shard, ready);
+    // Everything is durable and answered: mark the journal closed cleanly, so that damage
+    // to its last records is found as corruption at the next start, not cut as a torn tail.
+    match shard.core.borrow_mut().close_journal() {
+        Ok(sequence) => tracing::debug!(shard = shard.index, sequence, "journal closed"),
+        Err(err) => tracing::warn!(
+            shard = shard.index,
+            "could not mark the journal closed: {err}"
+        ),
+    }
 }
 
 /// Heartbeat for the watchdog, and the shutdown trigger.
@@ -406,6 +416,10 @@ async fn watch(shard: Rc<Shard>) {
     let mut stopping = false;
     while !shard.stopped.get() {
         heartbeat.fetch_add(1, Ordering::Relaxed);
+        for (vpsd_id, reason) in shard.control.take_integrity(shard.index) {
+            tracing::error!(shard = shard.index, vpsd = vpsd_id, "locked: {reason}");
+            shard.core.borrow_mut().lock_integrity(vpsd_id, &reason);
+        }
         if !stopping && shard.control.shutdown.load(Ordering::Acquire) {
             stopping = true;
             shard.stop_accepting.notify();
@@ -501,6 +515,9 @@ async fn flush(shard: Rc<Shard>, ticket: FlushTicket) {
         if let Err(fatal) = core.complete(&ticket, result) {
             fail_stop(&fatal);
         }
+        shard
+            .control
+            .set_durable(shard.index, ticket.up_to_sequence);
         metrics.set(Counter::AwaitingDurable, core.awaiting() as u64);
         metrics.set(Counter::Flushes, core.stats().flushes);
         if core.has_sessions() {
