@@ -206,6 +206,16 @@ mod tests {
     }
 
     #[test]
+    fn indicia_fit_square_symbols_of_44_to_48_modules() {
+        // Binary data of an indicium's sizes (125 to 157 bytes), not compressible by the
+        // text encodations.
+        let bytes: Vec<u8> = (0..157u32).map(|i| (i * 97 + 13) as u8 | 0x80).collect();
+        assert_eq!(Modules::encode(&bytes[..125]).unwrap().width, 44);
+        assert_eq!(Modules::encode(&bytes[..142]).unwrap().width, 44);
+        assert_eq!(Modules::encode(&bytes).unwrap().width, 48);
+    }
+
+    #[test]
     fn the_raster_has_a_light_quiet_zone_and_dark_finder_edges() {
         let modules = Modules::encode(&[0xA5; 157]).unwrap();
         assert_eq!(modules.width, modules.height);

@@ -63,3 +63,52 @@ fn the_fixed_sizes_and_magics_in_the_doc_are_the_codes() {
         );
     }
 }
+
+fn files_md() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/FILES.md")).unwrap()
+}
+
+/// The first column of the markdown table that starts with `header`.
+fn first_column(text: &str, header: &str) -> Vec<String> {
+    let mut lines = text.lines().skip_while(|line| line.trim() != header);
+    assert!(lines.next().is_some(), "no table `{header}` in the doc");
+    lines
+        .skip(1)
+        .take_while(|line| line.starts_with('|'))
+        .map(|line| {
+            line.split('|')
+                .nth(1)
+                .unwrap()
+                .trim()
+                .trim_matches('`')
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn the_ledger_columns_in_the_doc_are_the_codes_in_order() {
+    let documented = first_column(&files_md(), "| column | meaning |");
+    assert_eq!(documented, indiciad::audit::LEDGER_COLUMNS);
+    // The CSV example's header is the same list.
+    let text = files_md();
+    assert!(text.contains(&indiciad::audit::LEDGER_COLUMNS.join(",")));
+}
+
+#[test]
+fn the_authorization_file_keys_in_the_doc_are_the_ones_written() {
+    let documented = first_column(&files_md(), "| key | JSON type | meaning |");
+    let key = aws_lc_rs::signature::Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap();
+    let authorization =
+        indicia_client::cli::authorize(&key, indicia_proto::AuthorizationKind::Refill, 1, 2, 3, 4);
+    let written = indicia_client::provider::authorization_json(&authorization);
+    let mut keys: Vec<String> = written.as_object().unwrap().keys().cloned().collect();
+    let mut documented_sorted = documented.clone();
+    keys.sort();
+    documented_sorted.sort();
+    assert_eq!(documented_sorted, keys);
+    assert_eq!(
+        written["format"],
+        indicia_client::provider::AUTHORIZATION_FORMAT
+    );
+}
