@@ -89,8 +89,9 @@ pub enum Command {
         #[arg(long, value_name = "NAME")]
         owner: Option<String>,
     },
-    /// Credit funds (admin): submit a provider's authorization file, or build and sign one
-    /// here with the provider key (`--vpsd --amount --provider-key`).
+    /// Credit funds: submit a provider's authorization file, or build and sign one here with
+    /// the provider key (`--vpsd --amount --provider-key`). The provider's signature
+    /// authorizes it, whoever submits it.
     Refill {
         #[arg(long, value_name = "ID")]
         vpsd: Option<u64>,
@@ -103,7 +104,7 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         authorization: Option<PathBuf>,
     },
-    /// Record provider contact (admin): an acknowledgment that the provider received the
+    /// Record provider contact: the provider's signed acknowledgment that it received the
     /// vPSD's audit data; it resets the contact watchdog.
     Contact {
         #[arg(long, value_name = "ID")]
@@ -356,6 +357,8 @@ fn status_text(status: &VpsdStatus) -> String {
          control total:  {}\n\
          pieces:         {}\n\
          origin ZIP:     {}\n\
+         provider seq:   {} (the next authorization needs {})\n\
+         last contact:   {} (unix seconds)\n\
          version:        {}\n",
         status.vpsd_id,
         status.owner,
@@ -366,6 +369,9 @@ fn status_text(status: &VpsdStatus) -> String {
         format_mills(status.control_total_mills),
         status.piece_count,
         status.origin_zip,
+        status.provider_sequence,
+        status.provider_sequence + 1,
+        status.last_contact_unix,
         status.version,
     )
 }
@@ -554,6 +560,14 @@ fn check_arguments(command: &Command) -> Result<(), CliError> {
                 ));
             }
         }
+        Command::Lock { reason, .. } => {
+            if reason.len() > indicia_proto::message::REASON_BYTES_MAX {
+                return Err(CliError::Usage(format!(
+                    "--reason: at most {} bytes",
+                    indicia_proto::message::REASON_BYTES_MAX
+                )));
+            }
+        }
         Command::Sign {
             postage,
             count,
@@ -616,7 +630,6 @@ fn check_arguments(command: &Command) -> Result<(), CliError> {
         },
         Command::Status { .. }
         | Command::Pubkey { .. }
-        | Command::Lock { .. }
         | Command::Unlock { .. }
         | Command::Withdraw { .. }
         | Command::RotateKey { .. }
@@ -652,24 +665,7 @@ fn submitted_authorization(
     file: Option<&Path>,
 ) -> Result<ProviderAuthorization, CliError> {
     if let Some(path) = file {
-        let authorization = crate::provider::read_authorization(path)?;
-        if authorization.kind != kind {
-            return Err(CliError::Usage(format!(
-                "{}: a {} authorization, not a {}",
-                path.display(),
-                crate::provider::kind_name(authorization.kind),
-                crate::provider::kind_name(kind)
-            )));
-        }
-        if vpsd.is_some_and(|vpsd| vpsd != authorization.vpsd_id) {
-            return Err(CliError::Usage(format!(
-                "{}: the authorization is for vPSD {}, not {}",
-                path.display(),
-                authorization.vpsd_id,
-                vpsd.unwrap_or_default()
-            )));
-        }
-        return Ok(authorization);
+        return check_authorization_file(path, kind, vpsd);
     }
     let (Some(vpsd), Some(provider_key)) = (vpsd, provider_key) else {
         return Err(CliError::Usage(
@@ -919,9 +915,52 @@ fn verify(
     Ok(())
 }
 
+/// An authorization file's kind and vPSD must be what the command says.
+fn check_authorization_file(
+    path: &Path,
+    kind: AuthorizationKind,
+    vpsd: Option<u64>,
+) -> Result<ProviderAuthorization, CliError> {
+    let authorization = crate::provider::read_authorization(path)?;
+    if authorization.kind != kind {
+        return Err(CliError::Usage(format!(
+            "{}: a {} authorization, not a {}",
+            path.display(),
+            crate::provider::kind_name(authorization.kind),
+            crate::provider::kind_name(kind)
+        )));
+    }
+    if let Some(vpsd) = vpsd.filter(|vpsd| *vpsd != authorization.vpsd_id) {
+        return Err(CliError::Usage(format!(
+            "{}: the authorization is for vPSD {}, not {vpsd}",
+            path.display(),
+            authorization.vpsd_id
+        )));
+    }
+    Ok(authorization)
+}
+
 /// Runs one command; what it prints goes to `out`.
 pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
     check_arguments(&args.command)?;
+    // Authorization files are read and checked before connecting, too.
+    match &args.command {
+        Command::Refill {
+            vpsd,
+            authorization: Some(path),
+            ..
+        } => {
+            check_authorization_file(path, AuthorizationKind::Refill, *vpsd)?;
+        }
+        Command::Contact {
+            vpsd,
+            authorization: Some(path),
+            ..
+        } => {
+            check_authorization_file(path, AuthorizationKind::Contact, *vpsd)?;
+        }
+        _ => {}
+    }
     let connect = || -> Result<Client, CliError> {
         let credential = Credential::load(&args.credential)?;
         Ok(Client::connect(args.addr.as_str(), &credential)?)

@@ -3,8 +3,7 @@
 //! the operator who submits them to the appliance can be different people on different
 //! machines.
 //!
-//! An authorization file is one JSON object (docs/OPERATIONS.md, "Provider
-//! authorizations"):
+//! An authorization file is one JSON object (docs/FILES.md, section 2):
 //!
 //! ```json
 //! {"format":"indicia-authorization-v1","kind":"refill","vpsd_id":7001,

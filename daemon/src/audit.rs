@@ -12,7 +12,7 @@
 //! The same replay yields the ledger: one [`LedgerLine`] per refill, session and
 //! withdrawal, which `indiciad export-ledger` writes (JSON lines or CSV) for the
 //! provider's accounting, and which [`reconcile`] compares with such a file.
-//! docs/OPERATIONS.md describes the columns.
+//! docs/FILES.md (section 6) describes the columns.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -101,7 +101,8 @@ pub struct LedgerLine {
     pub at_unix: u64,
 }
 
-/// The CSV header, and the JSON field names, in order.
+/// The CSV header in column order (JSON lines carry the same names as keys, written in
+/// alphabetical order).
 pub const LEDGER_COLUMNS: [&str; 13] = [
     "shard",
     "sequence",

@@ -183,7 +183,7 @@ impl Config {
             ));
         }
         let server = &self.server;
-        let ranges: [(&str, u64, u64, u64); 9] = [
+        let ranges: [(&str, u64, u64, u64); 10] = [
             ("connections_max", server.connections_max as u64, 1, 1 << 20),
             (
                 "inflight_per_connection",
@@ -213,6 +213,8 @@ impl Config {
                 1 << 20,
             ),
             ("drain_timeout_ms", server.drain_timeout_ms, 0, 3_600_000),
+            // Up to 30 days (0: no background audit).
+            ("audit_interval_s", server.audit_interval_s, 0, 2_592_000),
         ];
         for (name, value, low, high) in ranges {
             if !(low..=high).contains(&value) {

@@ -122,6 +122,8 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
                 let mut value = report.to_json();
                 if let Some(reconciliation) = &reconciliation {
                     value["ledger"] = reconciliation.to_json();
+                    // `clean` covers the journals and the ledger together.
+                    value["clean"] = (report.is_clean() && reconciliation.is_clean()).into();
                 }
                 print(&format!("{value}\n"))?;
             } else {

@@ -162,8 +162,12 @@ impl Engine {
     /// id with no vPSD is quarantined so that it can never be provisioned afresh. Not a
     /// record: recovery finds the same damage again, and checkpoints carry the lock.
     pub fn lock_integrity(&mut self, vpsd_id: u64, reason: &str) {
-        // Bounded like every text the journal holds (checkpoints store it).
-        let mut cut = reason.len().min(REASON_JOURNAL_BYTES_MAX);
+        // Bounded like every text the journal holds (checkpoints store it), and by what a
+        // status answer may carry.
+        let mut cut = reason
+            .len()
+            .min(REASON_JOURNAL_BYTES_MAX)
+            .min(indicia_proto::message::REASON_BYTES_MAX);
         while !reason.is_char_boundary(cut) {
             cut -= 1;
         }

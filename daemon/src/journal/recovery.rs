@@ -765,7 +765,6 @@ fn replay_journal(
             segments.push(segment);
         }
     }
-    // (Recovery only; the audit reports these as findings.)
     // A crash does not leave records whose checksums hold but whose MAC fails. Several of
     // them, or one with nothing good before it, mean a journal written under another
     // master key (or altered): cutting them as a torn tail would destroy it.
@@ -778,8 +777,10 @@ fn replay_journal(
             _ => None,
         })
         .collect();
-    if let Some(&(segment, offset)) = forged.first().filter(|_| !audit) {
-        if forged.len() > 1 || last_good.is_none() {
+    if let Some(&(segment, offset)) = forged.first() {
+        // The audit reports an altered tail after good records as findings; with nothing
+        // good at all, it is the wrong master key there too.
+        if last_good.is_none() || (!audit && forged.len() > 1) {
             return Err(JournalError::Foreign {
                 segment,
                 offset,

@@ -422,8 +422,13 @@ fn audit_in_background(
         .name("indicia-audit".into())
         .spawn(move || {
             let stopping = || control.shutdown.load(Ordering::Acquire);
+            // What was reported already: a finding is logged, and its vPSD handed to the
+            // shard, once per run of the process.
+            let mut reported = std::collections::HashSet::new();
+            // The first audit soon after the start: a lock found by an earlier run and not
+            // yet carried by a checkpoint is made again without waiting a whole interval.
+            let mut wake = std::time::Instant::now() + interval.min(Duration::from_secs(5));
             loop {
-                let wake = std::time::Instant::now() + interval;
                 while std::time::Instant::now() < wake {
                     if stopping() {
                         return;
@@ -433,6 +438,7 @@ fn audit_in_background(
                             .min(Duration::from_millis(200)),
                     );
                 }
+                wake = std::time::Instant::now() + interval;
                 for (shard, dir) in &shard_dirs {
                     if stopping() {
                         return;
@@ -449,7 +455,9 @@ fn audit_in_background(
                         Ok(audit) => {
                             let report = &audit.report;
                             for finding in &report.findings {
-                                tracing::error!(shard, "integrity monitor: {finding}");
+                                if reported.insert((*shard, finding.to_string())) {
+                                    tracing::error!(shard, "integrity monitor: {finding}");
+                                }
                             }
                             tracing::info!(
                                 shard,
@@ -463,6 +471,9 @@ fn audit_in_background(
                             let locks: Vec<(u64, String)> = report
                                 .locked
                                 .iter()
+                                .filter(|(id, reason)| {
+                                    reported.insert((*shard, format!("lock {id}: {reason}")))
+                                })
                                 .map(|(id, reason)| (*id, format!("integrity monitor: {reason}")))
                                 .collect();
                             if !locks.is_empty() {
