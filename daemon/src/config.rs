@@ -70,6 +70,9 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// How often the integrity monitor audits every journal in the background (0: never).
     pub audit_interval_s: u64,
+    /// An authenticated connection with nothing in flight that sends nothing for this long
+    /// is closed (0: never).
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -85,6 +88,7 @@ impl Default for ServerConfig {
             cross_shard_channel: 1024,
             drain_timeout_ms: 30_000,
             audit_interval_s: 3_600,
+            idle_timeout_ms: 300_000,
         }
     }
 }
@@ -183,7 +187,7 @@ impl Config {
             ));
         }
         let server = &self.server;
-        let ranges: [(&str, u64, u64, u64); 10] = [
+        let ranges: [(&str, u64, u64, u64); 11] = [
             ("connections_max", server.connections_max as u64, 1, 1 << 20),
             (
                 "inflight_per_connection",
@@ -215,6 +219,7 @@ impl Config {
             ("drain_timeout_ms", server.drain_timeout_ms, 0, 3_600_000),
             // Up to 30 days (0: no background audit).
             ("audit_interval_s", server.audit_interval_s, 0, 2_592_000),
+            ("idle_timeout_ms", server.idle_timeout_ms, 0, 86_400_000),
         ];
         for (name, value, low, high) in ranges {
             if !(low..=high).contains(&value) {

@@ -344,6 +344,14 @@ fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Keeps key material out of core dumps and away from other processes of the same user:
+/// the process is made non-dumpable (no core file, no ptrace attach without
+/// CAP_SYS_PTRACE, /proc/PID/mem and friends owned by root) and its core size limit is 0.
+fn harden_process() -> Result<(), nix::Error> {
+    nix::sys::prctl::set_dumpable(false)?;
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+}
+
 /// Runs `indiciad` with these arguments (the program name first) until it is stopped.
 pub fn main_with<I, T>(args: I) -> ExitCode
 where
@@ -359,6 +367,12 @@ where
         }
     };
     init_logging();
+    // Before any key is read: the master key, and every unsealed vPSD key, live in this
+    // process's memory.
+    if let Err(err) = harden_process() {
+        tracing::error!("cannot make the process non-dumpable: {err}");
+        return ExitCode::FAILURE;
+    }
     if let Some(tool) = args.command {
         let outcome = load_config(&Args {
             command: None,
@@ -379,5 +393,18 @@ where
             tracing::error!("{message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_process_is_made_non_dumpable_with_no_core_file() {
+        super::harden_process().unwrap();
+        assert!(!nix::sys::prctl::get_dumpable().unwrap());
+        assert_eq!(
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_CORE).unwrap(),
+            (0, 0)
+        );
     }
 }

@@ -518,3 +518,33 @@ fn indiciactl_provisions_refills_signs_and_reports() {
     let usage = run(&["sign", "--vpsd", "501", "--postage", "0.7301"]).unwrap_err();
     assert_eq!(usage.exit_code(), 2, "{usage}");
 }
+
+#[test]
+fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_config(dir.path(), "[server]\nidle_timeout_ms = 400", &[]);
+    let daemon = Daemon::start(dir.path(), Some(&config));
+    daemon.provision_funded(12, Algorithm::Ed25519, 10_000);
+    // Authenticated, then silent: closed after the idle timeout, without an error frame.
+    let mut idle = daemon.admin_credential_stream();
+    let started = std::time::Instant::now();
+    let answers = answers_until_closed(&mut idle);
+    assert!(answers.is_empty(), "{answers:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        started.elapsed()
+    );
+    // One that asks something every 150 ms stays open well past it.
+    let mut busy = daemon.admin();
+    for _ in 0..10 {
+        busy.status(12).unwrap();
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let stats = busy.stats().unwrap();
+    let idle_closed = stats
+        .iter()
+        .find(|entry| entry.name == "connections.idle_closed")
+        .unwrap();
+    assert!(idle_closed.value >= 1, "{stats:?}");
+}

@@ -41,9 +41,11 @@ pub enum Counter {
     /// Frames refused before they reached a shard (bad frames, bad bodies, handshake and
     /// access control errors).
     ConnectionErrors,
+    /// Connections closed because they stayed idle past `idle_timeout_ms`.
+    ConnectionsIdleClosed,
 }
 
-const COUNTERS: [(Counter, &str); 12] = [
+const COUNTERS: [(Counter, &str); 13] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -56,6 +58,7 @@ const COUNTERS: [(Counter, &str); 12] = [
     (Counter::QueuedIndicia, "queue.indicia"),
     (Counter::AwaitingDurable, "answers.awaiting_durable"),
     (Counter::ConnectionErrors, "connection_errors"),
+    (Counter::ConnectionsIdleClosed, "connections.idle_closed"),
 ];
 
 /// Upper bound of the commit latency histogram, in microseconds (one minute).

@@ -267,6 +267,8 @@ async fn read_requests(
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
     let handshake_timeout = Duration::from_millis(shard.config.handshake_timeout_ms);
     let frame_timeout = Duration::from_millis(shard.config.frame_timeout_ms);
+    let idle_timeout =
+        Some(Duration::from_millis(shard.config.idle_timeout_ms)).filter(|idle| !idle.is_zero());
     let handshake_deadline = Instant::now() + handshake_timeout;
     let mut connection = Connection::new();
     let mut buf = vec![0u8; READ_BUFFER];
@@ -405,7 +407,8 @@ async fn read_requests(
             frame_started.get_or_insert_with(Instant::now);
         }
         // A connection must finish its handshake, and a frame that has begun must arrive
-        // whole, within their time limits; an idle authenticated connection may wait.
+        // whole, within their time limits; an authenticated connection with nothing in
+        // flight may stay idle for the idle timeout.
         let timeout = if connection.client().is_none() {
             Some(
                 handshake_deadline
@@ -415,11 +418,15 @@ async fn read_requests(
         } else {
             // From the frame's first byte, not from the last read: a client trickling
             // bytes does not get to hold a connection open mid-frame.
-            frame_started.map(|started| {
-                (started + frame_timeout)
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(1))
-            })
+            match frame_started {
+                Some(started) => Some(
+                    (started + frame_timeout)
+                        .saturating_duration_since(Instant::now())
+                        .max(Duration::from_millis(1)),
+                ),
+                // (With answers still due it is not idle: checked when the time is up.)
+                None => idle_timeout,
+            }
         };
         stream.set_read_timeout(timeout);
         match stream.read(&mut buf[end..]).await {
@@ -447,6 +454,15 @@ async fn read_requests(
             Ok(n) => end += n,
             Err(err) => {
                 if err.kind() == std::io::ErrorKind::TimedOut {
+                    if connection.client().is_some() && frame_started.is_none() {
+                        if inflight.count.get() > 0 {
+                            // Waiting for its answers is not idleness.
+                            continue;
+                        }
+                        // Idle: closed without an error frame (nothing was asked).
+                        metrics.add(Counter::ConnectionsIdleClosed, 1);
+                        return false;
+                    }
                     let what = if connection.client().is_none() {
                         "the handshake did not complete in time"
                     } else {
