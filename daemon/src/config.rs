@@ -259,6 +259,24 @@ impl Config {
     }
 }
 
+/// Entry point for the `config` fuzz target (`fuzz/`): any bytes as a configuration file.
+/// Parsing and validation must answer with a value or a typed error, never panic; a
+/// configuration that validates must keep validating after its defaults are applied.
+pub mod fuzz {
+    pub fn config(data: &[u8]) {
+        let Ok(text) = std::str::from_utf8(data) else {
+            return;
+        };
+        if let Ok(config) = super::Config::parse(text, std::path::Path::new("fuzz.toml")) {
+            // parse() validates; what it accepts must give a usable engine and journal.
+            let engine = config.engine_config();
+            assert!(engine.session_indicia_max >= 1);
+            let _ = config.journal_config();
+            assert!(config.shard_count() >= 1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

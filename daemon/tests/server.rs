@@ -548,3 +548,56 @@ fn an_idle_connection_is_closed_and_a_busy_one_is_not() {
         .unwrap();
     assert!(idle_closed.value >= 1, "{stats:?}");
 }
+
+#[test]
+fn before_the_handshake_frames_are_small_and_time_is_short_whatever_the_client_sends() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_config(dir.path(), "[server]\nhandshake_timeout_ms = 600", &[]);
+    let daemon = Daemon::start(dir.path(), Some(&config));
+    // A frame larger than any handshake frame, before the handshake: refused at once.
+    let mut big = TcpStream::connect(daemon.addr).unwrap();
+    let mut frame = vec![0u8; 16 << 10];
+    let len =
+        indicia_proto::frame::encode_frame(&mut frame, 1, 0x12, 0, 9, |w| w.put(&[0u8; 8 << 10]))
+            .unwrap();
+    big.write_all(&frame[..len]).unwrap();
+    assert_eq!(
+        single_error(&answers_until_closed(&mut big)),
+        (0, ErrorCode::FrameTooLarge)
+    );
+    // Requests that keep coming without a handshake do not keep the connection open.
+    let mut chatty = TcpStream::connect(daemon.addr).unwrap();
+    let reader = chatty.try_clone().unwrap();
+    let started = std::time::Instant::now();
+    let writer = std::thread::spawn(move || {
+        let mut frame = vec![0u8; 4096];
+        for id in 1..=40u64 {
+            let len = Request::Status { vpsd_id: 1 }
+                .encode_frame(1, id, &mut frame)
+                .unwrap();
+            if chatty.write_all(&frame[..len]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let mut reader = reader;
+    let answers = answers_until_closed(&mut reader);
+    let elapsed = started.elapsed();
+    writer.join().unwrap();
+    assert!(
+        elapsed < Duration::from_millis(2_500),
+        "open for {elapsed:?}"
+    );
+    let (last_id, last) = answers.last().unwrap();
+    assert_eq!(*last_id, 0);
+    assert!(
+        matches!(last, Response::Error(body) if body.code == ErrorCode::Malformed
+            && body.message.contains("handshake did not complete in time")),
+        "{last:?}"
+    );
+    assert!(
+        answers.len() >= 3,
+        "the early requests were refused one by one: {answers:?}"
+    );
+}

@@ -224,10 +224,12 @@ impl Connection {
                         "authentication failed",
                     ))
                 };
-                let Some(client) = directory.get(client_id) else {
-                    return failed();
-                };
-                let key = hmac::Key::new(hmac::HMAC_SHA256, client.secret.as_ref());
+                let client = directory.get(client_id);
+                // An unknown id costs the same HMAC as a known one (under a throwaway key),
+                // so that the time to the refusal does not tell which ids exist.
+                let unknown_id_key = [0u8; 32];
+                let secret: &[u8; 32] = client.map_or(&unknown_id_key, |client| &*client.secret);
+                let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_ref());
                 let transcript = handshake_transcript(
                     CLIENT_PROOF_LABEL,
                     *version,
@@ -236,9 +238,10 @@ impl Connection {
                     server_nonce,
                 );
                 // Constant-time comparison inside aws-lc.
-                if hmac::verify(&key, &transcript, &presented).is_err() {
+                let verified = hmac::verify(&key, &transcript, &presented).is_ok();
+                let Some(client) = client.filter(|_| verified) else {
                     return failed();
-                }
+                };
                 let server_proof = proof(
                     &client.secret,
                     SERVER_PROOF_LABEL,

@@ -271,7 +271,8 @@ impl Server {
         let mut executors = Vec::new();
         for (((index, fd), senders), receivers) in (0..shards).zip(fds).zip(senders).zip(receivers)
         {
-            let master = *data.master_key();
+            // Wiped when the shard's start-up closure is dropped.
+            let master = zeroize::Zeroizing::new(*data.master_key());
             let provider = data.provider_public_key;
             let engine_config = config.engine_config();
             let journal_config = config.journal_config();

@@ -263,6 +263,9 @@ async fn read_requests(
 ) -> bool {
     /// Read buffer of an idle connection; it grows to hold a large frame, then shrinks.
     const READ_BUFFER: usize = 16 << 10;
+    /// Largest frame accepted before the handshake is complete (`hello` and `authenticate`
+    /// are far smaller).
+    const PRE_AUTH_FRAME_MAX: usize = 4096;
     let decoder = FrameDecoder::default();
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
     let handshake_timeout = Duration::from_millis(shard.config.handshake_timeout_ms);
@@ -281,12 +284,40 @@ async fn read_requests(
     };
     let mut forwarder = Forwarder::new(shard.shards);
     loop {
+        // A handshake that has not completed in time is over, whatever the client keeps
+        // sending meanwhile (requests before it are refused, but they keep bytes coming).
+        if connection.client().is_none() && Instant::now() >= handshake_deadline {
+            inflight.acquire().await;
+            refuse(
+                0,
+                ErrorCode::Malformed,
+                "the handshake did not complete in time".into(),
+            );
+            return true;
+        }
+        // Whether this turn took a whole frame off the buffer.
+        let mut consumed = false;
         // Every complete frame in the buffer.
         let mut stop = false;
         loop {
             let frame = match decoder.decode(&buf[start..end]) {
                 Ok(Decoded::Frame(frame)) => frame,
                 Ok(Decoded::Incomplete { needed }) => {
+                    if connection.client().is_none() && end - start + needed > PRE_AUTH_FRAME_MAX {
+                        // Until the handshake is done only its two small frames make sense:
+                        // nobody unauthenticated gets a large buffer.
+                        inflight.acquire().await;
+                        refuse(
+                            0,
+                            ErrorCode::FrameTooLarge,
+                            format!(
+                                "frames before the handshake is complete are at most \
+                                 {PRE_AUTH_FRAME_MAX} bytes"
+                            ),
+                        );
+                        stop = true;
+                        break;
+                    }
                     if buf.len() - end < needed {
                         buf.copy_within(start..end, 0);
                         end -= start;
@@ -312,6 +343,19 @@ async fn read_requests(
             let header = frame.header;
             let frame_len = frame.len();
             let body = frame.body;
+            if connection.client().is_none() && frame_len > PRE_AUTH_FRAME_MAX {
+                inflight.acquire().await;
+                refuse(
+                    0,
+                    ErrorCode::FrameTooLarge,
+                    format!(
+                        "frames before the handshake is complete are at most {PRE_AUTH_FRAME_MAX} \
+                         bytes"
+                    ),
+                );
+                stop = true;
+                break;
+            }
             if inflight.is_full() {
                 // Requests held here would never be answered while we wait: send them.
                 forwarder.flush(shard).await;
@@ -355,10 +399,12 @@ async fn read_requests(
                     };
                     refuse(header.request_id, code, err.to_string());
                     start += frame_len;
+                    consumed = true;
                     continue;
                 }
             };
             start += frame_len;
+            consumed = true;
             match connection.on_request(request, &shard.directory, &shard.rng) {
                 Action::Reply(response) => {
                     if let Response::Error(body) = &response {
@@ -403,6 +449,9 @@ async fn read_requests(
             if buf.len() > READ_BUFFER {
                 buf = vec![0u8; READ_BUFFER];
             }
+        } else if consumed {
+            // Whole frames were taken: what is left began arriving with the last read.
+            frame_started = Some(Instant::now());
         } else {
             frame_started.get_or_insert_with(Instant::now);
         }
