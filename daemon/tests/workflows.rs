@@ -89,6 +89,24 @@ fn path(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// Provisions a vPSD and refills it with the development provider key, through the CLI.
+fn fund(daemon: &Daemon, vpsd: &str, amount: &str) {
+    let key = daemon.dir.join("provider.key");
+    ok(ctl(daemon, &["provision", "--vpsd", vpsd]));
+    ok(ctl(
+        daemon,
+        &[
+            "refill",
+            "--vpsd",
+            vpsd,
+            "--amount",
+            amount,
+            "--provider-key",
+            path(&key),
+        ],
+    ));
+}
+
 /// Signs `count` indicia with the CLI into `out`, returning them decoded.
 fn sign(daemon: &Daemon, vpsd: &str, count: &str, out: &Path, extra: &[&str]) -> Vec<Indicium> {
     let mut args = vec![
@@ -327,19 +345,7 @@ fn an_operator_locks_unlocks_and_withdraws_and_a_withdrawn_vpsd_stays_retired() 
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), None);
     let key = daemon.dir.join("provider.key");
-    ok(ctl(&daemon, &["provision", "--vpsd", "401"]));
-    ok(ctl(
-        &daemon,
-        &[
-            "refill",
-            "--vpsd",
-            "401",
-            "--amount",
-            "10",
-            "--provider-key",
-            path(&key),
-        ],
-    ));
+    fund(&daemon, "401", "10");
     let out = dir.path().join("a.txt");
     sign(&daemon, "401", "2", &out, &[]);
 
@@ -400,21 +406,8 @@ fn an_operator_locks_unlocks_and_withdraws_and_a_withdrawn_vpsd_stays_retired() 
 fn rotated_keys_verify_old_indicia_offline_and_online_and_the_verifier_flags_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), None);
-    let key = daemon.dir.join("provider.key");
     for vpsd in ["501", "502"] {
-        ok(ctl(&daemon, &["provision", "--vpsd", vpsd]));
-        ok(ctl(
-            &daemon,
-            &[
-                "refill",
-                "--vpsd",
-                vpsd,
-                "--amount",
-                "20",
-                "--provider-key",
-                path(&key),
-            ],
-        ));
+        fund(&daemon, vpsd, "20");
     }
     let first = dir.path().join("first.txt");
     let old = sign(&daemon, "501", "2", &first, &[]);
@@ -681,20 +674,7 @@ fn rasterize_svg(file: &Path) -> (Vec<u8>, u32, u32) {
 fn sign_renders_data_matrix_barcodes_that_an_independent_decoder_reads_and_that_verify() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), None);
-    let key = daemon.dir.join("provider.key");
-    ok(ctl(&daemon, &["provision", "--vpsd", "601"]));
-    ok(ctl(
-        &daemon,
-        &[
-            "refill",
-            "--vpsd",
-            "601",
-            "--amount",
-            "5",
-            "--provider-key",
-            path(&key),
-        ],
-    ));
+    fund(&daemon, "601", "5");
     let spki = daemon.admin().public_key(601).unwrap().2;
 
     // One indicium with every optional field (157 bytes), as PNG.
@@ -762,21 +742,8 @@ fn audit_finds_a_tampered_journal_byte_and_the_ledger_reconciles_or_shows_each_d
     let dir = tempfile::tempdir().unwrap();
     let daemon = Daemon::start(dir.path(), None);
     let data = daemon.dir.clone();
-    let key = data.join("provider.key");
     for vpsd in ["701", "702", "703"] {
-        ok(ctl(&daemon, &["provision", "--vpsd", vpsd]));
-        ok(ctl(
-            &daemon,
-            &[
-                "refill",
-                "--vpsd",
-                vpsd,
-                "--amount",
-                "30",
-                "--provider-key",
-                path(&key),
-            ],
-        ));
+        fund(&daemon, vpsd, "30");
     }
     let out = dir.path().join("s.txt");
     sign(&daemon, "701", "40", &out, &[]);
@@ -929,21 +896,8 @@ fn the_background_monitor_locks_a_vpsd_whose_journal_was_altered_while_running()
     let dir = tempfile::tempdir().unwrap();
     let config = support::write_config(dir.path(), "[server]\naudit_interval_s = 1\n", &[]);
     let daemon = Daemon::start(dir.path(), Some(&config));
-    let key = daemon.dir.join("provider.key");
     for vpsd in ["801", "802"] {
-        ok(ctl(&daemon, &["provision", "--vpsd", vpsd]));
-        ok(ctl(
-            &daemon,
-            &[
-                "refill",
-                "--vpsd",
-                vpsd,
-                "--amount",
-                "10",
-                "--provider-key",
-                path(&key),
-            ],
-        ));
+        fund(&daemon, vpsd, "10");
     }
     let out = dir.path().join("s.txt");
     let signed = sign(&daemon, "801", "4", &out, &[]);

@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use aws_lc_rs::signature::{self, UnparsedPublicKey};
 use hdrhistogram::Histogram;
 use indicia_client::{Client, ClientError, Credential};
 use indicia_proto::frame::FRAME_BYTES_MAX;
@@ -128,17 +127,8 @@ pub fn verifies(indicium: &Indicium, keys: &Keys) -> bool {
     let Some((algorithm, spki)) = keys.get(&indicium.payload.vpsd_id) else {
         return false;
     };
-    let verification: &dyn signature::VerificationAlgorithm = match algorithm {
-        Algorithm::EcdsaP256 => &signature::ECDSA_P256_SHA256_FIXED,
-        Algorithm::Ed25519 => &signature::ED25519,
-    };
     *algorithm == indicium.payload.algorithm
-        && UnparsedPublicKey::new(verification, spki)
-            .verify(
-                indicium.payload.signed_bytes().as_ref(),
-                &indicium.signature,
-            )
-            .is_ok()
+        && indicia_client::verify::signature_holds(indicium, spki)
 }
 
 /// Requests sent and not yet answered: request id -> (due or send time, vPSD).

@@ -94,14 +94,19 @@ impl Segment {
     pub fn open(path: &Path, index: u64) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).open(path)?;
         let map = map(&file)?;
+        Ok(Self::mapped(path, index, file, map))
+    }
+
+    /// A segment over an opened file and its map; the header is read from the map.
+    fn mapped(path: &Path, index: u64, file: File, map: MmapMut) -> Self {
         let header = SegmentHeader::decode(&map);
-        Ok(Self {
+        Self {
             index,
             path: path.to_owned(),
             header,
             file: Arc::new(file),
             map,
-        })
+        }
     }
 
     /// Opens a segment for reading only (the audit): the file is opened read-only and
@@ -109,14 +114,7 @@ impl Segment {
     pub fn open_read_only(path: &Path, index: u64) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).open(path)?;
         let map = map_private(&file)?;
-        let header = SegmentHeader::decode(&map);
-        Ok(Self {
-            index,
-            path: path.to_owned(),
-            header,
-            file: Arc::new(file),
-            map,
-        })
+        Ok(Self::mapped(path, index, file, map))
     }
 
     pub fn bytes(&self) -> &[u8] {

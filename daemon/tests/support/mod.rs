@@ -10,7 +10,6 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::signature::{self, UnparsedPublicKey};
 use indicia_client::cli::{authorize, load_provider_key};
 use indicia_client::{Client, Credential};
 use indicia_proto::{
@@ -224,14 +223,5 @@ pub fn item(postage_mills: u64) -> SignItem {
 
 /// Checks an indicium's signature offline, with the key the appliance published.
 pub fn verifies(indicium: &Indicium, spki_der: &[u8]) -> bool {
-    let algorithm: &dyn signature::VerificationAlgorithm = match indicium.payload.algorithm {
-        Algorithm::EcdsaP256 => &signature::ECDSA_P256_SHA256_FIXED,
-        Algorithm::Ed25519 => &signature::ED25519,
-    };
-    UnparsedPublicKey::new(algorithm, spki_der)
-        .verify(
-            indicium.payload.signed_bytes().as_ref(),
-            &indicium.signature,
-        )
-        .is_ok()
+    indicia_client::verify::signature_holds(indicium, spki_der)
 }
