@@ -99,7 +99,8 @@ impl Daemon {
             .flatten()
             .unwrap_or_else(|| {
                 panic!(
-                    "indiciad did not start; its log:\n{}",
+                    "indiciad did not start; its threads:\n{}\nits log:\n{}",
+                    threads(child.id()),
                     log.lock().unwrap().join("\n")
                 )
             });
@@ -185,6 +186,34 @@ impl Daemon {
             })
             .unwrap()
     }
+}
+
+/// What each thread of a process is doing (name, state, kernel wait channel, CPU ticks, and
+/// its kernel stack where readable): for a daemon that does not start.
+fn threads(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}: the process is gone)");
+    };
+    let mut out = String::new();
+    for task in tasks.flatten() {
+        let path = task.path();
+        let read = |name: &str| std::fs::read_to_string(path.join(name)).unwrap_or_default();
+        let stat = read("stat");
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+        out.push_str(&format!(
+            "{} {} state {} wchan {} utime {} stime {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            fields.first().unwrap_or(&"?"),
+            read("wchan"),
+            fields.get(11).unwrap_or(&"?"),
+            fields.get(12).unwrap_or(&"?"),
+            read("stack")
+        ));
+    }
+    out
 }
 
 impl Drop for Daemon {
