@@ -53,6 +53,9 @@ pub struct ServerConfig {
     pub connections_max: usize,
     /// Requests one connection may have unanswered; the shard stops reading it beyond.
     pub inflight_per_connection: usize,
+    /// Requests all of one shard's connections may have unanswered together; a request
+    /// beyond is answered `busy` at once.
+    pub inflight_per_shard: usize,
     /// Time a new connection has to complete the handshake.
     pub handshake_timeout_ms: u64,
     /// Time a frame that has started to arrive has to arrive whole.
@@ -80,6 +83,7 @@ impl Default for ServerConfig {
         Self {
             connections_max: 4096,
             inflight_per_connection: 1024,
+            inflight_per_shard: 65_536,
             handshake_timeout_ms: 10_000,
             frame_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
@@ -187,13 +191,19 @@ impl Config {
             ));
         }
         let server = &self.server;
-        let ranges: [(&str, u64, u64, u64); 11] = [
+        let ranges: [(&str, u64, u64, u64); 12] = [
             ("connections_max", server.connections_max as u64, 1, 1 << 20),
             (
                 "inflight_per_connection",
                 server.inflight_per_connection as u64,
                 1,
                 1 << 16,
+            ),
+            (
+                "inflight_per_shard",
+                server.inflight_per_shard as u64,
+                1,
+                1 << 24,
             ),
             (
                 "handshake_timeout_ms",

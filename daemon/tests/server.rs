@@ -601,3 +601,59 @@ fn before_the_handshake_frames_are_small_and_time_is_short_whatever_the_client_s
         "the early requests were refused one by one: {answers:?}"
     );
 }
+
+#[test]
+fn past_the_shards_in_flight_limit_requests_are_answered_busy_and_charge_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_config(dir.path(), "[server]\ninflight_per_shard = 4", &[]);
+    let daemon = Daemon::start(dir.path(), Some(&config));
+    daemon.provision_funded(13, Algorithm::Ed25519, 1_000_000);
+    let mut client = daemon.admin();
+    let mut pending: Vec<u64> = (0..64).map(|_| client.next_request_id()).collect();
+    let mut signed = 0u64;
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        assert!(rounds < 200, "{} requests never got through", pending.len());
+        // All at once, in one write: most exceed the shard's limit of 4 in flight.
+        for &id in &pending {
+            client
+                .send(
+                    id,
+                    &Request::Sign {
+                        vpsd_id: 13,
+                        item: item(10),
+                    },
+                )
+                .unwrap();
+        }
+        client.flush().unwrap();
+        let mut busy = Vec::new();
+        for _ in 0..pending.len() {
+            match client.recv().unwrap() {
+                (_, Response::Signed { indicium }) => {
+                    assert_eq!(indicium.payload.postage_mills, 10);
+                    signed += 1;
+                }
+                (id, Response::Error(body)) => {
+                    assert_eq!(body.code, ErrorCode::Busy, "{body:?}");
+                    assert!(body.message.contains("inflight_per_shard"), "{body:?}");
+                    busy.push(id);
+                }
+                other => panic!("unexpected answer {other:?}"),
+            }
+        }
+        if rounds == 1 {
+            assert!(
+                !busy.is_empty(),
+                "64 pipelined requests never exceeded 4 in flight"
+            );
+        }
+        // The busy ones again, with the same request ids.
+        pending = busy;
+    }
+    assert_eq!(signed, 64);
+    let status = client.status(13).unwrap();
+    assert_eq!(status.piece_count, 64, "each request charged exactly once");
+    assert_eq!(status.ascending_mills, 640);
+}

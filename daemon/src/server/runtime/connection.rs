@@ -117,6 +117,8 @@ struct Inflight {
     count: Cell<usize>,
     max: usize,
     changed: Signal,
+    /// The shard's count over all its connections.
+    shard_total: Rc<Cell<usize>>,
 }
 
 impl Inflight {
@@ -125,10 +127,14 @@ impl Inflight {
             self.changed.wait().await;
         }
         self.count.set(self.count.get() + 1);
+        self.shard_total.set(self.shard_total.get() + 1);
     }
 
     fn release(&self, n: usize) {
-        self.count.set(self.count.get().saturating_sub(n));
+        let n = n.min(self.count.get());
+        self.count.set(self.count.get() - n);
+        self.shard_total
+            .set(self.shard_total.get().saturating_sub(n));
         self.changed.notify();
     }
 
@@ -159,6 +165,7 @@ pub(super) async fn serve(
         count: Cell::new(0),
         max: shard.config.inflight_per_connection,
         changed: Signal::default(),
+        shard_total: Rc::clone(&shard.inflight_total),
     });
     let writer = glommio::spawn_local(write_answers(
         stream.clone(),
@@ -420,6 +427,20 @@ async fn read_requests(
                     outbox.push((header.request_id, version.get(), response));
                     stop = true;
                     break;
+                }
+                Action::Dispatch { .. }
+                    if shard.inflight_total.get() > shard.config.inflight_per_shard =>
+                {
+                    // Overload: an explicit answer now, rather than an unbounded backlog.
+                    refuse(
+                        header.request_id,
+                        ErrorCode::Busy,
+                        format!(
+                            "the shard has {} requests in flight (server.inflight_per_shard); \
+                             retry with the same request id",
+                            shard.config.inflight_per_shard
+                        ),
+                    );
                 }
                 Action::Dispatch { client, request } => {
                     let reply = ReplyTo {

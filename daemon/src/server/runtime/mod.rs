@@ -173,6 +173,9 @@ pub(super) struct Shard {
     stopping: Cell<bool>,
     /// The driver must stop.
     stopped: Cell<bool>,
+    /// Requests read from this shard's connections and not yet answered, all connections
+    /// together (bounded by `inflight_per_shard`).
+    inflight_total: Rc<Cell<usize>>,
 }
 
 async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
@@ -256,6 +259,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         stop_accepting: Signal::default(),
         stopping: Cell::new(false),
         stopped: Cell::new(false),
+        inflight_total: Rc::new(Cell::new(0)),
     });
     let _ = ready.send(ShardReady::Ready);
     // Dropped now: if another shard fails to start, the main thread sees every sender gone
