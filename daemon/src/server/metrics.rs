@@ -43,9 +43,13 @@ pub enum Counter {
     ConnectionErrors,
     /// Connections closed because they stayed idle past `idle_timeout_ms`.
     ConnectionsIdleClosed,
+    /// Connections closed at accept because `connections_max` were open.
+    ConnectionsRefused,
+    /// Connections cut off because a write of answers blocked past `write_timeout_ms`.
+    WriteTimeouts,
 }
 
-const COUNTERS: [(Counter, &str); 13] = [
+const COUNTERS: [(Counter, &str); 15] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -59,6 +63,8 @@ const COUNTERS: [(Counter, &str); 13] = [
     (Counter::AwaitingDurable, "answers.awaiting_durable"),
     (Counter::ConnectionErrors, "connection_errors"),
     (Counter::ConnectionsIdleClosed, "connections.idle_closed"),
+    (Counter::ConnectionsRefused, "connections.refused"),
+    (Counter::WriteTimeouts, "connections.write_timeouts"),
 ];
 
 /// Upper bound of the commit latency histogram, in microseconds (one minute).

@@ -172,6 +172,7 @@ pub(super) async fn serve(
         fd,
         Rc::clone(&outbox),
         Rc::clone(&inflight),
+        Rc::clone(&shard),
     ));
     let cut_off = read_requests(&shard, &stream, &outbox, &version, &inflight, id).await;
     // Every request read gets its answer before the connection closes.
@@ -205,7 +206,16 @@ async fn write_answers(
     fd: RawFd,
     outbox: Rc<Outbox<Outgoing>>,
     inflight: Rc<Inflight>,
+    shard: Rc<Shard>,
 ) {
+    let metrics = &shard.metrics.shards[usize::from(shard.index)];
+    // A failed write ends the connection; a write that timed out is counted.
+    let failed = |err: std::io::Error| {
+        if err.kind() == std::io::ErrorKind::TimedOut {
+            metrics.add(Counter::WriteTimeouts, 1);
+        }
+        true
+    };
     /// Answers are encoded into one buffer and written when it holds this much.
     const WRITE_CHUNK: usize = 256 << 10;
     /// Room kept free for the next answer; a larger one grows the buffer as needed.
@@ -241,12 +251,20 @@ async fn write_answers(
                 }
             }
             if used >= WRITE_CHUNK {
-                broken = stream.write_all(&buf[..used]).await.is_err();
+                broken = stream
+                    .write_all(&buf[..used])
+                    .await
+                    .err()
+                    .is_some_and(failed);
                 used = 0;
             }
         }
         if !broken && used > 0 {
-            broken = stream.write_all(&buf[..used]).await.is_err();
+            broken = stream
+                .write_all(&buf[..used])
+                .await
+                .err()
+                .is_some_and(failed);
         }
         if broken {
             // The client is gone or does not read (write timeout): stop reading it too.

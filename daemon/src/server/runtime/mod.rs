@@ -317,6 +317,7 @@ async fn accept(shard: &Rc<Shard>, listener: TcpListener) {
                 "connection refused: {} connections open (server.connections_max)",
                 shard.config.connections_max
             );
+            metrics.add(Counter::ConnectionsRefused, 1);
             drop(stream);
             continue;
         }
