@@ -348,3 +348,41 @@ fn a_vpsd_takes_its_next_session_only_once_the_last_one_is_durable() {
         6
     );
 }
+
+#[test]
+fn a_signing_key_that_does_not_unseal_locks_its_vpsd() {
+    let dir = tempfile::tempdir().unwrap();
+    let shard = funded(dir.path());
+    drop(shard);
+    // The same journal, with the sealed key altered in the recovered state (as a damaged
+    // key record that still passed every check would leave it).
+    let (mut store, _) = open(dir.path(), 1 << 20);
+    let mut checkpoint = store.engine.checkpoint();
+    let sealed = checkpoint.vpsds[0].keys[0].sealed.as_mut().unwrap();
+    sealed.0[20] ^= 0x01;
+    store.engine.restore(checkpoint);
+    let mut shard = ShardCore::new(store, 10_000);
+    let ready = round(
+        &mut shard,
+        &admin(),
+        10,
+        Request::Sign {
+            vpsd_id: 1,
+            item: item(730),
+        },
+        1,
+    );
+    assert!(
+        matches!(&ready[0], (1, Response::Error(body)) if body.code == ErrorCode::IntegrityFault),
+        "{ready:?}"
+    );
+    let ready = round(&mut shard, &admin(), 11, Request::Status { vpsd_id: 1 }, 2);
+    let Response::VpsdStatus(status) = &ready[0].1 else {
+        panic!("{ready:?}")
+    };
+    assert!(
+        matches!(&status.state, indicia_proto::VpsdState::Locked(indicia_proto::LockReason::Integrity(reason)) if reason.starts_with("signing key:")),
+        "{status:?}"
+    );
+    assert_eq!(status.piece_count, 0, "nothing was charged");
+}

@@ -351,6 +351,17 @@ impl<R> ShardCore<R> {
                 .unzip();
             signed += jobs.iter().map(|job| job.items.len()).sum::<usize>();
             let prepared = self.store.engine.prepare_session(now_unix, vpsd_id, &jobs);
+            if prepared.record.is_none() {
+                // A signing key that does not unseal (or match its public key) will not on a
+                // retry either: the vPSD is locked, and its status says why.
+                if let Some(Err(crate::engine::EngineError::Integrity(reason))) =
+                    prepared.answers.first()
+                {
+                    let reason = format!("signing key: {reason}");
+                    tracing::error!(vpsd = vpsd_id, "locked: {reason}");
+                    self.store.engine.lock_integrity(vpsd_id, &reason);
+                }
+            }
             let mut failure = None;
             let mut journaled = None;
             if let Some(record) = prepared.record {
