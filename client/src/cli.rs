@@ -182,31 +182,7 @@ pub enum Command {
     },
     /// Check indicia: signature, data digest, duplicates. Offline with `--key` or `--keys`,
     /// or online (`--online`) by asking the appliance.
-    Verify {
-        /// Files of indicia, one hex indicium per line (`-` for standard input).
-        #[arg(value_name = "FILE")]
-        files: Vec<PathBuf>,
-        /// An indicium in hex (repeatable).
-        #[arg(long, value_name = "HEX")]
-        indicium: Vec<String>,
-        /// One public key (PEM), for every indicium.
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["keys", "online"])]
-        key: Option<PathBuf>,
-        /// A directory of `<vpsd>-<serial>.pem` public keys.
-        #[arg(long, value_name = "DIR", conflicts_with = "online")]
-        keys: Option<PathBuf>,
-        /// Ask the appliance (it knows every key and which pieces were issued).
-        #[arg(long)]
-        online: bool,
-        /// A verifier store: pieces seen before are reported as duplicates.
-        #[arg(long, value_name = "FILE")]
-        store: Option<PathBuf>,
-        /// The data the indicia should bind (checked against their data digest).
-        #[arg(long, value_name = "TEXT", conflicts_with = "data_file")]
-        data: Option<String>,
-        #[arg(long, value_name = "FILE")]
-        data_file: Option<PathBuf>,
-    },
+    Verify(VerifyArgs),
     /// The postage provider's tools (no appliance needed).
     Provider {
         #[command(subcommand)]
@@ -214,6 +190,34 @@ pub enum Command {
     },
     /// The appliance's counters and histograms (admin).
     Stats,
+}
+
+/// `indiciactl verify`'s flags.
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// Files of indicia, one hex indicium per line (`-` for standard input).
+    #[arg(value_name = "FILE")]
+    files: Vec<PathBuf>,
+    /// An indicium in hex (repeatable).
+    #[arg(long, value_name = "HEX")]
+    indicium: Vec<String>,
+    /// One public key (PEM), for every indicium.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["keys", "online"])]
+    key: Option<PathBuf>,
+    /// A directory of `<vpsd>-<serial>.pem` public keys.
+    #[arg(long, value_name = "DIR", conflicts_with = "online")]
+    keys: Option<PathBuf>,
+    /// Ask the appliance (it knows every key and which pieces were issued).
+    #[arg(long)]
+    online: bool,
+    /// A verifier store: pieces seen before are reported as duplicates.
+    #[arg(long, value_name = "FILE")]
+    store: Option<PathBuf>,
+    /// The data the indicia should bind (checked against their data digest).
+    #[arg(long, value_name = "TEXT", conflicts_with = "data_file")]
+    data: Option<String>,
+    #[arg(long, value_name = "FILE")]
+    data_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -588,14 +592,14 @@ fn check_arguments(command: &Command) -> Result<(), CliError> {
                     .map_err(|err| CliError::Usage(format!("--barcode: {err}")))?;
             }
         }
-        Command::Verify {
+        Command::Verify(VerifyArgs {
             files,
             indicium,
             key,
             keys,
             online,
             ..
-        } => {
+        }) => {
             if files.is_empty() && indicium.is_empty() {
                 return Err(CliError::Usage(
                     "verify needs indicia: FILE arguments or --indicium HEX".into(),
@@ -653,19 +657,18 @@ fn bound_data(text: Option<String>, file: Option<&Path>) -> Result<Option<Vec<u8
     }
 }
 
-/// The authorization a refill or contact submits: from a file (its kind must match and
-/// its vPSD agree with `--vpsd`), or built here with the provider key and the vPSD's next
-/// sequence.
+/// The authorization a refill or contact submits: the one read from a file (checked before
+/// connecting), or one built here with the provider key and the vPSD's next sequence.
 fn submitted_authorization(
     client: &mut Client,
     kind: AuthorizationKind,
     vpsd: Option<u64>,
     amount_mills: u64,
     provider_key: Option<&Path>,
-    file: Option<&Path>,
+    from_file: Option<ProviderAuthorization>,
 ) -> Result<ProviderAuthorization, CliError> {
-    if let Some(path) = file {
-        return check_authorization_file(path, kind, vpsd);
+    if let Some(authorization) = from_file {
+        return Ok(authorization);
     }
     let (Some(vpsd), Some(provider_key)) = (vpsd, provider_key) else {
         return Err(CliError::Usage(
@@ -757,16 +760,6 @@ enum Checker {
     Online(Client),
 }
 
-struct VerifyArgs {
-    files: Vec<PathBuf>,
-    indicium: Vec<String>,
-    key: Option<PathBuf>,
-    keys: Option<PathBuf>,
-    online: bool,
-    store: Option<PathBuf>,
-    data: Option<Vec<u8>>,
-}
-
 fn verify(
     args: VerifyArgs,
     connect: impl FnOnce() -> Result<Client, CliError>,
@@ -775,6 +768,7 @@ fn verify(
 ) -> Result<(), CliError> {
     use crate::verify::{check_data, read_hex_lines, signature_holds, Keys, Outcome, Store};
 
+    let data = bound_data(args.data.clone(), args.data_file.as_deref())?;
     let mut checker = if args.online {
         Checker::Online(connect()?)
     } else if let Some(path) = &args.key {
@@ -840,8 +834,7 @@ fn verify(
                         }
                     }
                 };
-                let data = args
-                    .data
+                let data = data
                     .as_ref()
                     .map_or(Ok(()), |data| check_data(indicium, data));
                 match (signature, data, &mut store) {
@@ -943,52 +936,35 @@ fn check_authorization_file(
 /// Runs one command; what it prints goes to `out`.
 pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
     check_arguments(&args.command)?;
-    // Authorization files are read and checked before connecting, too.
-    match &args.command {
+    // An authorization file is read and checked before connecting, once.
+    let from_file = match &args.command {
         Command::Refill {
             vpsd,
             authorization: Some(path),
             ..
-        } => {
-            check_authorization_file(path, AuthorizationKind::Refill, *vpsd)?;
-        }
+        } => Some(check_authorization_file(
+            path,
+            AuthorizationKind::Refill,
+            *vpsd,
+        )?),
         Command::Contact {
             vpsd,
             authorization: Some(path),
             ..
-        } => {
-            check_authorization_file(path, AuthorizationKind::Contact, *vpsd)?;
-        }
-        _ => {}
-    }
+        } => Some(check_authorization_file(
+            path,
+            AuthorizationKind::Contact,
+            *vpsd,
+        )?),
+        _ => None,
+    };
     let connect = || -> Result<Client, CliError> {
         let credential = Credential::load(&args.credential)?;
         Ok(Client::connect(args.addr.as_str(), &credential)?)
     };
     let command = match args.command {
         Command::Provider { command } => return provider(command, args.json, out),
-        Command::Verify {
-            files,
-            indicium,
-            key,
-            keys,
-            online,
-            store,
-            data,
-            data_file,
-        } => {
-            let data = bound_data(data, data_file.as_deref())?;
-            let verify_args = VerifyArgs {
-                files,
-                indicium,
-                key,
-                keys,
-                online,
-                store,
-                data,
-            };
-            return verify(verify_args, connect, args.json, out);
-        }
+        Command::Verify(verify_args) => return verify(verify_args, connect, args.json, out),
         command => command,
     };
     let credential = Credential::load(&args.credential)?;
@@ -1018,7 +994,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             vpsd,
             amount: text,
             provider_key,
-            authorization,
+            authorization: _,
         } => {
             let amount_mills = match &text {
                 Some(text) => amount(text, "amount")?,
@@ -1030,7 +1006,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
                 vpsd,
                 amount_mills,
                 provider_key.as_deref(),
-                authorization.as_deref(),
+                from_file,
             )?;
             let status = client.change(&Request::Refill {
                 vpsd_id: authorization.vpsd_id,
@@ -1041,7 +1017,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         Command::Contact {
             vpsd,
             provider_key,
-            authorization,
+            authorization: _,
         } => {
             let authorization = submitted_authorization(
                 &mut client,
@@ -1049,7 +1025,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
                 vpsd,
                 0,
                 provider_key.as_deref(),
-                authorization.as_deref(),
+                from_file,
             )?;
             let status = client.change(&Request::Contact {
                 vpsd_id: authorization.vpsd_id,
@@ -1213,7 +1189,7 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             };
             print(out, &text)
         }
-        Command::Provider { .. } | Command::Verify { .. } => {
+        Command::Provider { .. } | Command::Verify(_) => {
             unreachable!("handled before connecting")
         }
     }

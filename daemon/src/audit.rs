@@ -146,14 +146,18 @@ impl LedgerLine {
     }
 
     pub fn to_json(&self) -> Value {
-        let mut map = serde_json::Map::new();
-        for (name, value) in LEDGER_COLUMNS.iter().zip(self.values()) {
-            let value = match value.parse::<u64>() {
-                Ok(number) if *name != "kind" => Value::from(number),
-                _ => Value::from(value),
-            };
-            map.insert((*name).to_owned(), value);
-        }
+        let mut numbers = self.numbers().into_iter();
+        let map: serde_json::Map<String, Value> = LEDGER_COLUMNS
+            .iter()
+            .map(|name| {
+                let value = if *name == "kind" {
+                    Value::from(self.kind.name())
+                } else {
+                    Value::from(numbers.next().unwrap_or_default())
+                };
+                ((*name).to_owned(), value)
+            })
+            .collect();
         Value::Object(map)
     }
 

@@ -325,24 +325,30 @@ async fn read_requests(
         // Every complete frame in the buffer.
         let mut stop = false;
         loop {
-            let frame = match decoder.decode(&buf[start..end]) {
+            let decoded = decoder.decode(&buf[start..end]);
+            // Until the handshake is done only its two small frames make sense: nobody
+            // unauthenticated gets a large buffer, whether the frame is whole or announced.
+            let frame_bytes = match &decoded {
+                Ok(Decoded::Frame(frame)) => frame.len(),
+                Ok(Decoded::Incomplete { needed }) => end - start + needed,
+                Err(_) => 0,
+            };
+            if connection.client().is_none() && frame_bytes > PRE_AUTH_FRAME_MAX {
+                inflight.acquire().await;
+                refuse(
+                    0,
+                    ErrorCode::FrameTooLarge,
+                    format!(
+                        "frames before the handshake is complete are at most {PRE_AUTH_FRAME_MAX} \
+                         bytes"
+                    ),
+                );
+                stop = true;
+                break;
+            }
+            let frame = match decoded {
                 Ok(Decoded::Frame(frame)) => frame,
                 Ok(Decoded::Incomplete { needed }) => {
-                    if connection.client().is_none() && end - start + needed > PRE_AUTH_FRAME_MAX {
-                        // Until the handshake is done only its two small frames make sense:
-                        // nobody unauthenticated gets a large buffer.
-                        inflight.acquire().await;
-                        refuse(
-                            0,
-                            ErrorCode::FrameTooLarge,
-                            format!(
-                                "frames before the handshake is complete are at most \
-                                 {PRE_AUTH_FRAME_MAX} bytes"
-                            ),
-                        );
-                        stop = true;
-                        break;
-                    }
                     if buf.len() - end < needed {
                         buf.copy_within(start..end, 0);
                         end -= start;
@@ -368,19 +374,6 @@ async fn read_requests(
             let header = frame.header;
             let frame_len = frame.len();
             let body = frame.body;
-            if connection.client().is_none() && frame_len > PRE_AUTH_FRAME_MAX {
-                inflight.acquire().await;
-                refuse(
-                    0,
-                    ErrorCode::FrameTooLarge,
-                    format!(
-                        "frames before the handshake is complete are at most {PRE_AUTH_FRAME_MAX} \
-                         bytes"
-                    ),
-                );
-                stop = true;
-                break;
-            }
             if inflight.is_full() {
                 // Requests held here would never be answered while we wait: send them.
                 forwarder.flush(shard).await;
