@@ -73,6 +73,9 @@ pub struct ServerConfig {
     pub drain_timeout_ms: u64,
     /// How often the integrity monitor audits every journal in the background (0: never).
     pub audit_interval_s: u64,
+    /// Whether the integrity monitor also checks indicium signatures (each once per run, as
+    /// records appear). Off by default: a verification costs about three signatures.
+    pub audit_signatures: bool,
     /// An authenticated connection with nothing in flight that sends nothing for this long
     /// is closed (0: never).
     pub idle_timeout_ms: u64,
@@ -92,6 +95,7 @@ impl Default for ServerConfig {
             cross_shard_channel: 1024,
             drain_timeout_ms: 30_000,
             audit_interval_s: 3_600,
+            audit_signatures: false,
             idle_timeout_ms: 300_000,
         }
     }

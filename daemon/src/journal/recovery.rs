@@ -139,9 +139,17 @@ fn header_at(bytes: &[u8], offset: usize) -> Option<RecordHeader> {
 /// How far past a blank header recovery looks for the garbage of torn writes.
 pub const TAIL_PROBE_BYTES: usize = 8 << 20;
 
-/// Reads the records of one segment, from `start`, at most `limit` entries. Returns them
-/// and the offset up to which anything was found (the extent to zero if it is cut).
-fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>, usize) {
+/// Reads the records of one segment, from `start`, at most `limit` entries, stopping after
+/// a good record of sequence `until` or later (the live audit: what comes after the durable
+/// sequence is being written, and may be seen half-written). Returns them and the offset up
+/// to which anything was found (the extent to zero if it is cut).
+fn scan(
+    bytes: &[u8],
+    start: usize,
+    key: &ChainKey,
+    limit: usize,
+    until: u64,
+) -> (Vec<Entry>, usize) {
     let mut entries = Vec::new();
     let mut offset = start;
     while offset + RECORD_HEADER_BYTES <= bytes.len() && entries.len() < limit {
@@ -216,6 +224,7 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>
                 sequence: header.sequence,
             });
         } else {
+            let sequence = header.sequence;
             entries.push(Entry::Good {
                 offset,
                 end,
@@ -224,6 +233,10 @@ fn scan(bytes: &[u8], start: usize, key: &ChainKey, limit: usize) -> (Vec<Entry>
                 prev_chain,
                 chain,
             });
+            if sequence >= until {
+                offset = end;
+                break;
+            }
         }
         offset = end;
     }
@@ -252,7 +265,7 @@ fn starts_with_checkpoint(segment: &Segment, key: &ChainKey) -> bool {
     let Some(header) = segment.header else {
         return false;
     };
-    match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, 1)
+    match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, 1, u64::MAX)
         .0
         .first()
     {
@@ -674,7 +687,21 @@ fn replay_journal(
             }),
             Some(_) => {}
         }
-        let (entries, extent) = scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, usize::MAX);
+        // The live audit (a durable sequence known, no clean close) reads no further.
+        let until = match expected {
+            Some(Expected {
+                sequence,
+                closed_chain: None,
+            }) if audit => sequence.max(1),
+            _ => u64::MAX,
+        };
+        let (entries, extent) = scan(
+            segment.bytes(),
+            SEGMENT_HEADER_BYTES,
+            key,
+            usize::MAX,
+            until,
+        );
         extents.push(extent);
         for entry in entries {
             match entry {

@@ -337,6 +337,7 @@ impl Server {
                 zeroize::Zeroizing::new(*data.master_key()),
                 config.engine_config(),
                 Duration::from_secs(config.server.audit_interval_s),
+                config.server.audit_signatures,
             )
         });
         let server = Self {
@@ -418,6 +419,7 @@ fn audit_in_background(
     master_key: zeroize::Zeroizing<[u8; 32]>,
     engine_config: crate::engine::EngineConfig,
     interval: Duration,
+    check_signatures: bool,
 ) -> Result<std::thread::JoinHandle<()>, ServerError> {
     std::thread::Builder::new()
         .name("indicia-audit".into())
@@ -426,6 +428,9 @@ fn audit_in_background(
             // What was reported already: a finding is logged, and its vPSD handed to the
             // shard, once per run of the process.
             let mut reported = std::collections::HashSet::new();
+            // Per shard: the last sequence whose signatures a pass checked.
+            let mut verified: std::collections::HashMap<u16, u64> =
+                std::collections::HashMap::new();
             // The first audit soon after the start: a lock found by an earlier run and not
             // yet carried by a checkpoint is made again without waiting a whole interval.
             let mut wake = std::time::Instant::now() + interval.min(Duration::from_secs(5));
@@ -446,14 +451,20 @@ fn audit_in_background(
                     }
                     let durable = control.durable(*shard);
                     let started = std::time::Instant::now();
-                    match crate::audit::audit_shard(
+                    // With `audit_signatures`, each signature is checked once per run: those
+                    // of records after the last pass's end.
+                    let signatures_after =
+                        check_signatures.then(|| verified.get(shard).copied().unwrap_or(0));
+                    match crate::audit::audit_shard_with(
                         dir,
                         *shard,
                         &master_key,
                         engine_config.clone(),
                         Some(durable),
+                        signatures_after,
                     ) {
                         Ok(audit) => {
+                            verified.insert(*shard, audit.report.last_sequence);
                             let report = &audit.report;
                             for finding in &report.findings {
                                 if reported.insert((*shard, finding.to_string())) {
