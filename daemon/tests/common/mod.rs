@@ -36,18 +36,23 @@ pub fn provider() -> Ed25519KeyPair {
 }
 
 pub fn open(dir: &Path, segment_bytes: usize) -> (Store, RecoveryReport) {
+    open_with(dir, segment_bytes, &MASTER)
+}
+
+/// [`open`] under another master key.
+pub fn open_with(dir: &Path, segment_bytes: usize, master: &[u8; 32]) -> (Store, RecoveryReport) {
     let provider = provider();
     let mut public = [0u8; 32];
     public.copy_from_slice(provider.public_key().as_ref());
     let engine = Engine::new(
         EngineConfig::default(),
-        MasterKey::new(&MASTER).unwrap(),
+        MasterKey::new(master).unwrap(),
         public,
     );
     Store::open(
         dir,
         0,
-        ChainKey::derive(&MASTER, 0),
+        ChainKey::derive(master, 0),
         JournalConfig { segment_bytes },
         engine,
     )
