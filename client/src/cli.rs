@@ -20,7 +20,12 @@
 //!   provider authorize --key FILE --kind refill|contact --vpsd ID [--amount AMOUNT]
 //!             --sequence N [--valid-for SECONDS] --out FILE
 //!   stats
+//!   pki init --dir DIR --server-name NAME... [--days N]
+//!   pki client --dir DIR --id ID [--days N]
 //! ```
+//!
+//! With `--tls-ca FILE --tls-cert FILE --tls-key FILE [--tls-server-name NAME]` the
+//! connection is mutual TLS (`pki` makes the files).
 //!
 //! Exit status: 0; 1 on an error; 2 for usage; 3 when the appliance refused; 4 when an
 //! indicium did not verify.
@@ -67,6 +72,19 @@ pub struct Args {
         value_name = "FILE"
     )]
     pub credential: PathBuf,
+    /// Mutual TLS: the CA certificate (PEM) that issued the appliance's certificate. Needs
+    /// --tls-cert and --tls-key.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM; its common name is the credential's client id).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's private key (PEM, mode 0600).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the appliance's certificate must carry (default: the host of --addr).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub tls_server_name: Option<String>,
     /// Print the result as JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -188,6 +206,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ProviderCommand,
     },
+    /// A private certificate authority for mutual TLS (no appliance needed).
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
     /// The appliance's counters and histograms (admin).
     Stats,
 }
@@ -250,6 +273,32 @@ pub enum ProviderCommand {
         valid_for: u64,
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Make a CA and the appliance's certificate in DIR: ca.pem, ca.key, server.pem,
+    /// server.key (keys 0600). The appliance's [tls] takes server.pem, server.key and
+    /// ca.pem (as client_ca); clients take ca.pem as --tls-ca.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// A DNS name or IP address clients reach the appliance by (repeatable).
+        #[arg(long = "server-name", value_name = "NAME", required = true)]
+        server_names: Vec<String>,
+        #[arg(long, default_value_t = 825, value_name = "DAYS")]
+        days: u32,
+    },
+    /// Issue a client's certificate from the CA in DIR: clients/ID.pem and clients/ID.key.
+    /// ID is the client id of the appliance's configuration (or `admin`).
+    Client {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "ID")]
+        id: String,
+        #[arg(long, default_value_t = 825, value_name = "DAYS")]
+        days: u32,
     },
 }
 
@@ -638,6 +687,7 @@ fn check_arguments(command: &Command) -> Result<(), CliError> {
         | Command::Withdraw { .. }
         | Command::RotateKey { .. }
         | Command::Provider { .. }
+        | Command::Pki { .. }
         | Command::Stats => {}
     }
     Ok(())
@@ -757,7 +807,7 @@ fn provider(command: ProviderCommand, json: bool, out: &mut dyn Write) -> Result
 /// Where the verifier gets its verdicts.
 enum Checker {
     Offline(crate::verify::Keys),
-    Online(Client),
+    Online(Box<Client>),
 }
 
 fn verify(
@@ -770,7 +820,7 @@ fn verify(
 
     let data = bound_data(args.data.clone(), args.data_file.as_deref())?;
     let mut checker = if args.online {
-        Checker::Online(connect()?)
+        Checker::Online(Box::new(connect()?))
     } else if let Some(path) = &args.key {
         Checker::Offline(Keys::Single(crate::verify::load_public_key_pem(path)?))
     } else if let Some(dir) = &args.keys {
@@ -958,17 +1008,23 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
         )?),
         _ => None,
     };
+    let tls = tls_settings(&args)?;
     let connect = || -> Result<Client, CliError> {
         let credential = Credential::load(&args.credential)?;
-        Ok(Client::connect(args.addr.as_str(), &credential)?)
+        Ok(Client::connect_with(
+            args.addr.as_str(),
+            &credential,
+            tls.as_ref(),
+        )?)
     };
     let command = match args.command {
         Command::Provider { command } => return provider(command, args.json, out),
+        Command::Pki { command } => return pki(command, args.json, out),
         Command::Verify(verify_args) => return verify(verify_args, connect, args.json, out),
         command => command,
     };
     let credential = Credential::load(&args.credential)?;
-    let mut client = Client::connect(args.addr.as_str(), &credential)?;
+    let mut client = Client::connect_with(args.addr.as_str(), &credential, tls.as_ref())?;
     match command {
         Command::Provision {
             vpsd,
@@ -1189,9 +1245,91 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
             };
             print(out, &text)
         }
-        Command::Provider { .. } | Command::Verify(_) => {
+        Command::Provider { .. } | Command::Pki { .. } | Command::Verify(_) => {
             unreachable!("handled before connecting")
         }
+    }
+}
+
+/// The mutual TLS settings of the flags: all of --tls-ca, --tls-cert and --tls-key, or
+/// none (plaintext).
+fn tls_settings(args: &Args) -> Result<Option<crate::TlsSettings>, CliError> {
+    tls_settings_from(
+        args.tls_ca.as_deref(),
+        args.tls_cert.as_deref(),
+        args.tls_key.as_deref(),
+        args.tls_server_name.as_deref(),
+        &args.addr,
+    )
+}
+
+/// The mutual TLS settings of `--tls-ca`, `--tls-cert`, `--tls-key` and
+/// `--tls-server-name` (the load generator has the same flags); the server name defaults
+/// to the host of `addr`.
+pub fn tls_settings_from(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    server_name: Option<&str>,
+    addr: &str,
+) -> Result<Option<crate::TlsSettings>, CliError> {
+    let (ca, cert, key) = match (ca, cert, key) {
+        (None, None, None) => {
+            if server_name.is_some() {
+                return Err(CliError::Usage(
+                    "--tls-server-name needs --tls-ca, --tls-cert and --tls-key".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+        _ => {
+            return Err(CliError::Usage(
+                "mutual TLS needs all of --tls-ca, --tls-cert and --tls-key".into(),
+            ))
+        }
+    };
+    let server_name = match server_name {
+        Some(name) => name.to_owned(),
+        None => host_of(addr),
+    };
+    Ok(Some(crate::TlsSettings::load(ca, cert, key, &server_name)?))
+}
+
+/// The host part of `host:port`, `[v6]:port` or a bare host.
+pub fn host_of(addr: &str) -> String {
+    if let Ok(socket) = addr.parse::<std::net::SocketAddr>() {
+        return socket.ip().to_string();
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        _ => addr.to_owned(),
+    }
+}
+
+fn pki(command: PkiCommand, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let written = match command {
+        PkiCommand::Init {
+            dir,
+            server_names,
+            days,
+        } => crate::pki::init(&dir, &server_names, days)?,
+        PkiCommand::Client { dir, id, days } => {
+            let (cert, key) = crate::pki::issue_client(&dir, &id, days)?;
+            vec![cert, key]
+        }
+    };
+    let names: Vec<String> = written
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect();
+    if json {
+        print(out, &format!("{}\n", json!({ "written": names })))
+    } else {
+        print(out, &format!("wrote {}\n", names.join(", ")))
     }
 }
 

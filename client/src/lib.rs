@@ -12,12 +12,16 @@
 
 pub mod barcode;
 pub mod cli;
+pub mod pki;
 pub mod provider;
+pub mod transport;
 pub mod verify;
+
+pub use transport::{TlsSettings, Transport};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -53,7 +57,11 @@ pub enum ClientError {
         source: std::io::Error,
     },
     #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// TLS failed: a certificate refused either way, a file that does not load, or a
+    /// TLS protocol error.
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("the appliance closed the connection")]
     Closed,
     #[error("protocol: {0}")]
@@ -65,6 +73,18 @@ pub enum ClientError {
     Refused(ErrorBody),
     #[error("random number generator failed")]
     Random,
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(err: std::io::Error) -> Self {
+        match err
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<transport::TlsFailure>())
+        {
+            Some(failure) => Self::Tls(failure.0.clone()),
+            None => Self::Io(err),
+        }
+    }
 }
 
 impl ClientError {
@@ -155,7 +175,7 @@ impl Credential {
 /// One authenticated connection to the appliance.
 #[derive(Debug)]
 pub struct Client {
-    stream: TcpStream,
+    stream: Transport,
     peer: SocketAddr,
     version: u8,
     role: Role,
@@ -180,23 +200,26 @@ fn random_u64(rng: &SystemRandom) -> Result<u64> {
 }
 
 impl Client {
-    /// Connects and authenticates.
+    /// Connects in plaintext and authenticates.
     pub fn connect(
         addr: impl ToSocketAddrs + std::fmt::Debug,
         credential: &Credential,
     ) -> Result<Self> {
-        let connect_error = |source| ClientError::Connect {
-            addr: format!("{addr:?}"),
-            source,
-        };
-        let stream = TcpStream::connect(&addr).map_err(connect_error)?;
-        Self::handshake(stream, credential)
+        Self::connect_with(addr, credential, None)
     }
 
-    /// Runs the handshake on an open stream.
-    pub fn handshake(stream: TcpStream, credential: &Credential) -> Result<Self> {
-        stream.set_nodelay(true)?;
-        let peer = stream.peer_addr()?;
+    /// Connects (with mutual TLS when `tls` is given) and authenticates.
+    pub fn connect_with(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        credential: &Credential,
+        tls: Option<&TlsSettings>,
+    ) -> Result<Self> {
+        Self::handshake(Transport::connect(addr, tls)?, credential)
+    }
+
+    /// Runs the protocol handshake on an open transport.
+    pub fn handshake(stream: Transport, credential: &Credential) -> Result<Self> {
+        let peer = stream.peer();
         let rng = SystemRandom::new();
         let mut client = Self {
             stream,
@@ -270,9 +293,20 @@ impl Client {
 
     /// Bounds how long a read or write may block (None: forever).
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.stream.set_read_timeout(timeout)?;
-        self.stream.set_write_timeout(timeout)?;
+        self.stream.set_timeout(timeout)?;
         Ok(())
+    }
+
+    /// Whether the connection is TLS.
+    pub fn is_tls(&self) -> bool {
+        self.stream.is_tls()
+    }
+
+    /// The authenticated transport, for a caller that drives the protocol itself (the load
+    /// generator). None if requests are still queued or answers were read ahead.
+    pub fn into_transport(self) -> Option<Transport> {
+        (self.pending_out == 0 && self.start == self.end && self.stashed.is_empty())
+            .then_some(self.stream)
     }
 
     /// A request id not used before by this client (never 0: the appliance uses id 0 for

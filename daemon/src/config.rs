@@ -41,8 +41,49 @@ pub struct Config {
     pub engine: EngineConfig,
     pub journal: JournalConfig,
     pub server: ServerConfig,
+    /// Mutual TLS on the client port, or where plaintext is allowed (the `[tls]` section).
+    pub tls: TlsConfig,
     /// Clients besides the admin credential created at first start.
     pub clients: Vec<ClientConfig>,
+}
+
+/// The `[tls]` section. With `certificate`, `private_key` and `client_ca` set, every
+/// connection is mutual TLS 1.3: the appliance proves itself with `certificate`, and each
+/// client must present a certificate issued by `client_ca` whose subject common name is the
+/// client id it then authenticates as. Without them the port is plaintext, which is allowed
+/// only where `plaintext` says.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The appliance's certificate chain (PEM), leaf first.
+    pub certificate: Option<PathBuf>,
+    /// Its private key (PEM: PKCS#8, SEC1 or PKCS#1), readable by the owner only.
+    pub private_key: Option<PathBuf>,
+    /// The certificate authorities (PEM) that issue client certificates.
+    pub client_ca: Option<PathBuf>,
+    /// Where a port without TLS may listen.
+    pub plaintext: Plaintext,
+}
+
+impl TlsConfig {
+    /// Whether the client port is TLS.
+    pub fn enabled(&self) -> bool {
+        self.certificate.is_some()
+    }
+}
+
+/// Where the client port may be plaintext (`[tls] plaintext`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Plaintext {
+    /// Never: the appliance does not start without TLS.
+    Never,
+    /// On a loopback address only (127.0.0.0/8, ::1): a benchmark or a co-located
+    /// gateway. Any other address needs TLS.
+    #[default]
+    Loopback,
+    /// On any address: a deliberate choice for a network that is protected otherwise.
+    Anywhere,
 }
 
 /// Limits and timeouts of the network side (the `[server]` section).
@@ -131,6 +172,7 @@ impl Default for Config {
             engine: EngineConfig::default(),
             journal: JournalConfig::default(),
             server: ServerConfig::default(),
+            tls: TlsConfig::default(),
             clients: Vec::new(),
         }
     }
@@ -240,6 +282,36 @@ impl Config {
                 return invalid(format!("server.{name} = {value} is outside {low}..={high}"));
             }
         }
+        let tls = &self.tls;
+        match (&tls.certificate, &tls.private_key, &tls.client_ca) {
+            (Some(_), Some(_), Some(_)) => {}
+            (None, None, None) => match tls.plaintext {
+                Plaintext::Anywhere => {}
+                Plaintext::Loopback if self.listen.ip().is_loopback() => {}
+                Plaintext::Loopback => {
+                    return invalid(format!(
+                        "listen = {} is not a loopback address and TLS is not configured: set \
+                         [tls] certificate, private_key and client_ca, or allow plaintext there \
+                         explicitly with [tls] plaintext = \"anywhere\"",
+                        self.listen
+                    ))
+                }
+                Plaintext::Never => {
+                    return invalid(
+                        "[tls] plaintext = \"never\" and TLS is not configured: set [tls] \
+                         certificate, private_key and client_ca"
+                            .into(),
+                    )
+                }
+            },
+            _ => {
+                return invalid(
+                    "[tls] needs all of certificate, private_key and client_ca (mutual TLS), or \
+                     none of them"
+                        .into(),
+                )
+            }
+        }
         let mut ids = std::collections::HashSet::new();
         for client in &self.clients {
             if client.id.is_empty() || client.id.len() > indicia_proto::message::CLIENT_ID_BYTES_MAX
@@ -316,6 +388,10 @@ mod tests {
             contact_days_max = 30
             [journal]
             segment_bytes = 1048576
+            [tls]
+            certificate = "/etc/indicia/tls/server.pem"
+            private_key = "/etc/indicia/tls/server.key"
+            client_ca = "/etc/indicia/tls/clients-ca.pem"
             [[clients]]
             id = "station-7"
             role = "user"
@@ -332,6 +408,35 @@ mod tests {
         assert_eq!(config.journal_config().segment_bytes, 1 << 20);
         assert_eq!(config.clients[0].role, ClientRole::User);
         assert_eq!(config.clients[0].vpsds, vec![1001, 1002]);
+        assert!(config.tls.enabled());
+    }
+
+    #[test]
+    fn plaintext_listens_only_where_the_config_allows_it() {
+        let parse = |text: &str| Config::parse(text, Path::new("tls.toml"));
+        // The default allows plaintext on loopback only.
+        assert!(!parse("").unwrap().tls.enabled());
+        assert!(parse("listen = \"[::1]:7450\"").is_ok());
+        let exposed = parse("listen = \"0.0.0.0:7450\"").unwrap_err().to_string();
+        assert!(
+            exposed.contains("not a loopback address") && exposed.contains("[tls]"),
+            "{exposed}"
+        );
+        assert!(parse("listen = \"10.1.2.3:7450\"\n[tls]\nplaintext = \"anywhere\"").is_ok());
+        let never = parse("[tls]\nplaintext = \"never\"")
+            .unwrap_err()
+            .to_string();
+        assert!(never.contains("plaintext = \"never\""), "{never}");
+        let partial = parse("[tls]\ncertificate = \"a.pem\"\nprivate_key = \"a.key\"")
+            .unwrap_err()
+            .to_string();
+        assert!(partial.contains("client_ca"), "{partial}");
+        let tls = "[tls]\ncertificate = \"a.pem\"\nprivate_key = \"a.key\"\nclient_ca = \"ca.pem\"";
+        assert!(parse(&format!("listen = \"0.0.0.0:7450\"\n{tls}")).is_ok());
+        let typo = parse("[tls]\nplaintext = \"sometimes\"")
+            .unwrap_err()
+            .to_string();
+        assert!(typo.contains("sometimes"), "{typo}");
     }
 
     #[test]

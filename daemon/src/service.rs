@@ -283,8 +283,13 @@ fn run(args: &Args) -> Result<(), String> {
             tracing::error!(shard, "provisioning blocked: {reason}");
         }
     }
+    let transport = if config.tls.enabled() {
+        "mutual TLS 1.3"
+    } else {
+        "plaintext, as [tls] plaintext allows"
+    };
     tracing::info!(
-        "indiciad {} listening on {} with {} shards; data in {} (started in {} ms)",
+        "indiciad {} listening on {} ({transport}) with {} shards; data in {} (started in {} ms)",
         env!("CARGO_PKG_VERSION"),
         server.local_addr(),
         server.shards(),

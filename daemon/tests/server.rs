@@ -327,7 +327,8 @@ impl HandshakenStream for Daemon {
     fn admin_credential_stream(&self) -> TcpStream {
         let stream = TcpStream::connect(self.addr).unwrap();
         let twin = stream.try_clone().unwrap();
-        let client = Client::handshake(stream, &self.admin_credential()).unwrap();
+        let transport = indicia_client::Transport::plain(stream).unwrap();
+        let client = Client::handshake(transport, &self.admin_credential()).unwrap();
         drop(client);
         twin
     }

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -925,4 +926,109 @@ fn the_background_monitor_locks_a_vpsd_whose_journal_was_altered_while_running()
     // Everyone else goes on.
     sign(&daemon, "802", "2", &out, &[]);
     assert!(daemon.log_text().contains("integrity monitor"));
+}
+
+/// An operator sets up mutual TLS with the CLI alone: `indiciactl pki init` makes a CA and
+/// the appliance's certificate, `pki client` a certificate per client, and every command
+/// then runs over TLS with `--tls-ca --tls-cert --tls-key`; without them it gets nowhere.
+#[test]
+fn the_cli_makes_a_private_ca_and_works_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let written = ok(ctl_offline(&[
+        "pki",
+        "init",
+        "--dir",
+        path(&pki),
+        "--server-name",
+        "127.0.0.1",
+        "--json",
+    ]));
+    assert_eq!(json(&written)["written"].as_array().unwrap().len(), 4);
+    ok(ctl_offline(&[
+        "pki",
+        "client",
+        "--dir",
+        path(&pki),
+        "--id",
+        "admin",
+    ]));
+    for key in ["ca.key", "server.key", "clients/admin.key"] {
+        let mode = std::fs::metadata(pki.join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
+    // A second init would overwrite the CA: refused.
+    fails(
+        ctl_offline(&["pki", "init", "--dir", path(&pki), "--server-name", "x"]),
+        1,
+    );
+    // A client id that is not a safe file name is refused.
+    fails(
+        ctl_offline(&["pki", "client", "--dir", path(&pki), "--id", "../up"]),
+        1,
+    );
+    let config = dir.path().join("indiciad.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[tls]\ncertificate = {:?}\nprivate_key = {:?}\nclient_ca = {:?}\n",
+            path(&pki.join("server.pem")),
+            path(&pki.join("server.key")),
+            path(&pki.join("ca.pem")),
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(dir.path(), Some(&config));
+    let (ca, cert, key) = (
+        pki.join("ca.pem"),
+        pki.join("clients/admin.pem"),
+        pki.join("clients/admin.key"),
+    );
+    let tls = [
+        "--tls-ca",
+        path(&ca),
+        "--tls-cert",
+        path(&cert),
+        "--tls-key",
+        path(&key),
+    ];
+    let with_tls = |args: &[&str]| {
+        let mut all = tls.to_vec();
+        all.extend_from_slice(args);
+        ctl(&daemon, &all)
+    };
+    ok(with_tls(&["provision", "--vpsd", "61"]));
+    let provider_key = daemon.dir.join("provider.key");
+    ok(with_tls(&[
+        "refill",
+        "--vpsd",
+        "61",
+        "--amount",
+        "10",
+        "--provider-key",
+        path(&provider_key),
+    ]));
+    let out = dir.path().join("tls-indicia.hex");
+    ok(with_tls(&[
+        "sign",
+        "--vpsd",
+        "61",
+        "--postage",
+        "0.50",
+        "--count",
+        "3",
+        "--out",
+        path(&out),
+    ]));
+    let status = json(&ok(with_tls(&["status", "--vpsd", "61", "--json"])));
+    assert_eq!(status["descending_mills"], 8_500);
+    // Without TLS flags, or with only some of them.
+    let plain = fails(ctl(&daemon, &["status", "--vpsd", "61"]), 1);
+    assert!(!plain.contains("8.500"), "{plain}");
+    let partial = fails(ctl(&daemon, &["--tls-ca", path(&ca), "stats"]), 2);
+    assert!(partial.contains("--tls-cert"), "{partial}");
+    drop(daemon);
 }

@@ -20,11 +20,11 @@ pub mod report;
 pub mod run;
 pub mod workload;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use indicia_client::cli::{authorize, load_provider_key};
-use indicia_client::{Client, ClientError, Credential};
+use indicia_client::{Client, ClientError, Credential, TlsSettings};
 use indicia_proto::{Algorithm, AuthorizationKind, ErrorCode, Request, Zip};
 
 use report::{Report, Stats};
@@ -111,7 +111,7 @@ pub fn measure(
             .map_err(|_| LoadError::Protocol("the raw signing measurement failed".into()))
     };
     let raw_sign_before = raw_sign()?;
-    let mut control = Client::connect(config.addr, admin)?;
+    let mut control = Client::connect_with(config.addr, admin, config.tls.as_ref())?;
     let keys = public_keys(&mut control, config.picker.ids())?;
     let before = stats(&mut control)?;
     let cpu_before = appliance_pid.and_then(report::process_cpu);
@@ -133,4 +133,40 @@ pub fn measure(
         raw_sign_us: (raw_sign_before + raw_sign_after) / 2.0,
         raw_sign_before_after_us: (raw_sign_before, raw_sign_after),
     })
+}
+
+/// A private CA, the appliance's certificate and the admin's, written into `dir`; the
+/// `[tls]` section that uses them and the admin's client settings.
+pub fn tls_files(dir: &Path) -> Result<(String, TlsSettings), ClientError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let authority = indicia_client::pki::Authority::new("loadgen CA", 1)?;
+    let server = authority.server(&["127.0.0.1".into()])?;
+    let admin = authority.client("admin")?;
+    let write = |name: &str, text: &str, mode: u32| -> Result<PathBuf, ClientError> {
+        let path = dir.join(name);
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&path)
+            .and_then(|mut file| std::io::Write::write_all(&mut file, text.as_bytes()))
+            .map_err(|source| ClientError::File {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(path)
+    };
+    let ca = write("ca.pem", authority.cert_pem(), 0o644)?;
+    let cert = write("server.pem", &server.cert_pem, 0o644)?;
+    let key = write("server.key", &server.key_pem, 0o600)?;
+    let admin_cert = write("admin.pem", &admin.cert_pem, 0o644)?;
+    let admin_key = write("admin.key", &admin.key_pem, 0o600)?;
+    let section = format!(
+        "[tls]\ncertificate = {:?}\nprivate_key = {:?}\nclient_ca = {:?}\n",
+        cert.display().to_string(),
+        key.display().to_string(),
+        ca.display().to_string(),
+    );
+    let settings = TlsSettings::load(&ca, &admin_cert, &admin_key, "127.0.0.1")?;
+    Ok((section, settings))
 }

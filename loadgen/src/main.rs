@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use indicia_client::{Client, Credential};
+use indicia_client::{Client, Credential, TlsSettings};
 use indicia_loadgen::appliance::Appliance;
 use indicia_loadgen::run::{Mode, RunConfig};
 use indicia_loadgen::workload::{Distribution, VpsdPicker};
@@ -26,7 +26,7 @@ struct Args {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Sign under load against a running appliance and report.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Start the appliance on its embedded default in a temporary directory, provision and
     /// fund a few vPSDs, run a short load (closed loop, then open loop at half that rate),
     /// show one indicium decoded and verified, and stop the appliance.
@@ -67,6 +67,24 @@ enum Command {
         /// Seconds per measurement.
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+    },
+    /// What mutual TLS costs: the same loads against a fresh plaintext appliance and a
+    /// fresh mutual-TLS one, alternately, with the appliance's CPU per indicium against
+    /// the raw signature in each; and the time to open a connection (TCP, TLS, the
+    /// protocol's handshake) both ways.
+    TlsCost {
+        /// Seconds per load.
+        #[arg(long, default_value_t = 4.0)]
+        duration: f64,
+        /// Requests in flight in total, spread over 8 connections.
+        #[arg(long, value_delimiter = ',', default_value = "8,64")]
+        in_flight: Vec<usize>,
+        /// Rounds (each: plaintext then TLS at every level).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// Where to write the JSON of every load.
+        #[arg(long, default_value = "tls-cost.json")]
+        out: PathBuf,
     },
     /// Draw the plot again from a sweep's JSON, without measuring.
     Plot {
@@ -134,15 +152,41 @@ struct RunArgs {
     seed: u64,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// Mutual TLS to the appliance, as `indiciactl` takes it.
+#[derive(Debug, Default, clap::Args)]
+struct TlsArgs {
+    /// The CA certificate (PEM) that issued the appliance's certificate.
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// The client certificate (PEM; its common name is the credential's client id).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The client's private key (PEM, mode 0600).
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// The name the appliance's certificate must carry (default: the host of --addr).
+    #[arg(long, value_name = "NAME")]
+    tls_server_name: Option<String>,
 }
 
 fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
     let credential = Credential::load(&args.credential)?;
+    let tls = indicia_client::cli::tls_settings_from(
+        args.tls.tls_ca.as_deref(),
+        args.tls.tls_cert.as_deref(),
+        args.tls.tls_key.as_deref(),
+        args.tls.tls_server_name.as_deref(),
+        &args.addr.to_string(),
+    )?;
     let algorithm: Algorithm = args.algorithm.parse()?;
     let postage_mills = parse_amount_mills(&args.postage)?;
     let picker = VpsdPicker::new(args.first_vpsd, args.vpsds, args.distribution);
     if let Some(provider_key) = &args.provider_key {
-        let mut admin = Client::connect(args.addr, &credential)?;
+        let mut admin = Client::connect_with(args.addr, &credential, tls.as_ref())?;
         // Enough for the whole run at a generous rate.
         let funds = postage_mills.saturating_mul(50_000_000);
         indicia_loadgen::prepare_vpsds(&mut admin, picker.ids(), algorithm, funds, provider_key)?;
@@ -156,6 +200,7 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
     let config = RunConfig {
         addr: args.addr,
         credential: credential.clone(),
+        tls,
         connections: args.connections,
         mode,
         duration: Duration::from_secs_f64(args.duration),
@@ -190,10 +235,11 @@ const FRAMES_PER_WRITE: usize = 64;
 fn funded(
     appliance: &Appliance,
     count: u64,
+    tls: Option<&TlsSettings>,
 ) -> Result<(Credential, VpsdPicker, Client), Box<dyn std::error::Error>> {
     let credential = appliance.admin_credential()?;
     let picker = VpsdPicker::new(DEMO_FIRST_VPSD, count, Distribution::Uniform);
-    let mut admin = Client::connect(appliance.addr, &credential)?;
+    let mut admin = Client::connect_with(appliance.addr, &credential, tls)?;
     indicia_loadgen::prepare_vpsds(
         &mut admin,
         picker.ids(),
@@ -213,11 +259,12 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         appliance.addr,
         appliance.data_dir.display()
     );
-    let (credential, picker, mut admin) = funded(&appliance, 4)?;
+    let (credential, picker, mut admin) = funded(&appliance, 4, None)?;
     out.push_str("provisioned and funded vPSDs 7001-7004 (ECDSA P-256)\n\n");
     let mut config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
+        tls: None,
         connections: 8,
         mode: Mode::Closed { window: 8 },
         duration: Duration::from_secs_f64(duration),
@@ -300,21 +347,28 @@ enum Load {
 }
 
 /// One load against a fresh appliance: one ECDSA vPSD, `session_indicia_max` = `cap`,
-/// single-indicium requests.
+/// single-indicium requests; over mutual TLS with `tls`.
 fn fresh_point(
     cap: usize,
     shards: usize,
     load: Load,
     duration: f64,
+    tls: bool,
 ) -> Result<indicia_loadgen::report::Report, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("indiciad.toml");
+    let (tls_section, settings) = if tls {
+        let (section, settings) = indicia_loadgen::tls_files(dir.path())?;
+        (section, Some(settings))
+    } else {
+        (String::new(), None)
+    };
     std::fs::write(
         &config_path,
-        format!("shards = {shards}\n\n[engine]\nsession_indicia_max = {cap}\n"),
+        format!("shards = {shards}\n\n[engine]\nsession_indicia_max = {cap}\n\n{tls_section}"),
     )?;
     let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
-    let (credential, picker, admin) = funded(&appliance, 1)?;
+    let (credential, picker, admin) = funded(&appliance, 1, settings.as_ref())?;
     drop(admin);
     let (connections, mode, label) = match load {
         Load::InFlight(total) => {
@@ -335,6 +389,7 @@ fn fresh_point(
     let config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
+        tls: settings,
         connections,
         mode,
         duration: Duration::from_secs_f64(duration),
@@ -384,7 +439,7 @@ fn sweep(
     );
     for &total in in_flight {
         for &cap in caps {
-            let report = fresh_point(cap, shards, Load::InFlight(total), duration)?;
+            let report = fresh_point(cap, shards, Load::InFlight(total), duration, false)?;
             let cpu = report.cpu_per_indicium_us().unwrap_or(0.0);
             table.push_str(&format!(
                 "{cap:>5} {total:>9} {:>11.0} {:>9.1} {:>9.2} {:>9.2} {:>10.1} us {:>7.2}x\n",
@@ -414,7 +469,7 @@ fn sweep(
     // offered open loop (coordinated omission corrected) to a fresh appliance.
     if let Some((cap, rate)) = saturation {
         let half = (rate / 2.0).round().max(1.0);
-        let report = fresh_point(cap, shards, Load::Rate(half), duration)?;
+        let report = fresh_point(cap, shards, Load::Rate(half), duration, false)?;
         let latency = &report.tally.latency_us;
         let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
         table.push_str(&format!(
@@ -485,7 +540,7 @@ fn peer(module: &std::path::Path, seconds: f64) -> Result<String, Box<dyn std::e
     use indicia_loadgen::peer;
     let aws_lc = peer::aws_lc_rate(seconds)?;
     let softhsm = peer::softhsm_rate(module, seconds)?;
-    let report = fresh_point(256, 0, Load::InFlight(64), seconds)?;
+    let report = fresh_point(256, 0, Load::InFlight(64), seconds, false)?;
     let appliance = report
         .cpu_per_indicium_us()
         .map(|us| 1e6 / us)
@@ -504,10 +559,112 @@ fn peer(module: &std::path::Path, seconds: f64) -> Result<String, Box<dyn std::e
     ))
 }
 
+/// Connections opened one after another against a fresh appliance (plaintext or mutual
+/// TLS): the median and p90 time from `connect` to the protocol's `welcome`, in ms.
+fn connect_times(tls: bool, count: usize) -> Result<(f64, f64), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("indiciad.toml");
+    let (section, settings) = if tls {
+        let (section, settings) = indicia_loadgen::tls_files(dir.path())?;
+        (section, Some(settings))
+    } else {
+        (String::new(), None)
+    };
+    std::fs::write(&config_path, section)?;
+    let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
+    let credential = appliance.admin_credential()?;
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let started = std::time::Instant::now();
+        let client = Client::connect_with(appliance.addr, &credential, settings.as_ref())?;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+        drop(client);
+    }
+    appliance.stop()?;
+    times.sort_by(f64::total_cmp);
+    let at = |quantile: f64| times[((times.len() - 1) as f64 * quantile).round() as usize];
+    Ok((at(0.5), at(0.9)))
+}
+
+fn tls_cost(
+    duration: f64,
+    in_flight: &[usize],
+    rounds: usize,
+    out_path: &std::path::Path,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let mut table = format!(
+        "{:>5} {:>10} {:>9} {:>11} {:>9} {:>9} {:>13} {:>8}\n",
+        "round",
+        "transport",
+        "in flight",
+        "indicia/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU/indicium",
+        "vs raw"
+    );
+    let mut points = Vec::new();
+    // (in flight, tls) -> CPU per indicium over raw, each round.
+    let mut ratios: std::collections::BTreeMap<(usize, bool), Vec<f64>> = Default::default();
+    for round in 1..=rounds.max(1) {
+        for &total in in_flight {
+            for tls in [false, true] {
+                let report = fresh_point(256, 0, Load::InFlight(total), duration, tls)?;
+                let cpu = report.cpu_per_indicium_us().unwrap_or(0.0);
+                let transport = if tls { "mutual TLS" } else { "plaintext" };
+                table.push_str(&format!(
+                    "{round:>5} {transport:>10} {total:>9} {:>11.0} {:>9.2} {:>9.2} {:>10.1} us {:>7.2}x\n",
+                    report.indicia_per_s(),
+                    report.tally.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                    report.tally.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+                    cpu,
+                    cpu / report.raw_sign_us,
+                ));
+                ratios
+                    .entry((total, tls))
+                    .or_default()
+                    .push(cpu / report.raw_sign_us);
+                let mut point = report.to_json();
+                point["tls"] = tls.into();
+                point["in_flight"] = total.into();
+                point["round"] = round.into();
+                points.push(point);
+            }
+        }
+    }
+    table.push_str("\nmean CPU per indicium over the raw signature (same runs):\n");
+    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
+    for &total in in_flight {
+        let plain = mean(ratios.get(&(total, false)).map_or(&[][..], Vec::as_slice));
+        let tls = mean(ratios.get(&(total, true)).map_or(&[][..], Vec::as_slice));
+        table.push_str(&format!(
+            "  {total:>4} in flight: plaintext {plain:.2}x, mutual TLS {tls:.2}x: TLS adds {:+.1}%\n",
+            (tls / plain - 1.0) * 100.0
+        ));
+    }
+    let (plain_p50, plain_p90) = connect_times(false, 50)?;
+    let (tls_p50, tls_p90) = connect_times(true, 50)?;
+    table.push_str(&format!(
+        "\nopening a connection (TCP, TLS, hello/authenticate), 50 one after another:\n  \
+         plaintext p50 {plain_p50:.2} ms, p90 {plain_p90:.2} ms; mutual TLS p50 {tls_p50:.2} ms, \
+         p90 {tls_p90:.2} ms\n"
+    ));
+    let json = serde_json::json!({
+        "points": points,
+        "connect_ms": {
+            "plaintext": {"p50": plain_p50, "p90": plain_p90},
+            "mutual_tls": {"p50": tls_p50, "p90": tls_p90},
+        },
+    });
+    std::fs::write(out_path, format!("{json:#}\n"))?;
+    table.push_str(&format!("every load's JSON: {}\n", out_path.display()));
+    Ok(table)
+}
+
 fn main() -> ExitCode {
     let Args { command } = Args::parse();
     let result = match command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Demo { duration } => demo(duration),
         Command::Sweep {
             duration,
@@ -525,6 +682,12 @@ fn main() -> ExitCode {
             svg_path: &svg,
         }),
         Command::Plot { from, svg } => replot(&from, &svg),
+        Command::TlsCost {
+            duration,
+            in_flight,
+            rounds,
+            out,
+        } => tls_cost(duration, &in_flight, rounds, &out),
         #[cfg(feature = "softhsm")]
         Command::Peer { module, seconds } => peer(&module, seconds),
         Command::Appliance { args } => {

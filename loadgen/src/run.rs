@@ -11,13 +11,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use indicia_client::{Client, ClientError, Credential};
+use indicia_client::transport::{ReadHalf, WriteHalf};
+use indicia_client::{Client, ClientError, Credential, TlsSettings, Transport};
 use indicia_proto::frame::FRAME_BYTES_MAX;
 use indicia_proto::{
     Algorithm, Decoded, FrameDecoder, Indicium, ItemResult, MailingDate, Request, Response,
@@ -55,6 +56,8 @@ pub enum Mode {
 pub struct RunConfig {
     pub addr: SocketAddr,
     pub credential: Credential,
+    /// Mutual TLS to the appliance (None: plaintext).
+    pub tls: Option<TlsSettings>,
     pub connections: usize,
     pub mode: Mode,
     pub duration: Duration,
@@ -156,11 +159,14 @@ pub fn run(config: &RunConfig, keys: &Keys) -> Result<Tally, LoadError> {
     let mut threads = Vec::with_capacity(connections);
     let start = Instant::now();
     for index in 0..connections {
-        let stream = TcpStream::connect(config.addr)?;
-        let reader = stream.try_clone()?;
-        // The client library runs the handshake; the socket's two halves are used raw.
-        let client = Client::handshake(stream.try_clone()?, &config.credential)?;
-        drop(client);
+        // The client library runs the handshakes (TLS, then the protocol's); the
+        // transport's two halves are then used raw, by a reader and a writer thread.
+        let transport = Transport::connect(config.addr, config.tls.as_ref())?;
+        let client = Client::handshake(transport, &config.credential)?;
+        let (reader, stream) = client
+            .into_transport()
+            .ok_or_else(|| LoadError::Protocol("input left over after the handshake".into()))?
+            .split();
         let config = config.clone();
         let keys = keys.clone();
         threads.push(std::thread::spawn(move || {
@@ -180,8 +186,8 @@ fn connection(
     keys: &Keys,
     index: usize,
     start: Instant,
-    stream: TcpStream,
-    mut reader: TcpStream,
+    stream: WriteHalf,
+    mut reader: ReadHalf,
 ) -> Result<Tally, LoadError> {
     let in_flight = Arc::new(InFlight::default());
     let sending_done = Arc::new(AtomicBool::new(false));
@@ -300,7 +306,7 @@ fn send(
     config: &RunConfig,
     index: usize,
     start: Instant,
-    mut stream: TcpStream,
+    mut stream: WriteHalf,
     in_flight: &InFlight,
 ) -> Result<(), LoadError> {
     let deadline = start + config.duration;

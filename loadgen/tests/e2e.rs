@@ -33,6 +33,7 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     let mut config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
+        tls: None,
         connections: 3,
         mode: Mode::Closed { window: 4 },
         duration: Duration::from_millis(700),
@@ -75,6 +76,68 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
         .sum();
     assert_eq!(total, (closed.tally.indicia + open.tally.indicia) * 10);
+    drop(admin);
+    assert!(appliance.stop().unwrap().success());
+}
+
+/// The same over mutual TLS: each connection's reader and writer threads share one TLS
+/// session, requests pipelined in batches of frames, answers verified.
+#[test]
+fn the_load_generator_signs_over_mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (section, tls) = indicia_loadgen::tls_files(dir.path()).unwrap();
+    let config_path = dir.path().join("indiciad.toml");
+    std::fs::write(&config_path, section).unwrap();
+    let appliance =
+        Appliance::spawn_with(Path::new(EXE), &dir.path().join("data"), Some(&config_path))
+            .unwrap();
+    let credential = appliance.admin_credential().unwrap();
+    // The appliance refuses a plaintext client outright.
+    assert!(Client::connect(appliance.addr, &credential).is_err());
+    let picker = VpsdPicker::new(800, 2, Distribution::Uniform);
+    let mut admin = Client::connect_with(appliance.addr, &credential, Some(&tls)).unwrap();
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        picker.ids(),
+        Algorithm::EcdsaP256,
+        10_000_000,
+        &appliance.provider_key(),
+    )
+    .unwrap();
+    let config = RunConfig {
+        addr: appliance.addr,
+        credential: credential.clone(),
+        tls: Some(tls),
+        connections: 3,
+        mode: Mode::Closed { window: 32 },
+        duration: Duration::from_millis(700),
+        picker,
+        batch: 1,
+        frames_per_write: 16,
+        postage_mills: 10,
+        verify_every: 5,
+        seed: 9,
+    };
+    let report = indicia_loadgen::measure(
+        "closed, TLS",
+        &config,
+        &credential,
+        Algorithm::EcdsaP256,
+        Some(appliance.pid()),
+    )
+    .unwrap();
+    assert!(report.tally.indicia > 50, "{}", report.to_table());
+    assert_eq!(report.tally.indicia, report.tally.requests);
+    assert!(report.tally.errors.is_empty(), "{:?}", report.tally.errors);
+    assert!(report.tally.verified > 0 && report.tally.verify_failed == 0);
+    assert_eq!(
+        report.to_json()["appliance"]["indicia"],
+        report.tally.indicia
+    );
+    let total: u64 = (800..802)
+        .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
+        .sum();
+    assert_eq!(total, report.tally.indicia * 10);
     drop(admin);
     assert!(appliance.stop().unwrap().success());
 }

@@ -117,6 +117,8 @@ enum State {
 /// One connection's handshake and access control.
 pub struct Connection {
     state: State,
+    /// The client id the connection's TLS client certificate names (None: plaintext).
+    certificate: Option<String>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -126,7 +128,10 @@ impl std::fmt::Debug for Connection {
             State::AwaitAuthenticate { .. } => "await-authenticate",
             State::Authenticated { .. } => "authenticated",
         };
-        f.debug_struct("Connection").field("state", &state).finish()
+        f.debug_struct("Connection")
+            .field("state", &state)
+            .field("certificate", &self.certificate)
+            .finish()
     }
 }
 
@@ -144,6 +149,16 @@ impl Connection {
     pub fn new() -> Self {
         Self {
             state: State::AwaitHello,
+            certificate: None,
+        }
+    }
+
+    /// A connection whose verified TLS client certificate names `client_id`: its handshake
+    /// must be for that client, and no other.
+    pub fn with_certificate(client_id: String) -> Self {
+        Self {
+            state: State::AwaitHello,
+            certificate: Some(client_id),
         }
     }
 
@@ -182,6 +197,20 @@ impl Connection {
                     client_nonce,
                 },
             ) => {
+                if let Some(named) = self
+                    .certificate
+                    .as_ref()
+                    .filter(|named| **named != client_id)
+                {
+                    // A certificate is one client's: it does not lend its connection to
+                    // another client's secret (a user cannot become the admin this way).
+                    return Action::ReplyAndClose(error(
+                        ErrorCode::AuthenticationFailed,
+                        &format!(
+                            "the TLS client certificate is for client `{named}`, not `{client_id}`"
+                        ),
+                    ));
+                }
                 let version = version_max.min(PROTOCOL_VERSION_MAX);
                 if version < version_min.max(PROTOCOL_VERSION_MIN) {
                     return Action::ReplyAndClose(error(
@@ -519,5 +548,21 @@ mod tests {
             admin.on_request(Request::Stats, &directory, &rng),
             Action::Dispatch { .. }
         ));
+    }
+
+    #[test]
+    fn a_certificate_binds_the_connection_to_its_client() {
+        let directory = directory();
+        let rng = SystemRandom::new();
+        // A user's certificate cannot carry the admin's handshake, even with the secret.
+        let mut connection = Connection::with_certificate("station-7".into());
+        let action = connection.on_request(hello("admin", 1, 1), &directory, &rng);
+        assert!(matches!(action, Action::ReplyAndClose(_)));
+        assert_eq!(code(&action), Some(ErrorCode::AuthenticationFailed));
+        assert!(connection.client().is_none());
+        // Its own handshake goes ahead.
+        let mut connection = Connection::with_certificate("station-7".into());
+        let action = connection.on_request(hello("station-7", 1, 1), &directory, &rng);
+        assert!(matches!(action, Action::Reply(Response::Challenge { .. })));
     }
 }

@@ -47,9 +47,12 @@ pub enum Counter {
     ConnectionsRefused,
     /// Connections cut off because a write of answers blocked past `write_timeout_ms`.
     WriteTimeouts,
+    /// Connections that ended in the TLS handshake: no client certificate, one from
+    /// another issuer, not TLS at all, or too slow.
+    TlsFailed,
 }
 
-const COUNTERS: [(Counter, &str); 15] = [
+const COUNTERS: [(Counter, &str); 16] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -65,6 +68,7 @@ const COUNTERS: [(Counter, &str); 15] = [
     (Counter::ConnectionsIdleClosed, "connections.idle_closed"),
     (Counter::ConnectionsRefused, "connections.refused"),
     (Counter::WriteTimeouts, "connections.write_timeouts"),
+    (Counter::TlsFailed, "connections.tls_failed"),
 ];
 
 /// Upper bound of the commit latency histogram, in microseconds (one minute).

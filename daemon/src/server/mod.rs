@@ -16,6 +16,7 @@ mod local;
 pub mod metrics;
 mod runtime;
 pub mod shard;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -55,6 +56,8 @@ pub enum ServerError {
     ShardFailed(u16, String),
     #[error("{0}")]
     Layout(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The shard that owns a vPSD. Fixed for the life of a data directory: the journals hold
@@ -252,6 +255,7 @@ impl Server {
     pub fn start(config: &Config, data: &DataDir) -> Result<Self, ServerError> {
         let shards = layout(data, config)?;
         let directory = Arc::new(client_directory(config, data)?);
+        let tls = tls::server_config(&config.tls)?;
         let (local_addr, fds) = listeners(config.listen, shards)?;
         let cpus = allowed_cpus();
         let metrics = Metrics::new(usize::from(shards));
@@ -304,6 +308,7 @@ impl Server {
                 metrics: Arc::clone(&metrics),
                 control: Arc::clone(&control),
                 config: config.server.clone(),
+                tls: tls.clone(),
                 ready: ready_tx.clone(),
             };
             executors.push(runtime::spawn(setup)?);

@@ -80,34 +80,67 @@ impl Forwarder {
     }
 }
 
-/// A TCP stream shared by a connection's reader and writer. Each poll borrows it only for
-/// the duration of the poll, so the two never hold it at the same time.
+/// A connection's byte stream: TCP, or TLS over TCP.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl Transport {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(tcp) => tcp,
+            Self::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+/// The stream shared by a connection's reader and writer. Each poll borrows it only for
+/// the duration of the poll, so the two never hold it at the same time; with TLS both go
+/// through the one rustls connection, whose records therefore stay in order.
 #[derive(Clone)]
-struct SharedStream(Rc<RefCell<TcpStream>>);
+struct SharedStream(Rc<RefCell<Transport>>);
 
 impl SharedStream {
     async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)).await
+        poll_fn(|cx| match &mut *self.0.borrow_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        })
+        .await
     }
 
     async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
         while !buf.is_empty() {
-            let written =
-                poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)).await?;
+            let written = poll_fn(|cx| match &mut *self.0.borrow_mut() {
+                Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+                Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            })
+            .await?;
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             buf = &buf[written..];
         }
-        Ok(())
+        // TLS may hold encrypted records back when the socket was full: out with them.
+        poll_fn(|cx| match &mut *self.0.borrow_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        })
+        .await
     }
 
     async fn close(&self) {
-        let _ = poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)).await;
+        let _ = poll_fn(|cx| match &mut *self.0.borrow_mut() {
+            Transport::Plain(tcp) => Pin::new(tcp).poll_close(cx),
+            // Sends close_notify, then closes the socket.
+            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
+        })
+        .await;
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) {
-        let _ = self.0.borrow().set_read_timeout(timeout);
+        let _ = self.0.borrow().tcp().set_read_timeout(timeout);
     }
 }
 
@@ -160,7 +193,30 @@ pub(super) async fn serve(
     let _ = stream.set_nodelay(true);
     let _ = stream.set_write_timeout(Some(Duration::from_millis(shard.config.write_timeout_ms)));
     let fd = stream.as_raw_fd();
-    let stream = SharedStream(Rc::new(RefCell::new(stream)));
+    let metrics = &shard.metrics.shards[usize::from(shard.index)];
+    let handshake_deadline =
+        Instant::now() + Duration::from_millis(shard.config.handshake_timeout_ms);
+    let (transport, connection) = match &shard.tls {
+        None => (Transport::Plain(stream), Connection::new()),
+        Some(acceptor) => match tls_accept(acceptor, stream, handshake_deadline).await {
+            Ok((tls, client_id)) => (
+                Transport::Tls(Box::new(tls)),
+                Connection::with_certificate(client_id),
+            ),
+            Err(reason) => {
+                // No certificate, one from another issuer, no TLS at all, or too slow:
+                // nothing was read, so nothing is answered.
+                tracing::debug!(shard = shard.index, "TLS handshake failed: {reason}");
+                metrics.add(Counter::TlsFailed, 1);
+                shard.connections.borrow_mut().remove(&id);
+                outbox.close();
+                metrics.sub(Counter::ConnectionsOpen, 1);
+                shard.connection_closed.notify();
+                return;
+            }
+        },
+    };
+    let stream = SharedStream(Rc::new(RefCell::new(transport)));
     let inflight = Rc::new(Inflight {
         count: Cell::new(0),
         max: shard.config.inflight_per_connection,
@@ -174,7 +230,19 @@ pub(super) async fn serve(
         Rc::clone(&inflight),
         Rc::clone(&shard),
     ));
-    let cut_off = read_requests(&shard, &stream, &outbox, &version, &inflight, id).await;
+    let cut_off = read_requests(
+        &shard,
+        &stream,
+        &outbox,
+        &version,
+        &inflight,
+        id,
+        Handshake {
+            connection,
+            deadline: handshake_deadline,
+        },
+    )
+    .await;
     // Every request read gets its answer before the connection closes.
     inflight.drained().await;
     shard.connections.borrow_mut().remove(&id);
@@ -196,9 +264,30 @@ pub(super) async fn serve(
         }
     }
     stream.close().await;
-    let metrics = &shard.metrics.shards[usize::from(shard.index)];
     metrics.sub(Counter::ConnectionsOpen, 1);
     shard.connection_closed.notify();
+}
+
+/// The TLS handshake, within the protocol handshake's deadline; the client id its verified
+/// certificate names.
+async fn tls_accept(
+    acceptor: &futures_rustls::TlsAcceptor,
+    stream: TcpStream,
+    deadline: Instant,
+) -> Result<(futures_rustls::server::TlsStream<TcpStream>, String), String> {
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let accepted = futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
+        glommio::timer::sleep(timeout).await;
+        None
+    })
+    .await;
+    let tls = match accepted {
+        None => return Err("the TLS handshake did not complete in time".into()),
+        Some(Err(err)) => return Err(err.to_string()),
+        Some(Ok(tls)) => tls,
+    };
+    let client_id = crate::server::tls::peer_identity(tls.get_ref().1)?;
+    Ok((tls, client_id))
 }
 
 async fn write_answers(
@@ -278,6 +367,13 @@ async fn write_answers(
     }
 }
 
+/// A connection's protocol handshake state (bound to its TLS certificate, if any) and the
+/// time by which the handshake must be complete.
+struct Handshake {
+    connection: Connection,
+    deadline: Instant,
+}
+
 async fn read_requests(
     shard: &Rc<Shard>,
     stream: &SharedStream,
@@ -285,7 +381,12 @@ async fn read_requests(
     version: &Rc<Cell<u8>>,
     inflight: &Rc<Inflight>,
     connection_id: u64,
+    handshake: Handshake,
 ) -> bool {
+    let Handshake {
+        mut connection,
+        deadline: handshake_deadline,
+    } = handshake;
     /// Read buffer of an idle connection; it grows to hold a large frame, then shrinks.
     const READ_BUFFER: usize = 16 << 10;
     /// Largest frame accepted before the handshake is complete (`hello` and `authenticate`
@@ -293,12 +394,9 @@ async fn read_requests(
     const PRE_AUTH_FRAME_MAX: usize = 4096;
     let decoder = FrameDecoder::default();
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
-    let handshake_timeout = Duration::from_millis(shard.config.handshake_timeout_ms);
     let frame_timeout = Duration::from_millis(shard.config.frame_timeout_ms);
     let idle_timeout =
         Some(Duration::from_millis(shard.config.idle_timeout_ms)).filter(|idle| !idle.is_zero());
-    let handshake_deadline = Instant::now() + handshake_timeout;
-    let mut connection = Connection::new();
     let mut buf = vec![0u8; READ_BUFFER];
     let (mut start, mut end) = (0usize, 0usize);
     // When the first byte of the frame now arriving came.

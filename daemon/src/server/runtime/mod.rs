@@ -91,6 +91,8 @@ pub(super) struct ShardSetup {
     pub metrics: Arc<Metrics>,
     pub control: Arc<Control>,
     pub config: ServerConfig,
+    /// Mutual TLS on every connection (None: plaintext, where the config allows it).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub ready: mpsc::Sender<ShardReady>,
 }
 
@@ -176,6 +178,7 @@ pub(super) struct Shard {
     /// Requests read from this shard's connections and not yet answered, all connections
     /// together (bounded by `inflight_per_shard`).
     inflight_total: Rc<Cell<usize>>,
+    tls: Option<futures_rustls::TlsAcceptor>,
 }
 
 async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
@@ -190,6 +193,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         metrics,
         control,
         config,
+        tls,
         ready,
         ..
     } = setup;
@@ -260,6 +264,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         stopping: Cell::new(false),
         stopped: Cell::new(false),
         inflight_total: Rc::new(Cell::new(0)),
+        tls: tls.map(futures_rustls::TlsAcceptor::from),
     });
     let _ = ready.send(ShardReady::Ready);
     // Dropped now: if another shard fails to start, the main thread sees every sender gone

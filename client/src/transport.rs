@@ -1,0 +1,373 @@
+//! The byte stream to the appliance: TCP, or mutual TLS 1.3 over TCP (rustls on the
+//! aws-lc-rs provider).
+//!
+//! A [`Transport`] splits into a read half and a write half that two threads may use at
+//! once (the load generator reads answers on one thread while another sends requests).
+//! With TLS both halves share the rustls connection behind a mutex that is held only to
+//! encrypt or decrypt, never across a socket read or write: a writer blocked on a full
+//! socket never keeps the reader from taking the answers that would unblock it. Only the
+//! write half writes to the socket, so TLS records leave in the order rustls made them.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+use crate::ClientError;
+
+/// What a client needs for mutual TLS: the CA that issued the appliance's certificate, this
+/// client's certificate and key, and the name the appliance's certificate must carry.
+#[derive(Clone)]
+pub struct TlsSettings {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn tls_file_error(what: &str, path: &Path, err: impl std::fmt::Display) -> ClientError {
+    ClientError::Tls(format!("{what} {}: {err}", path.display()))
+}
+
+impl TlsSettings {
+    /// Reads the PEM files: `ca` (the appliance's issuer), `certificate` (this client's
+    /// chain, leaf first) and `private_key` (owner-readable only). `server_name` is a DNS
+    /// name or an IP address in the appliance's certificate.
+    pub fn load(
+        ca: &Path,
+        certificate: &Path,
+        private_key: &Path,
+        server_name: &str,
+    ) -> Result<Self, ClientError> {
+        let mut roots = RootCertStore::empty();
+        let cas = CertificateDer::pem_file_iter(ca)
+            .map_err(|err| tls_file_error("CA", ca, err))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| tls_file_error("CA", ca, err))?;
+        if cas.is_empty() {
+            return Err(tls_file_error("CA", ca, "no PEM certificate in the file"));
+        }
+        for cert in cas {
+            roots
+                .add(cert)
+                .map_err(|err| tls_file_error("CA", ca, err))?;
+        }
+        let chain = CertificateDer::pem_file_iter(certificate)
+            .map_err(|err| tls_file_error("certificate", certificate, err))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| tls_file_error("certificate", certificate, err))?;
+        if chain.is_empty() {
+            return Err(tls_file_error(
+                "certificate",
+                certificate,
+                "no PEM certificate in the file",
+            ));
+        }
+        let key_text = crate::read_private(private_key)?;
+        let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
+            .map_err(|err| tls_file_error("private key", private_key, err))?;
+        Self::new(roots, chain, key, server_name)
+    }
+
+    /// From certificates and a key already in memory.
+    pub fn new(
+        roots: RootCertStore,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        server_name: &str,
+    ) -> Result<Self, ClientError> {
+        let server_name = ServerName::try_from(server_name.to_owned())
+            .map_err(|err| ClientError::Tls(format!("server name `{server_name}`: {err}")))?;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|err| ClientError::Tls(err.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(|err| ClientError::Tls(format!("client certificate and key: {err}")))?;
+        Ok(Self {
+            config: Arc::new(config),
+            server_name,
+        })
+    }
+}
+
+/// A TLS failure carried through `std::io` (the client turns it into
+/// [`ClientError::Tls`]).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TlsFailure(pub String);
+
+/// A rustls error as an I/O error that says what happened in words an operator can act on.
+fn tls_io_error(err: rustls::Error) -> io::Error {
+    use rustls::AlertDescription as Alert;
+    let message = match &err {
+        rustls::Error::AlertReceived(
+            alert @ (Alert::CertificateRequired
+            | Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::CertificateUnknown
+            | Alert::AccessDenied),
+        ) => format!("the appliance refused this client's TLS certificate ({alert:?})"),
+        rustls::Error::InvalidCertificate(reason) => {
+            format!("the appliance's TLS certificate is not trusted: {reason:?}")
+        }
+        other => other.to_string(),
+    };
+    io::Error::new(io::ErrorKind::InvalidData, TlsFailure(message))
+}
+
+fn lock(connection: &Mutex<ClientConnection>) -> MutexGuard<'_, ClientConnection> {
+    connection.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The read half: answers from the appliance.
+#[derive(Debug)]
+pub struct ReadHalf {
+    tcp: TcpStream,
+    tls: Option<TlsReader>,
+}
+
+#[derive(Debug)]
+struct TlsReader {
+    connection: Arc<Mutex<ClientConnection>>,
+    /// Ciphertext read from the socket and not yet given to rustls.
+    pending: Vec<u8>,
+    start: usize,
+}
+
+/// The write half: requests to the appliance.
+#[derive(Debug)]
+pub struct WriteHalf {
+    tcp: TcpStream,
+    tls: Option<Arc<Mutex<ClientConnection>>>,
+    /// Records encrypted under the lock, written after it.
+    records: Vec<u8>,
+}
+
+/// A connection's byte stream, both halves.
+#[derive(Debug)]
+pub struct Transport {
+    reader: ReadHalf,
+    writer: WriteHalf,
+    peer: SocketAddr,
+}
+
+impl Transport {
+    /// Connects over TCP and, with `tls`, runs the TLS handshake.
+    pub fn connect(
+        addr: impl ToSocketAddrs + std::fmt::Debug,
+        tls: Option<&TlsSettings>,
+    ) -> Result<Self, ClientError> {
+        let tcp = TcpStream::connect(&addr).map_err(|source| ClientError::Connect {
+            addr: format!("{addr:?}"),
+            source,
+        })?;
+        match tls {
+            None => Self::plain(tcp),
+            Some(settings) => Self::tls(tcp, settings),
+        }
+    }
+
+    pub fn plain(tcp: TcpStream) -> Result<Self, ClientError> {
+        tcp.set_nodelay(true)?;
+        let peer = tcp.peer_addr()?;
+        Ok(Self {
+            reader: ReadHalf {
+                tcp: tcp.try_clone()?,
+                tls: None,
+            },
+            writer: WriteHalf {
+                tcp,
+                tls: None,
+                records: Vec::new(),
+            },
+            peer,
+        })
+    }
+
+    /// Runs the TLS handshake on an open TCP stream. A client certificate the appliance
+    /// refuses shows at the first read (TLS 1.3 checks it after the client's side of the
+    /// handshake is done).
+    pub fn tls(mut tcp: TcpStream, settings: &TlsSettings) -> Result<Self, ClientError> {
+        tcp.set_nodelay(true)?;
+        let peer = tcp.peer_addr()?;
+        let mut connection =
+            ClientConnection::new(Arc::clone(&settings.config), settings.server_name.clone())
+                .map_err(|err| ClientError::Tls(err.to_string()))?;
+        while connection.is_handshaking() {
+            connection.complete_io(&mut tcp).map_err(|err| {
+                let message = err
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .map_or_else(
+                        || format!("handshake: {err}"),
+                        |tls| tls_io_error(tls.clone()).to_string(),
+                    );
+                ClientError::Tls(message)
+            })?;
+        }
+        let connection = Arc::new(Mutex::new(connection));
+        Ok(Self {
+            reader: ReadHalf {
+                tcp: tcp.try_clone()?,
+                tls: Some(TlsReader {
+                    connection: Arc::clone(&connection),
+                    pending: Vec::new(),
+                    start: 0,
+                }),
+            },
+            writer: WriteHalf {
+                tcp,
+                tls: Some(connection),
+                records: Vec::new(),
+            },
+            peer,
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.writer.tls.is_some()
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// Bounds how long a read or a write may block (None: forever).
+    pub fn set_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.reader.tcp.set_read_timeout(timeout)?;
+        self.writer.tcp.set_write_timeout(timeout)
+    }
+
+    /// The two halves, for a reader thread and a writer thread.
+    pub fn split(self) -> (ReadHalf, WriteHalf) {
+        (self.reader, self.writer)
+    }
+}
+
+impl Read for Transport {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reader.read(buf)
+    }
+}
+
+impl Write for Transport {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.writer.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.writer.flush()
+    }
+}
+
+impl ReadHalf {
+    /// Bounds how long a read may block (None: forever).
+    pub fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_read_timeout(timeout)
+    }
+}
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return self.tcp.read(buf);
+        };
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            {
+                let mut connection = lock(&tls.connection);
+                // Give rustls what it will take, then hand out what it decrypted.
+                while tls.start < tls.pending.len() && connection.wants_read() {
+                    let taken = connection.read_tls(&mut &tls.pending[tls.start..])?;
+                    tls.start += taken;
+                    connection.process_new_packets().map_err(tls_io_error)?;
+                    if taken == 0 {
+                        break;
+                    }
+                }
+                match connection.reader().read(buf) {
+                    // 0: the appliance closed the TLS session (close_notify).
+                    Ok(n) => return Ok(n),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(err) => return Err(err),
+                }
+                if tls.start < tls.pending.len() {
+                    // Undelivered ciphertext and no plaintext yet: feed more.
+                    continue;
+                }
+            }
+            tls.pending.clear();
+            tls.start = 0;
+            tls.pending.resize(32 << 10, 0);
+            let read = match self.tcp.read(&mut tls.pending) {
+                Ok(read) => read,
+                Err(err) => {
+                    tls.pending.clear();
+                    return Err(err);
+                }
+            };
+            tls.pending.truncate(read);
+            if read == 0 {
+                // End of the socket: rustls decides whether the session ended cleanly
+                // (close_notify seen: Ok(0)) or was cut (UnexpectedEof).
+                let mut connection = lock(&tls.connection);
+                connection.read_tls(&mut io::empty())?;
+                connection.process_new_packets().map_err(tls_io_error)?;
+                return match connection.reader().read(buf) {
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                    other => other,
+                };
+            }
+        }
+    }
+}
+
+impl WriteHalf {
+    /// Moves the records rustls has ready (under the lock) to the socket (after it).
+    fn send_records(&mut self) -> io::Result<()> {
+        let Some(connection) = &self.tls else {
+            return Ok(());
+        };
+        self.records.clear();
+        {
+            let mut connection = lock(connection);
+            while connection.wants_write() {
+                connection.write_tls(&mut self.records)?;
+            }
+        }
+        self.tcp.write_all(&self.records)
+    }
+}
+
+impl Write for WriteHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(connection) = &self.tls else {
+            return self.tcp.write(buf);
+        };
+        let taken = lock(connection).writer().write(buf)?;
+        self.send_records()?;
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_records()?;
+        self.tcp.flush()
+    }
+}

@@ -1,0 +1,127 @@
+//! Mutual TLS on the client port: rustls, TLS 1.3 only, on the aws-lc-rs provider.
+//!
+//! The appliance presents `[tls] certificate`; every client must present a certificate that
+//! chains to `[tls] client_ca` (no certificate, or one from another issuer, ends the
+//! connection in the TLS handshake). The certificate names the client: its subject common
+//! name is the client id, and the protocol handshake that follows must be for that id
+//! (docs/SECURITY.md, docs/PROTOCOL.md section 5.2). The role and the vPSDs allowed are the
+//! client's, from the configuration.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig, ServerConnection};
+use thiserror::Error;
+
+use crate::config::TlsConfig;
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    #[error("[tls] {what} {path}: {message}")]
+    File {
+        what: &'static str,
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("[tls]: {0}")]
+    Setup(String),
+}
+
+fn file_error<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(String) -> TlsError + 'a {
+    move |message| TlsError::File {
+        what,
+        path: path.to_owned(),
+        message,
+    }
+}
+
+fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let fail = |message: String| file_error(what, path)(message);
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| fail(err.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| fail(err.to_string()))?;
+    if certs.is_empty() {
+        return Err(fail("no PEM certificate in the file".into()));
+    }
+    Ok(certs)
+}
+
+/// The private key file must be readable by its owner only, like the master key.
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = file_error("private_key", path);
+    let mode = std::fs::metadata(path)
+        .map_err(|err| file_error("private_key", path)(err.to_string()))?
+        .permissions()
+        .mode();
+    if mode & 0o077 != 0 {
+        return Err(fail(format!(
+            "may be read by group or others (mode {:o}); it must be 0600 or stricter",
+            mode & 0o7777
+        )));
+    }
+    PrivateKeyDer::from_pem_file(path).map_err(|err| fail(err.to_string()))
+}
+
+/// The server side of mutual TLS, from the `[tls]` section (None: plaintext).
+pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsError> {
+    let (Some(certificate), Some(key), Some(client_ca)) =
+        (&tls.certificate, &tls.private_key, &tls.client_ca)
+    else {
+        return Ok(None);
+    };
+    let chain = certificates("certificate", certificate)?;
+    let key = private_key(key)?;
+    let mut roots = RootCertStore::empty();
+    for ca in certificates("client_ca", client_ca)? {
+        roots
+            .add(ca)
+            .map_err(|err| file_error("client_ca", client_ca)(err.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    // Every connection must present a client certificate from these roots.
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .build()
+            .map_err(|err| TlsError::Setup(format!("client verifier: {err}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|err| TlsError::Setup(err.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|err| file_error("certificate", certificate)(err.to_string()))?;
+    // Clients reconnect rarely and hold connections long: no session tickets to manage.
+    config.send_tls13_tickets = 0;
+    Ok(Some(Arc::new(config)))
+}
+
+/// The client id a verified client certificate names: its subject common name.
+pub fn peer_identity(connection: &ServerConnection) -> Result<String, String> {
+    let leaf = connection
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .ok_or("no client certificate")?;
+    identity_of(leaf.as_ref())
+}
+
+/// The subject common name of a DER certificate (exactly one, UTF-8).
+pub fn identity_of(der: &[u8]) -> Result<String, String> {
+    let (_, certificate) = x509_parser::parse_x509_certificate(der)
+        .map_err(|err| format!("the client certificate does not parse: {err}"))?;
+    let mut names = certificate.subject().iter_common_name();
+    let name = names
+        .next()
+        .ok_or("the client certificate has no subject common name")?;
+    if names.next().is_some() {
+        return Err("the client certificate has more than one subject common name".into());
+    }
+    let name = name
+        .as_str()
+        .map_err(|err| format!("the client certificate's common name: {err}"))?;
+    Ok(name.to_owned())
+}
