@@ -175,6 +175,17 @@ fn create(path: &Path, text: &str, mode: u32) -> Result<PathBuf> {
     Ok(path.to_owned())
 }
 
+/// Nothing is written if any of the files to be written is already there.
+fn refuse_existing(paths: &[PathBuf]) -> Result<()> {
+    match paths.iter().find(|path| path.exists()) {
+        Some(path) => Err(ClientError::File {
+            path: path.clone(),
+            source: std::io::ErrorKind::AlreadyExists.into(),
+        }),
+        None => Ok(()),
+    }
+}
+
 fn create_dir(path: &Path) -> Result<()> {
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -190,6 +201,12 @@ fn create_dir(path: &Path) -> Result<()> {
 /// `server.key` (keys 0600). Refuses to overwrite any of them. Returns the files written.
 pub fn init(dir: &Path, server_names: &[String], validity_days: u32) -> Result<Vec<PathBuf>> {
     create_dir(dir)?;
+    refuse_existing(&[
+        dir.join(CA_KEY_FILE),
+        dir.join(CA_CERT_FILE),
+        dir.join(SERVER_KEY_FILE),
+        dir.join(SERVER_CERT_FILE),
+    ])?;
     let authority = Authority::new("indicia CA", validity_days)?;
     let server = authority.server(server_names)?;
     let key_pem = authority.issuer.key().serialize_pem();
@@ -209,6 +226,10 @@ pub fn issue_client(dir: &Path, client_id: &str, validity_days: u32) -> Result<(
     let issued = authority.client(client_id)?;
     let clients = dir.join(CLIENTS_DIR);
     create_dir(&clients)?;
+    refuse_existing(&[
+        clients.join(format!("{client_id}.key")),
+        clients.join(format!("{client_id}.pem")),
+    ])?;
     let key = create(
         &clients.join(format!("{client_id}.key")),
         &issued.key_pem,

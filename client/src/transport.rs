@@ -120,6 +120,7 @@ fn tls_io_error(err: rustls::Error) -> io::Error {
             | Alert::CertificateExpired
             | Alert::CertificateRevoked
             | Alert::CertificateUnknown
+            | Alert::UnsupportedCertificate
             | Alert::AccessDenied),
         ) => format!("the appliance refused this client's TLS certificate ({alert:?})"),
         rustls::Error::InvalidCertificate(reason) => {
