@@ -1349,3 +1349,16 @@ pub fn main_with(
     let args = Args::try_parse_from(args).map_err(|err| CliError::Usage(err.to_string()))?;
     run(args, out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::host_of;
+
+    #[test]
+    fn the_tls_server_name_defaults_to_the_host_of_the_address() {
+        assert_eq!(host_of("127.0.0.1:7450"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7450"), "::1");
+        assert_eq!(host_of("indicia.example:7450"), "indicia.example");
+        assert_eq!(host_of("indicia.example"), "indicia.example");
+    }
+}

@@ -242,3 +242,48 @@ pub fn issue_client(dir: &Path, client_id: &str, validity_days: u32) -> Result<(
     )?;
     Ok((cert, key))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::pem::PemObject;
+
+    #[test]
+    fn a_client_certificate_names_its_client_and_a_server_certificate_its_names() {
+        let authority = Authority::new("test CA", 1).unwrap_or_else(|err| panic!("{err}"));
+        let client = authority
+            .client("station-7")
+            .unwrap_or_else(|err| panic!("{err}"));
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(client.cert_pem.as_bytes())
+            .unwrap_or_else(|err| panic!("{err}"));
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&der).unwrap_or_else(|err| panic!("{err}"));
+        let names: Vec<_> = parsed
+            .subject()
+            .iter_common_name()
+            .filter_map(|name| name.as_str().ok())
+            .collect();
+        assert_eq!(names, ["station-7"]);
+        assert!(!parsed.is_ca());
+        let server = authority
+            .server(&["127.0.0.1".into(), "indicia.example".into()])
+            .unwrap_or_else(|err| panic!("{err}"));
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(server.cert_pem.as_bytes())
+            .unwrap_or_else(|err| panic!("{err}"));
+        let (_, parsed) =
+            x509_parser::parse_x509_certificate(&der).unwrap_or_else(|err| panic!("{err}"));
+        let san = parsed
+            .subject_alternative_name()
+            .unwrap_or_else(|err| panic!("{err}"))
+            .map(|ext| format!("{:?}", ext.value.general_names))
+            .unwrap_or_default();
+        assert!(
+            san.contains("127.0.0.1") || san.contains("[127, 0, 0, 1]"),
+            "{san}"
+        );
+        assert!(san.contains("indicia.example"), "{san}");
+        for bad in ["", "../up", ".hidden", "a b", &"x".repeat(65)] {
+            assert!(authority.client(bad).is_err(), "{bad:?}");
+        }
+    }
+}

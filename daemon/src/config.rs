@@ -97,6 +97,10 @@ pub struct ServerConfig {
     /// Requests all of one shard's connections may have unanswered together; a request
     /// beyond is answered `busy` at once.
     pub inflight_per_shard: usize,
+    /// Largest request frame body accepted; a frame declaring more is answered
+    /// `frame-too-large` and the connection closed. The default holds the largest request
+    /// the protocol can express (a full `sign-batch`, 12 554 bytes) with room to spare.
+    pub request_body_bytes_max: u32,
     /// Time a new connection has to complete the handshake.
     pub handshake_timeout_ms: u64,
     /// Time a frame that has started to arrive has to arrive whole.
@@ -128,6 +132,7 @@ impl Default for ServerConfig {
             connections_max: 4096,
             inflight_per_connection: 1024,
             inflight_per_shard: 65_536,
+            request_body_bytes_max: 16_384,
             handshake_timeout_ms: 10_000,
             frame_timeout_ms: 10_000,
             write_timeout_ms: 30_000,
@@ -237,7 +242,13 @@ impl Config {
             ));
         }
         let server = &self.server;
-        let ranges: [(&str, u64, u64, u64); 12] = [
+        let ranges: [(&str, u64, u64, u64); 13] = [
+            (
+                "request_body_bytes_max",
+                u64::from(server.request_body_bytes_max),
+                4096,
+                u64::from(indicia_proto::frame::BODY_BYTES_MAX),
+            ),
             ("connections_max", server.connections_max as u64, 1, 1 << 20),
             (
                 "inflight_per_connection",

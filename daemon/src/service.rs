@@ -357,6 +357,18 @@ fn harden_process() -> Result<(), nix::Error> {
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
 }
 
+/// Built with the `fips` feature, the cryptography must run in aws-lc's FIPS 140-3 module:
+/// aws-lc checks its own integrity and runs its self-tests when it first starts, and reports
+/// FIPS mode only if they passed. Without the feature there is nothing to check.
+fn check_fips_mode() -> Result<(), String> {
+    if cfg!(feature = "fips") {
+        aws_lc_rs::try_fips_mode()
+            .map_err(|err| format!("built for FIPS, but aws-lc is not in FIPS mode: {err}"))?;
+        tracing::info!("cryptography: aws-lc FIPS 140-3 module, in FIPS mode");
+    }
+    Ok(())
+}
+
 /// Runs `indiciad` with these arguments (the program name first) until it is stopped.
 pub fn main_with<I, T>(args: I) -> ExitCode
 where
@@ -376,6 +388,10 @@ where
     // process's memory.
     if let Err(err) = harden_process() {
         tracing::error!("cannot make the process non-dumpable: {err}");
+        return ExitCode::FAILURE;
+    }
+    if let Err(err) = check_fips_mode() {
+        tracing::error!("{err}");
         return ExitCode::FAILURE;
     }
     if let Some(tool) = args.command {

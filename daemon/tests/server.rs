@@ -658,3 +658,64 @@ fn past_the_shards_in_flight_limit_requests_are_answered_busy_and_charge_nothing
     assert_eq!(status.piece_count, 64, "each request charged exactly once");
     assert_eq!(status.ascending_mills, 640);
 }
+
+/// The largest request the protocol can express, a `sign-batch` of 256 items with every
+/// option, fits the default `request_body_bytes_max`; a smaller configured cap refuses a
+/// request beyond it as `frame-too-large` before reading its body, and charges nothing.
+#[test]
+fn the_request_size_limit_admits_every_valid_request_by_default_and_is_configurable() {
+    let full_item = indicia_proto::SignItem {
+        destination_zip: Some("10001-0001".parse().unwrap()),
+        data_digest: Some([0x5a; indicia_proto::indicium::DATA_DIGEST_BYTES]),
+        ..item(10)
+    };
+    let batch = |vpsd_id| Request::SignBatch {
+        vpsd_id,
+        items: vec![full_item; indicia_proto::message::BATCH_ITEMS_MAX],
+    };
+    let mut frame = vec![0u8; indicia_proto::frame::FRAME_BYTES_MAX];
+    let largest = batch(1).encode_frame(1, 1, &mut frame).unwrap() - HEADER_BYTES;
+    let default_cap = indiciad::config::ServerConfig::default().request_body_bytes_max;
+    assert!(
+        largest <= default_cap as usize,
+        "the largest request body is {largest} bytes, the default cap {default_cap}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(21, Algorithm::Ed25519, 10_000_000);
+    let mut client = daemon.admin();
+    match client.call(&batch(21)).unwrap() {
+        Response::BatchSigned { results } => {
+            assert_eq!(results.len(), 256);
+            assert!(results.iter().all(|r| matches!(r, ItemResult::Signed(_))));
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+    drop(client);
+    daemon.terminate();
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = support::write_config(dir.path(), "[server]\nrequest_body_bytes_max = 4096", &[]);
+    let daemon = Daemon::start(dir.path(), Some(&config));
+    daemon.provision_funded(22, Algorithm::Ed25519, 10_000_000);
+    let mut client = daemon.admin();
+    match client.call_with_id(99, &batch(22)).unwrap() {
+        Response::Error(body) => {
+            assert_eq!(body.code, ErrorCode::FrameTooLarge, "{body:?}");
+        }
+        other => panic!("unexpected answer {other:?}"),
+    }
+    let mut admin = daemon.admin();
+    let status = admin.status(22).unwrap();
+    assert_eq!(status.piece_count, 0, "nothing was charged");
+    // A batch within the cap still signs.
+    let small = Request::SignBatch {
+        vpsd_id: 22,
+        items: vec![full_item; 50],
+    };
+    assert!(matches!(
+        admin.call(&small).unwrap(),
+        Response::BatchSigned { .. }
+    ));
+}

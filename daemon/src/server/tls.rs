@@ -97,6 +97,11 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
         .map_err(|err| file_error("certificate", certificate)(err.to_string()))?;
     // Clients reconnect rarely and hold connections long: no session tickets to manage.
     config.send_tls13_tickets = 0;
+    if cfg!(feature = "fips") && !config.fips() {
+        return Err(TlsError::Setup(
+            "built for FIPS, but the TLS configuration is not FIPS-approved".into(),
+        ));
+    }
     Ok(Some(Arc::new(config)))
 }
 

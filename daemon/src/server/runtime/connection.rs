@@ -392,7 +392,7 @@ async fn read_requests(
     /// Largest frame accepted before the handshake is complete (`hello` and `authenticate`
     /// are far smaller).
     const PRE_AUTH_FRAME_MAX: usize = 4096;
-    let decoder = FrameDecoder::default();
+    let decoder = FrameDecoder::new(shard.config.request_body_bytes_max);
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
     let frame_timeout = Duration::from_millis(shard.config.frame_timeout_ms);
     let idle_timeout =
