@@ -20,6 +20,9 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore};
 
 use crate::ClientError;
 
+/// How long the TLS handshake may take before [`Transport::tls`] gives up.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What a client needs for mutual TLS: the CA that issued the appliance's certificate, this
 /// client's certificate and key, and the name the appliance's certificate must carry.
 #[derive(Clone)]
@@ -209,6 +212,10 @@ impl Transport {
         let mut connection =
             ClientConnection::new(Arc::clone(&settings.config), settings.server_name.clone())
                 .map_err(|err| ClientError::Tls(err.to_string()))?;
+        // A peer that never answers must not hold the handshake forever; the caller sets
+        // its own timeouts afterwards (`set_timeout`).
+        tcp.set_read_timeout(Some(TLS_HANDSHAKE_TIMEOUT))?;
+        tcp.set_write_timeout(Some(TLS_HANDSHAKE_TIMEOUT))?;
         while connection.is_handshaking() {
             connection.complete_io(&mut tcp).map_err(|err| {
                 let message = err
@@ -221,6 +228,8 @@ impl Transport {
                 ClientError::Tls(message)
             })?;
         }
+        tcp.set_read_timeout(None)?;
+        tcp.set_write_timeout(None)?;
         let connection = Arc::new(Mutex::new(connection));
         Ok(Self {
             reader: ReadHalf {
