@@ -401,7 +401,16 @@ impl Harness {
             &authorization,
         );
         let Some(model) = self.model.get_mut(&vpsd) else {
-            assert!(matches!(result, Err(EngineError::UnknownVpsd { .. })));
+            // The authorization is checked before the vPSD is looked up, so that an
+            // unsigned one does not reveal whether the vPSD exists.
+            let expected = match kind {
+                RefillKind::Forged => ErrorCode::AuthorizationInvalid,
+                RefillKind::OtherVpsd => ErrorCode::AuthorizationWrongVpsd,
+                RefillKind::Expired => ErrorCode::AuthorizationExpired,
+                _ if authorization.expires_unix < self.now => ErrorCode::AuthorizationExpired,
+                _ => ErrorCode::UnknownVpsd,
+            };
+            assert_eq!(result.unwrap_err().code(), expected, "{kind:?}");
             return;
         };
         let expected = match kind {

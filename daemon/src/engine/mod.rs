@@ -340,7 +340,6 @@ impl Engine {
         vpsd_id: u64,
         authorization: &ProviderAuthorization,
     ) -> Result<Prepared, EngineError> {
-        let vpsd = self.get(vpsd_id)?;
         let fingerprint = provider_fingerprint(vpsd_id, authorization);
         if let Some(remembered) = self.window.get(client, request_id) {
             if remembered.fingerprint == fingerprint
@@ -368,6 +367,9 @@ impl Engine {
                 now_unix,
             });
         }
+        // Only now, after the provider's signature: an unsigned or altered authorization
+        // does not tell its sender whether a vPSD exists.
+        let vpsd = self.get(vpsd_id)?;
         if authorization.sequence <= vpsd.provider_sequence {
             return Err(EngineError::AuthorizationReplayed {
                 sequence: authorization.sequence,

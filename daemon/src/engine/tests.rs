@@ -243,6 +243,19 @@ fn refills_need_a_valid_fresh_authorization_for_this_vpsd() {
             requested: 2
         })
     ));
+    // Without the provider's signature nobody learns which vPSDs exist: a forgery for a
+    // vPSD that does not exist gets the same answer as one for a vPSD that does.
+    let mut forged_for_nobody = f.authorization(AuthorizationKind::Refill, 77, 5_000);
+    forged_for_nobody.amount_mills += 1;
+    assert_eq!(
+        f.provider_request(20, 77, &forged_for_nobody).unwrap_err(),
+        EngineError::AuthorizationInvalid
+    );
+    let genuine_for_nobody = f.authorization(AuthorizationKind::Refill, 77, 5_000);
+    assert!(matches!(
+        f.provider_request(21, 77, &genuine_for_nobody),
+        Err(EngineError::UnknownVpsd { vpsd_id: 77 })
+    ));
     let mut expired = f.authorization(AuthorizationKind::Refill, 1, 5_000);
     expired.expires_unix = NOW - 1;
     f.resign(&mut expired);

@@ -84,11 +84,15 @@ impl Daemon {
             std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
-                    if let Some(rest) = line.split("listening on ").nth(1) {
+                    let listening = line.split("listening on ").nth(1).map(|rest| {
                         let addr = rest.split_whitespace().next().unwrap_or_default();
-                        let _ = tx.send(addr.parse::<SocketAddr>().ok());
-                    }
+                        addr.parse::<SocketAddr>().ok()
+                    });
+                    // In the log before the start is reported, so that a caller sees it.
                     log.lock().unwrap().push(line);
+                    if let Some(addr) = listening {
+                        let _ = tx.send(addr);
+                    }
                 }
                 let _ = tx.send(None);
             });
