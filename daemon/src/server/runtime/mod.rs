@@ -134,8 +134,13 @@ pub(super) fn spawn(
         // together may lock.
         .io_memory(512 << 10)
         .ring_depth(256)
-        // The driver can stay busy signing for a while; check for I/O often.
-        .preempt_timer(Duration::from_millis(2))
+        // How long tasks may run before glommio polls for I/O. The driver yields after
+        // every turn, so I/O is polled far more often than this in practice. At 2 ms, about
+        // one start in 220 of an overloaded machine (4 appliances starting at once on 2
+        // cores) hung for good: an executor parked with its preemption flag set and a task
+        // runnable, and woke only to park again. At 20 ms: 0 in 2 000 such starts, and the
+        // same throughput and latency (docs/BENCHMARKS.md).
+        .preempt_timer(Duration::from_millis(20))
         .spawn(move || run_shard(setup))
         .map_err(|err| ServerError::Runtime(err.to_string()))
 }
@@ -214,12 +219,13 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     // Each end of a channel waits for the other to connect: connect all ends at once, or
     // two shards would wait for each other. glommio notices a peer's connection only on a
     // turn of its reactor, so a ticker keeps the reactor turning until all are connected.
+    // It yields rather than sleeps, so that the start depends on no timer.
     let connecting = Rc::new(Cell::new(true));
     let ticker = glommio::spawn_local({
         let connecting = Rc::clone(&connecting);
         async move {
             while connecting.get() {
-                glommio::timer::sleep(Duration::from_millis(1)).await;
+                futures_lite::future::yield_now().await;
             }
         }
     });
@@ -231,6 +237,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         .into_iter()
         .map(|sender| sender.map(|sender| glommio::spawn_local(sender.connect())))
         .collect();
+    tracing::debug!(shard = index, "store open; connecting to the other shards");
     let mut peers = Vec::with_capacity(sending.len());
     for task in sending {
         peers.push(match task {
@@ -238,10 +245,12 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
             None => None,
         });
     }
+    tracing::debug!(shard = index, "senders connected");
     let mut inbound = Vec::with_capacity(receiving.len());
     for task in receiving {
         inbound.push(task.await);
     }
+    tracing::debug!(shard = index, "receivers connected");
     connecting.set(false);
     ticker.await;
     let core = ShardCore::new(store, config.queued_indicia_max);
