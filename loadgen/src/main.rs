@@ -357,12 +357,7 @@ fn fresh_point(
 ) -> Result<indicia_loadgen::report::Report, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("indiciad.toml");
-    let (tls_section, settings) = if tls {
-        let (section, settings) = indicia_loadgen::tls_files(dir.path())?;
-        (section, Some(settings))
-    } else {
-        (String::new(), None)
-    };
+    let (tls_section, settings) = transport(dir.path(), tls)?;
     std::fs::write(
         &config_path,
         format!("shards = {shards}\n\n[engine]\nsession_indicia_max = {cap}\n\n{tls_section}"),
@@ -559,17 +554,26 @@ fn peer(module: &std::path::Path, seconds: f64) -> Result<String, Box<dyn std::e
     ))
 }
 
+/// For a fresh appliance in `dir`: with `tls`, a private CA's files and the `[tls]`
+/// section that uses them, and the admin's client settings; without, nothing (plaintext).
+fn transport(
+    dir: &std::path::Path,
+    tls: bool,
+) -> Result<(String, Option<TlsSettings>), indicia_client::ClientError> {
+    if tls {
+        let (section, settings) = indicia_loadgen::tls_files(dir)?;
+        Ok((section, Some(settings)))
+    } else {
+        Ok((String::new(), None))
+    }
+}
+
 /// Connections opened one after another against a fresh appliance (plaintext or mutual
 /// TLS): the median and p90 time from `connect` to the protocol's `welcome`, in ms.
 fn connect_times(tls: bool, count: usize) -> Result<(f64, f64), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let config_path = dir.path().join("indiciad.toml");
-    let (section, settings) = if tls {
-        let (section, settings) = indicia_loadgen::tls_files(dir.path())?;
-        (section, Some(settings))
-    } else {
-        (String::new(), None)
-    };
+    let (section, settings) = transport(dir.path(), tls)?;
     std::fs::write(&config_path, section)?;
     let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
     let credential = appliance.admin_credential()?;
