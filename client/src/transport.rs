@@ -43,6 +43,18 @@ fn tls_file_error(what: &str, path: &Path, err: impl std::fmt::Display) -> Clien
     ClientError::Tls(format!("{what} {}: {err}", path.display()))
 }
 
+/// Every PEM certificate in a file; at least one.
+fn pem_certificates(what: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|err| tls_file_error(what, path, err))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| tls_file_error(what, path, err))?;
+    if certs.is_empty() {
+        return Err(tls_file_error(what, path, "no PEM certificate in the file"));
+    }
+    Ok(certs)
+}
+
 impl TlsSettings {
     /// Reads the PEM files: `ca` (the appliance's issuer), `certificate` (this client's
     /// chain, leaf first) and `private_key` (owner-readable only). `server_name` is a DNS
@@ -54,29 +66,12 @@ impl TlsSettings {
         server_name: &str,
     ) -> Result<Self, ClientError> {
         let mut roots = RootCertStore::empty();
-        let cas = CertificateDer::pem_file_iter(ca)
-            .map_err(|err| tls_file_error("CA", ca, err))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| tls_file_error("CA", ca, err))?;
-        if cas.is_empty() {
-            return Err(tls_file_error("CA", ca, "no PEM certificate in the file"));
-        }
-        for cert in cas {
+        for cert in pem_certificates("CA", ca)? {
             roots
                 .add(cert)
                 .map_err(|err| tls_file_error("CA", ca, err))?;
         }
-        let chain = CertificateDer::pem_file_iter(certificate)
-            .map_err(|err| tls_file_error("certificate", certificate, err))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| tls_file_error("certificate", certificate, err))?;
-        if chain.is_empty() {
-            return Err(tls_file_error(
-                "certificate",
-                certificate,
-                "no PEM certificate in the file",
-            ));
-        }
+        let chain = pem_certificates("certificate", certificate)?;
         let key_text = crate::read_private(private_key)?;
         let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
             .map_err(|err| tls_file_error("private key", private_key, err))?;

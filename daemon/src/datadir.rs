@@ -88,7 +88,8 @@ pub fn write_synced(path: &Path, text: &str) -> Result<(), DataDirError> {
     file.sync_all().map_err(io(path))
 }
 
-fn read_private(path: &Path) -> Result<Zeroizing<String>, DataDirError> {
+/// Reads a file that holds a secret, refusing it if the group or others have any access.
+pub fn read_private(path: &Path) -> Result<Zeroizing<String>, DataDirError> {
     let file = File::open(path).map_err(io(path))?;
     let mode = file.metadata().map_err(io(path))?.permissions().mode();
     if mode & 0o077 != 0 {

@@ -53,19 +53,15 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
 
 /// The private key file must be readable by its owner only, like the master key.
 fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    use std::os::unix::fs::PermissionsExt;
     let fail = file_error("private_key", path);
-    let mode = std::fs::metadata(path)
-        .map_err(|err| file_error("private_key", path)(err.to_string()))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(fail(format!(
-            "may be read by group or others (mode {:o}); it must be 0600 or stricter",
-            mode & 0o7777
-        )));
-    }
-    PrivateKeyDer::from_pem_file(path).map_err(|err| fail(err.to_string()))
+    let text = crate::datadir::read_private(path).map_err(|err| match err {
+        crate::datadir::DataDirError::Permissions { mode, .. } => {
+            format!("may be read by group or others (mode {mode:o}); it must be 0600 or stricter")
+        }
+        other => other.to_string(),
+    });
+    let text = text.map_err(file_error("private_key", path))?;
+    PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|err| fail(err.to_string()))
 }
 
 /// The server side of mutual TLS, from the `[tls]` section (None: plaintext).

@@ -95,6 +95,53 @@ impl Transport {
     }
 }
 
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut [u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    /// With TLS, sends close_notify, then closes the socket.
+    fn poll_close(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(tcp) => Pin::new(tcp).poll_close(cx),
+            Self::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
+        }
+    }
+}
+
 /// The stream shared by a connection's reader and writer. Each poll borrows it only for
 /// the duration of the poll, so the two never hold it at the same time; with TLS both go
 /// through the one rustls connection, whose records therefore stay in order.
@@ -103,40 +150,24 @@ struct SharedStream(Rc<RefCell<Transport>>);
 
 impl SharedStream {
     async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
-        poll_fn(|cx| match &mut *self.0.borrow_mut() {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-        })
-        .await
+        poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)).await
     }
 
     async fn write_all(&self, mut buf: &[u8]) -> std::io::Result<()> {
         while !buf.is_empty() {
-            let written = poll_fn(|cx| match &mut *self.0.borrow_mut() {
-                Transport::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-                Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-            })
-            .await?;
+            let written =
+                poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)).await?;
             if written == 0 {
                 return Err(std::io::ErrorKind::WriteZero.into());
             }
             buf = &buf[written..];
         }
         // TLS may hold encrypted records back when the socket was full: out with them.
-        poll_fn(|cx| match &mut *self.0.borrow_mut() {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-        })
-        .await
+        poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)).await
     }
 
     async fn close(&self) {
-        let _ = poll_fn(|cx| match &mut *self.0.borrow_mut() {
-            Transport::Plain(tcp) => Pin::new(tcp).poll_close(cx),
-            // Sends close_notify, then closes the socket.
-            Transport::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
-        })
-        .await;
+        let _ = poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)).await;
     }
 
     fn set_read_timeout(&self, timeout: Option<Duration>) {
