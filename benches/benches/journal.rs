@@ -6,7 +6,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use indicia_benches::{empty_engine, funded_store, synthetic_session, NOW};
 use indiciad::engine::Record;
-use indiciad::journal::{ChainKey, JournalConfig, Store};
+use indiciad::journal::{ChainKey, JournalConfig};
+use indiciad::store::Store;
 
 fn bench_dir() -> tempfile::TempDir {
     match std::env::var_os("INDICIA_BENCH_DIR") {

@@ -182,11 +182,11 @@ pub fn synthetic_session(
 pub fn funded_store(
     dir: &std::path::Path,
     segment_bytes: usize,
-) -> Result<indiciad::journal::Store, Box<dyn std::error::Error>> {
+) -> Result<indiciad::store::Store, Box<dyn std::error::Error>> {
     let master = [0x11u8; 32];
     let engine = funded_engine_with(Algorithm::EcdsaP256, 256, &master)?;
     // Journal the two records that made the engine, by replaying them into a fresh one.
-    let (mut store, _) = indiciad::journal::Store::open(
+    let (mut store, _) = indiciad::store::Store::open(
         dir,
         0,
         indiciad::journal::ChainKey::derive(&master, 0),

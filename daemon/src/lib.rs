@@ -1,17 +1,20 @@
 //! `indiciad`: the indicia appliance.
 //!
 //! - [`engine`]: one shard's vPSDs, registers and signing sessions; deterministic, no I/O.
-//! - [`journal`]: the durable store: memory-mapped, chained, checksummed segments.
+//! - [`journal`]: memory-mapped, chained, checksummed segments of opaque records; bytes
+//!   only, it imports nothing of the layers above.
+//! - [`store`]: the engine and the journal together: the record codec, commit, recovery,
+//!   the audit and the ledger.
 //! - [`config`]: the TOML configuration and its embedded default.
 //! - [`datadir`]: master key, credentials and provider key in the data directory.
 //! - [`server`]: the thread-per-core server: connections, routing, coalescing, stats.
 //! - [`service`]: the `indiciad` program around it: flags, signals, systemd.
 #![deny(unsafe_code)]
 
-pub mod audit;
 pub mod config;
 pub mod datadir;
 pub mod engine;
 pub mod journal;
 pub mod server;
 pub mod service;
+pub mod store;

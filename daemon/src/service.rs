@@ -81,13 +81,13 @@ const EXIT_TOOL_FAILED: u8 = 2;
 fn audit_report(
     config: &Config,
     master_key: Option<&std::path::Path>,
-) -> Result<crate::audit::AuditReport, String> {
+) -> Result<crate::store::audit::AuditReport, String> {
     let credential = master_key.map(PathBuf::from).or_else(|| {
         std::env::var_os("CREDENTIALS_DIRECTORY")
             .map(|dir| PathBuf::from(dir).join(crate::datadir::MASTER_KEY_FILE))
             .filter(|path| path.exists())
     });
-    crate::audit::audit_data_dir(
+    crate::store::audit::audit_data_dir(
         std::path::Path::new(&config.data_dir),
         credential.as_deref(),
         &config.engine_config(),
@@ -113,8 +113,8 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
             let report = audit_report(config, master_key.as_deref())?;
             let reconciliation = match &ledger {
                 Some(path) => {
-                    let lines = crate::audit::read_ledger(path).map_err(|err| err.to_string())?;
-                    Some(crate::audit::reconcile(&report.ledger(), &lines))
+                    let lines = crate::store::ledger::read_ledger(path).map_err(|err| err.to_string())?;
+                    Some(crate::store::ledger::reconcile(&report.ledger(), &lines))
                 }
                 None => None,
             };
@@ -143,7 +143,7 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
             let report = audit_report(config, master_key.as_deref())?;
             let mut text = String::new();
             if format == "csv" {
-                text.push_str(&crate::audit::LEDGER_COLUMNS.join(","));
+                text.push_str(&crate::store::ledger::LEDGER_COLUMNS.join(","));
                 text.push('\n');
             }
             for line in report.ledger() {

@@ -6,12 +6,12 @@
 mod common;
 
 use common::{open, Workload, MASTER, NOW};
-use indiciad::audit::{audit_shard, LedgerKind};
+use indiciad::store::{audit::audit_shard, ledger::LedgerKind};
 use indiciad::engine::{EngineConfig, Record};
 
 /// Commits `records` workload records; returns (records, indicia, money movements).
 fn fill(
-    store: &mut indiciad::journal::Store,
+    store: &mut indiciad::store::Store,
     workload: &mut Workload,
     records: usize,
 ) -> (u64, u64, u64) {
@@ -44,7 +44,7 @@ fn fill(
 
 /// Provisions and funds vPSD 900 (committed), then prepares one session of three indicia
 /// for it, not yet committed.
-fn next_session(store: &mut indiciad::journal::Store) -> indiciad::engine::SessionRecord {
+fn next_session(store: &mut indiciad::store::Store) -> indiciad::engine::SessionRecord {
     use indicia_proto::{Algorithm, AuthorizationKind, MailingDate, SignItem};
     use indiciad::engine::{ClientTag, SignJob};
     let provision = store
@@ -179,7 +179,7 @@ fn a_session_whose_registers_do_not_add_up_is_found_and_its_vpsd_named() {
     short.after.ascending_mills -= 1;
     short.after.descending_mills += 1;
     let vpsd_id = short.vpsd_id;
-    store.journal.append(&Record::Session(short), NOW).unwrap();
+    common::append_raw(&mut store.journal, &Record::Session(short)).unwrap();
     store.journal.flush().unwrap();
     drop(store);
     let audit = audit_shard(dir.path(), 0, &MASTER, EngineConfig::default(), None).unwrap();

@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 
 use indiciad::journal::format::{
-    kind, RECORD_HEADER_BYTES, RECORD_MAGIC, RECORD_TRAILER_BYTES, SEGMENT_HEADER_BYTES,
-    SEGMENT_MAGIC,
+    RECORD_HEADER_BYTES, RECORD_MAGIC, RECORD_TRAILER_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,
 };
+use indiciad::store::codec::kind;
 
 fn journal_md() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/JOURNAL.md")).unwrap()
@@ -89,10 +89,10 @@ fn first_column(text: &str, header: &str) -> Vec<String> {
 #[test]
 fn the_ledger_columns_in_the_doc_are_the_codes_in_order() {
     let documented = first_column(&files_md(), "| column | meaning |");
-    assert_eq!(documented, indiciad::audit::LEDGER_COLUMNS);
+    assert_eq!(documented, indiciad::store::ledger::LEDGER_COLUMNS);
     // The CSV example's header is the same list.
     let text = files_md();
-    assert!(text.contains(&indiciad::audit::LEDGER_COLUMNS.join(",")));
+    assert!(text.contains(&indiciad::store::ledger::LEDGER_COLUMNS.join(",")));
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use common::{open_with, Workload, NOW};
 use indiciad::journal::format::{record_len, RecordHeader, SEGMENT_HEADER_BYTES};
-use indiciad::journal::fuzz;
+use indiciad::store::fuzz;
 
 /// Records in the recovery seed; kept small so the fuzzer mutates it quickly.
 const RECORDS: usize = 24;

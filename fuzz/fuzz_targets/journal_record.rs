@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    indiciad::journal::fuzz::record(data);
+    indiciad::store::fuzz::record(data);
 });

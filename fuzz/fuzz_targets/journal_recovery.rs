@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    indiciad::journal::fuzz::recovery(data);
+    indiciad::store::fuzz::recovery(data);
 });

@@ -9,12 +9,19 @@
 //!   The ticket owns what it needs, so the server can run `execute` off the shard's
 //!   thread (a blocking pool, or io_uring fdatasync on the same file). A failed flush is
 //!   fatal: the journal is poisoned and refuses all further work.
-//! - [`Journal::open`] recovers: see [`recovery`].
+//! - [`Journal::open`] recovers: the history is read ([`history`]), every good record and
+//!   every finding handed to a [`Visitor`] (the store, which gives records their meaning),
+//!   and a torn tail is cut.
+//!
+//! Payloads are opaque bytes here: the journal imports nothing of the appliance above it.
 //!
 //! docs/JOURNAL.md describes the bytes and the recovery rules.
 
+pub mod chain;
 pub mod format;
-pub mod recovery;
+pub mod history;
+mod marker;
+mod scan;
 pub mod segment;
 
 use std::fs::{File, OpenOptions};
@@ -22,17 +29,19 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use aws_lc_rs::hmac;
 use nix::fcntl::{Flock, FlockArg};
 use thiserror::Error;
 
-use crate::engine::{Checkpoint, Engine, Record};
+pub use chain::ChainKey;
 use format::{
-    body_checksum, encode_checkpoint, encode_record, header_fields, kind, record_len, Encoder,
-    RecordHeader, SegmentHeader, CHAIN_BYTES, PAYLOAD_BYTES_MAX, RECORD_HEADER_BYTES,
-    SEGMENT_HEADER_BYTES,
+    body_checksum, record_len, RecordHeader, SegmentHeader, CHAIN_BYTES, CHECKPOINT,
+    PAYLOAD_BYTES_MAX, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES,
 };
-pub use recovery::{Finding, RecoveryReport, TornTail};
+pub use history::{
+    inspect, Damage, DamageKind, Expected, GoodRecord, ReadReport, TailNote, TornTail, Visitor,
+};
+pub use marker::{read_expected, CLOSED_FILE, OPEN_FILE};
+pub use scan::TAIL_PROBE_BYTES;
 use segment::Segment;
 
 /// Limits of one shard's journal (the `[journal]` section of the config file).
@@ -52,49 +61,6 @@ impl Default for JournalConfig {
     }
 }
 
-/// The chain MAC key of one shard: HMAC-SHA256 keyed with HMAC-SHA256(master key,
-/// "indicia journal chain v1" || shard as u16 LE).
-#[derive(Debug, Clone)]
-pub struct ChainKey {
-    key: hmac::Key,
-    genesis: [u8; CHAIN_BYTES],
-}
-
-impl ChainKey {
-    pub fn derive(master_key: &[u8; 32], shard: u16) -> Self {
-        let kdf = hmac::Key::new(hmac::HMAC_SHA256, master_key);
-        let mut context = hmac::Context::with_key(&kdf);
-        context.update(b"indicia journal chain v1");
-        context.update(&shard.to_le_bytes());
-        let derived = context.sign();
-        let key = hmac::Key::new(hmac::HMAC_SHA256, derived.as_ref());
-        let mut genesis = [0u8; CHAIN_BYTES];
-        genesis.copy_from_slice(hmac::sign(&key, b"indicia journal genesis").as_ref());
-        Self { key, genesis }
-    }
-
-    /// The chain value before the first record of the shard.
-    pub fn genesis(&self) -> [u8; CHAIN_BYTES] {
-        self.genesis
-    }
-
-    /// chain = HMAC(prev_chain || header || payload).
-    pub fn chain(
-        &self,
-        prev_chain: &[u8; CHAIN_BYTES],
-        header: &[u8],
-        payload: &[u8],
-    ) -> [u8; CHAIN_BYTES] {
-        let mut context = hmac::Context::with_key(&self.key);
-        context.update(prev_chain);
-        context.update(header);
-        context.update(payload);
-        let mut out = [0u8; CHAIN_BYTES];
-        out.copy_from_slice(context.sign().as_ref());
-        out
-    }
-}
-
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum JournalError {
@@ -108,8 +74,6 @@ pub enum JournalError {
     SegmentFull { needed: usize },
     #[error("record payload of {0} bytes is too large")]
     RecordTooLarge(usize),
-    #[error("record does not follow the current state: {0}")]
-    Rejected(crate::engine::ApplyError),
     #[error(
         "{count} record(s) from segment {segment} offset {offset} on have intact checksums but \
          fail the chain MAC: this journal was written under another master key, or altered; \
@@ -120,6 +84,10 @@ pub enum JournalError {
         offset: usize,
         count: usize,
     },
+    #[error("record kind {0} cannot be appended (unknown, or a checkpoint outside a rotation)")]
+    Kind(u8),
+    #[error("journal marker {path}: {what}")]
+    Marker { path: PathBuf, what: String },
     #[error("journal of shard {found} found where shard {expected} was expected")]
     WrongShard { expected: u16, found: u16 },
 }
@@ -166,22 +134,26 @@ pub struct Journal {
     /// A ticket is out: the next one waits for its completion, so durability is
     /// acknowledged strictly in order.
     flush_in_flight: bool,
-    scratch: Encoder,
     /// The record being appended, assembled before its one pwrite.
     record: Vec<u8>,
     _lock: Flock<File>,
 }
 
 impl Journal {
-    /// Opens (or creates) the journal of a shard in `dir`, recovers it into `engine` (which
-    /// must be empty), and cuts a torn tail. The directory stays locked while it is open.
+    /// Opens (or creates) the journal of a shard in `dir`, reads its history into
+    /// `visitor`, and cuts a torn tail. The directory stays locked while it is open.
+    ///
+    /// Everything recovery kept is made durable, then the `OPEN` marker records the
+    /// sequence up to which the journal is durable: damage up to there is corruption to
+    /// report (for recovery and for an audit beside the running appliance), never a tail to
+    /// cut.
     pub fn open(
         dir: &Path,
         shard: u16,
         key: ChainKey,
         config: JournalConfig,
-        engine: &mut Engine,
-    ) -> Result<(Self, RecoveryReport), JournalError> {
+        visitor: &mut impl Visitor,
+    ) -> Result<(Self, ReadReport), JournalError> {
         std::fs::create_dir_all(dir)?;
         let lock_file = OpenOptions::new()
             .read(true)
@@ -191,13 +163,8 @@ impl Journal {
             .open(dir.join("LOCK"))?;
         let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock)
             .map_err(|_| JournalError::Locked(dir.to_owned()))?;
-        let closed = read_closed(dir)?;
-        let recovered = recovery::recover(dir, shard, &key, engine, closed)?;
-        if closed.is_some() {
-            // Gone before anything new is written: from here on the journal is open.
-            std::fs::remove_file(dir.join(CLOSED_FILE))?;
-            segment::sync_dir(dir)?;
-        }
+        let markers = marker::read(dir)?;
+        let recovered = history::recover(dir, shard, &key, markers.expected(), visitor)?;
         let (current, offset) = match recovered.tail {
             Some(tail) => (tail.segment, tail.offset),
             None => {
@@ -213,6 +180,8 @@ impl Journal {
                 )
             }
         };
+        // Gone before anything new is written: from here on the journal is open.
+        marker::open(dir, recovered.durable_sequence, markers.closed.is_some())?;
         let journal = Self {
             dir: dir.to_owned(),
             shard,
@@ -222,11 +191,10 @@ impl Journal {
             offset,
             next_sequence: recovered.next_sequence,
             chain: recovered.last_chain,
-            durable_sequence: recovered.last_sequence,
+            durable_sequence: recovered.durable_sequence,
             unflushed: Vec::new(),
             poisoned: false,
             flush_in_flight: false,
-            scratch: Encoder::default(),
             record: Vec::new(),
             _lock: lock,
         };
@@ -256,36 +224,44 @@ impl Journal {
         &self.dir
     }
 
-    /// Appends a record (pwrite); durable only after the next flush. Returns its
-    /// sequence number, or [`JournalError::SegmentFull`] if the caller must rotate first.
-    pub fn append(&mut self, record: &Record, now_unix: u64) -> Result<u64, JournalError> {
+    /// Appends a record of `kind` about `subject` (pwrite); durable only after the next
+    /// flush. Returns its sequence number, or [`JournalError::SegmentFull`] if the caller
+    /// must rotate first.
+    pub fn append(
+        &mut self,
+        kind: u8,
+        subject: u64,
+        at_unix: u64,
+        payload: &[u8],
+    ) -> Result<u64, JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned);
         }
-        let (kind, vpsd_id, at_unix) = header_fields(record, now_unix);
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.bytes.clear();
-        encode_record(record, &mut scratch);
-        let result = self.write(kind, vpsd_id, at_unix, &scratch.bytes);
-        self.scratch = scratch;
-        result
+        if kind == CHECKPOINT || !format::KINDS.contains(&kind) {
+            return Err(JournalError::Kind(kind));
+        }
+        self.write(kind, subject, at_unix, payload)
     }
 
-    /// Starts a new segment whose first record is a checkpoint of `checkpoint`, so that
-    /// recovery never has to read further back than the newest segment. The segment has
-    /// room for at least `room` more bytes of records after the checkpoint.
+    /// Starts a new segment whose first record is the checkpoint `payload` (a whole
+    /// state), so that recovery never has to read further back than the newest segment.
+    /// The segment has room for at least `room` more bytes of records after the
+    /// checkpoint, and for at least [`CHECKPOINT_ROOM_FACTOR`] times the checkpoint's
+    /// bytes in all: however large the state grows, checkpoints take at most a quarter of
+    /// the journal, and a segment never fills with checkpoints (a checkpoint larger than
+    /// `segment_bytes` gets a segment sized for it).
     pub fn rotate(
         &mut self,
-        checkpoint: &Checkpoint,
-        now_unix: u64,
+        payload: &[u8],
+        at_unix: u64,
         room: usize,
     ) -> Result<u64, JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned);
         }
-        let mut payload = Encoder::default();
-        encode_checkpoint(checkpoint, &mut payload);
-        let needed = SEGMENT_HEADER_BYTES + record_len(payload.bytes.len()) + room;
+        let checkpoint_len = record_len(payload.len());
+        let needed = SEGMENT_HEADER_BYTES
+            + (checkpoint_len * CHECKPOINT_ROOM_FACTOR).max(checkpoint_len + room);
         let len = self.config.segment_bytes.max(needed.next_multiple_of(4096));
         let header = SegmentHeader {
             shard: self.shard,
@@ -297,13 +273,13 @@ impl Journal {
         // The old segment's unflushed records, if any, stay in `unflushed` by file handle.
         drop(std::mem::replace(&mut self.current, segment));
         self.offset = SEGMENT_HEADER_BYTES;
-        self.write(kind::CHECKPOINT, 0, now_unix, &payload.bytes)
+        self.write(CHECKPOINT, 0, at_unix, payload)
     }
 
     fn write(
         &mut self,
         kind: u8,
-        vpsd_id: u64,
+        subject: u64,
         at_unix: u64,
         payload: &[u8],
     ) -> Result<u64, JournalError> {
@@ -321,7 +297,7 @@ impl Journal {
             payload_len: u32::try_from(payload.len())
                 .map_err(|_| JournalError::RecordTooLarge(payload.len()))?,
             sequence,
-            vpsd_id,
+            subject,
             at_unix,
         }
         .encode();
@@ -422,191 +398,17 @@ impl Journal {
     /// Nothing may be appended after it.
     pub fn close_cleanly(&mut self) -> Result<u64, JournalError> {
         let durable = self.flush()?;
-        let text = format!("{CLOSED_MAGIC} {durable} {}\n", hex::encode(self.chain));
-        let path = self.dir.join(CLOSED_FILE);
-        let mut file = std::fs::File::create(&path)?;
-        std::io::Write::write_all(&mut file, text.as_bytes())?;
-        file.sync_all()?;
-        segment::sync_dir(&self.dir)?;
+        marker::close(&self.dir, durable, &self.chain)?;
         self.poisoned = true;
         Ok(durable)
     }
-}
 
-/// The marker a clean close leaves in the journal directory (removed when it is opened).
-pub const CLOSED_FILE: &str = "CLOSED";
-const CLOSED_MAGIC: &str = "indicia-closed-v1";
-
-/// Reads the `CLOSED` marker, if there is one: `indicia-closed-v1 <sequence> <chain hex>`.
-pub fn read_closed(dir: &Path) -> Result<Option<recovery::Expected>, JournalError> {
-    let path = dir.join(CLOSED_FILE);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(err) => return Err(err.into()),
-    };
-    let malformed = || {
-        JournalError::Io(io::Error::other(format!(
-            "{}: not a `{CLOSED_MAGIC} <sequence> <chain>` marker",
-            path.display()
-        )))
-    };
-    let mut fields = text.split_whitespace();
-    if fields.next() != Some(CLOSED_MAGIC) {
-        return Err(malformed());
-    }
-    let sequence: u64 = fields
-        .next()
-        .and_then(|field| field.parse().ok())
-        .ok_or_else(malformed)?;
-    let mut chain = [0u8; CHAIN_BYTES];
-    hex::decode_to_slice(fields.next().unwrap_or_default(), &mut chain).map_err(|_| malformed())?;
-    Ok(Some(recovery::Expected {
-        sequence,
-        closed_chain: Some(chain),
-    }))
-}
-
-/// A shard's engine and journal together: every change goes to the journal first, then
-/// into the engine.
-#[derive(Debug)]
-pub struct Store {
-    pub engine: Engine,
-    pub journal: Journal,
-}
-
-impl Store {
-    /// Opens and recovers a shard's journal into a fresh engine.
-    pub fn open(
-        dir: &Path,
-        shard: u16,
-        key: ChainKey,
-        config: JournalConfig,
-        mut engine: Engine,
-    ) -> Result<(Self, RecoveryReport), JournalError> {
-        let (journal, report) = Journal::open(dir, shard, key, config, &mut engine)?;
-        Ok((Self { engine, journal }, report))
-    }
-
-    /// Journals a prepared record (rotating to a new segment with a checkpoint when the
-    /// current one is full), then applies it. Returns its sequence number; it is durable
-    /// once a flush covers it.
-    pub fn commit(&mut self, record: Record, now_unix: u64) -> Result<u64, JournalError> {
-        // Checked before it is journaled: a record that does not follow the state (a bug
-        // in the caller, e.g. two sessions prepared from the same state) must not reach
-        // the disk, where the next recovery would take it for damage.
-        let next = self
-            .engine
-            .successor(&record)
-            .map_err(JournalError::Rejected)?;
-        let sequence = match self.journal.append(&record, now_unix) {
-            Err(JournalError::SegmentFull { needed }) => {
-                self.journal
-                    .rotate(&self.engine.checkpoint(), now_unix, needed)?;
-                self.journal.append(&record, now_unix)?
-            }
-            other => other?,
-        };
-        self.engine.install(&record, next);
-        Ok(sequence)
-    }
-
-    pub fn flush(&mut self) -> Result<u64, JournalError> {
-        self.journal.flush()
+    /// Bytes of records and segment headers written to the current segment so far.
+    pub fn current_segment_used(&self) -> usize {
+        self.offset
     }
 }
 
-/// Entry points for the fuzz targets (`fuzz/`): arbitrary bytes through the journal's
-/// decoders and through a whole recovery. They panic only if the code breaks its contract.
-pub mod fuzz {
-    use super::format::{decode_checkpoint, decode_record, RecordHeader, RECORD_HEADER_BYTES};
-    use super::{ChainKey, JournalConfig, Store};
-    use crate::engine::{Engine, EngineConfig, MasterKey};
-
-    /// The master key of the journal [`recovery`] builds around its input; the committed
-    /// seeds in `fuzz/corpus/journal_recovery` are journals written under it.
-    pub const MASTER: [u8; 32] = [7u8; 32];
-
-    /// Decodes `data` as a record header followed by its payload, and as a checkpoint.
-    pub fn record(data: &[u8]) {
-        let _ = decodes(data);
-    }
-
-    /// Whether `data` is a record header followed by a payload that decodes as its kind
-    /// (the record decoder or, for a checkpoint, the checkpoint decoder).
-    pub fn decodes(data: &[u8]) -> bool {
-        let checkpoint = decode_checkpoint(data).is_ok();
-        let Some(header) = RecordHeader::decode(data) else {
-            return checkpoint;
-        };
-        let payload = &data[RECORD_HEADER_BYTES..];
-        let Some(payload) = payload.get(..header.payload_len as usize) else {
-            return checkpoint;
-        };
-        if header.kind == super::format::kind::CHECKPOINT {
-            return decode_checkpoint(payload).is_ok();
-        }
-        decode_record(&header, payload, |_| {
-            Some(indicia_proto::Algorithm::Ed25519)
-        })
-        .is_ok()
-            || checkpoint
-    }
-
-    /// Recovers a journal whose only segment holds `data` after a valid segment header.
-    /// Whatever the bytes, recovery must finish without panicking and leave a state whose
-    /// registers balance.
-    pub fn recovery(data: &[u8]) {
-        let _ = recover_segment(data);
-    }
-
-    /// [`recovery`], returning the report and the number of vPSDs recovered; None where
-    /// the scratch directory could not be written or the journal was refused outright.
-    pub fn recover_segment(data: &[u8]) -> Option<(super::RecoveryReport, usize)> {
-        let dir = tempfile_dir().ok()?;
-        let key = ChainKey::derive(&MASTER, 0);
-        let header = super::format::SegmentHeader {
-            shard: 0,
-            index: 1,
-            first_sequence: 1,
-            prev_chain: key.genesis(),
-        };
-        let mut bytes = header.encode().to_vec();
-        bytes.extend_from_slice(data);
-        bytes.resize(bytes.len().max(64 << 10), 0);
-        let mut outcome = None;
-        if std::fs::write(dir.join(super::segment::file_name(1)), &bytes).is_ok() {
-            if let Ok(master_key) = MasterKey::new(&MASTER) {
-                let engine = Engine::new(EngineConfig::default(), master_key, [0; 32]);
-                let config = JournalConfig {
-                    segment_bytes: 64 << 10,
-                };
-                if let Ok((store, report)) = Store::open(&dir, 0, key, config, engine) {
-                    let mut vpsds = 0;
-                    for vpsd in store.engine.vpsds() {
-                        assert!(
-                            vpsd.registers.balanced(),
-                            "recovered registers do not balance"
-                        );
-                        vpsds += 1;
-                    }
-                    outcome = Some((report, vpsds));
-                }
-            }
-        }
-        let _ = std::fs::remove_dir_all(&dir);
-        outcome
-    }
-
-    fn tempfile_dir() -> std::io::Result<std::path::PathBuf> {
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "indicia-fuzz-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)?;
-        Ok(dir)
-    }
-}
+/// A new segment holds at least this many times its checkpoint's bytes (see
+/// [`Journal::rotate`]).
+pub const CHECKPOINT_ROOM_FACTOR: usize = 4;

@@ -32,7 +32,8 @@ use thiserror::Error;
 use crate::config::{ClientRole, Config};
 use crate::datadir::{self, DataDir, DataDirError};
 use crate::engine::{Engine, MasterKey};
-use crate::journal::{ChainKey, JournalError, RecoveryReport, Store};
+use crate::journal::ChainKey;
+use crate::store::{RecoveryReport, Store, StoreError};
 use handshake::{ClientDirectory, ClientEntry};
 use metrics::Metrics;
 
@@ -45,7 +46,7 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error("shard {shard}: journal: {source}")]
-    Journal { shard: u16, source: JournalError },
+    Journal { shard: u16, source: StoreError },
     #[error(transparent)]
     DataDir(#[from] DataDirError),
     #[error("master key: {0}")]
@@ -414,7 +415,7 @@ impl Server {
 }
 
 /// The integrity monitor of the running appliance: every `interval`, each shard's journal
-/// is audited read-only ([`crate::audit::audit_shard`], everything up to the shard's
+/// is audited read-only ([`crate::store::audit::audit_shard`], everything up to the shard's
 /// durable sequence must be there and reconcile, every signature is checked), on a thread
 /// of its own; a vPSD whose history does not reconcile is handed to its shard, which locks
 /// it (no more indicia from it) with the finding as the reason.
@@ -460,7 +461,7 @@ fn audit_in_background(
                     // of records after the last pass's end.
                     let signatures_after =
                         check_signatures.then(|| verified.get(shard).copied().unwrap_or(0));
-                    match crate::audit::audit_shard_with(
+                    match crate::store::audit::audit_shard_with(
                         dir,
                         *shard,
                         &master_key,

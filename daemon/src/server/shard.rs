@@ -22,7 +22,8 @@ use indicia_proto::{ErrorBody, ErrorCode, ItemResult, Request, Response};
 use super::coalesce::{Busy, Coalescer};
 use super::handshake::ClientEntry;
 use crate::engine::{EngineError, JobAnswer, Record, SignJob};
-use crate::journal::{FlushTicket, JournalError, Store};
+use crate::journal::{FlushTicket, JournalError};
+use crate::store::{Store, StoreError};
 
 /// Counters of one shard, for the stats request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -147,10 +148,16 @@ impl<R> ShardCore<R> {
     fn commit(&mut self, now_unix: u64, record: Record) -> Result<Result<u64, Response>, Fatal> {
         match self.store.commit(record, now_unix) {
             Ok(sequence) => Ok(Ok(sequence)),
-            Err(err @ (JournalError::Rejected(_) | JournalError::RecordTooLarge(_))) => Ok(Err(
-                Response::Error(ErrorBody::new(ErrorCode::Internal, err.to_string())),
-            )),
-            Err(err) => Err(Fatal(err)),
+            // Nothing was journaled: the request is refused, the shard goes on.
+            Err(
+                err @ (StoreError::Rejected(_)
+                | StoreError::Codec(_)
+                | StoreError::Journal(JournalError::RecordTooLarge(_))),
+            ) => Ok(Err(Response::Error(ErrorBody::new(
+                ErrorCode::Internal,
+                err.to_string(),
+            )))),
+            Err(StoreError::Journal(err)) => Err(Fatal(err)),
         }
     }
 

@@ -8,7 +8,8 @@ use std::path::Path;
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_proto::{Algorithm, AuthorizationKind, MailingDate, ProviderAuthorization, SignItem};
 use indiciad::engine::{Checkpoint, ClientTag, Engine, EngineConfig, MasterKey, Record, SignJob};
-use indiciad::journal::{ChainKey, JournalConfig, RecoveryReport, Store};
+use indiciad::journal::{ChainKey, JournalConfig};
+use indiciad::store::{RecoveryReport, Store};
 
 pub const NOW: u64 = 1_795_996_800;
 pub const MASTER: [u8; 32] = [0x11; 32];
@@ -57,6 +58,18 @@ pub fn open_with(dir: &Path, segment_bytes: usize, master: &[u8; 32]) -> (Store,
         engine,
     )
     .unwrap()
+}
+
+/// Appends a record to the journal directly, past the engine (nothing checks that it
+/// follows the state): how a test writes a history that does not reconcile.
+pub fn append_raw(
+    journal: &mut indiciad::journal::Journal,
+    record: &Record,
+) -> Result<u64, indiciad::journal::JournalError> {
+    let mut payload = indiciad::store::codec::Encoder::default();
+    indiciad::store::codec::encode_record(record, &mut payload).unwrap();
+    let (kind, subject, at_unix) = indiciad::store::codec::header_fields(record, NOW);
+    journal.append(kind, subject, at_unix, &payload.bytes)
 }
 
 /// A random workload over a few vPSDs.

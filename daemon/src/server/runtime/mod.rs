@@ -42,7 +42,8 @@ use super::metrics::{Counter, Metrics};
 use super::shard::{Fatal, ShardCore};
 use super::{Control, ServerError, ShardReady};
 use crate::config::ServerConfig;
-use crate::journal::{FlushTicket, Store};
+use crate::journal::FlushTicket;
+use crate::store::Store;
 
 /// Where an answer goes: the shard and connection that received the request.
 #[derive(Debug, Clone, Copy)]

@@ -1,54 +1,19 @@
-//! The integrity monitor and the ledger.
-//!
-//! [`audit_shard`] reads one shard's journal read-only, from its first segment, with the
-//! same scan and replay as recovery ([`crate::journal::recovery::audit`]): every record's
-//! checksums and chain MAC, every invariant the engine checks when a record is applied
-//! (versions, registers, `AR + DR == CS`, contiguous and unique piece numbers, each session's
-//! AR delta against the postage of its indicia, provider sequences), every later
-//! checkpoint against the replayed state, and on top of recovery **every indicium's
-//! signature** under the vPSD's public key of the indicium's serial. Each problem is a
-//! [`Finding`], and the vPSD it concerns is what the running appliance locks.
-//!
-//! The same replay yields the ledger: one [`LedgerLine`] per refill, session and
-//! withdrawal, which `indiciad export-ledger` writes (JSON lines or CSV) for the
+//! The ledger: one [`LedgerLine`] per money movement (refill, session, withdrawal) the
+//! journal holds, which `indiciad export-ledger` writes (JSON lines or CSV) for the
 //! provider's accounting, and which [`reconcile`] compares with such a file.
 //! docs/FILES.md (section 6) describes the columns.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::engine::{Engine, EngineConfig, MasterKey, Record};
-use crate::journal::recovery::{self, Finding, RecoveryReport};
-use crate::journal::{ChainKey, JournalError};
-
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AuditError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    DataDir(#[from] crate::datadir::DataDirError),
-    #[error("master key: {0}")]
-    MasterKey(String),
-    #[error("shard {shard}: {source}")]
-    Journal { shard: u16, source: JournalError },
-    #[error("{path} line {line}: {what}")]
-    Ledger {
-        path: PathBuf,
-        line: usize,
-        what: String,
-    },
-    #[error("{0} holds no shard journal (shard-NNN directories)")]
-    NoJournals(PathBuf),
-}
+use crate::engine::{Engine, Record};
 
 /// What a ledger line records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LedgerKind {
     /// Funds credited by a provider authorization.
     Refill,
@@ -77,8 +42,11 @@ impl LedgerKind {
     }
 }
 
-/// One money movement, as the journal holds it. Fields that do not apply are 0.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One money movement, as the journal holds it. Fields that do not apply are 0. Its JSON
+/// form has the column names as keys (serde), its CSV form the values in
+/// [`LEDGER_COLUMNS`] order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LedgerLine {
     pub shard: u16,
     /// The journal record's sequence number in its shard: with the shard, the line's key.
@@ -120,6 +88,7 @@ pub const LEDGER_COLUMNS: [&str; 13] = [
 ];
 
 impl LedgerLine {
+    /// Every column but `kind`, in [`LEDGER_COLUMNS`] order.
     fn numbers(&self) -> [u64; 12] {
         [
             u64::from(self.shard),
@@ -137,36 +106,19 @@ impl LedgerLine {
         ]
     }
 
-    /// The column values in [`LEDGER_COLUMNS`] order, as text.
-    fn values(&self) -> Vec<String> {
-        let numbers = self.numbers();
-        let mut values: Vec<String> = numbers.iter().map(u64::to_string).collect();
-        values.insert(2, self.kind.name().to_owned());
-        values
-    }
-
+    /// The JSON object (keys in alphabetical order: serde_json's map is sorted).
     pub fn to_json(&self) -> Value {
-        let mut numbers = self.numbers().into_iter();
-        let map: serde_json::Map<String, Value> = LEDGER_COLUMNS
-            .iter()
-            .map(|name| {
-                let value = if *name == "kind" {
-                    Value::from(self.kind.name())
-                } else {
-                    Value::from(numbers.next().unwrap_or_default())
-                };
-                ((*name).to_owned(), value)
-            })
-            .collect();
-        Value::Object(map)
+        serde_json::to_value(self).unwrap_or(Value::Null)
     }
 
     pub fn to_csv(&self) -> String {
-        self.values().join(",")
+        let mut values: Vec<String> = self.numbers().iter().map(u64::to_string).collect();
+        values.insert(2, self.kind.name().to_owned());
+        values.join(",")
     }
 
-    /// Builds a line from column values in [`LEDGER_COLUMNS`] order.
-    fn from_values(values: &[&str]) -> Result<Self, String> {
+    /// Builds a line from CSV values in [`LEDGER_COLUMNS`] order.
+    fn from_csv(values: &[&str]) -> Result<Self, String> {
         if values.len() != LEDGER_COLUMNS.len() {
             return Err(format!(
                 "{} columns where {} were expected",
@@ -209,23 +161,9 @@ impl LedgerLine {
     pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         if text.starts_with('{') {
-            let value: Value =
-                serde_json::from_str(text).map_err(|err| format!("not JSON: {err}"))?;
-            let mut values = Vec::with_capacity(LEDGER_COLUMNS.len());
-            for name in LEDGER_COLUMNS {
-                let field = value
-                    .get(name)
-                    .ok_or_else(|| format!("no `{name}` field"))?;
-                values.push(match field {
-                    Value::String(text) => text.clone(),
-                    Value::Number(number) => number.to_string(),
-                    other => return Err(format!("`{name}` is {other}")),
-                });
-            }
-            let refs: Vec<&str> = values.iter().map(String::as_str).collect();
-            Self::from_values(&refs)
+            serde_json::from_str(text).map_err(|err| format!("not a ledger line: {err}"))
         } else {
-            Self::from_values(&text.split(',').collect::<Vec<_>>())
+            Self::from_csv(&text.split(',').collect::<Vec<_>>())
         }
     }
 
@@ -235,12 +173,8 @@ impl LedgerLine {
         if self.kind != other.kind {
             differ.push("kind");
         }
-        let columns: Vec<&'static str> = LEDGER_COLUMNS
-            .iter()
-            .copied()
-            .filter(|name| *name != "kind")
-            .collect();
-        for ((name, a), b) in columns.iter().zip(self.numbers()).zip(other.numbers()) {
+        let columns = LEDGER_COLUMNS.iter().copied().filter(|name| *name != "kind");
+        for ((name, a), b) in columns.zip(self.numbers()).zip(other.numbers()) {
             if a != b {
                 differ.push(name);
             }
@@ -250,7 +184,12 @@ impl LedgerLine {
 }
 
 /// The ledger line a record makes, if it moves money. `engine` holds the state after it.
-fn ledger_line(shard: u16, sequence: u64, engine: &Engine, record: &Record) -> Option<LedgerLine> {
+pub fn ledger_line(
+    shard: u16,
+    sequence: u64,
+    engine: &Engine,
+    record: &Record,
+) -> Option<LedgerLine> {
     let registers = engine.vpsd(record.vpsd_id())?.registers;
     let mut line = LedgerLine {
         shard,
@@ -300,248 +239,21 @@ fn ledger_line(shard: u16, sequence: u64, engine: &Engine, record: &Record) -> O
     Some(line)
 }
 
-/// Every signature of a session record that does not hold, as findings.
-fn check_signatures(engine: &Engine, record: &Record, checked: &mut u64) -> Vec<String> {
-    let Record::Session(session) = record else {
-        return Vec::new();
-    };
-    let Some(vpsd) = engine.vpsd(session.vpsd_id) else {
-        return vec!["session of an unknown vPSD".into()];
-    };
-    let mut problems = Vec::new();
-    for indicium in session.indicia() {
-        *checked += 1;
-        let payload = &indicium.payload;
-        let holds = vpsd.key(payload.key_serial).is_some_and(|key| {
-            key.public
-                .verify(payload.signed_bytes().as_ref(), &indicium.signature)
-        });
-        if !holds {
-            problems.push(format!(
-                "indicium piece {} does not verify under key #{}",
-                payload.piece_number, payload.key_serial
-            ));
-        }
-    }
-    problems
-}
-
-/// One shard's audit.
-#[derive(Debug, Clone)]
-pub struct ShardAudit {
-    pub shard: u16,
-    pub report: RecoveryReport,
-    pub signatures_checked: u64,
-    pub ledger: Vec<LedgerLine>,
-}
-
-/// Audits one shard's journal directory, read-only, every signature included.
-/// `durable_up_to`: the sequence the running appliance knows to be durable (the background
-/// audit); without it, the `CLOSED` marker a clean stop left, if any, says the same.
-pub fn audit_shard(
-    dir: &Path,
-    shard: u16,
-    master_key: &[u8; 32],
-    engine_config: EngineConfig,
-    durable_up_to: Option<u64>,
-) -> Result<ShardAudit, AuditError> {
-    audit_shard_with(
-        dir,
-        shard,
-        master_key,
-        engine_config,
-        durable_up_to,
-        Some(0),
-    )
-}
-
-/// [`audit_shard`], checking the signatures of the records after `signatures_after` only
-/// (None: none). Verifying a signature costs about three times as much as making it, so
-/// the background monitor checks each one once at most, and only when configured to.
-pub fn audit_shard_with(
-    dir: &Path,
-    shard: u16,
-    master_key: &[u8; 32],
-    engine_config: EngineConfig,
-    durable_up_to: Option<u64>,
-    signatures_after: Option<u64>,
-) -> Result<ShardAudit, AuditError> {
-    let expected = match durable_up_to {
-        Some(sequence) => Some(recovery::Expected {
-            sequence,
-            closed_chain: None,
-        }),
-        None => crate::journal::read_closed(dir)
-            .map_err(|source| AuditError::Journal { shard, source })?,
-    };
-    let master =
-        MasterKey::new(master_key).map_err(|err| AuditError::MasterKey(err.to_string()))?;
-    // The replay never signs nor checks provider signatures: no provider key is needed.
-    let mut engine = Engine::new(engine_config, master, [0; 32]);
-    let key = ChainKey::derive(master_key, shard);
-    let mut ledger = Vec::new();
-    let mut signatures_checked = 0;
-    let mut observer = |engine: &Engine, sequence: u64, record: &Record| {
-        if let Some(line) = ledger_line(shard, sequence, engine, record) {
-            ledger.push(line);
-        }
-        match signatures_after {
-            Some(after) if sequence > after => {
-                check_signatures(engine, record, &mut signatures_checked)
-            }
-            _ => Vec::new(),
-        }
-    };
-    let report = recovery::audit(dir, shard, &key, &mut engine, expected, &mut observer)
-        .map_err(|source| AuditError::Journal { shard, source })?;
-    Ok(ShardAudit {
-        shard,
-        report,
-        signatures_checked,
-        ledger,
-    })
-}
-
-/// The whole appliance's audit.
-#[derive(Debug, Clone)]
-pub struct AuditReport {
-    pub shards: Vec<ShardAudit>,
-}
-
-impl AuditReport {
-    pub fn findings(&self) -> impl Iterator<Item = (u16, &Finding)> {
-        self.shards
-            .iter()
-            .flat_map(|shard| shard.report.findings.iter().map(move |f| (shard.shard, f)))
-    }
-
-    pub fn is_clean(&self) -> bool {
-        self.findings().next().is_none()
-    }
-
-    /// Every ledger line, by shard and sequence.
-    pub fn ledger(&self) -> Vec<&LedgerLine> {
-        self.shards.iter().flat_map(|shard| &shard.ledger).collect()
-    }
-
-    pub fn to_json(&self) -> Value {
-        let shards: Vec<Value> = self
-            .shards
-            .iter()
-            .map(|shard| {
-                let report = &shard.report;
-                json!({
-                    "shard": shard.shard,
-                    "segments": report.segments_scanned,
-                    "records": report.records_replayed,
-                    "indicia": report.indicia_replayed,
-                    "signatures_checked": shard.signatures_checked,
-                    "last_sequence": report.last_sequence,
-                    "findings": report.findings.iter().map(|finding| json!({
-                        "segment": finding.segment,
-                        "offset": finding.offset,
-                        "sequence": finding.sequence,
-                        "vpsd_id": finding.vpsd_id,
-                        "what": finding.what,
-                    })).collect::<Vec<_>>(),
-                    "locked": report.locked.iter().map(|(id, reason)| json!({
-                        "vpsd_id": id,
-                        "reason": reason,
-                    })).collect::<Vec<_>>(),
-                    "provisioning_blocked": report.provisioning_blocked,
-                    "tail_note": report.tail_note,
-                })
-            })
-            .collect();
-        json!({
-            "clean": self.is_clean(),
-            "findings": self.findings().count(),
-            "shards": shards,
-        })
-    }
-
-    pub fn to_text(&self) -> String {
-        let mut text = String::new();
-        for shard in &self.shards {
-            let report = &shard.report;
-            text.push_str(&format!(
-                "shard {}: {} segment(s), {} records, {} indicia, {} signatures checked, last seq {}\n",
-                shard.shard,
-                report.segments_scanned,
-                report.records_replayed,
-                report.indicia_replayed,
-                shard.signatures_checked,
-                report.last_sequence
-            ));
-            for finding in &report.findings {
-                text.push_str(&format!("  FINDING {finding}\n"));
-            }
-            for (id, reason) in &report.locked {
-                text.push_str(&format!("  vPSD {id} does not reconcile: {reason}\n"));
-            }
-            if let Some(reason) = &report.provisioning_blocked {
-                text.push_str(&format!("  provisioning would be blocked: {reason}\n"));
-            }
-            if let Some(note) = &report.tail_note {
-                text.push_str(&format!("  note: {note}\n"));
-            }
-        }
-        let findings = self.findings().count();
-        text.push_str(&if findings == 0 {
-            "audit: clean\n".to_owned()
-        } else {
-            format!("audit: {findings} finding(s)\n")
-        });
-        text
-    }
-}
-
-/// The shards of a data directory: `shard-NNN` directories.
-pub fn shard_dirs(data_dir: &Path) -> Result<Vec<(u16, PathBuf)>, AuditError> {
-    let io = |source| AuditError::Io {
-        path: data_dir.to_owned(),
-        source,
-    };
-    let mut shards = Vec::new();
-    for entry in std::fs::read_dir(data_dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(index) = name
-            .strip_prefix("shard-")
-            .and_then(|digits| digits.parse::<u16>().ok())
-        {
-            shards.push((index, entry.path()));
-        }
-    }
-    shards.sort();
-    if shards.is_empty() {
-        return Err(AuditError::NoJournals(data_dir.to_owned()));
-    }
-    Ok(shards)
-}
-
-/// Audits every shard of a data directory, read-only. The master key comes from
-/// `master_key_file` when given (a systemd credential), else from the directory.
-pub fn audit_data_dir(
-    data_dir: &Path,
-    master_key_file: Option<&Path>,
-    engine_config: &EngineConfig,
-) -> Result<AuditReport, AuditError> {
-    let key_path = master_key_file
-        .map(Path::to_owned)
-        .unwrap_or_else(|| data_dir.join(crate::datadir::MASTER_KEY_FILE));
-    let master_key = crate::datadir::load_secret(&key_path)?;
-    let mut shards = Vec::new();
-    for (shard, dir) in shard_dirs(data_dir)? {
-        shards.push(audit_shard(
-            &dir,
-            shard,
-            &master_key,
-            engine_config.clone(),
-            None,
-        )?);
-    }
-    Ok(AuditReport { shards })
+/// A ledger file that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LedgerError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} line {line}: {what}")]
+    Line {
+        path: PathBuf,
+        line: usize,
+        what: String,
+    },
 }
 
 /// How a ledger file differs from the journal.
@@ -621,8 +333,8 @@ impl Reconciliation {
 }
 
 /// Reads a ledger file (JSON lines, or CSV with or without its header line).
-pub fn read_ledger(path: &Path) -> Result<Vec<(usize, LedgerLine)>, AuditError> {
-    let text = std::fs::read_to_string(path).map_err(|source| AuditError::Io {
+pub fn read_ledger(path: &Path) -> Result<Vec<(usize, LedgerLine)>, LedgerError> {
+    let text = std::fs::read_to_string(path).map_err(|source| LedgerError::Io {
         path: path.to_owned(),
         source,
     })?;
@@ -632,7 +344,7 @@ pub fn read_ledger(path: &Path) -> Result<Vec<(usize, LedgerLine)>, AuditError> 
         if trimmed.is_empty() || trimmed.starts_with("shard,") {
             continue;
         }
-        let parsed = LedgerLine::parse(trimmed).map_err(|what| AuditError::Ledger {
+        let parsed = LedgerLine::parse(trimmed).map_err(|what| LedgerError::Line {
             path: path.to_owned(),
             line: index + 1,
             what,

@@ -1,0 +1,637 @@
+//! The payloads of the journal's records: what each record kind holds (provision, provider
+//! authorization, state change, withdrawal, key rotation, session, checkpoint), encoded
+//! and decoded. The journal below frames, checksums and chains these bytes without reading
+//! them. docs/JOURNAL.md describes each byte; the two must agree.
+//!
+//! Every variable-length field has a named bound, the same on both sides: the encoder
+//! refuses a value the decoder would refuse ([`CodecError`]), so whatever is journaled
+//! reads back.
+
+use indicia_proto::codec::Reader;
+use indicia_proto::{
+    Algorithm, AuthorizationKind, DecodeError, ErrorCode, Indicium, LockReason, Zip,
+};
+
+use crate::engine::keys::SEALED_KEY_BYTES;
+use crate::engine::{
+    Checkpoint, ClientTag, ItemOutcome, JobRecord, KeyEntry, PublicKey, Record, Registers,
+    Remembered, RememberedAnswer, SealedKey, SessionRecord, StoredState, Vpsd, WindowSnapshot,
+};
+
+/// What the record kinds (the header's kind byte) mean; 7 is the journal's checkpoint.
+pub mod kind {
+    pub const PROVISION: u8 = 1;
+    pub const PROVIDER: u8 = 2;
+    pub const STATE_CHANGE: u8 = 3;
+    pub const WITHDRAW: u8 = 4;
+    pub const ROTATE_KEY: u8 = 5;
+    pub const SESSION: u8 = 6;
+    pub use crate::journal::format::CHECKPOINT;
+}
+
+/// Longest owner (the protocol's bound).
+pub const OWNER_BYTES_MAX: usize = indicia_proto::message::OWNER_BYTES_MAX;
+/// Longest lock or quarantine reason.
+pub const REASON_BYTES_MAX: usize = crate::engine::REASON_JOURNAL_BYTES_MAX;
+/// Longest public key (an uncompressed P-256 point is 65 bytes).
+pub const PUBLIC_KEY_BYTES_MAX: usize = 128;
+/// Longest indicium.
+pub const INDICIUM_BYTES_MAX: usize = 160;
+/// Most keys of one vPSD in a checkpoint (a u16 count).
+pub const KEYS_MAX: usize = u16::MAX as usize;
+/// Most item outcomes of one job (a u16 count).
+pub const OUTCOMES_MAX: usize = u16::MAX as usize;
+/// Most entries of any other list (a u32 count).
+pub const LIST_MAX: usize = u32::MAX as usize;
+
+/// A value the encoding cannot hold. Nothing is journaled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    #[error("journal field `{field}` of {len} bytes is longer than its bound of {max}")]
+    FieldTooLong {
+        field: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("journal list `{field}` of {count} entries is longer than its bound of {max}")]
+    TooMany {
+        field: &'static str,
+        count: usize,
+        max: usize,
+    },
+}
+
+/// A growable little-endian encoder for payloads.
+#[derive(Debug, Default)]
+pub struct Encoder {
+    pub bytes: Vec<u8>,
+}
+
+impl Encoder {
+    fn u8(&mut self, value: u8) {
+        self.bytes.push(value);
+    }
+    fn u16(&mut self, value: u16) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    fn u32(&mut self, value: u32) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    fn u64(&mut self, value: u64) {
+        self.bytes.extend_from_slice(&value.to_le_bytes());
+    }
+    fn put(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+    }
+    /// u16 length, then the bytes; at most `max` bytes.
+    fn bytes16(&mut self, field: &'static str, bytes: &[u8], max: usize) -> Result<(), CodecError> {
+        let len = u16::try_from(bytes.len())
+            .ok()
+            .filter(|len| usize::from(*len) <= max)
+            .ok_or(CodecError::FieldTooLong {
+                field,
+                len: bytes.len(),
+                max,
+            })?;
+        self.u16(len);
+        self.put(bytes);
+        Ok(())
+    }
+    fn count16(&mut self, field: &'static str, count: usize, max: usize) -> Result<(), CodecError> {
+        let count16 = u16::try_from(count)
+            .ok()
+            .filter(|count| usize::from(*count) <= max)
+            .ok_or(CodecError::TooMany { field, count, max })?;
+        self.u16(count16);
+        Ok(())
+    }
+    fn count32(&mut self, field: &'static str, count: usize) -> Result<(), CodecError> {
+        let count32 = u32::try_from(count).map_err(|_| CodecError::TooMany {
+            field,
+            count,
+            max: LIST_MAX,
+        })?;
+        self.u32(count32);
+        Ok(())
+    }
+    fn registers(&mut self, registers: &Registers) {
+        self.u64(registers.ascending_mills);
+        self.u64(registers.descending_mills);
+        self.u64(registers.control_total_mills);
+        self.u64(registers.piece_count);
+    }
+    fn state(&mut self, state: &StoredState) -> Result<(), CodecError> {
+        let (code, text) = match state {
+            StoredState::Active => (0, ""),
+            StoredState::Locked(LockReason::Operator(text)) => (1, text.as_str()),
+            StoredState::Locked(LockReason::ContactOverdue) => (2, ""),
+            StoredState::Locked(LockReason::Integrity(text)) => (3, text.as_str()),
+            StoredState::Withdrawn => (4, ""),
+        };
+        self.u8(code);
+        self.bytes16("state.reason", text.as_bytes(), REASON_BYTES_MAX)
+    }
+    fn outcomes(&mut self, outcomes: &[ItemOutcome]) -> Result<(), CodecError> {
+        self.count16("outcomes", outcomes.len(), OUTCOMES_MAX)?;
+        for outcome in outcomes {
+            match outcome {
+                ItemOutcome::Signed(indicium) => {
+                    self.u8(0);
+                    self.bytes16(
+                        "indicium",
+                        indicium.to_bytes().as_ref(),
+                        INDICIUM_BYTES_MAX,
+                    )?;
+                }
+                ItemOutcome::Failed(code) => {
+                    self.u8(1);
+                    self.u16(code.wire());
+                }
+            }
+        }
+        Ok(())
+    }
+    fn public_key(&mut self, key: &PublicKey) -> Result<(), CodecError> {
+        self.bytes16("public_key", &key.bytes, PUBLIC_KEY_BYTES_MAX)
+    }
+}
+
+/// The header fields a record implies: kind, subject (its vPSD) and time.
+pub fn header_fields(record: &Record, now_unix: u64) -> (u8, u64, u64) {
+    match record {
+        Record::Provision {
+            vpsd_id, at_unix, ..
+        } => (kind::PROVISION, *vpsd_id, *at_unix),
+        Record::Provider {
+            vpsd_id, at_unix, ..
+        } => (kind::PROVIDER, *vpsd_id, *at_unix),
+        Record::StateChange {
+            vpsd_id, at_unix, ..
+        } => (kind::STATE_CHANGE, *vpsd_id, *at_unix),
+        Record::Withdraw {
+            vpsd_id, at_unix, ..
+        } => (kind::WITHDRAW, *vpsd_id, *at_unix),
+        Record::RotateKey {
+            vpsd_id, at_unix, ..
+        } => (kind::ROTATE_KEY, *vpsd_id, *at_unix),
+        Record::Session(session) => (kind::SESSION, session.vpsd_id, now_unix),
+    }
+}
+
+/// Encodes a record's payload (everything but what the header carries) into `out`, which
+/// is cleared first.
+pub fn encode_record(record: &Record, out: &mut Encoder) -> Result<(), CodecError> {
+    out.bytes.clear();
+    match record {
+        Record::Provision {
+            owner,
+            algorithm,
+            origin_zip,
+            public_key,
+            sealed_key,
+            ..
+        } => {
+            out.u64(record.version());
+            out.u8(algorithm.code());
+            out.u32(origin_zip.wire());
+            out.bytes16("owner", owner.as_bytes(), OWNER_BYTES_MAX)?;
+            out.public_key(public_key)?;
+            out.put(&sealed_key.0);
+        }
+        Record::Provider {
+            version,
+            kind,
+            amount_mills,
+            sequence,
+            client,
+            request_id,
+            fingerprint,
+            ..
+        } => {
+            out.u64(*version);
+            out.u8(kind.code());
+            out.u64(*amount_mills);
+            out.u64(*sequence);
+            out.u64(client.0);
+            out.u64(*request_id);
+            out.put(fingerprint);
+        }
+        Record::StateChange { version, state, .. } => {
+            out.u64(*version);
+            out.state(state)?;
+        }
+        Record::Withdraw {
+            version,
+            refund_mills,
+            ..
+        } => {
+            out.u64(*version);
+            out.u64(*refund_mills);
+        }
+        Record::RotateKey {
+            version,
+            key_serial,
+            public_key,
+            sealed_key,
+            ..
+        } => {
+            out.u64(*version);
+            out.u32(*key_serial);
+            out.public_key(public_key)?;
+            out.put(&sealed_key.0);
+        }
+        Record::Session(session) => {
+            out.u64(session.version);
+            out.u32(session.key_serial);
+            out.registers(&session.before);
+            out.registers(&session.after);
+            out.count32("session.jobs", session.jobs.len())?;
+            for job in &session.jobs {
+                out.u64(job.client.0);
+                out.u64(job.request_id);
+                out.put(&job.fingerprint);
+                out.outcomes(&job.outcomes)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Encodes a checkpoint, the whole state of a shard, into `out` (cleared first).
+pub fn encode_checkpoint(checkpoint: &Checkpoint, out: &mut Encoder) -> Result<(), CodecError> {
+    out.bytes.clear();
+    out.count32("checkpoint.vpsds", checkpoint.vpsds.len())?;
+    for vpsd in &checkpoint.vpsds {
+        out.u64(vpsd.id);
+        out.bytes16("owner", vpsd.owner.as_bytes(), OWNER_BYTES_MAX)?;
+        out.u8(vpsd.algorithm.code());
+        out.u32(vpsd.origin_zip.wire());
+        out.registers(&vpsd.registers);
+        out.state(&vpsd.state)?;
+        out.u64(vpsd.last_contact_unix);
+        out.u64(vpsd.provider_sequence);
+        out.u64(vpsd.version);
+        out.count16("vpsd.keys", vpsd.keys.len(), KEYS_MAX)?;
+        for key in vpsd.keys.iter() {
+            out.u32(key.serial);
+            out.u64(key.sealed_version);
+            out.public_key(&key.public)?;
+            match &key.sealed {
+                Some(sealed) => {
+                    out.u8(1);
+                    out.put(&sealed.0);
+                }
+                None => out.u8(0),
+            }
+        }
+    }
+    out.count32("checkpoint.quarantine", checkpoint.quarantine.len())?;
+    for (vpsd_id, reason) in &checkpoint.quarantine {
+        out.u64(*vpsd_id);
+        out.bytes16("quarantine.reason", reason.as_bytes(), REASON_BYTES_MAX)?;
+    }
+    out.bytes16(
+        "provisioning_blocked",
+        checkpoint
+            .provisioning_blocked
+            .as_deref()
+            .unwrap_or("")
+            .as_bytes(),
+        REASON_BYTES_MAX,
+    )?;
+    for generation in [&checkpoint.window.previous, &checkpoint.window.current] {
+        out.count32("window", generation.len())?;
+        for (client, request_id, remembered) in generation {
+            out.u64(client.0);
+            out.u64(*request_id);
+            out.u64(remembered.vpsd_id);
+            out.put(&remembered.fingerprint);
+            match &remembered.answer {
+                RememberedAnswer::Items(outcomes) => {
+                    out.u8(0);
+                    out.outcomes(outcomes)?;
+                }
+                RememberedAnswer::Provider => out.u8(1),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn bad(field: &'static str, offset: usize, value: u64) -> DecodeError {
+    DecodeError::InvalidValue {
+        field,
+        offset,
+        value,
+    }
+}
+
+fn algorithm(r: &mut Reader<'_>) -> Result<Algorithm, DecodeError> {
+    let offset = r.position();
+    let code = r.u8()?;
+    Algorithm::from_code(code).ok_or(bad("algorithm", offset, u64::from(code)))
+}
+
+fn zip(r: &mut Reader<'_>) -> Result<Zip, DecodeError> {
+    let offset = r.position();
+    let raw = r.u32()?;
+    Zip::from_wire(raw).map_err(|_| bad("zip", offset, u64::from(raw)))
+}
+
+fn registers(r: &mut Reader<'_>) -> Result<Registers, DecodeError> {
+    Ok(Registers {
+        ascending_mills: r.u64()?,
+        descending_mills: r.u64()?,
+        control_total_mills: r.u64()?,
+        piece_count: r.u64()?,
+    })
+}
+
+fn state(r: &mut Reader<'_>) -> Result<StoredState, DecodeError> {
+    let offset = r.position();
+    let code = r.u8()?;
+    let text = r.string16("state.reason", REASON_BYTES_MAX)?;
+    Ok(match code {
+        0 => StoredState::Active,
+        1 => StoredState::Locked(LockReason::Operator(text)),
+        2 => StoredState::Locked(LockReason::ContactOverdue),
+        3 => StoredState::Locked(LockReason::Integrity(text)),
+        4 => StoredState::Withdrawn,
+        other => return Err(bad("state", offset, u64::from(other))),
+    })
+}
+
+fn public_key(r: &mut Reader<'_>, algorithm: Algorithm) -> Result<PublicKey, DecodeError> {
+    Ok(PublicKey {
+        algorithm,
+        bytes: r.bytes16("public_key", PUBLIC_KEY_BYTES_MAX)?.to_vec(),
+    })
+}
+
+fn sealed(r: &mut Reader<'_>) -> Result<SealedKey, DecodeError> {
+    Ok(SealedKey(r.array::<SEALED_KEY_BYTES>()?))
+}
+
+fn outcomes(r: &mut Reader<'_>) -> Result<Vec<ItemOutcome>, DecodeError> {
+    let count = usize::from(r.u16()?);
+    let mut out = Vec::with_capacity(count.min(r.remaining() / 3));
+    for _ in 0..count {
+        let offset = r.position();
+        out.push(match r.u8()? {
+            0 => ItemOutcome::Signed(Indicium::decode(
+                r.bytes16("indicium", INDICIUM_BYTES_MAX)?,
+            )?),
+            1 => ItemOutcome::Failed(ErrorCode::from_wire(r.u16()?)),
+            other => return Err(bad("outcome", offset, u64::from(other))),
+        });
+    }
+    Ok(out)
+}
+
+/// Decodes a record payload of kind `kind` about vPSD `vpsd_id`, written at `at_unix` (the
+/// header's fields). `algorithm_of` gives the algorithm of an existing vPSD (a rotated key
+/// has the vPSD's algorithm, which the payload does not repeat).
+pub fn decode_record(
+    kind: u8,
+    vpsd_id: u64,
+    at_unix: u64,
+    payload: &[u8],
+    algorithm_of: impl Fn(u64) -> Option<Algorithm>,
+) -> Result<Record, DecodeError> {
+    let mut r = Reader::new(payload);
+    let record = match kind {
+        kind::PROVISION => {
+            let version = r.u64()?;
+            if version != 1 {
+                return Err(bad("provision.version", 0, version));
+            }
+            let algorithm = algorithm(&mut r)?;
+            let origin_zip = zip(&mut r)?;
+            let owner = r.string16("owner", OWNER_BYTES_MAX)?;
+            let public_key = public_key(&mut r, algorithm)?;
+            Record::Provision {
+                vpsd_id,
+                owner,
+                algorithm,
+                origin_zip,
+                public_key,
+                sealed_key: sealed(&mut r)?,
+                at_unix,
+            }
+        }
+        kind::PROVIDER => {
+            let version = r.u64()?;
+            let offset = r.position();
+            let code = r.u8()?;
+            let kind = AuthorizationKind::from_code(code).ok_or(bad(
+                "provider.kind",
+                offset,
+                u64::from(code),
+            ))?;
+            Record::Provider {
+                vpsd_id,
+                version,
+                kind,
+                amount_mills: r.u64()?,
+                sequence: r.u64()?,
+                at_unix,
+                client: ClientTag(r.u64()?),
+                request_id: r.u64()?,
+                fingerprint: r.array()?,
+            }
+        }
+        kind::STATE_CHANGE => Record::StateChange {
+            vpsd_id,
+            version: r.u64()?,
+            state: state(&mut r)?,
+            at_unix,
+        },
+        kind::WITHDRAW => Record::Withdraw {
+            vpsd_id,
+            version: r.u64()?,
+            refund_mills: r.u64()?,
+            at_unix,
+        },
+        kind::ROTATE_KEY => {
+            let version = r.u64()?;
+            let key_serial = r.u32()?;
+            let algorithm = algorithm_of(vpsd_id).ok_or(bad("rotate_key.vpsd", 0, vpsd_id))?;
+            Record::RotateKey {
+                vpsd_id,
+                version,
+                key_serial,
+                public_key: public_key(&mut r, algorithm)?,
+                sealed_key: sealed(&mut r)?,
+                at_unix,
+            }
+        }
+        kind::SESSION => {
+            let version = r.u64()?;
+            let key_serial = r.u32()?;
+            let before = registers(&mut r)?;
+            let after = registers(&mut r)?;
+            let count = r.u32()? as usize;
+            let mut jobs = Vec::with_capacity(count.min(r.remaining() / 34));
+            for _ in 0..count {
+                jobs.push(JobRecord {
+                    client: ClientTag(r.u64()?),
+                    request_id: r.u64()?,
+                    fingerprint: r.array()?,
+                    outcomes: outcomes(&mut r)?,
+                });
+            }
+            Record::Session(SessionRecord {
+                vpsd_id,
+                version,
+                key_serial,
+                before,
+                after,
+                jobs,
+            })
+        }
+        other => return Err(bad("kind", 4, u64::from(other))),
+    };
+    r.finish()?;
+    Ok(record)
+}
+
+/// Decodes a checkpoint payload.
+pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
+    // Capacities below are bounded by the bytes left, so a corrupt count cannot make a
+    // large allocation.
+    let mut r = Reader::new(payload);
+    let count = r.u32()? as usize;
+    let mut vpsds = Vec::with_capacity(count.min(r.remaining() / 64));
+    for _ in 0..count {
+        let id = r.u64()?;
+        let owner = r.string16("owner", OWNER_BYTES_MAX)?;
+        let algorithm = algorithm(&mut r)?;
+        let origin_zip = zip(&mut r)?;
+        let registers = registers(&mut r)?;
+        let state = state(&mut r)?;
+        let last_contact_unix = r.u64()?;
+        let provider_sequence = r.u64()?;
+        let version = r.u64()?;
+        let key_count = r.u16()?;
+        let mut keys = Vec::with_capacity(usize::from(key_count).min(r.remaining() / 16));
+        for _ in 0..key_count {
+            let serial = r.u32()?;
+            let sealed_version = r.u64()?;
+            let public = public_key(&mut r, algorithm)?;
+            let offset = r.position();
+            let sealed = match r.u8()? {
+                0 => None,
+                1 => Some(sealed(&mut r)?),
+                other => return Err(bad("key.sealed", offset, u64::from(other))),
+            };
+            keys.push(KeyEntry {
+                serial,
+                sealed_version,
+                public,
+                sealed,
+            });
+        }
+        if keys.is_empty() {
+            return Err(bad("vpsd.keys", r.position(), 0));
+        }
+        vpsds.push(Vpsd {
+            id,
+            owner,
+            algorithm,
+            origin_zip,
+            keys: keys.into(),
+            registers,
+            state,
+            last_contact_unix,
+            provider_sequence,
+            version,
+        });
+    }
+    let count = r.u32()? as usize;
+    let mut quarantine = Vec::with_capacity(count.min(r.remaining() / 10));
+    for _ in 0..count {
+        quarantine.push((r.u64()?, r.string16("quarantine.reason", REASON_BYTES_MAX)?));
+    }
+    let blocked = r.string16("provisioning_blocked", REASON_BYTES_MAX)?;
+    let provisioning_blocked = (!blocked.is_empty()).then_some(blocked);
+    let previous = window_generation(&mut r)?;
+    let current = window_generation(&mut r)?;
+    r.finish()?;
+    Ok(Checkpoint {
+        vpsds,
+        quarantine,
+        provisioning_blocked,
+        window: WindowSnapshot { previous, current },
+    })
+}
+
+fn window_generation(r: &mut Reader<'_>) -> Result<Vec<(ClientTag, u64, Remembered)>, DecodeError> {
+    let count = r.u32()? as usize;
+    let mut window = Vec::with_capacity(count.min(r.remaining() / 41));
+    for _ in 0..count {
+        let client = ClientTag(r.u64()?);
+        let request_id = r.u64()?;
+        let vpsd_id = r.u64()?;
+        let fingerprint = r.array()?;
+        let offset = r.position();
+        let answer = match r.u8()? {
+            0 => RememberedAnswer::Items(outcomes(r)?.into()),
+            1 => RememberedAnswer::Provider,
+            other => return Err(bad("window.answer", offset, u64::from(other))),
+        };
+        window.push((
+            client,
+            request_id,
+            Remembered {
+                vpsd_id,
+                fingerprint,
+                answer,
+            },
+        ));
+    }
+    Ok(window)
+}
+
+/// Whether a checkpoint payload decodes (recovery starts only from one that does).
+pub fn checkpoint_decodes(payload: &[u8]) -> bool {
+    decode_checkpoint(payload).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // (the whole codec is exercised by the journal tests and the fuzz targets)
+
+    #[test]
+    fn an_encoder_refuses_what_the_decoder_would_refuse() {
+        let mut out = Encoder::default();
+        let record = Record::StateChange {
+            vpsd_id: 1,
+            version: 2,
+            state: StoredState::Locked(LockReason::Operator("x".repeat(REASON_BYTES_MAX + 1))),
+            at_unix: 0,
+        };
+        assert_eq!(
+            encode_record(&record, &mut out),
+            Err(CodecError::FieldTooLong {
+                field: "state.reason",
+                len: REASON_BYTES_MAX + 1,
+                max: REASON_BYTES_MAX
+            })
+        );
+        let record = Record::StateChange {
+            vpsd_id: 1,
+            version: 2,
+            state: StoredState::Locked(LockReason::Operator("x".repeat(REASON_BYTES_MAX))),
+            at_unix: 0,
+        };
+        encode_record(&record, &mut out).unwrap();
+        let (kind, vpsd_id, at_unix) = header_fields(&record, 0);
+        assert_eq!(
+            decode_record(kind, vpsd_id, at_unix, &out.bytes, |_| None).unwrap(),
+            record
+        );
+    }
+}

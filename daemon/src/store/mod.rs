@@ -1,0 +1,111 @@
+//! The store: one shard's engine and its durable history together. Every change goes to
+//! the journal first, then into the engine; at start the journal's history is replayed
+//! into a fresh engine.
+//!
+//! - [`codec`]: what each record kind's payload holds (the journal frames them unread).
+//! - [`Store::commit`]: the engine's successor state for a prepared record, the record
+//!   encoded and appended, then the successor installed. Durability is the journal's group
+//!   commit ([`Journal::flush_ticket`]); a second durability target (the cluster's
+//!   replicated commit) joins here, beside the local append and flush.
+//! - [`recovery`]: the replay of the history into the engine, with the findings.
+//! - [`audit`]: the integrity monitor's read-only driver over the same replay, and
+//!   [`ledger`]: the money movements it yields.
+//!
+//! The layers point one way: the server uses the store, the store uses the engine and the
+//! journal, and the journal knows nothing above it.
+
+pub mod audit;
+pub mod codec;
+pub mod fuzz;
+pub mod ledger;
+pub mod recovery;
+
+use std::path::Path;
+
+use thiserror::Error;
+
+use crate::engine::{ApplyError, Engine, Record};
+use crate::journal::{ChainKey, Journal, JournalConfig, JournalError};
+use codec::{encode_checkpoint, encode_record, header_fields, CodecError, Encoder};
+pub use recovery::{Finding, RecoveryReport};
+
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A record that does not follow the current state (a bug in its caller, e.g. two
+    /// sessions prepared from the same state): refused before it reaches the disk, where
+    /// the next recovery would take it for damage.
+    #[error("record does not follow the current state: {0}")]
+    Rejected(ApplyError),
+    /// A value the journal's encoding cannot hold; nothing was journaled.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+}
+
+/// A shard's engine and journal together.
+#[derive(Debug)]
+pub struct Store {
+    pub engine: Engine,
+    pub journal: Journal,
+    /// The payload being encoded, reused from record to record.
+    scratch: Encoder,
+}
+
+impl Store {
+    /// Opens and recovers a shard's journal into `engine`, which must be empty.
+    pub fn open(
+        dir: &Path,
+        shard: u16,
+        key: ChainKey,
+        config: JournalConfig,
+        mut engine: Engine,
+    ) -> Result<(Self, RecoveryReport), StoreError> {
+        let mut replay = recovery::Replay::new(&mut engine);
+        let (journal, read) = Journal::open(dir, shard, key, config, &mut replay)?;
+        let report = replay.finish(read);
+        Ok((
+            Self {
+                engine,
+                journal,
+                scratch: Encoder::default(),
+            },
+            report,
+        ))
+    }
+
+    /// Journals a prepared record (rotating to a new segment with a checkpoint when the
+    /// current one is full), then applies it. Returns its sequence number; it is durable
+    /// once a flush covers it.
+    pub fn commit(&mut self, record: Record, now_unix: u64) -> Result<u64, StoreError> {
+        // Checked before it is journaled: a record that does not follow the state must not
+        // reach the disk.
+        let next = self
+            .engine
+            .successor(&record)
+            .map_err(StoreError::Rejected)?;
+        let (kind, subject, at_unix) = header_fields(&record, now_unix);
+        encode_record(&record, &mut self.scratch)?;
+        let sequence = match self
+            .journal
+            .append(kind, subject, at_unix, &self.scratch.bytes)
+        {
+            Err(JournalError::SegmentFull { needed }) => {
+                let mut checkpoint = Encoder::default();
+                encode_checkpoint(&self.engine.checkpoint(), &mut checkpoint)?;
+                self.journal.rotate(&checkpoint.bytes, now_unix, needed)?;
+                self.journal
+                    .append(kind, subject, at_unix, &self.scratch.bytes)?
+            }
+            other => other?,
+        };
+        self.engine.install(&record, next);
+        Ok(sequence)
+    }
+
+    /// Makes everything appended durable, on this thread. Returns the durable sequence.
+    pub fn flush(&mut self) -> Result<u64, StoreError> {
+        Ok(self.journal.flush()?)
+    }
+}
