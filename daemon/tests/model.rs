@@ -59,6 +59,12 @@ enum Op {
     Reuse {
         pick: usize,
     },
+    /// An earlier (client, request id, items) for another vPSD: a request of its own,
+    /// since the idempotency key is (client, vPSD, request id).
+    OtherVpsd {
+        pick: usize,
+        vpsd: u64,
+    },
     Lock {
         vpsd: u64,
     },
@@ -105,6 +111,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(client, vpsd, items)| Op::Sign { client, vpsd, items }),
         2 => any::<usize>().prop_map(|pick| Op::Retry { pick }),
         1 => any::<usize>().prop_map(|pick| Op::Reuse { pick }),
+        1 => (any::<usize>(), 1u64..4).prop_map(|(pick, vpsd)| Op::OtherVpsd { pick, vpsd }),
         1 => vpsd.clone().prop_map(|vpsd| Op::Lock { vpsd }),
         1 => vpsd.clone().prop_map(|vpsd| Op::Unlock { vpsd }),
         1 => vpsd.clone().prop_map(|vpsd| Op::Withdraw { vpsd }),
@@ -144,7 +151,8 @@ struct Harness {
     /// Every sign request sent, for retries: (client, request id, vPSD, items).
     sent: Vec<(ClientTag, u64, u64, Vec<SignItem>)>,
     /// Remembered answers of requests that signed at least one item.
-    answered: HashMap<(ClientTag, u64), (u64, Vec<SignItem>, ItemsAnswer)>,
+    /// Keyed by (client, vPSD, request id), the idempotency key.
+    answered: HashMap<(ClientTag, u64, u64), (Vec<SignItem>, ItemsAnswer)>,
     /// Accepted refills, for retries: (request id, vPSD, authorization).
     refills: Vec<(u64, u64, ProviderAuthorization)>,
 }
@@ -314,6 +322,13 @@ impl Harness {
                 items[0].rate_category += 1;
                 self.sign(client, request_id, vpsd, items);
             }
+            Op::OtherVpsd { pick, vpsd } => {
+                if self.sent.is_empty() {
+                    return;
+                }
+                let (client, request_id, _, items) = self.sent[pick % self.sent.len()].clone();
+                self.sign(client, request_id, vpsd, items);
+            }
             Op::Lock { vpsd } => {
                 let result = self.engine.prepare_lock(self.now, vpsd, "model says so");
                 match self.model.get_mut(&vpsd) {
@@ -455,10 +470,8 @@ impl Harness {
             self.commit(Record::Session(record));
         }
 
-        if let Some((first_vpsd, first_items, first_answer)) =
-            self.answered.get(&(client, request_id))
-        {
-            if *first_vpsd == vpsd && *first_items == items {
+        if let Some((first_items, first_answer)) = self.answered.get(&(client, vpsd, request_id)) {
+            if *first_items == items {
                 let got: ItemsAnswer = answer
                     .unwrap()
                     .into_iter()
@@ -559,8 +572,15 @@ impl Harness {
             }
         }
         if remembered.iter().any(Result::is_ok) {
+            if self
+                .sent
+                .iter()
+                .any(|(c, r, v, _)| (*c, *r) == (client, request_id) && *v != vpsd)
+            {
+                count("same-request-id-other-vpsd-signed");
+            }
             self.answered
-                .insert((client, request_id), (vpsd, items, remembered));
+                .insert((client, vpsd, request_id), (items, remembered));
         }
         self.model.insert(vpsd, model);
     }
@@ -632,6 +652,7 @@ fn the_engine_behaves_like_the_model() {
         "signed",
         "retry-answered",
         "request-id-reused",
+        "same-request-id-other-vpsd-signed",
         "refill-retried",
         "insufficient-funds",
         "postage-out-of-range",

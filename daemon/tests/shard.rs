@@ -358,8 +358,9 @@ fn a_signing_key_that_does_not_unseal_locks_its_vpsd() {
     // key record that still passed every check would leave it).
     let (mut store, _) = open(dir.path(), 1 << 20);
     let mut checkpoint = store.engine.checkpoint();
-    let sealed = checkpoint.vpsds[0].keys[0].sealed.as_mut().unwrap();
-    sealed.0[20] ^= 0x01;
+    let mut keys = checkpoint.vpsds[0].keys.to_vec();
+    keys[0].sealed.as_mut().unwrap().0[20] ^= 0x01;
+    checkpoint.vpsds[0].keys = keys.into();
     store.engine.restore(checkpoint);
     let mut shard = ShardCore::new(store, 10_000);
     let ready = round(

@@ -56,8 +56,13 @@ pub enum EngineError {
     Capacity { vpsds_max: usize },
     #[error("integrity fault: {0}")]
     Integrity(String),
-    #[error("internal error: {0}")]
-    Internal(String),
+    #[error("vPSD {vpsd_id} has {keys_max} keys, the most a vPSD may have (engine.keys_per_vpsd_max): withdraw it and provision a new one")]
+    KeyLimit { vpsd_id: u64, keys_max: usize },
+    /// The clock is outside what a mailing date can express (before 2000 or after 2179).
+    #[error("the appliance's clock ({now_unix} s since 1970) is outside the mailing-date range")]
+    Clock { now_unix: u64 },
+    #[error("cryptographic operation failed: {0}")]
+    Crypto(&'static str),
 }
 
 fn describe_lock(reason: &LockReason) -> String {
@@ -72,7 +77,7 @@ impl From<KeyError> for EngineError {
     fn from(err: KeyError) -> Self {
         match err {
             KeyError::Unseal { .. } | KeyError::Mismatch { .. } => Self::Integrity(err.to_string()),
-            other => Self::Internal(other.to_string()),
+            KeyError::Crypto(what) => Self::Crypto(what),
         }
     }
 }
@@ -97,7 +102,8 @@ impl EngineError {
             Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
             Self::Capacity { .. } => ErrorCode::Busy,
             Self::Integrity(_) => ErrorCode::IntegrityFault,
-            Self::Internal(_) => ErrorCode::Internal,
+            Self::KeyLimit { .. } => ErrorCode::InvalidArgument,
+            Self::Clock { .. } | Self::Crypto(_) => ErrorCode::Internal,
         }
     }
 
@@ -123,5 +129,10 @@ pub enum ApplyError {
         found: u64,
     },
     #[error("vPSD {vpsd_id}: {what}")]
-    Mismatch { vpsd_id: u64, what: String },
+    Mismatch { vpsd_id: u64, what: &'static str },
+    #[error("vPSD {vpsd_id}: {mismatch}")]
+    Session {
+        vpsd_id: u64,
+        mismatch: super::session::SessionMismatch,
+    },
 }

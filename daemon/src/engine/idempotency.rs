@@ -1,5 +1,10 @@
 //! The idempotency window: the answers to the most recent charging requests, keyed by
-//! (client, request id), so that a retry gets the original answer and is charged once.
+//! (client, vPSD, request id), so that a retry gets the original answer and is charged
+//! once.
+//!
+//! The vPSD is part of the key: a request id names one request *for one vPSD*. So the rule
+//! holds whatever shard owns the vPSD, for any shard count, and each vPSD's entries can
+//! leave with it when it moves (every entry carries its vPSD; [`IdempotencyWindow::of_vpsd`]).
 //!
 //! Only requests that changed something are remembered (a sign or batch with at least one
 //! indicium, a refill or contact); a request refused as a whole charged nothing and is
@@ -47,7 +52,8 @@ impl Remembered {
     }
 }
 
-type Key = (ClientTag, u64);
+/// (client, vPSD, request id).
+type Key = (ClientTag, u64, u64);
 
 /// Two generations of remembered answers. New answers go into the current generation;
 /// when it holds half the bound, it becomes the previous one and the old previous one is
@@ -73,9 +79,9 @@ pub struct WindowSnapshot {
 fn sorted(map: &HashMap<Key, Remembered>) -> Vec<(ClientTag, u64, Remembered)> {
     let mut out: Vec<(ClientTag, u64, Remembered)> = map
         .iter()
-        .map(|(key, remembered)| (key.0, key.1, remembered.clone()))
+        .map(|(key, remembered)| (key.0, key.2, remembered.clone()))
         .collect();
-    out.sort_by_key(|(client, request_id, _)| (*client, *request_id));
+    out.sort_by_key(|(client, request_id, remembered)| (*client, remembered.vpsd_id, *request_id));
     out
 }
 
@@ -90,9 +96,24 @@ impl IdempotencyWindow {
         }
     }
 
-    pub fn get(&self, client: ClientTag, request_id: u64) -> Option<&Remembered> {
-        let key = (client, request_id);
+    pub fn get(&self, client: ClientTag, vpsd_id: u64, request_id: u64) -> Option<&Remembered> {
+        let key = (client, vpsd_id, request_id);
         self.current.get(&key).or_else(|| self.previous.get(&key))
+    }
+
+    /// The entries of one vPSD, oldest generation first (what travels with the vPSD).
+    pub fn of_vpsd(&self, vpsd_id: u64) -> Vec<(ClientTag, u64, Remembered)> {
+        let mut out = Vec::new();
+        for generation in [&self.previous, &self.current] {
+            let mut entries: Vec<(ClientTag, u64, Remembered)> = generation
+                .iter()
+                .filter(|((_, id, _), _)| *id == vpsd_id)
+                .map(|(key, remembered)| (key.0, key.2, remembered.clone()))
+                .collect();
+            entries.sort_by_key(|(client, request_id, _)| (*client, *request_id));
+            out.extend(entries);
+        }
+        out
     }
 
     pub fn snapshot(&self) -> WindowSnapshot {
@@ -106,11 +127,15 @@ impl IdempotencyWindow {
     pub fn restore(weight_max: usize, snapshot: WindowSnapshot) -> Self {
         let mut window = Self::new(weight_max);
         for (client, request_id, remembered) in snapshot.previous {
-            window.previous.insert((client, request_id), remembered);
+            window
+                .previous
+                .insert((client, remembered.vpsd_id, request_id), remembered);
         }
         for (client, request_id, remembered) in snapshot.current {
             window.current_weight += remembered.weight();
-            window.current.insert((client, request_id), remembered);
+            window
+                .current
+                .insert((client, remembered.vpsd_id, request_id), remembered);
         }
         window
     }
@@ -123,10 +148,10 @@ impl IdempotencyWindow {
         self.current.is_empty() && self.previous.is_empty()
     }
 
-    /// Remembers an answer. A key already present keeps its first answer (a retry never
-    /// replaces what was charged).
+    /// Remembers an answer (for `remembered.vpsd_id`). A key already present keeps its
+    /// first answer (a retry never replaces what was charged).
     pub fn insert(&mut self, client: ClientTag, request_id: u64, remembered: Remembered) {
-        let key = (client, request_id);
+        let key = (client, remembered.vpsd_id, request_id);
         if self.previous.contains_key(&key) {
             return;
         }
@@ -166,11 +191,11 @@ mod tests {
         window.insert(client, 1, items(2));
         window.insert(client, 2, items(2)); // generation full: becomes the previous one
         window.insert(client, 3, items(2));
-        assert!(window.get(client, 1).is_some() && window.get(client, 3).is_some());
+        assert!(window.get(client, 1, 1).is_some() && window.get(client, 1, 3).is_some());
         window.insert(client, 4, items(2)); // second generation full: the first is forgotten
-        assert!(window.get(client, 1).is_none(), "oldest forgotten");
-        assert!(window.get(client, 2).is_none());
-        assert!(window.get(client, 3).is_some() && window.get(client, 4).is_some());
+        assert!(window.get(client, 1, 1).is_none(), "oldest forgotten");
+        assert!(window.get(client, 1, 2).is_none());
+        assert!(window.get(client, 1, 3).is_some() && window.get(client, 1, 4).is_some());
         window.insert(client, 5, items(1));
         assert_eq!(window.len(), 3);
         let restored = IdempotencyWindow::restore(8, window.snapshot());
@@ -183,7 +208,22 @@ mod tests {
         let mut window = IdempotencyWindow::new(10);
         window.insert(ClientTag(1), 1, items(1));
         window.insert(ClientTag(1), 1, items(3));
-        assert_eq!(window.get(ClientTag(1), 1), Some(&items(1)));
-        assert!(window.get(ClientTag(2), 1).is_none(), "keyed per client");
+        assert_eq!(window.get(ClientTag(1), 1, 1), Some(&items(1)));
+        assert!(window.get(ClientTag(2), 1, 1).is_none(), "keyed per client");
+        assert!(window.get(ClientTag(1), 2, 1).is_none(), "keyed per vPSD");
+    }
+
+    #[test]
+    fn the_same_request_id_for_two_vpsds_is_two_requests_and_each_travels_with_its_vpsd() {
+        let mut window = IdempotencyWindow::new(100);
+        let mut other = items(2);
+        other.vpsd_id = 2;
+        window.insert(ClientTag(1), 7, items(1));
+        window.insert(ClientTag(1), 7, other.clone());
+        assert_eq!(window.get(ClientTag(1), 1, 7), Some(&items(1)));
+        assert_eq!(window.get(ClientTag(1), 2, 7), Some(&other));
+        assert_eq!(window.of_vpsd(2), vec![(ClientTag(1), 7, other)]);
+        let restored = IdempotencyWindow::restore(100, window.snapshot());
+        assert_eq!(restored.snapshot(), window.snapshot());
     }
 }

@@ -30,8 +30,12 @@ pub use idempotency::{IdempotencyWindow, Remembered, RememberedAnswer, WindowSna
 pub use keys::{KeyBinding, MasterKey, PublicKey, SealedKey};
 pub use record::{ClientTag, Fingerprint, ItemOutcome, JobRecord, Record, SessionRecord};
 pub use registers::Registers;
-pub use session::{JobAnswer, PreparedSession, SignJob};
+pub use session::{JobAnswer, PreparedSession, SessionMismatch, SignJob};
 pub use vpsd::{KeyEntry, StoredState, Vpsd};
+
+/// The most keys a vPSD can have whatever the configuration: the journal's encoding holds
+/// a vPSD's key count in 16 bits.
+pub const KEYS_PER_VPSD_LIMIT: usize = u16::MAX as usize;
 
 /// Longest integrity-lock or quarantine reason kept (the journal's bound for such texts).
 pub const REASON_JOURNAL_BYTES_MAX: usize = 1024;
@@ -59,6 +63,10 @@ pub struct EngineConfig {
     pub idempotency_indicia_max: usize,
     /// Most vPSDs this shard holds.
     pub vpsds_max: usize,
+    /// Most key generations one vPSD has: a rotation beyond is refused. Old keys are kept
+    /// (indicia they signed still verify), so this bounds a vPSD's size in memory and in
+    /// every checkpoint; the journal's encoding holds at most 65 535.
+    pub keys_per_vpsd_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -72,6 +80,7 @@ impl Default for EngineConfig {
             software_id: 0x0100,
             idempotency_indicia_max: 262_144,
             vpsds_max: 100_000,
+            keys_per_vpsd_max: 1024,
         }
     }
 }
@@ -251,6 +260,28 @@ impl Engine {
         Ok((vpsd.algorithm, key.serial, key.public.spki_der()?))
     }
 
+    /// Prepares one signing session for `vpsd_id` over `jobs`, changing nothing (see
+    /// [`session`]): the record to journal and one answer per job.
+    pub fn prepare_session(
+        &self,
+        now_unix: u64,
+        vpsd_id: u64,
+        jobs: &[SignJob],
+    ) -> PreparedSession {
+        let vpsd = match self.get(vpsd_id) {
+            Ok(vpsd) => vpsd,
+            Err(err) => return PreparedSession::refuse_all(jobs, &err),
+        };
+        let context = session::SessionContext {
+            config: &self.config,
+            master: &self.master,
+            rng: &self.rng,
+            window: &self.window,
+            contact_seconds_max: self.contact_seconds_max(),
+        };
+        session::prepare(&context, now_unix, vpsd, jobs)
+    }
+
     /// Online verification of an indicium against the keys this shard holds.
     pub fn verify(&self, bytes: &[u8]) -> (Verdict, u64, u64) {
         let Ok(indicium) = Indicium::decode(bytes) else {
@@ -341,7 +372,7 @@ impl Engine {
         authorization: &ProviderAuthorization,
     ) -> Result<Prepared, EngineError> {
         let fingerprint = provider_fingerprint(vpsd_id, authorization);
-        if let Some(remembered) = self.window.get(client, request_id) {
+        if let Some(remembered) = self.window.get(client, vpsd_id, request_id) {
             if remembered.fingerprint == fingerprint
                 && remembered.answer == RememberedAnswer::Provider
             {
@@ -490,6 +521,12 @@ impl Engine {
             }
             StoredState::Active | StoredState::Locked(_) => {}
         }
+        if vpsd.keys.len() >= self.config.keys_per_vpsd_max {
+            return Err(EngineError::KeyLimit {
+                vpsd_id,
+                keys_max: self.config.keys_per_vpsd_max,
+            });
+        }
         let key_serial = vpsd
             .current_key()
             .serial
@@ -540,7 +577,7 @@ impl Engine {
             if public_key.algorithm != *algorithm {
                 return Err(ApplyError::Mismatch {
                     vpsd_id,
-                    what: "public key algorithm differs from the vPSD's".into(),
+                    what: "public key algorithm differs from the vPSD's",
                 });
             }
             return Ok(Vpsd {
@@ -553,7 +590,8 @@ impl Engine {
                     sealed_version: 1,
                     public: public_key.clone(),
                     sealed: Some(*sealed_key),
-                }],
+                }]
+                .into(),
                 registers: Registers::default(),
                 state: StoredState::Active,
                 last_contact_unix: *at_unix,
@@ -572,14 +610,12 @@ impl Engine {
                 found: record.version(),
             });
         }
-        let mismatch = |what: &str| ApplyError::Mismatch {
-            vpsd_id,
-            what: what.to_owned(),
-        };
+        let mismatch = |what: &'static str| ApplyError::Mismatch { vpsd_id, what };
         if vpsd.state == StoredState::Withdrawn {
             return Err(mismatch("record after withdrawal"));
         }
-        // Compute the new state fully before touching anything.
+        // Compute the new state fully before touching anything. (The keys are shared, not
+        // copied: a session's cost does not grow with the number of old keys.)
         let mut next = vpsd.clone();
         next.version = record.version();
         match record {
@@ -617,9 +653,7 @@ impl Engine {
                 }
                 next.registers = registers;
                 next.state = StoredState::Withdrawn;
-                for key in &mut next.keys {
-                    key.sealed = None;
-                }
+                next.keys = vpsd.keys.iter().map(KeyEntry::retired).collect();
             }
             Record::RotateKey {
                 key_serial,
@@ -632,18 +666,24 @@ impl Engine {
                 {
                     return Err(mismatch("rotated key does not follow the current one"));
                 }
-                for key in &mut next.keys {
-                    key.sealed = None;
+                if vpsd.keys.len() >= KEYS_PER_VPSD_LIMIT {
+                    return Err(mismatch("more keys than a vPSD may have"));
                 }
-                next.keys.push(KeyEntry {
-                    serial: *key_serial,
-                    sealed_version: record.version(),
-                    public: public_key.clone(),
-                    sealed: Some(*sealed_key),
-                });
+                next.keys = vpsd
+                    .keys
+                    .iter()
+                    .map(KeyEntry::retired)
+                    .chain(std::iter::once(KeyEntry {
+                        serial: *key_serial,
+                        sealed_version: record.version(),
+                        public: public_key.clone(),
+                        sealed: Some(*sealed_key),
+                    }))
+                    .collect();
             }
             Record::Session(session) => {
-                session::check_session(vpsd, session).map_err(|what| mismatch(&what))?;
+                session::check_session(vpsd, session)
+                    .map_err(|mismatch| ApplyError::Session { vpsd_id, mismatch })?;
                 next.registers = session.after;
             }
         }

@@ -6,12 +6,28 @@
 
 use std::collections::HashMap;
 
+use aws_lc_rs::rand::SystemRandom;
 use indicia_proto::{ErrorBody, Indicium, IndiciumPayload, MailingDate, SignItem};
 
+use super::idempotency::IdempotencyWindow;
+use super::keys::MasterKey;
 use super::record::{ClientTag, Fingerprint, ItemOutcome, JobRecord, SessionRecord};
 use super::registers::{RegisterError, Registers};
 use super::vpsd::Vpsd;
-use super::{refusal, Engine, EngineError, RememberedAnswer};
+use super::{refusal, EngineConfig, EngineError, RememberedAnswer};
+
+/// What a session uses of the engine besides its vPSD, lent for one session: the policy,
+/// the master key that unseals the signing key, the random source, and the idempotency
+/// window (read only: the record's answers enter it when the record is installed).
+#[derive(Debug)]
+pub(super) struct SessionContext<'a> {
+    pub config: &'a EngineConfig,
+    pub master: &'a MasterKey,
+    pub rng: &'a SystemRandom,
+    pub window: &'a IdempotencyWindow,
+    /// The watchdog's limit on the time since the last provider contact.
+    pub contact_seconds_max: u64,
+}
 
 /// One client request for one vPSD: a single sign (one item) or a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,7 +52,7 @@ pub struct PreparedSession {
 }
 
 impl PreparedSession {
-    fn refuse_all(jobs: &[SignJob], err: &EngineError) -> Self {
+    pub(super) fn refuse_all(jobs: &[SignJob], err: &EngineError) -> Self {
         Self {
             record: None,
             answers: jobs.iter().map(|_| Err(err.clone())).collect(),
@@ -84,294 +100,310 @@ fn remembered_answer(outcomes: &[ItemOutcome]) -> Vec<ItemAnswer> {
         .collect()
 }
 
-impl Engine {
-    fn mailing_window(&self, now_unix: u64) -> Option<(MailingDate, MailingDate)> {
-        let today = u64::from(MailingDate::from_unix_seconds(now_unix)?.days_since_2000());
-        let earliest = today.saturating_sub(u64::from(self.config.mailing_days_back));
-        let latest = today
-            .saturating_add(u64::from(self.config.mailing_days_ahead))
-            .min(u64::from(u16::MAX));
-        // Both are within u16 by the clamps above.
-        Some((
-            MailingDate::from_days_since_2000(u16::try_from(earliest).ok()?),
-            MailingDate::from_days_since_2000(u16::try_from(latest).ok()?),
-        ))
-    }
+fn mailing_window(config: &EngineConfig, now_unix: u64) -> Option<(MailingDate, MailingDate)> {
+    let today = u64::from(MailingDate::from_unix_seconds(now_unix)?.days_since_2000());
+    let earliest = today.saturating_sub(u64::from(config.mailing_days_back));
+    let latest = today
+        .saturating_add(u64::from(config.mailing_days_ahead))
+        .min(u64::from(u16::MAX));
+    // Both are within u16 by the clamps above.
+    Some((
+        MailingDate::from_days_since_2000(u16::try_from(earliest).ok()?),
+        MailingDate::from_days_since_2000(u16::try_from(latest).ok()?),
+    ))
+}
 
-    /// Checks one item against the policy and the registers as they stand in the session.
-    fn check_item(
-        &self,
-        item: &SignItem,
-        registers: &Registers,
-        window: Option<(MailingDate, MailingDate)>,
-    ) -> Result<Registers, EngineError> {
-        if item.postage_mills == 0 || item.postage_mills > self.config.postage_mills_max {
-            return Err(EngineError::PostageOutOfRange {
-                postage_mills: item.postage_mills,
-                postage_mills_max: self.config.postage_mills_max,
-            });
-        }
-        let Some((earliest, latest)) = window else {
-            return Err(EngineError::Internal(
-                "clock outside the mailing-date range".into(),
-            ));
-        };
-        if item.mailing_date < earliest || item.mailing_date > latest {
-            return Err(EngineError::MailingDateOutOfWindow {
-                date: item.mailing_date,
-                earliest,
-                latest,
-            });
-        }
-        registers
-            .debit(item.postage_mills)
-            .map_err(|err| match err {
-                RegisterError::InsufficientFunds {
-                    postage_mills,
-                    descending_mills,
-                } => EngineError::InsufficientFunds {
-                    postage_mills,
-                    descending_mills,
-                },
-                RegisterError::Overflow => EngineError::RegisterOverflow,
-            })
-    }
-
-    fn build_payload(
-        &self,
-        vpsd: &Vpsd,
-        key_serial: u32,
-        item: &SignItem,
-        after: &Registers,
-    ) -> IndiciumPayload {
-        IndiciumPayload {
-            algorithm: vpsd.algorithm,
-            key_serial,
-            vpsd_id: vpsd.id,
-            piece_number: after.piece_count,
+/// Checks one item against the policy and the registers as they stand in the session.
+fn check_item(
+    config: &EngineConfig,
+    now_unix: u64,
+    item: &SignItem,
+    registers: &Registers,
+    window: Option<(MailingDate, MailingDate)>,
+) -> Result<Registers, EngineError> {
+    if item.postage_mills == 0 || item.postage_mills > config.postage_mills_max {
+        return Err(EngineError::PostageOutOfRange {
             postage_mills: item.postage_mills,
-            ascending_mills: after.ascending_mills,
-            descending_mills: after.descending_mills,
-            mailing_date: item.mailing_date,
-            origin_zip: vpsd.origin_zip,
-            destination_zip: item.destination_zip,
-            rate_category: item.rate_category,
-            software_id: self.config.software_id,
-            data_digest: item.data_digest,
-        }
+            postage_mills_max: config.postage_mills_max,
+        });
     }
+    let Some((earliest, latest)) = window else {
+        return Err(EngineError::Clock { now_unix });
+    };
+    if item.mailing_date < earliest || item.mailing_date > latest {
+        return Err(EngineError::MailingDateOutOfWindow {
+            date: item.mailing_date,
+            earliest,
+            latest,
+        });
+    }
+    registers
+        .debit(item.postage_mills)
+        .map_err(|err| match err {
+            RegisterError::InsufficientFunds {
+                postage_mills,
+                descending_mills,
+            } => EngineError::InsufficientFunds {
+                postage_mills,
+                descending_mills,
+            },
+            RegisterError::Overflow => EngineError::RegisterOverflow,
+        })
+}
 
-    /// Prepares one signing session for `vpsd_id` over `jobs`, changing nothing. The key is
-    /// unsealed once (only if something is to be signed) and dropped, zeroized, on return.
-    pub fn prepare_session(
-        &self,
-        now_unix: u64,
-        vpsd_id: u64,
-        jobs: &[SignJob],
-    ) -> PreparedSession {
-        let vpsd = match self.get(vpsd_id) {
-            Ok(vpsd) => vpsd,
-            Err(err) => return PreparedSession::refuse_all(jobs, &err),
-        };
-        let refused = refusal(
-            &vpsd.effective_state(now_unix, self.contact_seconds_max()),
-            vpsd_id,
-        );
-        let window = self.mailing_window(now_unix);
-        let current = vpsd.current_key();
-        let mut signing_key = None;
-        let mut registers = vpsd.registers;
-        let mut seen: HashMap<(ClientTag, u64), (Fingerprint, usize)> = HashMap::new();
-        let mut duplicates = Vec::new();
-        let mut records = Vec::new();
-        let mut answers: Vec<JobAnswer> = Vec::with_capacity(jobs.len());
+fn build_payload(
+    config: &EngineConfig,
+    vpsd: &Vpsd,
+    key_serial: u32,
+    item: &SignItem,
+    after: &Registers,
+) -> IndiciumPayload {
+    IndiciumPayload {
+        algorithm: vpsd.algorithm,
+        key_serial,
+        vpsd_id: vpsd.id,
+        piece_number: after.piece_count,
+        postage_mills: item.postage_mills,
+        ascending_mills: after.ascending_mills,
+        descending_mills: after.descending_mills,
+        mailing_date: item.mailing_date,
+        origin_zip: vpsd.origin_zip,
+        destination_zip: item.destination_zip,
+        rate_category: item.rate_category,
+        software_id: config.software_id,
+        data_digest: item.data_digest,
+    }
+}
 
-        for (index, job) in jobs.iter().enumerate() {
-            if job.items.is_empty() {
-                answers.push(Err(EngineError::InvalidArgument(
-                    "a request must hold at least one item".into(),
-                )));
-                continue;
-            }
-            let fingerprint = job_fingerprint(vpsd_id, &job.items);
-            if let Some(remembered) = self.window.get(job.client, job.request_id) {
-                answers.push(match &remembered.answer {
-                    RememberedAnswer::Items(outcomes)
-                        if remembered.vpsd_id == vpsd_id
-                            && remembered.fingerprint == fingerprint =>
-                    {
-                        Ok(remembered_answer(outcomes))
-                    }
-                    _ => Err(EngineError::RequestIdReused {
-                        request_id: job.request_id,
-                    }),
-                });
-                continue;
-            }
-            if let Some((first_fingerprint, first)) = seen.get(&(job.client, job.request_id)) {
-                if *first_fingerprint == fingerprint {
-                    duplicates.push((index, *first));
-                    // Placeholder, replaced by a copy of the first answer below.
-                    answers.push(Ok(Vec::new()));
-                } else {
-                    answers.push(Err(EngineError::RequestIdReused {
-                        request_id: job.request_id,
-                    }));
+/// Prepares one signing session for `vpsd` over `jobs`, changing nothing. The key is
+/// unsealed once (only if something is to be signed) and dropped, zeroized, on return.
+pub(super) fn prepare(
+    context: &SessionContext<'_>,
+    now_unix: u64,
+    vpsd: &Vpsd,
+    jobs: &[SignJob],
+) -> PreparedSession {
+    let vpsd_id = vpsd.id;
+    let refused = refusal(
+        &vpsd.effective_state(now_unix, context.contact_seconds_max),
+        vpsd_id,
+    );
+    let window = mailing_window(context.config, now_unix);
+    let current = vpsd.current_key();
+    let mut signing_key = None;
+    let mut registers = vpsd.registers;
+    let mut seen: HashMap<(ClientTag, u64), (Fingerprint, usize)> = HashMap::new();
+    let mut duplicates = Vec::new();
+    let mut records = Vec::new();
+    let mut answers: Vec<JobAnswer> = Vec::with_capacity(jobs.len());
+
+    for (index, job) in jobs.iter().enumerate() {
+        if job.items.is_empty() {
+            answers.push(Err(EngineError::InvalidArgument(
+                "a request must hold at least one item".into(),
+            )));
+            continue;
+        }
+        let fingerprint = job_fingerprint(vpsd_id, &job.items);
+        if let Some(remembered) = context.window.get(job.client, vpsd_id, job.request_id) {
+            answers.push(match &remembered.answer {
+                RememberedAnswer::Items(outcomes) if remembered.fingerprint == fingerprint => {
+                    Ok(remembered_answer(outcomes))
                 }
-                continue;
+                _ => Err(EngineError::RequestIdReused {
+                    request_id: job.request_id,
+                }),
+            });
+            continue;
+        }
+        if let Some((first_fingerprint, first)) = seen.get(&(job.client, job.request_id)) {
+            if *first_fingerprint == fingerprint {
+                duplicates.push((index, *first));
+                // Placeholder, replaced by a copy of the first answer below.
+                answers.push(Ok(Vec::new()));
+            } else {
+                answers.push(Err(EngineError::RequestIdReused {
+                    request_id: job.request_id,
+                }));
             }
-            seen.insert((job.client, job.request_id), (fingerprint, index));
-            if let Some(err) = &refused {
-                answers.push(Err(err.clone()));
-                continue;
-            }
-            let mut outcomes = Vec::with_capacity(job.items.len());
-            let mut item_answers = Vec::with_capacity(job.items.len());
-            for item in &job.items {
-                let after = match self.check_item(item, &registers, window) {
-                    Ok(after) => after,
-                    Err(err) => {
-                        outcomes.push(ItemOutcome::Failed(err.code()));
-                        item_answers.push(Err(err.to_body()));
-                        continue;
-                    }
-                };
-                if signing_key.is_none() {
-                    let sealed = match &current.sealed {
-                        Some(sealed) => sealed,
-                        None => {
-                            let err =
-                                EngineError::Integrity(format!("vPSD {vpsd_id} has no sealed key"));
-                            return PreparedSession::refuse_all(jobs, &err);
-                        }
+            continue;
+        }
+        seen.insert((job.client, job.request_id), (fingerprint, index));
+        if let Some(err) = &refused {
+            answers.push(Err(err.clone()));
+            continue;
+        }
+        let mut outcomes = Vec::with_capacity(job.items.len());
+        let mut item_answers = Vec::with_capacity(job.items.len());
+        for item in &job.items {
+            let after = match check_item(context.config, now_unix, item, &registers, window) {
+                Ok(after) => after,
+                Err(err) => {
+                    outcomes.push(ItemOutcome::Failed(err.code()));
+                    item_answers.push(Err(err.to_body()));
+                    continue;
+                }
+            };
+            // Loaded at the first item to sign, kept for the rest of the session.
+            let key = match signing_key.take() {
+                Some(key) => key,
+                None => {
+                    let Some(sealed) = &current.sealed else {
+                        let err =
+                            EngineError::Integrity(format!("vPSD {vpsd_id} has no sealed key"));
+                        return PreparedSession::refuse_all(jobs, &err);
                     };
-                    match self
+                    match context
                         .master
                         .load(vpsd.key_binding(current), sealed, &current.public)
                     {
-                        Ok(key) => signing_key = Some(key),
+                        Ok(key) => key,
                         Err(err) => {
                             return PreparedSession::refuse_all(jobs, &EngineError::from(err))
                         }
                     }
                 }
-                let Some(key) = signing_key.as_ref() else {
-                    unreachable!("the key was loaded just above");
-                };
-                let payload = self.build_payload(vpsd, current.serial, item, &after);
-                let signature = match key.sign(&self.rng, payload.signed_bytes().as_ref()) {
-                    Ok(signature) => signature,
-                    Err(err) => return PreparedSession::refuse_all(jobs, &EngineError::from(err)),
-                };
-                let indicium = Indicium { payload, signature };
-                registers = after;
-                outcomes.push(ItemOutcome::Signed(indicium));
-                item_answers.push(Ok(indicium));
-            }
-            if outcomes
-                .iter()
-                .any(|outcome| matches!(outcome, ItemOutcome::Signed(_)))
-            {
-                records.push(JobRecord {
-                    client: job.client,
-                    request_id: job.request_id,
-                    fingerprint,
-                    outcomes,
-                });
-            }
-            answers.push(Ok(item_answers));
-        }
-        for (index, first) in duplicates {
-            answers[index] = answers[first].clone();
-        }
-        // Unload: the key is dropped here, before anything is journaled or answered.
-        drop(signing_key);
-        let record = (!records.is_empty()).then(|| {
-            let record = SessionRecord {
-                vpsd_id,
-                version: vpsd.version + 1,
-                key_serial: current.serial,
-                before: vpsd.registers,
-                after: registers,
-                jobs: records,
             };
-            // Not checked here: `Engine::successor` runs `check_session` on every record
-            // before it is journaled or applied, so walking it twice would only cost time.
-            record
-        });
-        PreparedSession { record, answers }
+            let payload = build_payload(context.config, vpsd, current.serial, item, &after);
+            let signature = match key.sign(context.rng, payload.signed_bytes().as_ref()) {
+                Ok(signature) => signature,
+                Err(err) => return PreparedSession::refuse_all(jobs, &EngineError::from(err)),
+            };
+            signing_key = Some(key);
+            let indicium = Indicium { payload, signature };
+            registers = after;
+            outcomes.push(ItemOutcome::Signed(indicium));
+            item_answers.push(Ok(indicium));
+        }
+        if outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, ItemOutcome::Signed(_)))
+        {
+            records.push(JobRecord {
+                client: job.client,
+                request_id: job.request_id,
+                fingerprint,
+                outcomes,
+            });
+        }
+        answers.push(Ok(item_answers));
     }
+    for (index, first) in duplicates {
+        answers[index] = answers[first].clone();
+    }
+    // Unload: the key is dropped here, before anything is journaled or answered.
+    drop(signing_key);
+    let record = (!records.is_empty()).then(|| {
+        let record = SessionRecord {
+            vpsd_id,
+            version: vpsd.version + 1,
+            key_serial: current.serial,
+            before: vpsd.registers,
+            after: registers,
+            jobs: records,
+        };
+        // Not checked here: `Engine::successor` runs `check_session` on every record
+        // before it is journaled or applied, so walking it twice would only cost time.
+        record
+    });
+    PreparedSession { record, answers }
+}
+
+/// Why a session record does not follow its vPSD's state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SessionMismatch {
+    #[error("session registers before {found:?} differ from the current {current:?}")]
+    RegistersBefore {
+        found: Registers,
+        current: Registers,
+    },
+    #[error("session signed with key serial {found}, current is {current}")]
+    KeySerial { found: u32, current: u32 },
+    #[error("request id {request_id} twice in one session")]
+    RequestIdTwice { request_id: u64 },
+    #[error("indicium piece {piece} names another vPSD, key or algorithm")]
+    Foreign { piece: u64 },
+    #[error("piece number {piece} where {due} was due")]
+    Piece { piece: u64, due: u64 },
+    #[error("piece {piece}: {source}")]
+    Registers { piece: u64, source: RegisterError },
+    #[error("piece {piece} states registers that do not add up")]
+    StatedRegisters { piece: u64 },
+    #[error("postage sum overflows")]
+    PostageOverflow,
+    #[error("session record without an indicium")]
+    Empty,
+    #[error("registers after {found:?} differ from the indicia's {computed:?}")]
+    RegistersAfter {
+        found: Registers,
+        computed: Registers,
+    },
+    #[error("sum of postage differs from the ascending register's change")]
+    PostageSum,
+    #[error("registers go backwards")]
+    Backwards,
 }
 
 /// Checks that a session record follows the vPSD's state: same registers before, current
 /// key, contiguous piece numbers from the piece count, each indicium's registers the
 /// running totals, the postage sum equal to the AR delta, and the registers after.
-pub(crate) fn check_session(vpsd: &Vpsd, session: &SessionRecord) -> Result<(), String> {
+pub(crate) fn check_session(vpsd: &Vpsd, session: &SessionRecord) -> Result<(), SessionMismatch> {
     if session.before != vpsd.registers {
-        return Err(format!(
-            "session registers before {:?} differ from the current {:?}",
-            session.before, vpsd.registers
-        ));
+        return Err(SessionMismatch::RegistersBefore {
+            found: session.before,
+            current: vpsd.registers,
+        });
     }
     if session.key_serial != vpsd.current_key().serial {
-        return Err(format!(
-            "session signed with key serial {}, current is {}",
-            session.key_serial,
-            vpsd.current_key().serial
-        ));
+        return Err(SessionMismatch::KeySerial {
+            found: session.key_serial,
+            current: vpsd.current_key().serial,
+        });
     }
     let mut registers = session.before;
     let mut postage_sum: u64 = 0;
     let mut keys = std::collections::HashSet::new();
     for job in &session.jobs {
         if !keys.insert((job.client, job.request_id)) {
-            return Err(format!(
-                "request id {} twice in one session",
-                job.request_id
-            ));
+            return Err(SessionMismatch::RequestIdTwice {
+                request_id: job.request_id,
+            });
         }
     }
     for indicium in session.indicia() {
         let payload = &indicium.payload;
-        let expected_piece = registers.piece_count + 1;
+        let piece = payload.piece_number;
+        let due = registers.piece_count + 1;
         if payload.vpsd_id != vpsd.id
             || payload.key_serial != session.key_serial
             || payload.algorithm != vpsd.algorithm
         {
-            return Err(format!(
-                "indicium piece {} names another vPSD, key or algorithm",
-                payload.piece_number
-            ));
+            return Err(SessionMismatch::Foreign { piece });
         }
-        if payload.piece_number != expected_piece {
-            return Err(format!(
-                "piece number {} where {expected_piece} was due",
-                payload.piece_number
-            ));
+        if piece != due {
+            return Err(SessionMismatch::Piece { piece, due });
         }
         registers = registers
             .debit(payload.postage_mills)
-            .map_err(|err| format!("piece {}: {err}", payload.piece_number))?;
+            .map_err(|source| SessionMismatch::Registers { piece, source })?;
         if payload.ascending_mills != registers.ascending_mills
             || payload.descending_mills != registers.descending_mills
         {
-            return Err(format!(
-                "piece {} states registers that do not add up",
-                payload.piece_number
-            ));
+            return Err(SessionMismatch::StatedRegisters { piece });
         }
         postage_sum = postage_sum
             .checked_add(payload.postage_mills)
-            .ok_or("postage sum overflows")?;
+            .ok_or(SessionMismatch::PostageOverflow)?;
     }
     if registers.piece_count == session.before.piece_count {
-        return Err("session record without an indicium".into());
+        return Err(SessionMismatch::Empty);
     }
     if registers != session.after {
-        return Err(format!(
-            "registers after {:?} differ from the indicia's {:?}",
-            session.after, registers
-        ));
+        return Err(SessionMismatch::RegistersAfter {
+            found: session.after,
+            computed: registers,
+        });
     }
     if Some(postage_sum)
         != session
@@ -379,10 +411,10 @@ pub(crate) fn check_session(vpsd: &Vpsd, session: &SessionRecord) -> Result<(), 
             .ascending_mills
             .checked_sub(session.before.ascending_mills)
     {
-        return Err("sum of postage differs from the ascending register's change".into());
+        return Err(SessionMismatch::PostageSum);
     }
     if !session.before.may_advance_to(&session.after) {
-        return Err("registers go backwards".into());
+        return Err(SessionMismatch::Backwards);
     }
     Ok(())
 }

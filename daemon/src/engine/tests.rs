@@ -206,8 +206,9 @@ fn a_session_that_cannot_unseal_applies_nothing() {
     let before = f.engine.vpsd(1).unwrap().clone();
     // Corrupt the sealed key in place, as a damaged record would.
     let vpsd = f.engine.vpsds.get_mut(&1).unwrap();
-    let sealed = vpsd.keys[0].sealed.as_mut().unwrap();
-    sealed.0[30] ^= 0x01;
+    let mut keys = vpsd.keys.to_vec();
+    keys[0].sealed.as_mut().unwrap().0[30] ^= 0x01;
+    vpsd.keys = keys.into();
     let prepared =
         f.engine
             .prepare_session(NOW, 1, &[job(1, vec![item(100)]), job(2, vec![item(100)])]);
@@ -220,7 +221,7 @@ fn a_session_that_cannot_unseal_applies_nothing() {
     }
     assert_eq!(f.engine.vpsd(1).unwrap().registers, before.registers);
     assert_eq!(f.engine.vpsd(1).unwrap().version, before.version);
-    assert!(f.engine.window().get(CLIENT, 1).is_none());
+    assert!(f.engine.window().get(CLIENT, 1, 1).is_none());
 }
 
 #[test]
@@ -443,6 +444,52 @@ fn lock_unlock_withdraw_and_rotate() {
     );
 }
 
+/// Keys per vPSD are bounded: a rotation past `keys_per_vpsd_max` is refused with a typed
+/// error before anything changes (it used to add keys until a checkpoint could not encode
+/// them and the process aborted on every start).
+#[test]
+fn a_rotation_past_the_key_limit_is_refused_and_changes_nothing() {
+    let mut f = Fixture::new(EngineConfig {
+        keys_per_vpsd_max: 4,
+        ..EngineConfig::default()
+    });
+    f.provision(1, Algorithm::Ed25519);
+    for _ in 0..3 {
+        let record = f.engine.prepare_rotate_key(NOW, 1).unwrap();
+        f.engine.commit(record);
+    }
+    let before = f.engine.vpsd(1).unwrap().clone();
+    assert_eq!(before.keys.len(), 4);
+    let err = f.engine.prepare_rotate_key(NOW, 1).unwrap_err();
+    assert_eq!(
+        err,
+        EngineError::KeyLimit {
+            vpsd_id: 1,
+            keys_max: 4
+        }
+    );
+    assert_eq!(err.code(), ErrorCode::InvalidArgument);
+    assert!(err.to_string().contains("keys_per_vpsd_max"), "{err}");
+    assert_eq!(f.engine.vpsd(1).unwrap(), &before);
+}
+
+/// A session's successor state shares the vPSD's keys instead of copying them, so its cost
+/// does not grow with the number of old keys.
+#[test]
+fn a_session_shares_the_keys_of_its_vpsd() {
+    let mut f = funded(Algorithm::Ed25519, 10_000);
+    for _ in 0..50 {
+        let record = f.engine.prepare_rotate_key(NOW, 1).unwrap();
+        f.engine.commit(record);
+    }
+    let prepared = f.engine.prepare_session(NOW, 1, &[job(1, vec![item(100)])]);
+    let record = Record::Session(prepared.record.unwrap());
+    let next = f.engine.successor(&record).unwrap();
+    let vpsd = f.engine.vpsd(1).unwrap();
+    assert_eq!(next.keys.len(), 51);
+    assert!(std::sync::Arc::ptr_eq(&next.keys, &vpsd.keys));
+}
+
 #[test]
 fn verify_tells_forgeries_and_unissued_pieces() {
     let mut f = funded(Algorithm::Ed25519, 1_000);
@@ -481,10 +528,10 @@ fn records_apply_only_in_order() {
     let before = f.engine.vpsd(1).unwrap().clone();
     assert!(matches!(
         f.engine.apply(&Record::Session(session)),
-        Err(ApplyError::Mismatch { .. })
+        Err(ApplyError::Session { .. })
     ));
     assert_eq!(f.engine.vpsd(1).unwrap(), &before);
-    assert!(f.engine.window().get(CLIENT, 2).is_none());
+    assert!(f.engine.window().get(CLIENT, 1, 2).is_none());
 }
 
 #[test]

@@ -1,5 +1,7 @@
 //! The state of one virtual PSD.
 
+use std::sync::Arc;
+
 use indicia_proto::{Algorithm, LockReason, VpsdState, VpsdStatus, Zip};
 
 use super::keys::{PublicKey, SealedKey};
@@ -31,14 +33,26 @@ pub struct Vpsd {
     pub owner: String,
     pub algorithm: Algorithm,
     pub origin_zip: Zip,
-    /// Every key generation, oldest first; the last is current.
-    pub keys: Vec<KeyEntry>,
+    /// Every key generation, oldest first; the last is current. Shared between a vPSD and
+    /// its successors until a rotation or a withdrawal changes them, so that a session,
+    /// which copies the vPSD, costs the same however many old keys it has.
+    pub keys: Arc<[KeyEntry]>,
     pub registers: Registers,
     pub state: StoredState,
     pub last_contact_unix: u64,
     pub provider_sequence: u64,
     /// Freshness counter: the number of records applied to this vPSD.
     pub version: u64,
+}
+
+impl KeyEntry {
+    /// This key as an older generation: its public key only.
+    pub fn retired(&self) -> Self {
+        Self {
+            sealed: None,
+            ..self.clone()
+        }
+    }
 }
 
 impl Vpsd {

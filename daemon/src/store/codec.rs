@@ -138,11 +138,7 @@ impl Encoder {
             match outcome {
                 ItemOutcome::Signed(indicium) => {
                     self.u8(0);
-                    self.bytes16(
-                        "indicium",
-                        indicium.to_bytes().as_ref(),
-                        INDICIUM_BYTES_MAX,
-                    )?;
+                    self.bytes16("indicium", indicium.to_bytes().as_ref(), INDICIUM_BYTES_MAX)?;
                 }
                 ItemOutcome::Failed(code) => {
                     self.u8(1);
@@ -603,6 +599,50 @@ mod tests {
     use super::*;
 
     // (the whole codec is exercised by the journal tests and the fuzz targets)
+
+    #[test]
+    fn a_checkpoint_with_more_keys_than_the_encoding_holds_is_a_typed_error() {
+        use crate::engine::{MasterKey, PublicKey};
+        let master = MasterKey::new(&[1; 32]).unwrap();
+        let binding = crate::engine::KeyBinding {
+            vpsd_id: 1,
+            key_serial: 1,
+            sealed_version: 1,
+        };
+        let (sealed, public): (SealedKey, PublicKey) =
+            master.generate(Algorithm::Ed25519, binding).unwrap();
+        let key = KeyEntry {
+            serial: 1,
+            sealed_version: 1,
+            public,
+            sealed: Some(sealed),
+        };
+        let vpsd = Vpsd {
+            id: 1,
+            owner: "o".into(),
+            algorithm: Algorithm::Ed25519,
+            origin_zip: Zip::new(20260, None).unwrap(),
+            keys: vec![key; KEYS_MAX + 1].into(),
+            registers: Registers::default(),
+            state: StoredState::Active,
+            last_contact_unix: 0,
+            provider_sequence: 0,
+            version: 1,
+        };
+        let checkpoint = Checkpoint {
+            vpsds: vec![vpsd],
+            ..Checkpoint::default()
+        };
+        let mut out = Encoder::default();
+        assert_eq!(
+            encode_checkpoint(&checkpoint, &mut out),
+            Err(CodecError::TooMany {
+                field: "vpsd.keys",
+                count: KEYS_MAX + 1,
+                max: KEYS_MAX
+            })
+        );
+    }
 
     #[test]
     fn an_encoder_refuses_what_the_decoder_would_refuse() {
