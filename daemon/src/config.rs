@@ -235,6 +235,13 @@ impl Config {
                     .into(),
             );
         }
+        if !(1..=crate::engine::KEYS_PER_VPSD_LIMIT).contains(&engine.keys_per_vpsd_max) {
+            return invalid(format!(
+                "engine.keys_per_vpsd_max = {} is outside 1..={}",
+                engine.keys_per_vpsd_max,
+                crate::engine::KEYS_PER_VPSD_LIMIT
+            ));
+        }
         if self.journal.segment_bytes < (64 << 10) || self.journal.segment_bytes > (1 << 34) {
             return invalid(format!(
                 "journal.segment_bytes = {} is outside 64 KiB..=16 GiB",

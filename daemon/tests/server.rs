@@ -193,6 +193,62 @@ fn a_request_id_sent_twice_is_charged_once_also_across_a_reconnect() {
     assert_eq!(reconnected.status(7).unwrap(), status);
 }
 
+/// The idempotency key is (client, vPSD, request id), whatever shard holds the vPSD: the
+/// same request id for vPSDs on the same shard and on the other shard is each a request of
+/// its own (signed and charged once, a retry answered the same), and for the same vPSD with
+/// other content it is `request-id-reused`. (It used to depend on the shard: on the first
+/// vPSD's shard the id was taken, on the other it was not.)
+#[test]
+fn a_request_id_is_keyed_per_vpsd_on_every_shard_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    let shard = |vpsd_id: u64| indiciad::server::shard_of(vpsd_id, 2);
+    let first: u64 = 100;
+    let same_shard = (first + 1..).find(|id| shard(*id) == shard(first)).unwrap();
+    let other_shard = (first + 1..).find(|id| shard(*id) != shard(first)).unwrap();
+    for vpsd_id in [first, same_shard, other_shard] {
+        daemon.provision_funded(vpsd_id, Algorithm::EcdsaP256, 10_000);
+    }
+    let mut client = daemon.admin();
+    let id = client.next_request_id();
+    let sign = |vpsd_id: u64, postage: u64| Request::Sign {
+        vpsd_id,
+        item: item(postage),
+    };
+    let mut answers = Vec::new();
+    for (vpsd_id, postage) in [(first, 500), (same_shard, 600), (other_shard, 700)] {
+        let answer = client.call_with_id(id, &sign(vpsd_id, postage)).unwrap();
+        let Response::Signed { indicium } = &answer else {
+            panic!("vPSD {vpsd_id} (shard {}): {answer:?}", shard(vpsd_id));
+        };
+        assert_eq!(indicium.payload.vpsd_id, vpsd_id);
+        answers.push((vpsd_id, postage, answer));
+    }
+    // Retries, on a new connection: the same answers, charged once.
+    let mut again = daemon.admin();
+    for (vpsd_id, postage, answer) in &answers {
+        assert_eq!(
+            &again.call_with_id(id, &sign(*vpsd_id, *postage)).unwrap(),
+            answer
+        );
+        let status = again.status(*vpsd_id).unwrap();
+        assert_eq!(
+            (status.ascending_mills, status.piece_count),
+            (*postage, 1),
+            "vPSD {vpsd_id} charged once"
+        );
+        // The same vPSD and id with other content: refused, nothing charged.
+        match again
+            .call_with_id(id, &sign(*vpsd_id, postage + 1))
+            .unwrap()
+        {
+            Response::Error(body) => assert_eq!(body.code, ErrorCode::RequestIdReused),
+            response => panic!("{response:?}"),
+        }
+        assert_eq!(again.status(*vpsd_id).unwrap(), status);
+    }
+}
+
 /// Reads frames until the appliance closes the connection.
 fn answers_until_closed(stream: &mut TcpStream) -> Vec<(u64, Response)> {
     stream
