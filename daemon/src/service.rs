@@ -113,7 +113,8 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
             let report = audit_report(config, master_key.as_deref())?;
             let reconciliation = match &ledger {
                 Some(path) => {
-                    let lines = crate::store::ledger::read_ledger(path).map_err(|err| err.to_string())?;
+                    let lines =
+                        crate::store::ledger::read_ledger(path).map_err(|err| err.to_string())?;
                     Some(crate::store::ledger::reconcile(&report.ledger(), &lines))
                 }
                 None => None,

@@ -6,8 +6,8 @@
 mod common;
 
 use common::{open, Workload, MASTER, NOW};
-use indiciad::store::{audit::audit_shard, ledger::LedgerKind};
 use indiciad::engine::{EngineConfig, Record};
+use indiciad::store::{audit::audit_shard, ledger::LedgerKind};
 
 /// Commits `records` workload records; returns (records, indicia, money movements).
 fn fill(

@@ -293,7 +293,9 @@ fn a_failed_flush_poisons_the_journal() {
     ));
     assert!(matches!(
         store.flush(),
-        Err(indiciad::store::StoreError::Journal(indiciad::journal::JournalError::Poisoned))
+        Err(indiciad::store::StoreError::Journal(
+            indiciad::journal::JournalError::Poisoned
+        ))
     ));
 }
 

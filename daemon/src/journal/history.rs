@@ -46,14 +46,24 @@ pub enum DamageKind {
     /// Checksums hold, the chain MAC does not: altered, or written under another key.
     Mac,
     /// Bytes that are no readable record.
-    Unreadable { bytes: usize },
-    SegmentMissing { segment: u64 },
+    Unreadable {
+        bytes: usize,
+    },
+    SegmentMissing {
+        segment: u64,
+    },
     SegmentHeaderUnreadable,
-    SegmentHeaderIndex { found: u64 },
+    SegmentHeaderIndex {
+        found: u64,
+    },
     /// A good record whose sequence number was seen already.
-    OutOfOrder { after: u64 },
+    OutOfOrder {
+        after: u64,
+    },
     /// Sequence numbers skipped before a good record.
-    Lost { count: u64 },
+    Lost {
+        count: u64,
+    },
     /// A good record whose previous chain value is not the last good record's.
     ChainBreak,
     /// Records known to be durable are damaged or gone at the end.
@@ -63,11 +73,16 @@ pub enum DamageKind {
         lost: u64,
     },
     /// Records after a clean close.
-    AfterClose { count: u64, closed_at: u64 },
+    AfterClose {
+        count: u64,
+        closed_at: u64,
+    },
     /// The last record is not the one the clean close recorded.
     CloseMismatch,
     /// The first segments were removed and the oldest left has no checkpoint.
-    GoneBefore { first: u64 },
+    GoneBefore {
+        first: u64,
+    },
 }
 
 impl std::fmt::Display for DamageKind {
@@ -96,7 +111,10 @@ impl std::fmt::Display for DamageKind {
                 "{count} record(s) after the clean close at seq {closed_at}"
             ),
             Self::CloseMismatch => {
-                write!(f, "the last record is not the one the journal was closed with")
+                write!(
+                    f,
+                    "the last record is not the one the journal was closed with"
+                )
             }
             Self::GoneBefore { first } => write!(
                 f,
@@ -339,9 +357,7 @@ impl<'a, V: Visitor> Walk<'a, V> {
                 Pending::SegmentMissing { segment } => {
                     self.finding(segment, 0, None, 0, DamageKind::SegmentMissing { segment })
                 }
-                Pending::SegmentHeader { segment, kind } => {
-                    self.finding(segment, 0, None, 0, kind)
-                }
+                Pending::SegmentHeader { segment, kind } => self.finding(segment, 0, None, 0, kind),
             }
         }
         accounted
@@ -501,8 +517,7 @@ impl<'a, V: Visitor> Walk<'a, V> {
     }
 
     fn last_chain(&self) -> [u8; CHAIN_BYTES] {
-        self.last_good
-            .map_or(self.key.genesis(), |last| last.chain)
+        self.last_good.map_or(self.key.genesis(), |last| last.chain)
     }
 
     /// Records that fail the MAC, among what is pending.
@@ -760,13 +775,7 @@ pub fn inspect(
     if *first != 1 {
         let segment = Segment::open_read_only(first_path, *first)?;
         if !starts_with_checkpoint(&segment, key, walk.visitor) {
-            walk.finding(
-                *first,
-                0,
-                None,
-                0,
-                DamageKind::GoneBefore { first: *first },
-            );
+            walk.finding(*first, 0, None, 0, DamageKind::GoneBefore { first: *first });
         }
     }
     let until = read_to.map_or(u64::MAX, |sequence| sequence.max(1));

@@ -121,7 +121,11 @@ pub(super) fn open(dir: &Path, durable: u64, was_closed: bool) -> Result<(), Jou
 }
 
 /// The journal is closed cleanly at `durable` with the last chain value `chain`.
-pub(super) fn close(dir: &Path, durable: u64, chain: &[u8; CHAIN_BYTES]) -> Result<(), JournalError> {
+pub(super) fn close(
+    dir: &Path,
+    durable: u64,
+    chain: &[u8; CHAIN_BYTES],
+) -> Result<(), JournalError> {
     write(
         dir,
         CLOSED_FILE,

@@ -163,8 +163,9 @@ pub fn audit_shard_with(
         }),
         // Without it, the markers say what is known: a clean close, or how far the
         // journal was durable when the running appliance opened it.
-        None => journal::read_expected(dir)
-            .map_err(|source| AuditError::Journal { shard, source })?,
+        None => {
+            journal::read_expected(dir).map_err(|source| AuditError::Journal { shard, source })?
+        }
     };
     let master = MasterKey::new(master_key)?;
     // The replay never signs nor checks provider signatures: no provider key is needed.
@@ -334,4 +335,3 @@ pub fn audit_data_dir(
     }
     Ok(AuditReport { shards })
 }
-

@@ -31,13 +31,9 @@ pub fn decodes(data: &[u8]) -> bool {
     if header.kind == kind::CHECKPOINT {
         return decode_checkpoint(payload).is_ok();
     }
-    decode_record(
-        header.kind,
-        header.subject,
-        header.at_unix,
-        payload,
-        |_| Some(indicia_proto::Algorithm::Ed25519),
-    )
+    decode_record(header.kind, header.subject, header.at_unix, payload, |_| {
+        Some(indicia_proto::Algorithm::Ed25519)
+    })
     .is_ok()
         || checkpoint
 }

@@ -173,7 +173,10 @@ impl LedgerLine {
         if self.kind != other.kind {
             differ.push("kind");
         }
-        let columns = LEDGER_COLUMNS.iter().copied().filter(|name| *name != "kind");
+        let columns = LEDGER_COLUMNS
+            .iter()
+            .copied()
+            .filter(|name| *name != "kind");
         for ((name, a), b) in columns.zip(self.numbers()).zip(other.numbers()) {
             if a != b {
                 differ.push(name);

@@ -160,7 +160,9 @@ impl<'e> Replay<'e> {
         };
         // A later checkpoint must agree with the replay up to it (unless damage already
         // made them differ); the start checkpoint is the state itself.
-        if !record.start && self.report.findings.is_empty() && checkpoint != self.engine.checkpoint()
+        if !record.start
+            && self.report.findings.is_empty()
+            && checkpoint != self.engine.checkpoint()
         {
             self.finding(
                 record.segment,
@@ -187,18 +189,19 @@ impl<'e> Replay<'e> {
             self.checkpoint(&record);
             return None;
         }
-        let (segment, offset, sequence, vpsd_id) =
-            (record.segment, record.offset, header.sequence, header.subject);
+        let (segment, offset, sequence, vpsd_id) = (
+            record.segment,
+            record.offset,
+            header.sequence,
+            header.subject,
+        );
         if self.report.locked.contains_key(&vpsd_id) {
             return None;
         }
-        let decoded = codec::decode_record(
-            header.kind,
-            vpsd_id,
-            header.at_unix,
-            record.payload,
-            |id| self.engine.vpsd(id).map(|vpsd| vpsd.algorithm),
-        );
+        let decoded =
+            codec::decode_record(header.kind, vpsd_id, header.at_unix, record.payload, |id| {
+                self.engine.vpsd(id).map(|vpsd| vpsd.algorithm)
+            });
         let decoded = match decoded {
             Ok(decoded) => decoded,
             Err(err) => {
