@@ -199,7 +199,7 @@ fn recovery_after_a_crash_keeps_every_flushed_record_and_a_prefix_of_the_rest() 
 }
 
 /// (vPSD, version) -> registers, for every state a vPSD ever had.
-fn history(snapshots: &[Checkpoint]) -> HashMap<(u64, u64), Registers> {
+fn history(snapshots: &[common::State]) -> HashMap<(u64, u64), Registers> {
     let mut out = HashMap::new();
     for snapshot in snapshots {
         for vpsd in &snapshot.vpsds {

@@ -9,8 +9,11 @@
 //! Only requests that changed something are remembered (a sign or batch with at least one
 //! indicium, a refill or contact); a request refused as a whole charged nothing and is
 //! simply evaluated again. The window is bounded by the number of remembered indicia (a
-//! refill counts as one) and forgets the oldest generation first. It is rebuilt from the journal at
-//! recovery, because entries are only ever added by [`Engine::apply`](super::Engine::apply).
+//! refill counts as one) and forgets the oldest generation first. Generations close only
+//! between records ([`IdempotencyWindow::end_record`]), so the window is a function of the
+//! records since its previous generation began: recovery rebuilds it by entering the
+//! answers of those records again, in order, from an empty window (checkpoints do not
+//! carry it; docs/JOURNAL.md).
 //!
 //! Two rules for whoever answers from it (the server):
 //! - An entry exists as soon as its record is *applied*, which is before it is durable. A
@@ -56,8 +59,8 @@ impl Remembered {
 type Key = (ClientTag, u64, u64);
 
 /// Two generations of remembered answers. New answers go into the current generation;
-/// when it holds half the bound, it becomes the previous one and the old previous one is
-/// forgotten whole. So the window always remembers at least the last half of its bound,
+/// at the end of a record that brought it to half the bound or more, it becomes the
+/// previous one and the old previous one is forgotten whole. So the window always remembers at least the last half of its bound,
 /// never more than the bound, and never deletes single entries: a hash map that loses one
 /// entry per insert fills with tombstones and its lookups of absent keys slow down to a
 /// crawl (measured: it made the window the top entry of the journal benchmark's profile).
@@ -67,6 +70,10 @@ pub struct IdempotencyWindow {
     current_weight: usize,
     previous: HashMap<Key, Remembered>,
     generation_weight_max: usize,
+    /// Generations closed so far.
+    generations: u64,
+    /// Answers entered so far (a key already present is not entered again).
+    entered: u64,
 }
 
 /// The window's contents, each generation sorted by key (for checkpoints).
@@ -93,7 +100,24 @@ impl IdempotencyWindow {
             current_weight: 0,
             previous: HashMap::new(),
             generation_weight_max: (weight_max / 2).max(1),
+            generations: 0,
+            entered: 0,
         }
+    }
+
+    /// How many answers were entered so far.
+    pub fn entered(&self) -> u64 {
+        self.entered
+    }
+
+    /// How many generations have closed so far.
+    pub fn generations(&self) -> u64 {
+        self.generations
+    }
+
+    /// Whether the current generation holds nothing.
+    pub fn current_is_empty(&self) -> bool {
+        self.current.is_empty()
     }
 
     pub fn get(&self, client: ClientTag, vpsd_id: u64, request_id: u64) -> Option<&Remembered> {
@@ -123,23 +147,6 @@ impl IdempotencyWindow {
         }
     }
 
-    /// Rebuilds a window from a snapshot, generations as they were.
-    pub fn restore(weight_max: usize, snapshot: WindowSnapshot) -> Self {
-        let mut window = Self::new(weight_max);
-        for (client, request_id, remembered) in snapshot.previous {
-            window
-                .previous
-                .insert((client, remembered.vpsd_id, request_id), remembered);
-        }
-        for (client, request_id, remembered) in snapshot.current {
-            window.current_weight += remembered.weight();
-            window
-                .current
-                .insert((client, remembered.vpsd_id, request_id), remembered);
-        }
-        window
-    }
-
     pub fn len(&self) -> usize {
         self.current.len() + self.previous.len()
     }
@@ -149,7 +156,8 @@ impl IdempotencyWindow {
     }
 
     /// Remembers an answer (for `remembered.vpsd_id`). A key already present keeps its
-    /// first answer (a retry never replaces what was charged).
+    /// first answer (a retry never replaces what was charged). Call
+    /// [`IdempotencyWindow::end_record`] after the last answer of a record.
     pub fn insert(&mut self, client: ClientTag, request_id: u64, remembered: Remembered) {
         let key = (client, remembered.vpsd_id, request_id);
         if self.previous.contains_key(&key) {
@@ -163,9 +171,16 @@ impl IdempotencyWindow {
             }
         }
         self.current_weight += weight;
+        self.entered += 1;
+    }
+
+    /// The answers of one record are in: the current generation closes if it holds half
+    /// the bound or more (so it may pass half the bound by one record's answers).
+    pub fn end_record(&mut self) {
         if self.current_weight >= self.generation_weight_max {
             self.previous = std::mem::take(&mut self.current);
             self.current_weight = 0;
+            self.generations += 1;
         }
     }
 }
@@ -183,24 +198,45 @@ mod tests {
         }
     }
 
+    /// One record with one answer.
+    fn record(window: &mut IdempotencyWindow, request_id: u64, remembered: Remembered) {
+        window.insert(ClientTag(9), request_id, remembered);
+        window.end_record();
+    }
+
     #[test]
     fn forgets_whole_old_generations_and_keeps_at_least_half() {
         // Generations of weight 4 (a bound of 8).
         let mut window = IdempotencyWindow::new(8);
         let client = ClientTag(9);
-        window.insert(client, 1, items(2));
-        window.insert(client, 2, items(2)); // generation full: becomes the previous one
-        window.insert(client, 3, items(2));
+        record(&mut window, 1, items(2));
+        record(&mut window, 2, items(2)); // generation full: becomes the previous one
+        record(&mut window, 3, items(2));
         assert!(window.get(client, 1, 1).is_some() && window.get(client, 1, 3).is_some());
-        window.insert(client, 4, items(2)); // second generation full: the first is forgotten
+        record(&mut window, 4, items(2)); // second generation full: the first is forgotten
         assert!(window.get(client, 1, 1).is_none(), "oldest forgotten");
         assert!(window.get(client, 1, 2).is_none());
         assert!(window.get(client, 1, 3).is_some() && window.get(client, 1, 4).is_some());
-        window.insert(client, 5, items(1));
+        record(&mut window, 5, items(1));
         assert_eq!(window.len(), 3);
-        let restored = IdempotencyWindow::restore(8, window.snapshot());
-        assert_eq!(restored.snapshot(), window.snapshot());
-        assert_eq!(restored.current_weight, window.current_weight);
+        assert_eq!(window.generations(), 2);
+    }
+
+    #[test]
+    fn generations_close_between_records_only() {
+        let mut window = IdempotencyWindow::new(4);
+        for request_id in 0..5 {
+            window.insert(ClientTag(9), request_id, items(1));
+        }
+        assert_eq!(
+            window.generations(),
+            0,
+            "one record's answers stay together"
+        );
+        window.end_record();
+        assert_eq!(window.generations(), 1);
+        assert!(window.current_is_empty());
+        assert_eq!(window.len(), 5);
     }
 
     #[test]
@@ -223,7 +259,5 @@ mod tests {
         assert_eq!(window.get(ClientTag(1), 1, 7), Some(&items(1)));
         assert_eq!(window.get(ClientTag(1), 2, 7), Some(&other));
         assert_eq!(window.of_vpsd(2), vec![(ClientTag(1), 7, other)]);
-        let restored = IdempotencyWindow::restore(100, window.snapshot());
-        assert_eq!(restored.snapshot(), window.snapshot());
     }
 }

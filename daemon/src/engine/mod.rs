@@ -92,7 +92,8 @@ pub struct Prepared {
     pub record: Option<Record>,
 }
 
-/// The whole state of a shard, as a checkpoint record holds it.
+/// The state of a shard's vPSDs, as a checkpoint record holds it. The idempotency window is
+/// not in it: recovery rebuilds it from the records it remembers (see [`Engine::remember`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Checkpoint {
     /// Every vPSD, ordered by id.
@@ -102,8 +103,6 @@ pub struct Checkpoint {
     /// Set when journal damage lost records that no vPSD accounts for: any id may have been
     /// lost, so no new vPSD may be provisioned on this shard until the damage is resolved.
     pub provisioning_blocked: Option<String>,
-    /// The idempotency window, by generation.
-    pub window: WindowSnapshot,
 }
 
 /// One shard's state.
@@ -150,11 +149,11 @@ impl Engine {
             vpsds,
             quarantine,
             provisioning_blocked: self.provisioning_blocked.clone(),
-            window: self.window.snapshot(),
         }
     }
 
-    /// Replaces the whole state with a checkpoint's (at recovery).
+    /// Replaces the state of the vPSDs with a checkpoint's (at recovery). The idempotency
+    /// window stays as it is: recovery rebuilds it with [`Engine::remember`].
     pub fn restore(&mut self, checkpoint: Checkpoint) {
         self.vpsds = checkpoint
             .vpsds
@@ -163,8 +162,6 @@ impl Engine {
             .collect();
         self.quarantine = checkpoint.quarantine.into_iter().collect();
         self.provisioning_blocked = checkpoint.provisioning_blocked;
-        self.window =
-            IdempotencyWindow::restore(self.config.idempotency_indicia_max, checkpoint.window);
     }
 
     /// Locks a vPSD whose history does not reconcile (found by recovery or the audit); an
@@ -694,6 +691,14 @@ impl Engine {
     /// Installs a successor computed by [`Engine::successor`] for `record`, and remembers
     /// the answers the record carries in the idempotency window.
     pub fn install(&mut self, record: &Record, next: Vpsd) {
+        self.remember(record);
+        self.vpsds.insert(record.vpsd_id(), next);
+    }
+
+    /// Enters the answers a record carries (a session's signed requests, an applied
+    /// provider authorization) into the idempotency window, and nothing else. Recovery
+    /// rebuilds the window this way from the records before its start checkpoint.
+    pub fn remember(&mut self, record: &Record) {
         let vpsd_id = record.vpsd_id();
         match record {
             Record::Session(session) => {
@@ -727,7 +732,7 @@ impl Engine {
             ),
             _ => {}
         }
-        self.vpsds.insert(vpsd_id, next);
+        self.window.end_record();
     }
 
     /// Prepares and applies in one step, for callers without a journal (tests, benches).

@@ -32,9 +32,12 @@ pub struct GoodRecord<'a> {
     pub offset: usize,
     pub header: RecordHeader,
     pub payload: &'a [u8],
-    /// The checkpoint the read starts from (the first record of the first segment read):
-    /// the state itself, not a record to compare with the state.
+    /// The checkpoint recovery starts from: the state itself, not a record to compare
+    /// with the state.
     pub start: bool,
+    /// A record before that checkpoint, read because the visitor asked for the records
+    /// from an earlier sequence on ([`Visitor::accepts_checkpoint`]).
+    pub before_start: bool,
 }
 
 /// What is wrong with the journal at one place.
@@ -143,9 +146,12 @@ pub struct Damage {
 
 /// Whoever gives the records their meaning.
 pub trait Visitor {
-    /// Whether a checkpoint's payload can be a starting state. Recovery starts from the
-    /// newest segment whose first record is a checkpoint that is authentic and accepted.
-    fn accepts_checkpoint(&mut self, payload: &[u8]) -> bool;
+    /// Whether a checkpoint's payload can be a starting state: None if not; otherwise the
+    /// sequence from which the visitor also needs the records before the checkpoint (0:
+    /// none). Recovery starts from the newest segment whose first record is a checkpoint
+    /// that is authentic and accepted, and reads from the segment that holds that earlier
+    /// sequence.
+    fn accepts_checkpoint(&mut self, payload: &[u8]) -> Option<u64>;
     /// A good record, in sequence order.
     fn record(&mut self, record: GoodRecord<'_>);
     /// Damage within history, in the order it was confirmed.
@@ -273,6 +279,9 @@ struct Walk<'a, V: Visitor> {
     expected_index: u64,
     /// Per segment read: how far anything was written (what a tail cut zeroes).
     extents: Vec<usize>,
+    /// The segment whose first record is the checkpoint the state starts from (recovery;
+    /// the audit starts from nothing and has none).
+    state_start: Option<u64>,
     report: ReadReport,
 }
 
@@ -286,6 +295,7 @@ impl<'a, V: Visitor> Walk<'a, V> {
             pending: Vec::new(),
             expected_index: first_index,
             extents: Vec::new(),
+            state_start: None,
             report: ReadReport::default(),
         }
     }
@@ -457,7 +467,11 @@ impl<'a, V: Visitor> Walk<'a, V> {
         let damaged_before = !self.pending.is_empty();
         let confirmed = self.confirm_pending();
         self.accounted = self.accounted.max(confirmed);
-        let start = position == 0 && offset == SEGMENT_HEADER_BYTES && header.kind == CHECKPOINT;
+        let first = offset == SEGMENT_HEADER_BYTES && header.kind == CHECKPOINT;
+        // The first record read anchors the sequence: nothing before it is missing.
+        let anchor = position == 0 && first;
+        let start = first && self.state_start == Some(index);
+        let before_start = self.state_start.is_some_and(|start| index < start);
         if sequence <= self.accounted {
             let after = self.accounted;
             self.finding(
@@ -476,7 +490,7 @@ impl<'a, V: Visitor> Walk<'a, V> {
             return;
         }
         let missing = match self.last_good {
-            None if start || sequence == 1 => 0,
+            None if anchor || sequence == 1 => 0,
             // accounted < sequence here (checked above).
             _ => sequence - self.accounted - 1,
         };
@@ -502,6 +516,7 @@ impl<'a, V: Visitor> Walk<'a, V> {
             header,
             payload,
             start,
+            before_start,
         });
         self.accounted = sequence;
         self.last_good = Some(LastGood {
@@ -592,11 +607,13 @@ impl<'a, V: Visitor> Walk<'a, V> {
 }
 
 /// Whether a segment begins with an authentic checkpoint matching its header that the
-/// visitor accepts.
-fn starts_with_checkpoint(segment: &Segment, key: &ChainKey, visitor: &mut impl Visitor) -> bool {
-    let Some(header) = segment.header else {
-        return false;
-    };
+/// visitor accepts, and from which sequence on the visitor needs the records before it.
+fn starts_with_checkpoint(
+    segment: &Segment,
+    key: &ChainKey,
+    visitor: &mut impl Visitor,
+) -> Option<u64> {
+    let header = segment.header?;
     match scan(segment.bytes(), SEGMENT_HEADER_BYTES, key, 1, u64::MAX)
         .0
         .first()
@@ -606,13 +623,13 @@ fn starts_with_checkpoint(segment: &Segment, key: &ChainKey, visitor: &mut impl 
             prev_chain,
             payload,
             ..
-        }) => {
-            record.kind == CHECKPOINT
-                && record.sequence == header.first_sequence
-                && *prev_chain == header.prev_chain
-                && visitor.accepts_checkpoint(&segment.bytes()[payload.clone()])
+        }) if record.kind == CHECKPOINT
+            && record.sequence == header.first_sequence
+            && *prev_chain == header.prev_chain =>
+        {
+            visitor.accepts_checkpoint(&segment.bytes()[payload.clone()])
         }
-        _ => false,
+        _ => None,
     }
 }
 
@@ -637,8 +654,11 @@ pub(super) fn recover(
             report: ReadReport::default(),
         });
     }
-    // The newest segment that starts with an accepted checkpoint.
+    // The newest segment that starts with an accepted checkpoint, and what the visitor
+    // needs before it.
     let mut start = 0;
+    let mut needed_from = 0;
+    let mut state_start = None;
     for position in (0..files.len()).rev() {
         let (index, path) = &files[position];
         let segment = Segment::open(path, *index)?;
@@ -650,14 +670,29 @@ pub(super) fn recover(
                 });
             }
         }
-        if starts_with_checkpoint(&segment, key, visitor) {
+        if let Some(from) = starts_with_checkpoint(&segment, key, visitor) {
             start = position;
+            needed_from = from;
+            state_start = Some(*index);
             break;
         }
     }
-    let mut walk = Walk::new(key, visitor, files[start].0);
+    // Back to the newest segment that begins at or before what the visitor needs.
+    let mut first = start;
+    while needed_from > 0 && first > 0 {
+        let (index, path) = &files[first];
+        let begins = Segment::open(path, *index)?
+            .header
+            .map_or(u64::MAX, |header| header.first_sequence);
+        if begins <= needed_from {
+            break;
+        }
+        first -= 1;
+    }
+    let mut walk = Walk::new(key, visitor, files[first].0);
+    walk.state_start = state_start;
     let mut segments = Vec::new();
-    for (position, (index, path)) in files.iter().skip(start).enumerate() {
+    for (position, (index, path)) in files.iter().skip(first).enumerate() {
         let segment = Segment::open(path, *index)?;
         walk.read_segment(position, *index, &segment, u64::MAX);
         // What a crashed process wrote may still be only in the page cache: recovery builds
@@ -738,7 +773,7 @@ pub(super) fn recover(
     report.torn_tail = torn_tail;
     let next_index = kept
         .as_ref()
-        .map_or(files[start].0, |segment| segment.index + 1);
+        .map_or(files[first].0, |segment| segment.index + 1);
     let tail = kept
         .filter(|segment| segment.header.is_some())
         .map(|segment| Tail { segment, offset });
@@ -773,9 +808,11 @@ pub fn inspect(
     };
     let mut walk = Walk::new(key, visitor, *first);
     if *first != 1 {
+        // The oldest segment left starts the state (its checkpoint), or history is lost.
         let segment = Segment::open_read_only(first_path, *first)?;
-        if !starts_with_checkpoint(&segment, key, walk.visitor) {
-            walk.finding(*first, 0, None, 0, DamageKind::GoneBefore { first: *first });
+        match starts_with_checkpoint(&segment, key, walk.visitor) {
+            Some(_) => walk.state_start = Some(*first),
+            None => walk.finding(*first, 0, None, 0, DamageKind::GoneBefore { first: *first }),
         }
     }
     let until = read_to.map_or(u64::MAX, |sequence| sequence.max(1));

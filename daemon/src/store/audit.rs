@@ -80,7 +80,7 @@ struct Audit<'e> {
 }
 
 impl Visitor for Audit<'_> {
-    fn accepts_checkpoint(&mut self, payload: &[u8]) -> bool {
+    fn accepts_checkpoint(&mut self, payload: &[u8]) -> Option<u64> {
         self.replay.accepts_checkpoint(payload)
     }
 
@@ -188,7 +188,7 @@ pub fn audit_shard_with(
     } = audit;
     Ok(ShardAudit {
         shard,
-        report: replay.finish(read),
+        report: replay.finish(read).0,
         signatures_checked,
         ledger,
     })

@@ -15,7 +15,7 @@ use indicia_proto::{
 use crate::engine::keys::SEALED_KEY_BYTES;
 use crate::engine::{
     Checkpoint, ClientTag, ItemOutcome, JobRecord, KeyEntry, PublicKey, Record, Registers,
-    Remembered, RememberedAnswer, SealedKey, SessionRecord, StoredState, Vpsd, WindowSnapshot,
+    SealedKey, SessionRecord, StoredState, Vpsd,
 };
 
 /// What the record kinds (the header's kind byte) mean; 7 is the journal's checkpoint.
@@ -254,8 +254,23 @@ pub fn encode_record(record: &Record, out: &mut Encoder) -> Result<(), CodecErro
     Ok(())
 }
 
-/// Encodes a checkpoint, the whole state of a shard, into `out` (cleared first).
-pub fn encode_checkpoint(checkpoint: &Checkpoint, out: &mut Encoder) -> Result<(), CodecError> {
+/// A checkpoint record's payload: the state of the shard's vPSDs, and where the records
+/// whose answers the idempotency window holds begin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCheckpoint {
+    pub state: Checkpoint,
+    /// The sequence of the oldest record whose answers the window remembers (0: the window
+    /// is empty); recovery enters the answers of the records from there on again.
+    pub window_from: u64,
+}
+
+/// Encodes a checkpoint, the state of a shard's vPSDs and where its idempotency window
+/// begins, into `out` (cleared first).
+pub fn encode_checkpoint(
+    checkpoint: &Checkpoint,
+    window_from: u64,
+    out: &mut Encoder,
+) -> Result<(), CodecError> {
     out.bytes.clear();
     out.count32("checkpoint.vpsds", checkpoint.vpsds.len())?;
     for vpsd in &checkpoint.vpsds {
@@ -296,22 +311,7 @@ pub fn encode_checkpoint(checkpoint: &Checkpoint, out: &mut Encoder) -> Result<(
             .as_bytes(),
         REASON_BYTES_MAX,
     )?;
-    for generation in [&checkpoint.window.previous, &checkpoint.window.current] {
-        out.count32("window", generation.len())?;
-        for (client, request_id, remembered) in generation {
-            out.u64(client.0);
-            out.u64(*request_id);
-            out.u64(remembered.vpsd_id);
-            out.put(&remembered.fingerprint);
-            match &remembered.answer {
-                RememberedAnswer::Items(outcomes) => {
-                    out.u8(0);
-                    out.outcomes(outcomes)?;
-                }
-                RememberedAnswer::Provider => out.u8(1),
-            }
-        }
-    }
+    out.u64(window_from);
     Ok(())
 }
 
@@ -493,7 +493,7 @@ pub fn decode_record(
 }
 
 /// Decodes a checkpoint payload.
-pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
+pub fn decode_checkpoint(payload: &[u8]) -> Result<StoredCheckpoint, DecodeError> {
     // Capacities below are bounded by the bytes left, so a corrupt count cannot make a
     // large allocation.
     let mut r = Reader::new(payload);
@@ -551,47 +551,16 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<Checkpoint, DecodeError> {
     }
     let blocked = r.string16("provisioning_blocked", REASON_BYTES_MAX)?;
     let provisioning_blocked = (!blocked.is_empty()).then_some(blocked);
-    let previous = window_generation(&mut r)?;
-    let current = window_generation(&mut r)?;
+    let window_from = r.u64()?;
     r.finish()?;
-    Ok(Checkpoint {
-        vpsds,
-        quarantine,
-        provisioning_blocked,
-        window: WindowSnapshot { previous, current },
+    Ok(StoredCheckpoint {
+        state: Checkpoint {
+            vpsds,
+            quarantine,
+            provisioning_blocked,
+        },
+        window_from,
     })
-}
-
-fn window_generation(r: &mut Reader<'_>) -> Result<Vec<(ClientTag, u64, Remembered)>, DecodeError> {
-    let count = r.u32()? as usize;
-    let mut window = Vec::with_capacity(count.min(r.remaining() / 41));
-    for _ in 0..count {
-        let client = ClientTag(r.u64()?);
-        let request_id = r.u64()?;
-        let vpsd_id = r.u64()?;
-        let fingerprint = r.array()?;
-        let offset = r.position();
-        let answer = match r.u8()? {
-            0 => RememberedAnswer::Items(outcomes(r)?.into()),
-            1 => RememberedAnswer::Provider,
-            other => return Err(bad("window.answer", offset, u64::from(other))),
-        };
-        window.push((
-            client,
-            request_id,
-            Remembered {
-                vpsd_id,
-                fingerprint,
-                answer,
-            },
-        ));
-    }
-    Ok(window)
-}
-
-/// Whether a checkpoint payload decodes (recovery starts only from one that does).
-pub fn checkpoint_decodes(payload: &[u8]) -> bool {
-    decode_checkpoint(payload).is_ok()
 }
 
 #[cfg(test)]
@@ -635,7 +604,7 @@ mod tests {
         };
         let mut out = Encoder::default();
         assert_eq!(
-            encode_checkpoint(&checkpoint, &mut out),
+            encode_checkpoint(&checkpoint, 0, &mut out),
             Err(CodecError::TooMany {
                 field: "vpsd.keys",
                 count: KEYS_MAX + 1,

@@ -19,6 +19,7 @@ pub mod codec;
 pub mod fuzz;
 pub mod ledger;
 pub mod recovery;
+pub mod window;
 
 use std::path::Path;
 
@@ -51,6 +52,8 @@ pub struct Store {
     pub journal: Journal,
     /// The payload being encoded, reused from record to record.
     scratch: Encoder,
+    /// Where the idempotency window's records begin (written into every checkpoint).
+    window: window::WindowOrigin,
 }
 
 impl Store {
@@ -64,12 +67,13 @@ impl Store {
     ) -> Result<(Self, RecoveryReport), StoreError> {
         let mut replay = recovery::Replay::new(&mut engine);
         let (journal, read) = Journal::open(dir, shard, key, config, &mut replay)?;
-        let report = replay.finish(read);
+        let (report, window) = replay.finish(read);
         Ok((
             Self {
                 engine,
                 journal,
                 scratch: Encoder::default(),
+                window,
             },
             report,
         ))
@@ -93,14 +97,21 @@ impl Store {
         {
             Err(JournalError::SegmentFull { needed }) => {
                 let mut checkpoint = Encoder::default();
-                encode_checkpoint(&self.engine.checkpoint(), &mut checkpoint)?;
+                encode_checkpoint(
+                    &self.engine.checkpoint(),
+                    self.window.from(),
+                    &mut checkpoint,
+                )?;
                 self.journal.rotate(&checkpoint.bytes, now_unix, needed)?;
                 self.journal
                     .append(kind, subject, at_unix, &self.scratch.bytes)?
             }
             other => other?,
         };
+        let entered_before = self.engine.window().entered();
         self.engine.install(&record, next);
+        self.window
+            .note(sequence, entered_before, self.engine.window());
         Ok(sequence)
     }
 

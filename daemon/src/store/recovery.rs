@@ -16,6 +16,7 @@ use crate::engine::{ApplyError, Engine, Record};
 use crate::journal::{Damage, GoodRecord, ReadReport, TornTail, Visitor};
 
 use super::codec::{self, kind};
+use super::window::WindowOrigin;
 
 /// One thing recovery (or the audit) found wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,6 +88,15 @@ pub struct Replay<'e> {
     attributed: u64,
     /// An authentic checkpoint could not be read: any vPSD may be missing.
     state_lost: bool,
+    /// Where the idempotency window's records begin, as the replay goes.
+    window: WindowOrigin,
+    /// The start checkpoint needs the answers of the records from this sequence on.
+    window_needed_from: u64,
+    /// The first record read before the start checkpoint.
+    first_before_start: Option<u64>,
+    /// Whether the window holds every answer it held when the journal was written (false
+    /// when the records it needs are gone).
+    window_complete: bool,
 }
 
 impl<'e> Replay<'e> {
@@ -97,6 +107,10 @@ impl<'e> Replay<'e> {
             unattributed: 0,
             attributed: 0,
             state_lost: false,
+            window: WindowOrigin::default(),
+            window_needed_from: 0,
+            first_before_start: None,
+            window_complete: true,
         }
     }
 
@@ -143,7 +157,7 @@ impl<'e> Replay<'e> {
     /// Restores the start checkpoint, or checks a later one against the replayed state.
     fn checkpoint(&mut self, record: &GoodRecord<'_>) {
         let sequence = record.header.sequence;
-        let checkpoint = match codec::decode_checkpoint(record.payload) {
+        let stored = match codec::decode_checkpoint(record.payload) {
             Ok(checkpoint) => checkpoint,
             Err(err) => {
                 self.finding(
@@ -158,11 +172,35 @@ impl<'e> Replay<'e> {
                 return;
             }
         };
+        if record.start
+            && self.window_needed_from > 0
+            && self
+                .first_before_start
+                .is_none_or(|first| first > self.window_needed_from)
+        {
+            // The window cannot be rebuilt whole: retries of the requests whose answers
+            // are gone are not recognized (no register is in doubt).
+            self.window_complete = false;
+            self.finding(
+                record.segment,
+                record.offset,
+                Some(sequence),
+                None,
+                format!(
+                    "the idempotency window's records from seq {} are gone: retries of \
+                     requests answered before seq {} are not recognized",
+                    self.window_needed_from,
+                    self.first_before_start.unwrap_or(sequence)
+                ),
+            );
+        }
+        let checkpoint = stored.state;
         // A later checkpoint must agree with the replay up to it (unless damage already
         // made them differ); the start checkpoint is the state itself.
         if !record.start
             && self.report.findings.is_empty()
-            && checkpoint != self.engine.checkpoint()
+            && (checkpoint != self.engine.checkpoint()
+                || (self.window_complete && stored.window_from != self.window.from()))
         {
             self.finding(
                 record.segment,
@@ -182,9 +220,48 @@ impl<'e> Replay<'e> {
         }
     }
 
+    /// A record before the start checkpoint: its answers enter the idempotency window
+    /// (the state comes from the checkpoint).
+    fn remember(&mut self, record: &GoodRecord<'_>) {
+        let header = record.header;
+        self.first_before_start.get_or_insert(header.sequence);
+        // (Its segment may begin before the window does.)
+        if header.sequence < self.window_needed_from
+            || !matches!(header.kind, kind::SESSION | kind::PROVIDER)
+            || self.report.locked.contains_key(&header.subject)
+        {
+            return;
+        }
+        match codec::decode_record(
+            header.kind,
+            header.subject,
+            header.at_unix,
+            record.payload,
+            |_| None,
+        ) {
+            Ok(decoded) => {
+                let entered_before = self.engine.window().entered();
+                self.engine.remember(&decoded);
+                self.window
+                    .note(header.sequence, entered_before, self.engine.window());
+            }
+            Err(err) => self.problem(
+                record.segment,
+                record.offset,
+                header.sequence,
+                header.subject,
+                format!("record does not decode: {err}"),
+            ),
+        }
+    }
+
     /// Decodes and applies one good record. Returns it when it was applied.
     pub fn apply(&mut self, record: GoodRecord<'_>) -> Option<Applied> {
         let header = record.header;
+        if record.before_start {
+            self.remember(&record);
+            return None;
+        }
         if header.kind == kind::CHECKPOINT {
             self.checkpoint(&record);
             return None;
@@ -215,8 +292,11 @@ impl<'e> Replay<'e> {
                 return None;
             }
         };
+        let entered_before = self.engine.window().entered();
         match self.engine.apply(&decoded) {
             Ok(()) => {
+                self.window
+                    .note(sequence, entered_before, self.engine.window());
                 self.report.records_replayed += 1;
                 if let Record::Session(session) = &decoded {
                     self.report.indicia_replayed += session.indicia().count() as u64;
@@ -270,8 +350,8 @@ impl<'e> Replay<'e> {
 
     /// At the end: records lost without a readable header that no vPSD's version gap
     /// accounts for leave every vPSD in doubt. Returns the report, with what the journal's
-    /// read found.
-    pub fn finish(mut self, read: ReadReport) -> RecoveryReport {
+    /// read found, and where the idempotency window's records begin.
+    pub fn finish(mut self, read: ReadReport) -> (RecoveryReport, WindowOrigin) {
         if self.unattributed > self.attributed || self.state_lost {
             let reason = if self.state_lost {
                 "an authentic checkpoint could not be read: any vPSD's state may be lost".to_owned()
@@ -295,13 +375,15 @@ impl<'e> Replay<'e> {
         report.last_sequence = read.last_sequence;
         report.torn_tail = read.torn_tail;
         report.tail_note = read.tail.map(|tail| tail.to_string());
-        report
+        (report, self.window)
     }
 }
 
 impl Visitor for Replay<'_> {
-    fn accepts_checkpoint(&mut self, payload: &[u8]) -> bool {
-        codec::checkpoint_decodes(payload)
+    fn accepts_checkpoint(&mut self, payload: &[u8]) -> Option<u64> {
+        let stored = codec::decode_checkpoint(payload).ok()?;
+        self.window_needed_from = stored.window_from;
+        Some(stored.window_from)
     }
 
     fn record(&mut self, record: GoodRecord<'_>) {

@@ -42,14 +42,20 @@ pub fn open(dir: &Path, segment_bytes: usize) -> (Store, RecoveryReport) {
 
 /// [`open`] under another master key.
 pub fn open_with(dir: &Path, segment_bytes: usize, master: &[u8; 32]) -> (Store, RecoveryReport) {
+    open_configured(dir, segment_bytes, master, EngineConfig::default())
+}
+
+/// [`open_with`] with an engine configuration.
+pub fn open_configured(
+    dir: &Path,
+    segment_bytes: usize,
+    master: &[u8; 32],
+    config: EngineConfig,
+) -> (Store, RecoveryReport) {
     let provider = provider();
     let mut public = [0u8; 32];
     public.copy_from_slice(provider.public_key().as_ref());
-    let engine = Engine::new(
-        EngineConfig::default(),
-        MasterKey::new(master).unwrap(),
-        public,
-    );
+    let engine = Engine::new(config, MasterKey::new(master).unwrap(), public);
     Store::open(
         dir,
         0,
@@ -107,6 +113,38 @@ impl Workload {
             self.sequence,
             NOW + 3_600,
         )
+    }
+
+    /// A refill record of a vPSD at version 1 (records carry no signature: the engine
+    /// checks the provider's when it prepares one).
+    pub fn refill(&mut self, vpsd_id: u64, amount_mills: u64) -> Record {
+        self.sequence += 1;
+        Record::Provider {
+            vpsd_id,
+            version: 2,
+            kind: AuthorizationKind::Refill,
+            amount_mills,
+            sequence: self.sequence,
+            at_unix: NOW,
+            client: ClientTag(9),
+            request_id: self.sequence,
+            fingerprint: [0; 16],
+        }
+    }
+
+    /// One single-item sign job.
+    pub fn sign_job(&mut self, request_id: u64, client: u64) -> SignJob {
+        SignJob {
+            client: ClientTag(client),
+            request_id,
+            items: vec![SignItem {
+                postage_mills: 1 + self.rng.below(2_000),
+                mailing_date: MailingDate::from_unix_seconds(NOW).unwrap(),
+                rate_category: 1,
+                destination_zip: None,
+                data_digest: None,
+            }],
+        }
     }
 
     /// Prepares one random operation against the engine; None if it changes nothing.
@@ -172,8 +210,27 @@ impl Workload {
 }
 
 /// The state to compare after recovery: everything but the (derived) window order.
-pub fn state(engine: &Engine) -> Checkpoint {
-    engine.checkpoint()
+pub fn state(engine: &Engine) -> State {
+    State {
+        checkpoint: engine.checkpoint(),
+        window: engine.window().snapshot(),
+    }
+}
+
+/// The state of the vPSDs and the idempotency window (which recovery rebuilds from records,
+/// not from a checkpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct State {
+    pub checkpoint: Checkpoint,
+    pub window: indiciad::engine::WindowSnapshot,
+}
+
+impl std::ops::Deref for State {
+    type Target = Checkpoint;
+
+    fn deref(&self) -> &Checkpoint {
+        &self.checkpoint
+    }
 }
 
 /// Contents of every file in a directory, by name.
