@@ -14,12 +14,16 @@
 //!   durable,
 //! - the watch: a heartbeat for the systemd watchdog and the shutdown trigger.
 //!
-//! The connection tasks are in [`connection`].
+//! The connection tasks are in [`connection`], [`reader`] and [`writer`], over the stream of
+//! [`transport`].
 //!
 //! glommio stays inside this module, so the runtime can be replaced without touching the
 //! engine, the journal or the sans-io parts of the server.
 
 mod connection;
+mod reader;
+mod transport;
+mod writer;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
