@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use glommio::net::TcpStream;
 
-use super::reader::{read_requests, Handshake};
+use super::reader::read_requests;
 use super::transport::{tls_accept, SharedStream, Transport};
 use super::writer::write_answers;
 use super::{Outgoing, Shard};
+use crate::server::conn_rules::{ConnectionRules, Limits};
 use crate::server::handshake::Connection;
 use crate::server::local::{Outbox, Signal};
 use crate::server::metrics::Counter;
@@ -68,8 +69,9 @@ pub(super) async fn serve(
     let _ = stream.set_write_timeout(Some(Duration::from_millis(shard.config.write_timeout_ms)));
     let fd = stream.as_raw_fd();
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
-    let handshake_deadline =
-        Instant::now() + Duration::from_millis(shard.config.handshake_timeout_ms);
+    let accepted = Instant::now();
+    let limits = Limits::of(&shard.config);
+    let handshake_deadline = accepted + limits.handshake_timeout;
     let (transport, connection) = match &shard.tls {
         None => (Transport::Plain(stream), Connection::new()),
         Some(acceptor) => match tls_accept(acceptor, stream, handshake_deadline).await {
@@ -111,10 +113,7 @@ pub(super) async fn serve(
         &version,
         &inflight,
         id,
-        Handshake {
-            connection,
-            deadline: handshake_deadline,
-        },
+        ConnectionRules::new(connection, limits, accepted),
     )
     .await;
     // Every request read gets its answer before the connection closes.
