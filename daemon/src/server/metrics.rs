@@ -50,9 +50,13 @@ pub enum Counter {
     /// Connections that ended in the TLS handshake: no client certificate, one from
     /// another issuer, not TLS at all, or too slow.
     TlsFailed,
+    /// Answers made for a connection that could no longer take them: its client vanished
+    /// or stopped reading (a failed or timed-out write), or, after the drain timeout at
+    /// shutdown, its shard had stopped.
+    AnswersUndelivered,
 }
 
-const COUNTERS: [(Counter, &str); 16] = [
+const COUNTERS: [(Counter, &str); 17] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -69,6 +73,7 @@ const COUNTERS: [(Counter, &str); 16] = [
     (Counter::ConnectionsRefused, "connections.refused"),
     (Counter::WriteTimeouts, "connections.write_timeouts"),
     (Counter::TlsFailed, "connections.tls_failed"),
+    (Counter::AnswersUndelivered, "answers.undelivered"),
 ];
 
 /// Upper bound of the commit latency histogram, in microseconds (one minute).

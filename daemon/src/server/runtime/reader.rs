@@ -33,10 +33,17 @@ impl Forwarder {
     }
 
     fn push(&mut self, owner: u16, forwarded: Forwarded) {
-        if let Some(batch) = self.batches.get_mut(usize::from(owner)) {
-            batch.push(forwarded);
-            self.queued += 1;
-        }
+        let shards = self.batches.len();
+        let Some(batch) = self.batches.get_mut(usize::from(owner)) else {
+            // shard_of places every vPSD on one of the shards: the request has nowhere to
+            // go and could never be answered.
+            fail_stop(&format!(
+                "request {} is for shard {owner} of {shards}, which does not exist",
+                forwarded.reply.request_id
+            ));
+        };
+        batch.push(forwarded);
+        self.queued += 1;
     }
 
     async fn flush(&mut self, shard: &Rc<Shard>) {
@@ -51,24 +58,37 @@ impl Forwarder {
             }
             let batch = std::mem::take(batch);
             metrics.add(Counter::CrossShardRequests, batch.len() as u64);
+            // Every shard has a sender to every other, and requests for this shard never
+            // reach the forwarder.
             let Some(Some(sender)) = shard.peers.get(owner) else {
-                continue;
+                fail_stop(&format!(
+                    "shard {} has no channel to shard {owner} for {} requests",
+                    shard.index,
+                    batch.len()
+                ));
             };
-            if let Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(
-                Cross::Requests(batch),
-            ))) = sender.send(Cross::Requests(batch)).await
-            {
-                let refused = batch
-                    .into_iter()
-                    .map(|forwarded| {
-                        let response = Response::error(
-                            ErrorCode::ShuttingDown,
-                            "the owning shard has stopped",
-                        );
-                        (forwarded.reply, response)
-                    })
-                    .collect();
-                deliver_local(shard, refused);
+            match sender.send(Cross::Requests(batch)).await {
+                Ok(()) => {}
+                Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(
+                    Cross::Requests(batch),
+                ))) => {
+                    // The owner stopped (after the drain timeout): the requests are read,
+                    // so they are answered.
+                    let refused = batch
+                        .into_iter()
+                        .map(|forwarded| {
+                            let response = Response::error(
+                                ErrorCode::ShuttingDown,
+                                "the owning shard has stopped",
+                            );
+                            (forwarded.reply, response)
+                        })
+                        .collect();
+                    deliver_local(shard, refused);
+                }
+                Err(err) => fail_stop(&format!(
+                    "requests for shard {owner} were lost on their way: {err}"
+                )),
             }
         }
     }
@@ -193,7 +213,7 @@ pub(super) async fn read_requests(
             }
             Ok(n) => end += n,
             Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
-                match rules.on_read_timeout(inflight.count.get() > 0) {
+                match rules.on_read_timeout(inflight.any()) {
                     Timeout::Wait => {}
                     Timeout::CloseIdle => {
                         metrics.add(Counter::ConnectionsIdleClosed, 1);
