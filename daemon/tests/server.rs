@@ -317,6 +317,38 @@ fn hostile_clients_are_cut_off_while_others_carry_on() {
     assert!(!log.contains("panic"), "{log}");
 }
 
+#[test]
+fn request_id_0_is_reserved_refused_and_never_reaches_a_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(14, Algorithm::Ed25519, 10_000);
+    let mut stream = daemon.admin_credential_stream();
+    let mut frame = vec![0u8; 4096];
+    let sign = Request::Sign {
+        vpsd_id: 14,
+        item: item(730),
+    };
+    let len = sign.encode_frame(1, 0, &mut frame).unwrap();
+    let next = Request::Status { vpsd_id: 14 }
+        .encode_frame(1, 5, &mut frame[len..])
+        .unwrap();
+    stream.write_all(&frame[..len + next]).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let answers = answers_until_closed(&mut stream);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(
+        matches!(&answers[0], (0, Response::Error(body)) if body.code == ErrorCode::Malformed
+            && body.message.contains("request id 0 is reserved")),
+        "{answers:?}"
+    );
+    // The connection went on, and nothing was signed.
+    assert!(
+        matches!(&answers[1], (5, Response::VpsdStatus(status)) if status.piece_count == 0),
+        "{answers:?}"
+    );
+    assert_eq!(daemon.admin().status(14).unwrap().ascending_mills, 0);
+}
+
 trait HandshakenStream {
     fn admin_credential_stream(&self) -> TcpStream;
 }

@@ -9,6 +9,8 @@
 //!   whole, so that nobody unauthenticated gets a large buffer;
 //! - `hello` frames carry version 1, every other frame the negotiated version;
 //! - a client sends requests, never a response frame;
+//! - request id 0 is the appliance's, for errors about the connection: a request that
+//!   carries it is refused, and the connection goes on (the stream is still aligned);
 //! - a body that does not decode is refused, and the connection goes on;
 //! - past the shard's in-flight limit an authorized request is answered `busy`;
 //! - the handshake must complete by its deadline, a frame that has begun must arrive whole
@@ -33,6 +35,10 @@ use crate::config::ServerConfig;
 /// Largest frame accepted before the handshake is complete, header included: `hello` and
 /// `authenticate` are far smaller.
 pub const PRE_AUTH_FRAME_BYTES_MAX: usize = 4096;
+
+/// The request id of answers about the connection rather than a request (a bad frame, a
+/// time limit): no request may carry it, so that a client can tell the two apart.
+pub const REQUEST_ID_RESERVED: u64 = 0;
 
 /// The limits the rules apply, from the `[server]` configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -227,8 +233,8 @@ impl ConnectionRules {
         }
     }
 
-    /// A whole frame, in this order: its version, its direction, its body, then the
-    /// handshake and access control, then the shard's in-flight limit. `shard_inflight`
+    /// A whole frame, in this order: its version, its direction, its request id, its body,
+    /// then the handshake and access control, then the shard's in-flight limit. `shard_inflight`
     /// counts the requests the shard's connections have unanswered, this one included.
     pub fn on_frame(
         &mut self,
@@ -255,6 +261,13 @@ impl ConnectionRules {
                 request_id,
                 ErrorCode::Malformed,
                 "a client sent a response frame",
+            ));
+        }
+        if request_id == REQUEST_ID_RESERVED {
+            return Action::Reply(Answer::error(
+                request_id,
+                ErrorCode::Malformed,
+                "request id 0 is reserved for errors about the connection; use another",
             ));
         }
         let request = match Request::decode(header.opcode, frame.body) {
@@ -720,6 +733,55 @@ mod tests {
         assert!(matches!(
             harness.feed(&encode(&sign(1001), 1, 34)),
             Action::Dispatch { request_id: 34, .. }
+        ));
+    }
+
+    #[test]
+    fn request_id_0_is_refused_whatever_the_request_and_the_connection_goes_on() {
+        let mut harness = Harness::new();
+        // Not even a hello: the handshake has not begun after it.
+        let Action::Reply(answer) = harness.feed(&encode(&hello_request(), 1, 0)) else {
+            panic!("refused, and the connection goes on");
+        };
+        assert_eq!(
+            (answer.request_id, code(&answer)),
+            (0, ErrorCode::Malformed)
+        );
+        assert!(
+            matches!(&answer.response, Response::Error(body) if body.message.contains("request id 0 is reserved")),
+            "{answer:?}"
+        );
+        assert!(matches!(
+            harness.feed(&encode(&hello_request(), 1, 1)),
+            Action::Reply(Answer {
+                response: Response::Challenge { .. },
+                ..
+            })
+        ));
+        let mut harness = Harness::authenticated();
+        assert_eq!(
+            refused(&harness.feed(&encode(&sign(1001), 1, 0))),
+            (0, ErrorCode::Malformed),
+            "never dispatched"
+        );
+        // Before the body: a body that does not decode is refused for its id all the same.
+        let truncated = raw(opcode::SIGN, 0, 0, &[1]);
+        let Action::Reply(answer) = harness.feed(&truncated) else {
+            panic!("refused");
+        };
+        assert!(
+            matches!(&answer.response, Response::Error(body) if body.message.contains("reserved")),
+            "{answer:?}"
+        );
+        // After the direction: a response frame still closes the connection.
+        let response = raw(opcode::SIGNED, 0x0001, 0, &[]);
+        assert_eq!(
+            harness.refused_and_closed(&response),
+            (0, ErrorCode::Malformed)
+        );
+        assert!(matches!(
+            harness.feed(&encode(&sign(1001), 1, 1)),
+            Action::Dispatch { request_id: 1, .. }
         ));
     }
 
