@@ -1,5 +1,7 @@
-//! docs/JOURNAL.md must agree with the code: every record kind is listed with its number
-//! and name, and the fixed sizes it states are the code's.
+//! docs/ must agree with the code: every record kind of docs/JOURNAL.md is listed with its
+//! number and name, and the fixed sizes it states are the code's; the files of
+//! docs/FILES.md are the ones written; every statistic the appliance reports is in
+//! docs/OPERATIONS.md, and nothing else is.
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
@@ -8,6 +10,8 @@ use indiciad::journal::format::{
     kind, RECORD_HEADER_BYTES, RECORD_MAGIC, RECORD_TRAILER_BYTES, SEGMENT_HEADER_BYTES,
     SEGMENT_MAGIC,
 };
+use indiciad::server::metrics::{Metrics, Received, RequestKind};
+use indiciad::server::shard::ShardStats;
 
 fn journal_md() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/JOURNAL.md")).unwrap()
@@ -110,5 +114,129 @@ fn the_authorization_file_keys_in_the_doc_are_the_ones_written() {
     assert_eq!(
         written["format"],
         indicia_client::provider::AUTHORIZATION_FORMAT
+    );
+}
+
+fn operations_md() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/OPERATIONS.md"
+    ))
+    .unwrap()
+}
+
+/// The stats names in the first column of docs/OPERATIONS.md's statistics table, one
+/// pattern each: `N` stands for a shard number, `<code>` for an error code name, `<kind>`
+/// for a request kind. A cell may list several (`a.mean`, `.p50`: the second is `a.p50`).
+fn documented_stats() -> Vec<String> {
+    let text = operations_md();
+    let mut lines = text
+        .lines()
+        .skip_while(|line| line.trim() != "| name | meaning |");
+    assert!(
+        lines.next().is_some(),
+        "no statistics table in docs/OPERATIONS.md"
+    );
+    let mut names = Vec::new();
+    for line in lines.skip(1).take_while(|line| line.starts_with('|')) {
+        let cell = line.split('|').nth(1).unwrap();
+        let mut last = String::new();
+        for name in cell.split(", ").map(|name| name.trim().trim_matches('`')) {
+            let name = match name.strip_prefix('.') {
+                Some(suffix) => {
+                    let stem = last.rsplit_once('.').unwrap().0;
+                    format!("{stem}.{suffix}")
+                }
+                None => name.to_owned(),
+            };
+            names.push(name.clone());
+            last = name;
+        }
+    }
+    names
+}
+
+fn stat_matches(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let name: Vec<&str> = name.split('.').collect();
+    pattern.len() == name.len()
+        && pattern
+            .iter()
+            .zip(&name)
+            .all(|(pattern, name)| match *pattern {
+                "N" => name.parse::<u16>().is_ok(),
+                "<code>" => indicia_proto::ErrorCode::from_name(name).is_some(),
+                "<kind>" => RequestKind::ALL.iter().any(|kind| kind.name() == *name),
+                literal => literal == *name,
+            })
+}
+
+/// Metrics in which every entry there can be is present: every error code, every
+/// histogram recorded.
+fn full_metrics(shards: usize) -> std::sync::Arc<Metrics> {
+    let metrics = Metrics::new(shards);
+    let shard = &metrics.shards[0];
+    for code in indicia_proto::ErrorCode::all() {
+        shard.connection_error(code);
+    }
+    let mut stats = ShardStats {
+        session_sizes: vec![3],
+        ..ShardStats::default()
+    };
+    shard.publish(&mut stats, 0, 0);
+    shard.record_commit(500);
+    let now = std::time::Instant::now();
+    let requests: Vec<Received> = RequestKind::ALL
+        .iter()
+        .map(|&kind| Received { kind, at: now })
+        .collect();
+    shard.record_answered(now + std::time::Duration::from_micros(70), &requests);
+    metrics
+}
+
+#[test]
+fn every_stats_name_the_appliance_emits_is_documented_and_every_documented_one_emitted() {
+    let documented = documented_stats();
+    let emitted: Vec<String> = full_metrics(3)
+        .report()
+        .into_iter()
+        .map(|entry| entry.name)
+        .collect();
+    for name in &emitted {
+        assert!(
+            documented.iter().any(|pattern| stat_matches(pattern, name)),
+            "the stats entry `{name}` is not in docs/OPERATIONS.md section 7"
+        );
+    }
+    for pattern in &documented {
+        assert!(
+            emitted.iter().any(|name| stat_matches(pattern, name)),
+            "docs/OPERATIONS.md section 7 lists `{pattern}`, which the appliance never emits"
+        );
+    }
+    // The kinds, as the doc lists them.
+    let kinds: Vec<String> = RequestKind::ALL
+        .iter()
+        .map(|kind| format!("`{}`", kind.name()))
+        .collect();
+    assert!(
+        operations_md().contains(&kinds.join(", ")),
+        "docs/OPERATIONS.md section 7 does not list the request kinds {}",
+        kinds.join(", ")
+    );
+}
+
+#[test]
+fn the_number_of_shards_whose_entries_always_fit_is_the_documented_one() {
+    let report = full_metrics(indiciad::config::SHARDS_MAX).report();
+    assert!(report.len() <= indicia_proto::message::STATS_ENTRIES_MAX);
+    let shards = report
+        .iter()
+        .filter(|entry| entry.name.starts_with("shard.") && entry.name.ends_with(".requests"))
+        .count();
+    let says = format!("up to {shards} shards always fit");
+    assert!(
+        operations_md().replace('\n', " ").contains(&says),
+        "docs/OPERATIONS.md section 7 should say `{says}`"
     );
 }

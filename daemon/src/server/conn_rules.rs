@@ -30,6 +30,7 @@ use indicia_proto::message::opcode;
 use indicia_proto::{DecodeError, Decoded, ErrorCode, FrameError, Request, Response};
 
 use super::handshake::{self, ClientDirectory, ClientEntry, Connection};
+use super::metrics::{Received, RequestKind};
 use crate::config::ServerConfig;
 
 /// Largest frame accepted before the handshake is complete, header included: `hello` and
@@ -70,13 +71,26 @@ impl Limits {
 pub struct Answer {
     pub request_id: u64,
     pub response: Response,
+    /// The request answered, for its latency (None: the answer is about the connection).
+    pub request: Option<Received>,
 }
 
 impl Answer {
+    /// An error about the connection, not a request.
     fn error(request_id: u64, code: ErrorCode, message: impl Into<String>) -> Self {
         Self {
             request_id,
             response: Response::error(code, message),
+            request: None,
+        }
+    }
+
+    /// The answer to a request frame.
+    fn to(request: Option<Received>, request_id: u64, response: Response) -> Self {
+        Self {
+            request_id,
+            response,
+            request,
         }
     }
 }
@@ -103,6 +117,8 @@ pub enum Action {
     /// Authorized: run the request on the shard that owns its vPSD.
     Dispatch {
         request_id: u64,
+        /// When its frame was complete, for its latency (None: a kind not timed).
+        received: Option<Received>,
         client: Arc<ClientEntry>,
         request: Request,
     },
@@ -234,21 +250,28 @@ impl ConnectionRules {
     }
 
     /// A whole frame, in this order: its version, its direction, its request id, its body,
-    /// then the handshake and access control, then the shard's in-flight limit. `shard_inflight`
-    /// counts the requests the shard's connections have unanswered, this one included.
+    /// then the handshake and access control, then the shard's in-flight limit. `received`:
+    /// when the frame was complete; `shard_inflight` counts the requests the shard's
+    /// connections have unanswered, this one included.
     pub fn on_frame(
         &mut self,
         frame: Frame<'_>,
+        received: Instant,
         directory: &ClientDirectory,
         rng: &SystemRandom,
         shard_inflight: usize,
     ) -> Action {
         let header = frame.header;
         let request_id = header.request_id;
+        // Every request frame gets its answer timed, whatever the answer.
+        let timed = RequestKind::of_opcode(header.opcode)
+            .filter(|_| !header.is_response())
+            .map(|kind| Received { kind, at: received });
+        let answer = |response| Answer::to(timed, request_id, response);
+        let refuse = |code, message: String| answer(Response::error(code, message));
         let expected = expected_version(header.opcode, self.connection.version());
         if header.version != expected {
-            return Action::ReplyAndClose(Answer::error(
-                request_id,
+            return Action::ReplyAndClose(refuse(
                 ErrorCode::UnsupportedVersion,
                 format!(
                     "frame version {} on a connection that speaks version {expected}",
@@ -257,17 +280,15 @@ impl ConnectionRules {
             ));
         }
         if header.is_response() {
-            return Action::ReplyAndClose(Answer::error(
-                request_id,
+            return Action::ReplyAndClose(refuse(
                 ErrorCode::Malformed,
-                "a client sent a response frame",
+                "a client sent a response frame".into(),
             ));
         }
         if request_id == REQUEST_ID_RESERVED {
-            return Action::Reply(Answer::error(
-                request_id,
+            return Action::Reply(refuse(
                 ErrorCode::Malformed,
-                "request id 0 is reserved for errors about the connection; use another",
+                "request id 0 is reserved for errors about the connection; use another".into(),
             ));
         }
         let request = match Request::decode(header.opcode, frame.body) {
@@ -279,12 +300,8 @@ impl ConnectionRules {
                     }
                     _ => ErrorCode::Malformed,
                 };
-                return Action::Reply(Answer::error(request_id, code, err.to_string()));
+                return Action::Reply(refuse(code, err.to_string()));
             }
-        };
-        let answer = |response| Answer {
-            request_id,
-            response,
         };
         match self.connection.on_request(request, directory, rng) {
             handshake::Action::Reply(response) => Action::Reply(answer(response)),
@@ -293,8 +310,7 @@ impl ConnectionRules {
                 if shard_inflight > self.limits.inflight_per_shard =>
             {
                 // Overload: an explicit answer now, rather than an unbounded backlog.
-                Action::Reply(Answer::error(
-                    request_id,
+                Action::Reply(refuse(
                     ErrorCode::Busy,
                     format!(
                         "the shard has {} requests in flight (server.inflight_per_shard); \
@@ -305,6 +321,7 @@ impl ConnectionRules {
             }
             handshake::Action::Dispatch { client, request } => Action::Dispatch {
                 request_id,
+                received: timed,
                 client,
                 request,
             },
@@ -479,8 +496,13 @@ mod tests {
                 other => panic!("a whole frame expected, got {other:?}"),
             };
             assert_eq!(frame.len(), bytes.len());
-            self.rules
-                .on_frame(frame, &self.directory, &self.rng, self.shard_inflight)
+            self.rules.on_frame(
+                frame,
+                self.accepted,
+                &self.directory,
+                &self.rng,
+                self.shard_inflight,
+            )
         }
 
         /// The answer that closes the connection, from whichever step refuses the bytes.
@@ -490,6 +512,7 @@ mod tests {
                 Next::Frame(frame) => {
                     match self.rules.on_frame(
                         frame,
+                        self.accepted,
                         &self.directory,
                         &self.rng,
                         self.shard_inflight,
@@ -841,6 +864,7 @@ mod tests {
             request_id,
             client,
             request,
+            ..
         } = harness.feed(&encode(&sign(1001), 1, 7))
         else {
             panic!("dispatch expected");
@@ -945,6 +969,58 @@ mod tests {
             harness.rules.on_read_timeout(false),
             Timeout::CloseIdle
         ));
+    }
+
+    #[test]
+    fn every_answer_to_a_request_frame_is_timed_from_the_frame_and_no_other() {
+        let mut harness = Harness::authenticated();
+        let received = Instant::now();
+        let mut on_frame = |bytes: &[u8]| {
+            let Next::Frame(frame) = harness.rules.next_frame(bytes) else {
+                panic!("a frame");
+            };
+            harness.rules.on_frame(
+                frame,
+                received,
+                &harness.directory,
+                &harness.rng,
+                harness.shard_inflight,
+            )
+        };
+        let sign_at = Some(Received {
+            kind: RequestKind::Sign,
+            at: received,
+        });
+        assert!(matches!(
+            on_frame(&encode(&sign(1001), 1, 5)),
+            Action::Dispatch { received, .. } if received == sign_at
+        ));
+        // Refused requests too: forbidden, a bad body, request id 0.
+        for bytes in [
+            encode(&sign(1002), 1, 6),
+            raw(opcode::SIGN, 0, 7, &[1]),
+            encode(&sign(1001), 1, 0),
+        ] {
+            let Action::Reply(answer) = on_frame(&bytes) else {
+                panic!("refused");
+            };
+            assert_eq!(answer.request, sign_at);
+        }
+        // Not a request: an unknown opcode, a response frame, a bad frame.
+        let Action::Reply(unknown) = on_frame(&raw(0x7E, 0, 8, &[])) else {
+            panic!("refused");
+        };
+        assert_eq!(unknown.request, None);
+        let Action::ReplyAndClose(response) = on_frame(&raw(opcode::SIGN, 0x0001, 9, &[])) else {
+            panic!("refused");
+        };
+        assert_eq!(response.request, None);
+        let mut bad = encode(&sign(1001), 1, 10);
+        bad[HEADER_BYTES] ^= 1;
+        let Next::Close(bad) = harness.rules.next_frame(&bad) else {
+            panic!("a bad frame");
+        };
+        assert_eq!(bad.request, None);
     }
 
     #[test]

@@ -42,18 +42,20 @@ use indicia_proto::{Request, Response};
 
 use super::handshake::{ClientDirectory, ClientEntry};
 use super::local::{Outbox, Signal};
-use super::metrics::{Counter, Metrics};
+use super::metrics::{Counter, Metrics, Received};
 use super::shard::ShardCore;
 use super::{Control, ServerError, ShardReady};
 use crate::config::ServerConfig;
 use crate::journal::{FlushTicket, Store};
 
-/// Where an answer goes: the shard and connection that received the request.
+/// Where an answer goes: the shard and connection that received the request; and when,
+/// for its latency.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplyTo {
     pub(super) shard: u16,
     pub(super) connection: u64,
     pub(super) request_id: u64,
+    pub(super) received: Option<Received>,
 }
 
 /// What shards send each other.
@@ -73,8 +75,17 @@ pub(super) struct Forwarded {
     pub(super) request: Request,
 }
 
-/// One frame to write: request id, header version, answer.
-pub(super) type Outgoing = (u64, u8, Response);
+/// One frame to write.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub(super) request_id: u64,
+    /// The header version.
+    pub(super) version: u8,
+    pub(super) response: Response,
+    /// The request it answers, timed from its frame to the write of this answer (None:
+    /// the answer is about the connection).
+    pub(super) received: Option<Received>,
+}
 
 struct ConnectionHandle {
     outbox: Rc<Outbox<Outgoing>>,
@@ -639,8 +650,11 @@ pub(super) fn deliver_local(shard: &Shard, answers: Vec<(ReplyTo, Response)>) {
                 reply.request_id, reply.connection, shard.index
             ));
         };
-        handle
-            .outbox
-            .push((reply.request_id, handle.version.get(), response));
+        handle.outbox.push(Outgoing {
+            request_id: reply.request_id,
+            version: handle.version.get(),
+            response,
+            received: reply.received,
+        });
     }
 }

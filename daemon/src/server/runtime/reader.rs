@@ -115,7 +115,12 @@ pub(super) async fn read_requests(
         if let Response::Error(body) = &answer.response {
             metrics.connection_error(body.code);
         }
-        outbox.push((answer.request_id, version.get(), answer.response));
+        outbox.push(Outgoing {
+            request_id: answer.request_id,
+            version: version.get(),
+            response: answer.response,
+            received: answer.request,
+        });
     };
     let mut forwarder = Forwarder::new(shard.shards);
     loop {
@@ -149,10 +154,13 @@ pub(super) async fn read_requests(
                     break;
                 }
             };
+            // The frame is complete: its request's latency runs from here.
+            let received = Instant::now();
             let frame_len = frame.len();
             take_inflight(shard, inflight, &mut forwarder).await;
             let action = rules.on_frame(
                 frame,
+                received,
                 &shard.directory,
                 &shard.rng,
                 shard.inflight_total.get(),
@@ -168,6 +176,7 @@ pub(super) async fn read_requests(
                 }
                 Action::Dispatch {
                     request_id,
+                    received,
                     client,
                     request,
                 } => {
@@ -175,6 +184,7 @@ pub(super) async fn read_requests(
                         shard: shard.index,
                         connection: connection_id,
                         request_id,
+                        received,
                     };
                     if let Some((owner, forwarded)) = dispatch(shard, client, request, reply) {
                         forwarder.push(owner, forwarded);

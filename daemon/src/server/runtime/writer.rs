@@ -3,6 +3,7 @@
 
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::time::Instant;
 
 use indicia_proto::frame::FRAME_BYTES_MAX;
 use indicia_proto::{ErrorCode, Response};
@@ -11,7 +12,7 @@ use super::connection::Inflight;
 use super::transport::SharedStream;
 use super::{Outgoing, Shard};
 use crate::server::local::Outbox;
-use crate::server::metrics::{Counter, ShardMetrics};
+use crate::server::metrics::{Counter, Received, ShardMetrics};
 
 /// Writes the connection's answers until its outbox closes. Every answer taken is released
 /// from the requests in flight, written or not: once a write fails (the client is gone or
@@ -29,6 +30,8 @@ pub(super) async fn write_answers(
     const ANSWER_ROOM: usize = 16 << 10;
     let metrics = &shard.metrics.shards[usize::from(shard.index)];
     let mut buf: Vec<u8> = Vec::new();
+    // The requests whose answers are in the buffer, for their latency.
+    let mut timed: Vec<Received> = Vec::new();
     let mut broken = false;
     while let Some(batch) = outbox.take().await {
         let count = batch.len();
@@ -36,7 +39,7 @@ pub(super) async fn write_answers(
         // Answers encoded into the buffer and not yet written.
         let mut held = 0;
         let mut undelivered = 0;
-        for (request_id, version, response) in batch {
+        for outgoing in batch {
             if broken {
                 undelivered += 1;
                 continue;
@@ -44,10 +47,11 @@ pub(super) async fn write_answers(
             if buf.len() - used < ANSWER_ROOM {
                 buf.resize(used + ANSWER_ROOM, 0);
             }
-            used += encode(&mut buf, used, request_id, version, &response);
+            used += encode(&mut buf, used, &outgoing);
             held += 1;
+            timed.extend(outgoing.received);
             if used >= WRITE_CHUNK {
-                broken = !write_out(&stream, &buf[..used], metrics).await;
+                broken = !write_out(&stream, &buf[..used], &mut timed, metrics).await;
                 if broken {
                     undelivered += held;
                 }
@@ -55,7 +59,7 @@ pub(super) async fn write_answers(
             }
         }
         if !broken && used > 0 {
-            broken = !write_out(&stream, &buf[..used], metrics).await;
+            broken = !write_out(&stream, &buf[..used], &mut timed, metrics).await;
             if broken {
                 undelivered += held;
             }
@@ -76,13 +80,13 @@ pub(super) async fn write_answers(
 }
 
 /// Encodes one answer at `buf[at..]` (growing `buf` for a large one); returns its length.
-fn encode(
-    buf: &mut Vec<u8>,
-    at: usize,
-    request_id: u64,
-    version: u8,
-    response: &Response,
-) -> usize {
+fn encode(buf: &mut Vec<u8>, at: usize, outgoing: &Outgoing) -> usize {
+    let Outgoing {
+        request_id,
+        version,
+        ref response,
+        ..
+    } = *outgoing;
     let mut encoded = response.encode_frame(version, request_id, &mut buf[at..]);
     if let Err(indicia_proto::EncodeError::BufferTooSmall { .. }) = encoded {
         // A large answer (a batch): room for the largest frame there is.
@@ -106,10 +110,22 @@ fn encode(
     }
 }
 
-/// Writes one buffer of answers; false if the connection failed (a write that timed out is
-/// counted).
-async fn write_out(stream: &SharedStream, bytes: &[u8], metrics: &ShardMetrics) -> bool {
-    match stream.write_all(bytes).await {
+/// Writes one buffer of answers, those of the requests in `timed`; false if the connection
+/// failed (a write that timed out is counted). A request's latency ends when the buffer
+/// that holds its answer is handed to the socket.
+async fn write_out(
+    stream: &SharedStream,
+    bytes: &[u8],
+    timed: &mut Vec<Received>,
+    metrics: &ShardMetrics,
+) -> bool {
+    let handed = Instant::now();
+    let written = stream.write_all(bytes).await;
+    if written.is_ok() {
+        metrics.record_answered(handed, timed);
+    }
+    timed.clear();
+    match written {
         Ok(()) => true,
         Err(err) => {
             if err.kind() == std::io::ErrorKind::TimedOut {
