@@ -1,12 +1,26 @@
-//! docs/JOURNAL.md must agree with the code: every record kind is listed with its number
-//! and name, and the fixed sizes it states are the code's.
+//! docs/ must agree with the code: every record kind of docs/JOURNAL.md is listed with its
+//! number and name, and the fixed sizes it states are the code's; the files of
+//! docs/FILES.md are the ones written; every statistic the appliance reports is in
+//! docs/OPERATIONS.md, and nothing else is; the connection rules check frames in the order
+//! of docs/PROTOCOL.md section 4.2.
 #![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
+use std::time::Instant;
+
+use aws_lc_rs::rand::SystemRandom;
+use indicia_proto::frame::{encode_frame, HEADER_BYTES};
+use indicia_proto::message::{opcode, CLIENT_PROOF_LABEL, NONCE_BYTES};
+use indicia_proto::{ErrorCode, Request, Response, Role};
+use indiciad::config::ServerConfig;
+use indiciad::server::conn_rules::{Action, ConnectionRules, Limits, Next};
+use indiciad::server::handshake::{proof, ClientDirectory, ClientEntry, Connection};
 
 use indiciad::journal::format::{
     RECORD_HEADER_BYTES, RECORD_MAGIC, RECORD_TRAILER_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,
 };
+use indiciad::server::metrics::{Metrics, Received, RequestKind};
+use indiciad::server::shard::ShardStats;
 use indiciad::store::codec::kind;
 
 fn journal_md() -> String {
@@ -111,4 +125,330 @@ fn the_authorization_file_keys_in_the_doc_are_the_ones_written() {
         written["format"],
         indicia_client::provider::AUTHORIZATION_FORMAT
     );
+}
+
+fn operations_md() -> String {
+    std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/OPERATIONS.md"
+    ))
+    .unwrap()
+}
+
+/// The stats names in the first column of docs/OPERATIONS.md's statistics table, one
+/// pattern each: `N` stands for a shard number, `<code>` for an error code name, `<kind>`
+/// for a request kind. A cell may list several (`a.mean`, `.p50`: the second is `a.p50`).
+fn documented_stats() -> Vec<String> {
+    let text = operations_md();
+    let mut lines = text
+        .lines()
+        .skip_while(|line| line.trim() != "| name | meaning |");
+    assert!(
+        lines.next().is_some(),
+        "no statistics table in docs/OPERATIONS.md"
+    );
+    let mut names = Vec::new();
+    for line in lines.skip(1).take_while(|line| line.starts_with('|')) {
+        let cell = line.split('|').nth(1).unwrap();
+        let mut last = String::new();
+        for name in cell.split(", ").map(|name| name.trim().trim_matches('`')) {
+            let name = match name.strip_prefix('.') {
+                Some(suffix) => {
+                    let stem = last.rsplit_once('.').unwrap().0;
+                    format!("{stem}.{suffix}")
+                }
+                None => name.to_owned(),
+            };
+            names.push(name.clone());
+            last = name;
+        }
+    }
+    names
+}
+
+fn stat_matches(pattern: &str, name: &str) -> bool {
+    let pattern: Vec<&str> = pattern.split('.').collect();
+    let name: Vec<&str> = name.split('.').collect();
+    pattern.len() == name.len()
+        && pattern
+            .iter()
+            .zip(&name)
+            .all(|(pattern, name)| match *pattern {
+                "N" => name.parse::<u16>().is_ok(),
+                "<code>" => indicia_proto::ErrorCode::from_name(name).is_some(),
+                "<kind>" => RequestKind::ALL.iter().any(|kind| kind.name() == *name),
+                literal => literal == *name,
+            })
+}
+
+/// Metrics in which every entry there can be is present: every error code, every
+/// histogram recorded.
+fn full_metrics(shards: usize) -> std::sync::Arc<Metrics> {
+    let metrics = Metrics::new(shards);
+    let shard = &metrics.shards[0];
+    for code in ErrorCode::all() {
+        shard.connection_error(code);
+    }
+    let mut stats = ShardStats {
+        session_sizes: vec![3],
+        ..ShardStats::default()
+    };
+    shard.publish(&mut stats, 0, 0);
+    shard.record_commit(500);
+    let now = std::time::Instant::now();
+    let requests: Vec<Received> = RequestKind::ALL
+        .iter()
+        .map(|&kind| Received { kind, at: now })
+        .collect();
+    shard.record_answered(now + std::time::Duration::from_micros(70), &requests);
+    metrics
+}
+
+#[test]
+fn every_stats_name_the_appliance_emits_is_documented_and_every_documented_one_emitted() {
+    let documented = documented_stats();
+    let emitted: Vec<String> = full_metrics(3)
+        .report()
+        .into_iter()
+        .map(|entry| entry.name)
+        .collect();
+    for name in &emitted {
+        assert!(
+            documented.iter().any(|pattern| stat_matches(pattern, name)),
+            "the stats entry `{name}` is not in docs/OPERATIONS.md section 7"
+        );
+    }
+    for pattern in &documented {
+        assert!(
+            emitted.iter().any(|name| stat_matches(pattern, name)),
+            "docs/OPERATIONS.md section 7 lists `{pattern}`, which the appliance never emits"
+        );
+    }
+    // The kinds, as the doc lists them.
+    let kinds: Vec<String> = RequestKind::ALL
+        .iter()
+        .map(|kind| format!("`{}`", kind.name()))
+        .collect();
+    assert!(
+        operations_md().contains(&kinds.join(", ")),
+        "docs/OPERATIONS.md section 7 does not list the request kinds {}",
+        kinds.join(", ")
+    );
+}
+
+#[test]
+fn the_number_of_shards_whose_entries_always_fit_is_the_documented_one() {
+    let report = full_metrics(indiciad::config::SHARDS_MAX).report();
+    assert!(report.len() <= indicia_proto::message::STATS_ENTRIES_MAX);
+    let shards = report
+        .iter()
+        .filter(|entry| entry.name.starts_with("shard.") && entry.name.ends_with(".requests"))
+        .count();
+    let says = format!("up to {shards} shards always fit");
+    assert!(
+        operations_md().replace('\n', " ").contains(&says),
+        "docs/OPERATIONS.md section 7 should say `{says}`"
+    );
+}
+
+fn protocol_md() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/PROTOCOL.md")).unwrap()
+}
+
+/// The rows of the table of checks in docs/PROTOCOL.md section 4.2: the error code names
+/// a check refuses with, the request id column, and whether the connection then closes.
+fn documented_checks() -> Vec<(Vec<String>, String, bool)> {
+    let text = protocol_md();
+    let mut lines = text
+        .lines()
+        .skip_while(|line| line.trim() != "| # | check | refused with | request id | then |");
+    assert!(
+        lines.next().is_some(),
+        "no table of checks in docs/PROTOCOL.md"
+    );
+    lines
+        .skip(1)
+        .take_while(|line| line.starts_with('|'))
+        .enumerate()
+        .map(|(index, line)| {
+            let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+            assert_eq!(cells[1], (index + 1).to_string(), "rows in order");
+            let codes = cells[3]
+                .split('`')
+                .skip(1)
+                .step_by(2)
+                .filter(|name| ErrorCode::from_name(name).is_some())
+                .map(str::to_owned)
+                .collect();
+            (codes, cells[4].to_owned(), cells[5].starts_with("closed"))
+        })
+        .collect()
+}
+
+/// A connection's rules, and the handshake that takes them past `welcome`.
+struct Rules {
+    rules: ConnectionRules,
+    directory: ClientDirectory,
+    rng: SystemRandom,
+}
+
+impl Rules {
+    fn new() -> Self {
+        let mut directory = ClientDirectory::default();
+        directory.insert(ClientEntry::new(
+            "station-7",
+            zeroize::Zeroizing::new([7; 32]),
+            Role::User,
+            [1001],
+        ));
+        let limits = Limits {
+            inflight_per_shard: 10,
+            ..Limits::of(&ServerConfig::default())
+        };
+        Self {
+            rules: ConnectionRules::new(Connection::new(), limits, Instant::now()),
+            directory,
+            rng: SystemRandom::new(),
+        }
+    }
+
+    fn authenticated() -> Self {
+        let mut rules = Self::new();
+        let hello = Request::Hello {
+            version_min: 1,
+            version_max: 1,
+            client_id: "station-7".into(),
+            client_nonce: [1; NONCE_BYTES],
+        };
+        let (_, Response::Challenge { server_nonce, .. }, _) = rules.outcome(&frame(&hello, 1), 1)
+        else {
+            panic!("challenge expected");
+        };
+        let proof = proof(
+            &[7; 32],
+            CLIENT_PROOF_LABEL,
+            1,
+            "station-7",
+            &[1; NONCE_BYTES],
+            &server_nonce,
+        );
+        let (_, welcome, _) = rules.outcome(&frame(&Request::Authenticate { proof }, 2), 1);
+        assert!(matches!(welcome, Response::Welcome { .. }), "{welcome:?}");
+        rules
+    }
+
+    /// What the rules answer to one frame: request id, answer, whether the connection
+    /// closes. A dispatched request is answered `None`.
+    fn outcome(&mut self, bytes: &[u8], shard_inflight: usize) -> (u64, Response, bool) {
+        let frame = match self.rules.next_frame(bytes) {
+            Next::Frame(frame) => frame,
+            Next::Close(answer) => return (answer.request_id, answer.response, true),
+            Next::Incomplete { needed } => panic!("{needed} bytes missing"),
+        };
+        match self.rules.on_frame(
+            frame,
+            Instant::now(),
+            &self.directory,
+            &self.rng,
+            shard_inflight,
+        ) {
+            Action::Reply(answer) => (answer.request_id, answer.response, false),
+            Action::ReplyAndClose(answer) => (answer.request_id, answer.response, true),
+            Action::Dispatch { request, .. } => panic!("{request:?} went through"),
+        }
+    }
+}
+
+fn frame(request: &Request, request_id: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; 4096];
+    let len = request.encode_frame(1, request_id, &mut buf).unwrap();
+    buf.truncate(len);
+    buf
+}
+
+/// A frame of any opcode, flags, reserved bytes and body, checksums made good.
+fn raw(opcode: u8, flags: u16, request_id: u64, body: &[u8], reserved: u8) -> Vec<u8> {
+    let mut buf = vec![0u8; HEADER_BYTES + body.len()];
+    encode_frame(&mut buf, 1, opcode, flags, request_id, |w| w.put(body)).unwrap();
+    buf[24] = reserved;
+    let sum = crc32c::crc32c(&buf[0..28]);
+    buf[28..32].copy_from_slice(&sum.to_le_bytes());
+    buf
+}
+
+fn sign(vpsd_id: u64) -> Request {
+    Request::Sign {
+        vpsd_id,
+        item: indicia_proto::SignItem {
+            postage_mills: 730,
+            mailing_date: indicia_proto::MailingDate::from_days_since_2000(9_830),
+            rate_category: 1,
+            destination_zip: None,
+            data_digest: None,
+        },
+    }
+}
+
+/// Drives the real connection rules with, for each documented check, a frame that fails
+/// it and as many of the later checks as it can: the answer must be that check's.
+#[test]
+fn the_order_of_the_checks_in_the_protocol_doc_is_the_codes() {
+    let checks = documented_checks();
+    assert_eq!(checks.len(), 9, "{checks:?}");
+    let over_limit = 11;
+    let response_flag = 0x0001;
+    let bad_body = [1u8];
+    let mut corrupt_body = raw(opcode::SIGN, response_flag, 0, &bad_body, 0);
+    corrupt_body[HEADER_BYTES] ^= 0xFF;
+    // (check number, connection state, frame, the header's request id)
+    let cases: Vec<(usize, Rules, Vec<u8>, u64)> = vec![
+        // Reserved bytes, response flag, id 0, a bad body.
+        (
+            1,
+            Rules::authenticated(),
+            raw(opcode::SIGN, response_flag, 0, &bad_body, 1),
+            0,
+        ),
+        (2, Rules::authenticated(), corrupt_body, 0),
+        // (3: no frame of another version passes check 1 while version 1 is all there is.)
+        (
+            4,
+            Rules::authenticated(),
+            raw(opcode::SIGN, response_flag, 0, &bad_body, 0),
+            0,
+        ),
+        (
+            5,
+            Rules::authenticated(),
+            raw(opcode::SIGN, 0, 0, &bad_body, 0),
+            0,
+        ),
+        // Before welcome: an unknown opcode, and a bad body, are not not-authenticated.
+        (6, Rules::new(), raw(0x7E, 0, 6, &[], 0), 6),
+        (6, Rules::new(), raw(opcode::SIGN, 0, 7, &bad_body, 0), 7),
+        (7, Rules::new(), frame(&sign(1002), 8), 8),
+        (8, Rules::authenticated(), frame(&sign(1002), 9), 9),
+        (9, Rules::authenticated(), frame(&sign(1001), 10), 10),
+    ];
+    for (number, mut rules, bytes, header_id) in cases {
+        let (codes, request_id_column, closes) = &checks[number - 1];
+        let (request_id, response, closed) = rules.outcome(&bytes, over_limit);
+        let Response::Error(body) = response else {
+            panic!("check {number}: refused, not {response:?}");
+        };
+        assert!(
+            codes.contains(&body.code.name()),
+            "check {number}: refused with {}, the doc says {codes:?}",
+            body.code.name()
+        );
+        assert_eq!(closed, *closes, "check {number}: {body:?}");
+        if request_id_column == "0" {
+            assert_eq!(request_id, 0, "check {number}");
+        } else if request_id_column == "the header's" {
+            assert_eq!(request_id, header_id, "check {number}");
+        }
+    }
+    let (codes, _, closes) = &checks[2];
+    assert_eq!(codes, &["unsupported-version"]);
+    assert!(closes);
 }

@@ -373,6 +373,98 @@ fn hostile_clients_are_cut_off_while_others_carry_on() {
     assert!(!log.contains("panic"), "{log}");
 }
 
+#[test]
+fn request_id_0_is_reserved_refused_and_never_reaches_a_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(14, Algorithm::Ed25519, 10_000);
+    let mut stream = daemon.admin_credential_stream();
+    let mut frame = vec![0u8; 4096];
+    let sign = Request::Sign {
+        vpsd_id: 14,
+        item: item(730),
+    };
+    let len = sign.encode_frame(1, 0, &mut frame).unwrap();
+    let next = Request::Status { vpsd_id: 14 }
+        .encode_frame(1, 5, &mut frame[len..])
+        .unwrap();
+    stream.write_all(&frame[..len + next]).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let answers = answers_until_closed(&mut stream);
+    assert_eq!(answers.len(), 2, "{answers:?}");
+    assert!(
+        matches!(&answers[0], (0, Response::Error(body)) if body.code == ErrorCode::Malformed
+            && body.message.contains("request id 0 is reserved")),
+        "{answers:?}"
+    );
+    // The connection went on, and nothing was signed.
+    assert!(
+        matches!(&answers[1], (5, Response::VpsdStatus(status)) if status.piece_count == 0),
+        "{answers:?}"
+    );
+    assert_eq!(daemon.admin().status(14).unwrap().ascending_mills, 0);
+}
+
+#[test]
+fn request_latency_is_measured_for_every_request_on_either_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    // Two vPSDs on each of the two shards: whichever shard the connection lands on, half
+    // of its requests run on the other.
+    let mut vpsds = Vec::new();
+    for shard in 0..2 {
+        vpsds.extend(
+            (40..)
+                .filter(|&vpsd| indiciad::server::shard_of(vpsd, 2) == shard)
+                .take(2),
+        );
+    }
+    for &vpsd in &vpsds {
+        daemon.provision_funded(vpsd, Algorithm::Ed25519, 1_000_000);
+    }
+    let mut client = daemon.admin();
+    const SIGNS: u64 = 40;
+    for n in 0..SIGNS {
+        client.sign(vpsds[(n % 4) as usize], item(10)).unwrap();
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let stats: HashMap<String, u64> = client
+            .stats()
+            .unwrap()
+            .into_iter()
+            .map(|entry| (entry.name, entry.value))
+            .collect();
+        // An answer's latency is recorded once its write returned, which may be just
+        // after the client read it.
+        let count = stats["request_latency_us.sign.count"];
+        assert!(count <= SIGNS, "{stats:?}");
+        if count == SIGNS {
+            break stats;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{count} of {SIGNS} signs timed: {stats:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(stats["cross_shard.requests"] >= SIGNS / 2, "{stats:?}");
+    let latency = |name: &str| stats[&format!("request_latency_us.sign.{name}")];
+    assert!(latency("p50") >= 1, "{stats:?}");
+    assert!(latency("p50") <= latency("p90"), "{stats:?}");
+    assert!(latency("p90") <= latency("p99"), "{stats:?}");
+    assert!(latency("p99") <= latency("p999"), "{stats:?}");
+    assert!(latency("p999") <= latency("max"), "{stats:?}");
+    // Every connection's handshake is timed too; a kind not asked for has its count only.
+    assert!(stats["request_latency_us.hello.count"] >= 1, "{stats:?}");
+    assert!(
+        stats["request_latency_us.authenticate.count"] >= 1,
+        "{stats:?}"
+    );
+    assert_eq!(stats["request_latency_us.withdraw.count"], 0, "{stats:?}");
+    assert!(!stats.contains_key("request_latency_us.withdraw.p50"));
+}
+
 trait HandshakenStream {
     fn admin_credential_stream(&self) -> TcpStream;
 }

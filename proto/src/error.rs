@@ -61,6 +61,10 @@ pub enum EncodeError {
 
 /// Why a frame header was rejected. Any of these ends the connection: after a bad header
 /// the byte stream can no longer be trusted to be aligned on frames.
+///
+/// Once the header checksum holds, the header's request id can be trusted to be what the
+/// sender wrote, and the error carries it ([`FrameError::request_id`]): the receiver can
+/// say which request it refuses without reading header bytes itself.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 #[non_exhaustive]
 pub enum FrameError {
@@ -69,13 +73,36 @@ pub enum FrameError {
     #[error("header checksum mismatch: header says {expected:#010x}, computed {computed:#010x}")]
     HeaderChecksum { expected: u32, computed: u32 },
     #[error("unsupported protocol version {version}")]
-    UnsupportedVersion { version: u8 },
+    UnsupportedVersion { version: u8, request_id: u64 },
     #[error("reserved header bytes are not zero")]
-    ReservedNotZero,
+    ReservedNotZero { request_id: u64 },
     #[error("unknown flag bits {flags:#06x}")]
-    UnknownFlags { flags: u16 },
+    UnknownFlags { flags: u16, request_id: u64 },
     #[error("body of {len} bytes exceeds the limit of {len_max}")]
-    BodyTooLarge { len: u32, len_max: u32 },
+    BodyTooLarge {
+        len: u32,
+        len_max: u32,
+        request_id: u64,
+    },
     #[error("body checksum mismatch: header says {expected:#010x}, computed {computed:#010x}")]
-    BodyChecksum { expected: u32, computed: u32 },
+    BodyChecksum {
+        expected: u32,
+        computed: u32,
+        request_id: u64,
+    },
+}
+
+impl FrameError {
+    /// The rejected header's request id, when its checksum held (None: bad magic or header
+    /// checksum, so no field of the header can be trusted).
+    pub fn request_id(&self) -> Option<u64> {
+        match self {
+            Self::BadMagic { .. } | Self::HeaderChecksum { .. } => None,
+            Self::UnsupportedVersion { request_id, .. }
+            | Self::ReservedNotZero { request_id }
+            | Self::UnknownFlags { request_id, .. }
+            | Self::BodyTooLarge { request_id, .. }
+            | Self::BodyChecksum { request_id, .. } => Some(*request_id),
+        }
+    }
 }

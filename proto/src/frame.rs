@@ -71,16 +71,23 @@ impl FrameHeader {
         if expected != computed {
             return Err(FrameError::HeaderChecksum { expected, computed });
         }
+        // The checksum holds: from here on every error names the request it refuses.
+        let mut request_id = [0u8; 8];
+        request_id.copy_from_slice(&bytes[8..16]);
+        let request_id = u64::from_le_bytes(request_id);
         let version = bytes[4];
         if !(PROTOCOL_VERSION_MIN..=PROTOCOL_VERSION_MAX).contains(&version) {
-            return Err(FrameError::UnsupportedVersion { version });
+            return Err(FrameError::UnsupportedVersion {
+                version,
+                request_id,
+            });
         }
         if field(24..28) != [0; 4] {
-            return Err(FrameError::ReservedNotZero);
+            return Err(FrameError::ReservedNotZero { request_id });
         }
         let flags = u16::from_le_bytes([bytes[6], bytes[7]]);
         if flags & !FLAGS_KNOWN != 0 {
-            return Err(FrameError::UnknownFlags { flags });
+            return Err(FrameError::UnknownFlags { flags, request_id });
         }
         let body_len = u32::from_le_bytes(field(16..20));
         let len_max = body_bytes_max.min(BODY_BYTES_MAX);
@@ -88,15 +95,14 @@ impl FrameHeader {
             return Err(FrameError::BodyTooLarge {
                 len: body_len,
                 len_max,
+                request_id,
             });
         }
-        let mut request_id = [0u8; 8];
-        request_id.copy_from_slice(&bytes[8..16]);
         Ok(Self {
             version,
             opcode: bytes[5],
             flags,
-            request_id: u64::from_le_bytes(request_id),
+            request_id,
             body_len,
             body_checksum: u32::from_le_bytes(field(20..24)),
         })
@@ -176,6 +182,7 @@ impl FrameDecoder {
             return Err(FrameError::BodyChecksum {
                 expected: header.body_checksum,
                 computed,
+                request_id: header.request_id,
             });
         }
         Ok(Decoded::Frame(Frame { header, body }))
@@ -318,20 +325,29 @@ mod tests {
         reseal(&mut version);
         assert_eq!(
             decoder.decode(&version),
-            Err(FrameError::UnsupportedVersion { version: 2 })
+            Err(FrameError::UnsupportedVersion {
+                version: 2,
+                request_id: 42
+            })
         );
 
         let mut reserved = sample_frame(b"x");
         reserved[25] = 1;
         reseal(&mut reserved);
-        assert_eq!(decoder.decode(&reserved), Err(FrameError::ReservedNotZero));
+        assert_eq!(
+            decoder.decode(&reserved),
+            Err(FrameError::ReservedNotZero { request_id: 42 })
+        );
 
         let mut flags = sample_frame(b"x");
         flags[6] = 0x02;
         reseal(&mut flags);
         assert_eq!(
             decoder.decode(&flags),
-            Err(FrameError::UnknownFlags { flags: 2 })
+            Err(FrameError::UnknownFlags {
+                flags: 2,
+                request_id: 42
+            })
         );
 
         let big = sample_frame(&[7u8; 17]);
@@ -339,7 +355,8 @@ mod tests {
             decoder.decode(&big[..HEADER_BYTES]),
             Err(FrameError::BodyTooLarge {
                 len: 17,
-                len_max: 16
+                len_max: 16,
+                request_id: 42
             })
         );
 
@@ -347,8 +364,24 @@ mod tests {
         body[HEADER_BYTES] ^= 1;
         assert!(matches!(
             decoder.decode(&body),
-            Err(FrameError::BodyChecksum { .. })
+            Err(FrameError::BodyChecksum { request_id: 42, .. })
         ));
+    }
+
+    #[test]
+    fn an_error_names_the_request_only_once_the_header_checksum_holds() {
+        let decoder = FrameDecoder::new(16);
+        let mut bad_magic = sample_frame(b"x");
+        bad_magic[0] = b'X';
+        let mut bad_checksum = sample_frame(b"x");
+        bad_checksum[8] ^= 1; // the request id, changed without resealing
+        for input in [bad_magic, bad_checksum] {
+            let err = decoder.decode(&input).unwrap_err();
+            assert_eq!(err.request_id(), None, "{err}");
+        }
+        let big = sample_frame(&[7u8; 17]);
+        let err = decoder.decode(&big).unwrap_err();
+        assert_eq!(err.request_id(), Some(42), "{err}");
     }
 
     #[test]

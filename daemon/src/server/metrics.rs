@@ -1,7 +1,7 @@
 //! What the operator can read of a running appliance (the `stats` request): per shard,
-//! counters and gauges in atomics and two histograms behind a lock that only the owning
-//! shard takes on its hot path (once per turn of its loop), gathered into one report on
-//! whichever shard answers the request.
+//! counters and gauges in atomics and histograms behind a lock that only the owning shard
+//! takes on its hot path (once per turn of its loop, once per write of answers), gathered
+//! into one report on whichever shard answers the request.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Instant;
 
 use hdrhistogram::Histogram;
-use indicia_proto::message::{StatEntry, STATS_ENTRIES_MAX};
+use indicia_proto::message::{opcode, StatEntry, STATS_ENTRIES_MAX};
 use indicia_proto::ErrorCode;
 
 use super::shard::ShardStats;
@@ -50,9 +50,13 @@ pub enum Counter {
     /// Connections that ended in the TLS handshake: no client certificate, one from
     /// another issuer, not TLS at all, or too slow.
     TlsFailed,
+    /// Answers made for a connection that could no longer take them: its client vanished
+    /// or stopped reading (a failed or timed-out write), or, after the drain timeout at
+    /// shutdown, its shard had stopped.
+    AnswersUndelivered,
 }
 
-const COUNTERS: [(Counter, &str); 16] = [
+const COUNTERS: [(Counter, &str); 17] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -69,9 +73,104 @@ const COUNTERS: [(Counter, &str); 16] = [
     (Counter::ConnectionsRefused, "connections.refused"),
     (Counter::WriteTimeouts, "connections.write_timeouts"),
     (Counter::TlsFailed, "connections.tls_failed"),
+    (Counter::AnswersUndelivered, "answers.undelivered"),
 ];
 
-/// Upper bound of the commit latency histogram, in microseconds (one minute).
+/// What a request asks for, by its opcode: the `<kind>` of the `request_latency_us.<kind>`
+/// entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RequestKind {
+    Hello,
+    Authenticate,
+    Sign,
+    SignBatch,
+    Status,
+    PublicKey,
+    Verify,
+    Provision,
+    Refill,
+    Contact,
+    Lock,
+    Unlock,
+    Withdraw,
+    RotateKey,
+    Stats,
+}
+
+impl RequestKind {
+    /// Every kind, in the order of the report.
+    pub const ALL: [Self; 15] = [
+        Self::Sign,
+        Self::SignBatch,
+        Self::Status,
+        Self::Refill,
+        Self::Contact,
+        Self::Provision,
+        Self::PublicKey,
+        Self::Verify,
+        Self::Lock,
+        Self::Unlock,
+        Self::Withdraw,
+        Self::RotateKey,
+        Self::Stats,
+        Self::Hello,
+        Self::Authenticate,
+    ];
+
+    /// The kind of a request frame's opcode; None for one that is not a request opcode.
+    pub fn of_opcode(code: u8) -> Option<Self> {
+        Some(match code {
+            opcode::HELLO => Self::Hello,
+            opcode::AUTHENTICATE => Self::Authenticate,
+            opcode::SIGN => Self::Sign,
+            opcode::SIGN_BATCH => Self::SignBatch,
+            opcode::STATUS => Self::Status,
+            opcode::PUBLIC_KEY => Self::PublicKey,
+            opcode::VERIFY => Self::Verify,
+            opcode::PROVISION => Self::Provision,
+            opcode::REFILL => Self::Refill,
+            opcode::CONTACT => Self::Contact,
+            opcode::LOCK => Self::Lock,
+            opcode::UNLOCK => Self::Unlock,
+            opcode::WITHDRAW => Self::Withdraw,
+            opcode::ROTATE_KEY => Self::RotateKey,
+            opcode::STATS => Self::Stats,
+            _ => return None,
+        })
+    }
+
+    /// The request's name in snake_case, as in the stats entries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hello => "hello",
+            Self::Authenticate => "authenticate",
+            Self::Sign => "sign",
+            Self::SignBatch => "sign_batch",
+            Self::Status => "status",
+            Self::PublicKey => "public_key",
+            Self::Verify => "verify",
+            Self::Provision => "provision",
+            Self::Refill => "refill",
+            Self::Contact => "contact",
+            Self::Lock => "lock",
+            Self::Unlock => "unlock",
+            Self::Withdraw => "withdraw",
+            Self::RotateKey => "rotate_key",
+            Self::Stats => "stats",
+        }
+    }
+}
+
+/// A request as its answer remembers it, for the latency histograms: its kind and when its
+/// frame was complete in the reader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    pub kind: RequestKind,
+    pub at: Instant,
+}
+
+/// Upper bound of the latency histograms, in microseconds (one minute).
 const LATENCY_US_MAX: u64 = 60_000_000;
 
 #[derive(Debug)]
@@ -79,6 +178,9 @@ struct Histograms {
     session_size: Histogram<u64>,
     commit_latency_us: Histogram<u64>,
     errors_by_code: BTreeMap<u16, u64>,
+    /// By [`RequestKind`]; made at the first request of the kind (a histogram is about
+    /// 20 KiB, and most kinds are rare).
+    request_latency_us: [Option<Histogram<u64>>; RequestKind::ALL.len()],
 }
 
 /// One shard's metrics.
@@ -102,6 +204,7 @@ impl Default for ShardMetrics {
                 session_size: histogram(1 << 16),
                 commit_latency_us: histogram(LATENCY_US_MAX),
                 errors_by_code: BTreeMap::new(),
+                request_latency_us: std::array::from_fn(|_| None),
             }),
         }
     }
@@ -169,6 +272,25 @@ impl ShardMetrics {
             .commit_latency_us
             .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
     }
+
+    /// The answers to `requests` were handed to the socket at `answered`: one lock for a
+    /// whole write of answers.
+    pub fn record_answered(&self, answered: Instant, requests: &[Received]) {
+        if requests.is_empty() {
+            return;
+        }
+        let mut histograms = self.histograms();
+        for request in requests {
+            let latency_us = answered.saturating_duration_since(request.at).as_micros();
+            histograms.request_latency_us[request.kind as usize]
+                .get_or_insert_with(|| histogram(LATENCY_US_MAX))
+                .saturating_record(
+                    u64::try_from(latency_us)
+                        .unwrap_or(u64::MAX)
+                        .clamp(1, LATENCY_US_MAX),
+                );
+        }
+    }
 }
 
 /// Every shard's metrics, shared by all shards.
@@ -208,6 +330,8 @@ impl Metrics {
         let mut session_size = histogram(1 << 16);
         let mut commit_latency_us = histogram(LATENCY_US_MAX);
         let mut errors_by_code = BTreeMap::<u16, u64>::new();
+        let mut request_latency_us: [Histogram<u64>; RequestKind::ALL.len()] =
+            std::array::from_fn(|_| histogram(LATENCY_US_MAX));
         for shard in &self.shards {
             let histograms = shard.histograms();
             // Same bounds on both sides: adding cannot fail.
@@ -216,6 +340,14 @@ impl Metrics {
             for (code, count) in &histograms.errors_by_code {
                 *errors_by_code.entry(*code).or_default() += count;
             }
+            for (sum, recorded) in request_latency_us
+                .iter_mut()
+                .zip(&histograms.request_latency_us)
+            {
+                if let Some(recorded) = recorded {
+                    let _ = sum.add(recorded);
+                }
+            }
         }
         for (code, count) in errors_by_code {
             push(
@@ -223,10 +355,17 @@ impl Metrics {
                 count,
             );
         }
-        for (name, histogram) in [
-            ("session_size", &session_size),
-            ("commit_latency_us", &commit_latency_us),
-        ] {
+        let mut summaries = vec![
+            ("session_size".to_owned(), &session_size),
+            ("commit_latency_us".to_owned(), &commit_latency_us),
+        ];
+        for kind in RequestKind::ALL {
+            summaries.push((
+                format!("request_latency_us.{}", kind.name()),
+                &request_latency_us[kind as usize],
+            ));
+        }
+        for (name, histogram) in summaries {
             push(format!("{name}.count"), histogram.len());
             if histogram.is_empty() {
                 continue;
@@ -312,9 +451,83 @@ mod tests {
 
     #[test]
     fn a_report_of_many_shards_fits_one_frame() {
-        let report = Metrics::new(crate::config::SHARDS_MAX).report();
+        let metrics = Metrics::new(crate::config::SHARDS_MAX);
+        // Every entry there can be: every error code, every histogram recorded.
+        let shard = &metrics.shards[0];
+        for code in ErrorCode::all() {
+            shard.connection_error(code);
+        }
+        shard.publish(
+            &mut ShardStats {
+                session_sizes: vec![1],
+                ..ShardStats::default()
+            },
+            0,
+            0,
+        );
+        shard.record_commit(1);
+        let now = Instant::now();
+        let requests: Vec<Received> = RequestKind::ALL
+            .iter()
+            .map(|&kind| Received { kind, at: now })
+            .collect();
+        shard.record_answered(now, &requests);
+        let report = metrics.report();
         assert!(report.len() <= STATS_ENTRIES_MAX);
-        assert!(report.iter().all(|entry| entry.name.len() <= 64));
+        assert!(report
+            .iter()
+            .all(|entry| entry.name.len() <= indicia_proto::message::STAT_NAME_BYTES_MAX));
         assert!(report.iter().any(|entry| entry.name == "shard.0.indicia"));
+    }
+
+    #[test]
+    fn request_latencies_are_summarized_per_kind_and_summed_over_shards() {
+        let metrics = Metrics::new(2);
+        let start = Instant::now();
+        let at = |us: u64| start + std::time::Duration::from_micros(us);
+        let sign = |us: u64| Received {
+            kind: RequestKind::Sign,
+            at: start + std::time::Duration::from_micros(1_000 - us),
+        };
+        metrics.shards[0].record_answered(at(1_000), &[sign(100), sign(200), sign(300)]);
+        metrics.shards[1].record_answered(
+            at(1_000),
+            &[
+                sign(400),
+                Received {
+                    kind: RequestKind::SignBatch,
+                    at: start,
+                },
+            ],
+        );
+        let report = metrics.report();
+        assert_eq!(value(&report, "request_latency_us.sign.count"), Some(4));
+        // Two significant digits: values within 1 %.
+        let mean = value(&report, "request_latency_us.sign.mean").unwrap();
+        assert!((248..=252).contains(&mean), "{mean}");
+        let p50 = value(&report, "request_latency_us.sign.p50").unwrap();
+        assert!((199..=201).contains(&p50), "{p50}");
+        let max = value(&report, "request_latency_us.sign.max").unwrap();
+        assert!((399..=401).contains(&max), "{max}");
+        assert_eq!(
+            value(&report, "request_latency_us.sign_batch.count"),
+            Some(1)
+        );
+        // A kind never seen: its count, and no percentiles.
+        assert_eq!(
+            value(&report, "request_latency_us.rotate_key.count"),
+            Some(0)
+        );
+        assert_eq!(value(&report, "request_latency_us.rotate_key.p50"), None);
+    }
+
+    #[test]
+    fn every_request_opcode_has_a_kind_and_every_kind_one_opcode() {
+        let kinds: Vec<RequestKind> = (0..=u8::MAX).filter_map(RequestKind::of_opcode).collect();
+        assert_eq!(kinds.len(), RequestKind::ALL.len());
+        for kind in RequestKind::ALL {
+            assert_eq!(kinds.iter().filter(|&&k| k == kind).count(), 1, "{kind:?}");
+        }
+        assert_eq!(RequestKind::of_opcode(opcode::SIGNED), None);
     }
 }

@@ -1,6 +1,8 @@
 //! The network side of the appliance.
 //!
 //! - [`handshake`]: one connection's handshake and access control (sans-io).
+//! - [`conn_rules`]: one connection's frame rules and clocks around the handshake
+//!   (sans-io).
 //! - [`coalesce`]: per-vPSD queues and natural batching (sans-io).
 //! - [`shard`]: one shard's request handling and the durability rule (sans-io).
 //! - [`metrics`]: counters and histograms for the `stats` request.
@@ -11,6 +13,7 @@
 //! [`Server::join`] waits for that.
 
 pub mod coalesce;
+pub mod conn_rules;
 pub mod handshake;
 mod local;
 pub mod metrics;

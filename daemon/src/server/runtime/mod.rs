@@ -14,12 +14,16 @@
 //!   durable,
 //! - the watch: a heartbeat for the systemd watchdog and the shutdown trigger.
 //!
-//! The connection tasks are in [`connection`].
+//! The connection tasks are in [`connection`], [`reader`] and [`writer`], over the stream of
+//! [`transport`].
 //!
 //! glommio stays inside this module, so the runtime can be replaced without touching the
 //! engine, the journal or the sans-io parts of the server.
 
 mod connection;
+mod reader;
+mod transport;
+mod writer;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -38,19 +42,21 @@ use indicia_proto::{Request, Response};
 
 use super::handshake::{ClientDirectory, ClientEntry};
 use super::local::{Outbox, Signal};
-use super::metrics::{Counter, Metrics};
-use super::shard::{Fatal, ShardCore};
+use super::metrics::{Counter, Metrics, Received};
+use super::shard::ShardCore;
 use super::{Control, ServerError, ShardReady};
 use crate::config::ServerConfig;
 use crate::journal::FlushTicket;
 use crate::store::Store;
 
-/// Where an answer goes: the shard and connection that received the request.
+/// Where an answer goes: the shard and connection that received the request; and when,
+/// for its latency.
 #[derive(Debug, Clone, Copy)]
 pub struct ReplyTo {
     pub(super) shard: u16,
     pub(super) connection: u64,
     pub(super) request_id: u64,
+    pub(super) received: Option<Received>,
 }
 
 /// What shards send each other.
@@ -70,8 +76,17 @@ pub(super) struct Forwarded {
     pub(super) request: Request,
 }
 
-/// One frame to write: request id, header version, answer.
-pub(super) type Outgoing = (u64, u8, Response);
+/// One frame to write.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub(super) request_id: u64,
+    /// The header version.
+    pub(super) version: u8,
+    pub(super) response: Response,
+    /// The request it answers, timed from its frame to the write of this answer (None:
+    /// the answer is about the connection).
+    pub(super) received: Option<Received>,
+}
 
 struct ConnectionHandle {
     outbox: Rc<Outbox<Outgoing>>,
@@ -152,11 +167,18 @@ pub(super) fn unix_now() -> u64 {
         .map_or(0, |elapsed| elapsed.as_secs())
 }
 
-/// The journal failed: nothing more may be acknowledged. Stop the process; the next start
-/// recovers from disk.
-pub(super) fn fail_stop(fatal: &Fatal) -> ! {
-    tracing::error!("{fatal}");
+/// The journal failed: nothing more may be acknowledged; or a bug would leave a request
+/// that was read without an answer. Stop the process, saying why; the next start recovers
+/// from disk.
+pub(super) fn fail_stop(reason: &dyn std::fmt::Display) -> ! {
+    tracing::error!("{reason}");
     std::process::exit(70);
+}
+
+/// Answers whose connection can no longer take them: counted, not dropped unseen.
+pub(super) fn undelivered(shard: &Shard, count: usize, why: &str) {
+    shard.metrics.shards[usize::from(shard.index)].add(Counter::AnswersUndelivered, count as u64);
+    tracing::debug!(shard = shard.index, count, "answers undelivered: {why}");
 }
 
 pub(super) struct Shard {
@@ -571,34 +593,69 @@ fn deliver(shard: &Rc<Shard>, ready: Vec<(ReplyTo, Response)>) {
     }
     deliver_local(shard, local);
     for (to, answers) in remote {
+        // Every shard has a sender to every other.
         let Some(Some(sender)) = shard.peers.get(usize::from(to)) else {
-            continue;
+            fail_stop(&format!(
+                "shard {} has no channel to shard {to} for {} answers",
+                shard.index,
+                answers.len()
+            ));
         };
-        if let Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(
-            Cross::Answers(answers),
-        ))) = sender.try_send(Cross::Answers(answers))
-        {
-            // The channel is full: wait for room without holding up the driver.
-            let shard = Rc::clone(shard);
-            glommio::spawn_local(async move {
-                if let Some(Some(sender)) = shard.peers.get(usize::from(to)) {
-                    let _ = sender.send(Cross::Answers(answers)).await;
-                }
-            })
-            .detach();
+        match sender.try_send(Cross::Answers(answers)) {
+            Ok(()) => {}
+            Err(glommio::GlommioError::WouldBlock(glommio::ResourceType::Channel(
+                Cross::Answers(answers),
+            ))) => {
+                // The channel is full: wait for room without holding up the driver.
+                let shard = Rc::clone(shard);
+                glommio::spawn_local(async move {
+                    if let Some(Some(sender)) = shard.peers.get(usize::from(to)) {
+                        let sent = sender.send(Cross::Answers(answers)).await;
+                        answers_not_sent(&shard, to, sent);
+                    }
+                })
+                .detach();
+            }
+            sent => answers_not_sent(shard, to, sent),
         }
+    }
+}
+
+/// The outcome of sending answers to the shard that received their requests. That shard
+/// stops taking them only once it has stopped, which it does with requests unanswered
+/// only after the drain timeout at shutdown: those answers are counted.
+fn answers_not_sent(shard: &Shard, to: u16, sent: Result<(), glommio::GlommioError<Cross>>) {
+    match sent {
+        Ok(()) => {}
+        Err(glommio::GlommioError::Closed(glommio::ResourceType::Channel(Cross::Answers(
+            answers,
+        )))) => undelivered(
+            shard,
+            answers.len(),
+            &format!("shard {to} has stopped (drain timeout)"),
+        ),
+        Err(err) => fail_stop(&format!(
+            "answers for shard {to} were lost on their way: {err}"
+        )),
     }
 }
 
 pub(super) fn deliver_local(shard: &Shard, answers: Vec<(ReplyTo, Response)>) {
     let connections = shard.connections.borrow();
     for (reply, response) in answers {
-        // A connection that is gone has no one to tell; a retry with the same request id
-        // gets the same answer from the idempotency window.
-        if let Some(handle) = connections.get(&reply.connection) {
-            handle
-                .outbox
-                .push((reply.request_id, handle.version.get(), response));
-        }
+        // A connection stays registered until every request it read is answered (`serve`
+        // waits for that), so its answers always find it.
+        let Some(handle) = connections.get(&reply.connection) else {
+            fail_stop(&format!(
+                "the answer to request {} is for connection {} of shard {}, which is closed",
+                reply.request_id, reply.connection, shard.index
+            ));
+        };
+        handle.outbox.push(Outgoing {
+            request_id: reply.request_id,
+            version: handle.version.get(),
+            response,
+            received: reply.received,
+        });
     }
 }
