@@ -4,6 +4,7 @@
 //! - [`workload`]: which vPSD each request is for (uniform or zipf).
 //! - [`pacing`]: open-loop schedules, coordinated omission corrected.
 //! - [`run`]: the connections, closed or open loop, with offline verification.
+//! - [`tally`]: what a run saw (successes apart from errors) and whether it is valid.
 //! - [`appliance`]: the appliance as a child process (this program's `appliance`
 //!   subcommand runs `indiciad`'s code).
 //! - [`plot`]: the sweep's SVG.
@@ -18,6 +19,7 @@ pub mod peer;
 pub mod plot;
 pub mod report;
 pub mod run;
+pub mod tally;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -125,6 +127,7 @@ pub fn measure(
         label: label.to_owned(),
         seconds,
         tally,
+        expected_errors: config.expected_errors.clone(),
         before,
         after,
         appliance_cpu: cpu_before

@@ -210,6 +210,7 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
         postage_mills,
         verify_every: args.verify_every,
         seed: args.seed,
+        expected_errors: Vec::new(),
     };
     let label = match mode {
         Mode::Closed { window } => {
@@ -274,6 +275,7 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         postage_mills: 730,
         verify_every: 50,
         seed: 1,
+        expected_errors: Vec::new(),
     };
     let closed = indicia_loadgen::measure(
         "closed loop, 8 connections x 8 in flight",
@@ -394,6 +396,7 @@ fn fresh_point(
         postage_mills: 730,
         verify_every: 100,
         seed: 1,
+        expected_errors: Vec::new(),
     };
     let report = indicia_loadgen::measure(
         &label,

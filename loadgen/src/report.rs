@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{EcdsaKeyPair, Ed25519KeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
-use indicia_proto::Algorithm;
+use indicia_proto::{Algorithm, ErrorCode};
 use serde_json::{json, Value};
 
-use crate::run::Tally;
+use crate::tally::{describe_counts, Tally, Validity};
 
 /// The appliance's counters before and after, by name.
 pub type Stats = HashMap<String, u64>;
@@ -77,6 +77,8 @@ pub struct Report {
     pub label: String,
     pub seconds: f64,
     pub tally: Tally,
+    /// The error codes the run provoked on purpose (see [`Tally::validity`]).
+    pub expected_errors: Vec<ErrorCode>,
     pub before: Stats,
     pub after: Stats,
     /// CPU time the appliance's process used during the run, if its pid was given.
@@ -98,8 +100,14 @@ impl Report {
             .saturating_sub(self.before.get(name).copied().unwrap_or(0))
     }
 
+    /// Indicia signed per second: refusals are not throughput.
     pub fn indicia_per_s(&self) -> f64 {
         self.tally.indicia as f64 / self.seconds.max(1e-9)
+    }
+
+    /// Whether the run measured what it meant to; if not, why.
+    pub fn validity(&self) -> Validity {
+        self.tally.validity(&self.expected_errors)
     }
 
     /// Indicia per session on the appliance during the run.
@@ -107,9 +115,10 @@ impl Report {
         self.delta("indicia") as f64 / self.delta("sessions").max(1) as f64
     }
 
-    /// The appliance's CPU time per indicium, in microseconds.
+    /// The appliance's CPU time per indicium this run had signed, in microseconds (the CPU
+    /// spent refusing requests is in the numerator; the refusals are not in the count).
     pub fn cpu_per_indicium_us(&self) -> Option<f64> {
-        let indicia = self.delta("indicia");
+        let indicia = self.tally.indicia;
         self.appliance_cpu
             .filter(|_| indicia > 0)
             .map(|cpu| cpu.as_secs_f64() * 1e6 / indicia as f64)
@@ -121,15 +130,30 @@ impl Report {
 
     pub fn to_json(&self) -> Value {
         let cpu = self.cpu_per_indicium_us();
+        let validity = self.validity();
         json!({
             "label": self.label,
+            "validity": if validity.is_valid() { "valid" } else { "invalid" },
+            "invalid_reasons": match &validity {
+                Validity::Valid => Default::default(),
+                Validity::Invalid(reasons) => reasons.clone(),
+            },
             "seconds": self.seconds,
             "requests": self.tally.requests,
+            "requests_ok": self.tally.requests_ok,
             "indicia": self.tally.indicia,
             "indicia_per_s": self.indicia_per_s(),
             "errors": self.tally.errors,
+            "expected_errors": self
+                .expected_errors
+                .iter()
+                .map(|code| code.name())
+                .collect::<Vec<_>>(),
+            "transport_failures": self.tally.transport_failures,
+            "unanswered": self.tally.unanswered,
             "verified": self.tally.verified,
             "verify_failed": self.tally.verify_failed,
+            // Successful requests only.
             "latency_us": {
                 "p50": self.latency(0.5),
                 "p90": self.latency(0.9),
@@ -157,16 +181,23 @@ impl Report {
 
     pub fn to_table(&self) -> String {
         let ms = |us: u64| us as f64 / 1000.0;
-        let mut out = format!(
-            "{}: {:.1} s, {} requests, {} indicia: {:.0} indicia/s\n",
+        let validity = self.validity();
+        let mut out = String::new();
+        if !validity.is_valid() {
+            out.push_str(&format!("{}\n", invalid_banner(&self.label, &validity)));
+        }
+        out.push_str(&format!(
+            "{}: {:.1} s, {} requests ({} successful), {} indicia signed: {:.0} indicia/s\n",
             self.label,
             self.seconds,
             self.tally.requests,
+            self.tally.requests_ok,
             self.tally.indicia,
             self.indicia_per_s()
-        );
+        ));
         out.push_str(&format!(
-            "  latency ms: p50 {:.2}  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}\n",
+            "  latency ms, client-side, successful requests: p50 {:.2}  p90 {:.2}  p99 {:.2}  \
+             p99.9 {:.2}  max {:.2}\n",
             ms(self.latency(0.5)),
             ms(self.latency(0.9)),
             ms(self.latency(0.99)),
@@ -194,15 +225,38 @@ impl Report {
                 self.raw_sign_us
             )),
         }
-        if !self.tally.errors.is_empty() {
-            out.push_str(&format!("  errors: {:?}\n", self.tally.errors));
+        out.push_str(&format!(
+            "  errors by code: {}",
+            describe_counts(&self.tally.errors)
+        ));
+        if !self.expected_errors.is_empty() {
+            let expected: Vec<String> = self.expected_errors.iter().map(|c| c.name()).collect();
+            out.push_str(&format!(" (expected: {})", expected.join(", ")));
         }
+        out.push_str(&format!(
+            "; failed connections: {}",
+            describe_counts(&self.tally.transport_failures)
+        ));
+        if self.tally.unanswered > 0 {
+            out.push_str(&format!(", {} requests unanswered", self.tally.unanswered));
+        }
+        out.push('\n');
         out.push_str(&format!(
             "  verified {} indicia offline, {} failed\n",
             self.tally.verified, self.tally.verify_failed
         ));
+        out.push_str(&format!("  this run is {}\n", validity.describe()));
         out
     }
+}
+
+/// The line that heads an invalid run's report, and the demo's and the sweep's summaries.
+pub fn invalid_banner(label: &str, validity: &Validity) -> String {
+    format!(
+        "*** {label}: {} (failures the experiment did not intend: its figures count only what \
+         succeeded, and do not describe the load it meant to measure) ***",
+        validity.describe()
+    )
 }
 
 #[cfg(test)]
@@ -215,6 +269,7 @@ mod tests {
             tally.latency_us.record(us).unwrap_or_default();
         }
         tally.requests = 4;
+        tally.requests_ok = 4;
         tally.indicia = 400;
         tally.verified = 4;
         let stats = |sessions: u64, indicia: u64| -> Stats {
@@ -229,6 +284,7 @@ mod tests {
             label: "closed".into(),
             seconds: 2.0,
             tally,
+            expected_errors: Vec::new(),
             before: stats(10, 1_000),
             after: stats(20, 1_400),
             appliance_cpu: Some(Duration::from_millis(20)),
@@ -253,6 +309,43 @@ mod tests {
         assert!(table.contains("200 indicia/s"), "{table}");
         assert!(table.contains("40.0 indicia/session"), "{table}");
         assert!(table.contains("2.00x the raw signature"), "{table}");
+        assert!(table.contains("errors by code: none"), "{table}");
+        assert!(table.contains("this run is valid"), "{table}");
+        assert!(!table.contains("INVALID"), "{table}");
+        assert_eq!(json["validity"], "valid");
+        assert_eq!(json["invalid_reasons"], json!({}));
+    }
+
+    #[test]
+    fn an_invalid_report_says_so_with_its_reasons_and_counts_only_successes() {
+        let mut report = report();
+        for _ in 0..7 {
+            report.tally.error(ErrorCode::InsufficientFunds);
+        }
+        report.tally.requests += 7;
+        // Refusals change neither the throughput nor the CPU per indicium.
+        assert_eq!(report.indicia_per_s(), 200.0);
+        assert_eq!(report.cpu_per_indicium_us(), Some(50.0));
+        let json = report.to_json();
+        assert_eq!(json["validity"], "invalid");
+        assert_eq!(json["invalid_reasons"]["insufficient-funds"], 7);
+        assert_eq!(json["errors"]["insufficient-funds"], 7);
+        assert_eq!(json["latency_us"]["count"], 4);
+        let table = report.to_table();
+        assert!(
+            table.starts_with("*** closed: INVALID: insufficient-funds 7"),
+            "{table}"
+        );
+        assert!(table.contains("11 requests (4 successful)"), "{table}");
+        assert!(
+            table.contains("errors by code: insufficient-funds 7"),
+            "{table}"
+        );
+        // Declared as expected, the same errors leave the run valid, and still reported.
+        report.expected_errors = vec![ErrorCode::InsufficientFunds];
+        let table = report.to_table();
+        assert!(table.contains("this run is valid"), "{table}");
+        assert!(table.contains("(expected: insufficient-funds)"), "{table}");
     }
 
     #[test]

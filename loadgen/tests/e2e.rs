@@ -43,6 +43,7 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         postage_mills: 10,
         verify_every: 10,
         seed: 5,
+        expected_errors: Vec::new(),
     };
     let closed = indicia_loadgen::measure(
         "closed",
@@ -57,6 +58,8 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     assert!(closed.tally.errors.is_empty(), "{:?}", closed.tally.errors);
     assert!(closed.tally.verified > 0 && closed.tally.verify_failed == 0);
     assert_eq!(closed.tally.latency_us.len(), closed.tally.requests);
+    assert_eq!(closed.tally.requests_ok, closed.tally.requests);
+    assert!(closed.validity().is_valid(), "{}", closed.to_table());
     // The appliance counted the same indicia the load generator received.
     let json = closed.to_json();
     assert_eq!(json["appliance"]["indicia"], closed.tally.indicia);
@@ -71,6 +74,7 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     assert_eq!(open.tally.requests, 210, "{}", open.to_table());
     assert_eq!(open.tally.indicia, open.tally.requests * 8);
     assert!(open.tally.errors.is_empty(), "{:?}", open.tally.errors);
+    assert!(open.validity().is_valid(), "{}", open.to_table());
     // Registers agree with everything both runs were told.
     let total: u64 = (700..704)
         .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
@@ -117,6 +121,7 @@ fn the_load_generator_signs_over_mutual_tls() {
         postage_mills: 10,
         verify_every: 5,
         seed: 9,
+        expected_errors: Vec::new(),
     };
     let report = indicia_loadgen::measure(
         "closed, TLS",
@@ -129,6 +134,7 @@ fn the_load_generator_signs_over_mutual_tls() {
     assert!(report.tally.indicia > 50, "{}", report.to_table());
     assert_eq!(report.tally.indicia, report.tally.requests);
     assert!(report.tally.errors.is_empty(), "{:?}", report.tally.errors);
+    assert!(report.validity().is_valid(), "{}", report.to_table());
     assert!(report.tally.verified > 0 && report.tally.verify_failed == 0);
     assert_eq!(
         report.to_json()["appliance"]["indicia"],
