@@ -185,12 +185,6 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
     let algorithm: Algorithm = args.algorithm.parse()?;
     let postage_mills = parse_amount_mills(&args.postage)?;
     let picker = VpsdPicker::new(args.first_vpsd, args.vpsds, args.distribution);
-    if let Some(provider_key) = &args.provider_key {
-        let mut admin = Client::connect_with(args.addr, &credential, tls.as_ref())?;
-        // Enough for the whole run at a generous rate.
-        let funds = postage_mills.saturating_mul(50_000_000);
-        indicia_loadgen::prepare_vpsds(&mut admin, picker.ids(), algorithm, funds, provider_key)?;
-    }
     let mode = match args.rate {
         Some(rate_per_s) => Mode::Open { rate_per_s },
         None => Mode::Closed {
@@ -212,6 +206,24 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
         seed: args.seed,
         expected_errors: Vec::new(),
     };
+    let mut admin = Client::connect_with(args.addr, &credential, config.tls.as_ref())?;
+    if let Some(provider_key) = &args.provider_key {
+        indicia_loadgen::fund(&mut admin, &config, algorithm, provider_key)?;
+    } else {
+        for (vpsd_id, held_mills) in indicia_loadgen::underfunded(&mut admin, &config)? {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!(
+                    "indicia-loadgen: vPSD {vpsd_id} holds {} ({} indicia), less than this \
+                     run may spend; give --provider-key to fund it, or its insufficient-funds \
+                     answers will make the run invalid",
+                    format_mills(held_mills),
+                    held_mills / postage_mills.max(1),
+                );
+            }
+        }
+    }
+    drop(admin);
     let label = match mode {
         Mode::Closed { window } => {
             format!("closed loop, {} x {window} in flight", args.connections)
@@ -231,9 +243,10 @@ const DEMO_FIRST_VPSD: u64 = 7_001;
 /// Request frames one write may carry in the demo and the sweep.
 const FRAMES_PER_WRITE: usize = 64;
 
-/// Provisions and funds `count` ECDSA vPSDs from DEMO_FIRST_VPSD on a fresh appliance;
-/// returns its admin credential, a picker over those vPSDs and the admin connection.
-fn funded(
+/// Provisions `count` ECDSA vPSDs from DEMO_FIRST_VPSD on a fresh appliance, unfunded
+/// (each run funds them for what it can spend: [`indicia_loadgen::fund`]); returns its
+/// admin credential, a picker over those vPSDs and the admin connection.
+fn provisioned(
     appliance: &Appliance,
     count: u64,
     tls: Option<&TlsSettings>,
@@ -245,7 +258,7 @@ fn funded(
         &mut admin,
         picker.ids(),
         Algorithm::EcdsaP256,
-        100_000_000,
+        0,
         &appliance.provider_key(),
     )?;
     Ok((credential, picker, admin))
@@ -260,8 +273,11 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         appliance.addr,
         appliance.data_dir.display()
     );
-    let (credential, picker, mut admin) = funded(&appliance, 4, None)?;
-    out.push_str("provisioned and funded vPSDs 7001-7004 (ECDSA P-256)\n\n");
+    let (credential, picker, mut admin) = provisioned(&appliance, 4, None)?;
+    out.push_str(
+        "provisioned vPSDs 7001-7004 (ECDSA P-256), funded before each phase for all it can \
+         spend\n\n",
+    );
     let mut config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
@@ -277,6 +293,8 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         seed: 1,
         expected_errors: Vec::new(),
     };
+    let provider_key = appliance.provider_key();
+    indicia_loadgen::fund(&mut admin, &config, Algorithm::EcdsaP256, &provider_key)?;
     let closed = indicia_loadgen::measure(
         "closed loop, 8 connections x 8 in flight",
         &config,
@@ -287,6 +305,7 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
     out.push_str(&closed.to_table());
     let rate = (closed.indicia_per_s() / 2.0).max(100.0).round();
     config.mode = Mode::Open { rate_per_s: rate };
+    indicia_loadgen::fund(&mut admin, &config, Algorithm::EcdsaP256, &provider_key)?;
     let open = indicia_loadgen::measure(
         &format!("open loop at half that rate, {rate} requests/s"),
         &config,
@@ -297,6 +316,13 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
     out.push('\n');
     out.push_str(&open.to_table());
     // One indicium, decoded and verified offline with the published key.
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        std::iter::once(DEMO_FIRST_VPSD),
+        Algorithm::EcdsaP256,
+        730,
+        &provider_key,
+    )?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -365,8 +391,7 @@ fn fresh_point(
         format!("shards = {shards}\n\n[engine]\nsession_indicia_max = {cap}\n\n{tls_section}"),
     )?;
     let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
-    let (credential, picker, admin) = funded(&appliance, 1, settings.as_ref())?;
-    drop(admin);
+    let (credential, picker, mut admin) = provisioned(&appliance, 1, settings.as_ref())?;
     let (connections, mode, label) = match load {
         Load::InFlight(total) => {
             let connections = total.clamp(1, 8);
@@ -398,6 +423,13 @@ fn fresh_point(
         seed: 1,
         expected_errors: Vec::new(),
     };
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::EcdsaP256,
+        &appliance.provider_key(),
+    )?;
+    drop(admin);
     let report = indicia_loadgen::measure(
         &label,
         &config,

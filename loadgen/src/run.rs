@@ -43,6 +43,11 @@ pub enum LoadError {
     Protocol(String),
     #[error("a load thread panicked")]
     Thread,
+    #[error("funding {indicia_max} indicia at {postage_mills} mills does not fit a register")]
+    FundingOverflow {
+        indicia_max: u64,
+        postage_mills: u64,
+    },
 }
 
 /// How requests are offered.

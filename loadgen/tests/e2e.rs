@@ -22,14 +22,6 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     let credential = appliance.admin_credential().unwrap();
     let picker = VpsdPicker::new(700, 4, Distribution::Zipf(1.0));
     let mut admin = Client::connect(appliance.addr, &credential).unwrap();
-    indicia_loadgen::prepare_vpsds(
-        &mut admin,
-        picker.ids(),
-        Algorithm::Ed25519,
-        10_000_000,
-        &appliance.provider_key(),
-    )
-    .unwrap();
     let mut config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
@@ -45,6 +37,14 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         seed: 5,
         expected_errors: Vec::new(),
     };
+    // Provisioned and funded for all the run can spend.
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::Ed25519,
+        &appliance.provider_key(),
+    )
+    .unwrap();
     let closed = indicia_loadgen::measure(
         "closed",
         &config,
@@ -67,6 +67,13 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
 
     config.mode = Mode::Open { rate_per_s: 300.0 };
     config.batch = 8;
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::Ed25519,
+        &appliance.provider_key(),
+    )
+    .unwrap();
     let open =
         indicia_loadgen::measure("open", &config, &credential, Algorithm::Ed25519, None).unwrap();
     // 0.7 s at 100 requests/s on each of 3 connections: requests 0..70 are due before the
