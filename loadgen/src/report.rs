@@ -179,6 +179,28 @@ impl Report {
         })
     }
 
+    /// One table row, for the experiments that report many loads (the sweep, tls-cost):
+    /// throughput, session size, client-side latency of the successful requests, CPU per
+    /// indicium, the number of failures, and whether the load is valid (if not, why).
+    pub fn to_row(&self) -> String {
+        let ms = |us: u64| us as f64 / 1000.0;
+        let cpu = self.cpu_per_indicium_us();
+        format!(
+            "{:>11.0} {:>9.1} {:>9.2} {:>9.2} {:>13} {:>8} {:>7}  {}",
+            self.indicia_per_s(),
+            self.session_size_mean(),
+            ms(self.latency(0.5)),
+            ms(self.latency(0.99)),
+            cpu.map_or("n/a".to_owned(), |cpu| format!("{cpu:.1} us")),
+            cpu.map_or("n/a".to_owned(), |cpu| format!(
+                "{:.2}x",
+                cpu / self.raw_sign_us
+            )),
+            self.tally.failures(),
+            self.validity().describe(),
+        )
+    }
+
     pub fn to_table(&self) -> String {
         let ms = |us: u64| us as f64 / 1000.0;
         let validity = self.validity();
@@ -250,6 +272,14 @@ impl Report {
     }
 }
 
+/// The header of [`Report::to_row`]'s columns.
+pub fn row_header() -> String {
+    format!(
+        "{:>11} {:>9} {:>9} {:>9} {:>13} {:>8} {:>7}  {}",
+        "indicia/s", "per sess", "p50 ms", "p99 ms", "CPU/indicium", "vs raw", "errors", "point"
+    )
+}
+
 /// The line that heads an invalid run's report, and the demo's and the sweep's summaries.
 pub fn invalid_banner(label: &str, validity: &Validity) -> String {
     format!(
@@ -314,6 +344,9 @@ mod tests {
         assert!(!table.contains("INVALID"), "{table}");
         assert_eq!(json["validity"], "valid");
         assert_eq!(json["invalid_reasons"], json!({}));
+        let row = report.to_row();
+        assert!(row.ends_with("       0  valid"), "{row}");
+        assert!(row.contains("50.0 us    2.00x"), "{row}");
     }
 
     #[test]
