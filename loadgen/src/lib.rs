@@ -10,8 +10,9 @@
 //!   subcommand runs `indiciad`'s code).
 //! - [`plot`]: the sweep's SVG.
 //! - `peer` (feature `softhsm`): the same signatures through SoftHSM2, for comparison.
-//! - [`report`]: throughput, latency percentiles, the appliance's statistics and CPU time,
-//!   and the raw signing cost measured in the same run.
+//! - [`report`]: throughput, latency percentiles (client-side and the appliance's own),
+//!   the appliance's statistics and CPU time, and the raw signing cost measured in the
+//!   same run.
 
 pub mod appliance;
 pub mod funding;
@@ -35,11 +36,7 @@ use report::{Report, Stats};
 use run::{Keys, LoadError, RunConfig};
 
 fn stats(client: &mut Client) -> Result<Stats, ClientError> {
-    Ok(client
-        .stats()?
-        .into_iter()
-        .map(|entry| (entry.name, entry.value))
-        .collect())
+    Ok(report::stats_from(client.stats()?))
 }
 
 /// Provisions the run's vPSDs that do not exist yet (with `algorithm`) and tops each up to
@@ -170,6 +167,7 @@ pub fn measure(
         seconds,
         tally,
         expected_errors: config.expected_errors.clone(),
+        request_kind: config.request_kind(),
         before,
         after,
         appliance_cpu: cpu_before

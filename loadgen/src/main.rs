@@ -502,7 +502,7 @@ fn sweep(
     let mut invalid = Vec::new();
     // The best *valid* closed-loop point with coalescing on: (cap, indicia/s).
     let mut saturation: Option<(usize, f64)> = None;
-    let mut table = format!("{:>5} {:>9} {}\n", "cap", "in flight", report::row_header());
+    let mut table = report::row_header(&format!("{:>5} {:>9}", "cap", "in flight"));
     for &total in in_flight {
         for &cap in caps {
             let report = fresh_point(cap, shards, Load::InFlight(total), duration, false)?;
@@ -535,11 +535,13 @@ fn sweep(
             let latency = &report.tally.latency_us;
             let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
             let validity = report.validity();
+            let (appliance_p50, appliance_p99) = report.appliance_latency().p50_p99_ms();
             table.push_str(&format!(
                 "\nopen loop at half the saturation rate (best valid point: {rate:.0}/s at cap \
                  {cap}): {half:.0} requests/s offered, {:.0} indicia/s, {:.1} per session; \
                  latency of the successful requests p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, \
-                 p99.9 {:.2} ms, max {:.2} ms; CPU/indicium {}; {} failures; {}\n",
+                 p99.9 {:.2} ms, max {:.2} ms; appliance-side p50 {} ms, p99 {} ms; CPU/indicium \
+                 {}; {} failures; {}\n",
                 report.indicia_per_s(),
                 report.session_size_mean(),
                 ms(0.5),
@@ -547,6 +549,8 @@ fn sweep(
                 ms(0.99),
                 ms(0.999),
                 latency.max() as f64 / 1000.0,
+                appliance_p50,
+                appliance_p99,
                 report
                     .cpu_per_indicium_us()
                     .map_or("n/a".to_owned(), |cpu| format!(
@@ -710,13 +714,10 @@ fn tls_cost(
     rounds: usize,
     out_path: &std::path::Path,
 ) -> Result<Outcome, Box<dyn std::error::Error>> {
-    let mut table = format!(
-        "{:>5} {:>10} {:>9} {}\n",
-        "round",
-        "transport",
-        "in flight",
-        report::row_header()
-    );
+    let mut table = report::row_header(&format!(
+        "{:>5} {:>10} {:>9}",
+        "round", "transport", "in flight"
+    ));
     let mut points = Vec::new();
     let mut invalid = Vec::new();
     // (in flight, tls) -> CPU per indicium over raw, each valid round.
