@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use indicia_client::Client;
 use indicia_loadgen::appliance::Appliance;
-use indicia_loadgen::run::{Mode, RunConfig};
+use indicia_loadgen::run::{Mode, RunConfig, Validity};
 use indicia_loadgen::workload::{Distribution, VpsdPicker};
 use indicia_proto::Algorithm;
 
@@ -151,6 +151,114 @@ fn the_load_generator_signs_over_mutual_tls() {
         .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
         .sum();
     assert_eq!(total, report.tally.indicia * 10);
+    drop(admin);
+    assert!(appliance.stop().unwrap().success());
+}
+
+/// A vPSD funded for only 300 indicia, driven past that: the run is invalid, with the
+/// `insufficient-funds` refusals counted apart; its throughput is the indicia signed over
+/// its duration (the vPSD's own piece count agrees), and its latency histogram holds the
+/// successful requests only. The CLI's `run` says so and exits with status 2.
+#[test]
+fn a_run_that_spends_more_than_its_vpsd_holds_is_invalid_and_counts_only_what_was_signed() {
+    const VPSD: u64 = 900;
+    const FUNDED_INDICIA: u64 = 300;
+    const POSTAGE_MILLS: u64 = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let appliance = Appliance::spawn_with(Path::new(EXE), &dir.path().join("data"), None).unwrap();
+    let credential = appliance.admin_credential().unwrap();
+    let mut admin = Client::connect(appliance.addr, &credential).unwrap();
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        std::iter::once(VPSD),
+        Algorithm::Ed25519,
+        FUNDED_INDICIA * POSTAGE_MILLS,
+        &appliance.provider_key(),
+    )
+    .unwrap();
+    let config = RunConfig {
+        addr: appliance.addr,
+        credential: credential.clone(),
+        tls: None,
+        connections: 2,
+        mode: Mode::Closed { window: 4 },
+        duration: Duration::from_millis(600),
+        picker: VpsdPicker::new(VPSD, 1, Distribution::Uniform),
+        batch: 1,
+        frames_per_write: 4,
+        postage_mills: POSTAGE_MILLS,
+        verify_every: 10,
+        seed: 3,
+        expected_errors: Vec::new(),
+    };
+    let report = indicia_loadgen::measure(
+        "underfunded",
+        &config,
+        &credential,
+        Algorithm::Ed25519,
+        Some(appliance.pid()),
+    )
+    .unwrap();
+    let table = report.to_table();
+    let tally = &report.tally;
+    let status = admin.status(VPSD).unwrap();
+    // Everything the vPSD held was spent, and only that was signed.
+    assert_eq!(status.descending_mills, 0, "{table}");
+    assert_eq!(status.piece_count, FUNDED_INDICIA, "{table}");
+    assert_eq!(tally.indicia, status.piece_count, "{table}");
+    assert_eq!(tally.requests_ok, FUNDED_INDICIA, "{table}");
+    // The refusals that followed are counted by code, apart.
+    let refused = tally.errors["insufficient-funds"];
+    assert!(refused > 0, "{table}");
+    assert_eq!(tally.errors.len(), 1, "{:?}", tally.errors);
+    assert_eq!(tally.requests, tally.requests_ok + refused);
+    assert!(tally.transport_failures.is_empty() && tally.unanswered == 0);
+    assert_eq!(tally.verify_failed, 0);
+    // The appliance counted the same refusals.
+    assert_eq!(report.after["errors.insufficient-funds"], refused);
+    // Neither the throughput nor the latency histogram contains them.
+    assert_eq!(
+        report.indicia_per_s(),
+        FUNDED_INDICIA as f64 / report.seconds
+    );
+    assert_eq!(tally.latency_us.len(), FUNDED_INDICIA);
+    let cpu_s = report.appliance_cpu.unwrap().as_secs_f64();
+    let cpu_per_indicium = report.cpu_per_indicium_us().unwrap();
+    assert!((cpu_per_indicium - cpu_s * 1e6 / FUNDED_INDICIA as f64).abs() < 1e-6);
+    // The point is invalid, with the reason and its count.
+    assert_eq!(
+        report.validity(),
+        Validity::Invalid([("insufficient-funds".to_owned(), refused)].into())
+    );
+    let json = report.to_json();
+    assert_eq!(json["validity"], "invalid");
+    assert_eq!(json["invalid_reasons"]["insufficient-funds"], refused);
+    assert_eq!(json["errors"]["insufficient-funds"], refused);
+    assert_eq!(json["indicia"], FUNDED_INDICIA);
+    assert_eq!(json["latency_us"]["count"], FUNDED_INDICIA);
+    assert!(
+        table.starts_with(&format!(
+            "*** underfunded: INVALID: insufficient-funds {refused} "
+        )),
+        "{table}"
+    );
+
+    // The CLI, against the now empty vPSD and without a provider key to fund it: a
+    // warning first, the invalid report, exit status 2.
+    let output = std::process::Command::new(EXE)
+        .args(["run", "--addr", &appliance.addr.to_string(), "--credential"])
+        .arg(appliance.data_dir.join("admin.credential"))
+        .args(["--first-vpsd", &VPSD.to_string(), "--vpsds", "1"])
+        .args(["--connections", "1", "--window", "2", "--duration", "0.2"])
+        .args(["--postage", "0.010", "--algorithm", "ed25519"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("vPSD 900 holds 0.000"), "{stderr}");
+    assert!(stdout.contains("INVALID: insufficient-funds"), "{stdout}");
+    assert!(stdout.contains("0 indicia signed"), "{stdout}");
     drop(admin);
     assert!(appliance.stop().unwrap().success());
 }
