@@ -2,22 +2,27 @@
 //! reports how coalescing amortizes the signing session.
 //!
 //! - [`workload`]: which vPSD each request is for (uniform or zipf).
+//! - [`funding`]: what a run can spend, funded before it starts.
 //! - [`pacing`]: open-loop schedules, coordinated omission corrected.
 //! - [`run`]: the connections, closed or open loop, with offline verification.
+//! - [`tally`]: what a run saw (successes apart from errors) and whether it is valid.
 //! - [`appliance`]: the appliance as a child process (this program's `appliance`
 //!   subcommand runs `indiciad`'s code).
 //! - [`plot`]: the sweep's SVG.
 //! - `peer` (feature `softhsm`): the same signatures through SoftHSM2, for comparison.
-//! - [`report`]: throughput, latency percentiles, the appliance's statistics and CPU time,
-//!   and the raw signing cost measured in the same run.
+//! - [`report`]: throughput, latency percentiles (client-side and the appliance's own),
+//!   the appliance's statistics and CPU time, and the raw signing cost measured in the
+//!   same run.
 
 pub mod appliance;
+pub mod funding;
 pub mod pacing;
 #[cfg(feature = "softhsm")]
 pub mod peer;
 pub mod plot;
 pub mod report;
 pub mod run;
+pub mod tally;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -31,16 +36,12 @@ use report::{Report, Stats};
 use run::{Keys, LoadError, RunConfig};
 
 fn stats(client: &mut Client) -> Result<Stats, ClientError> {
-    Ok(client
-        .stats()?
-        .into_iter()
-        .map(|entry| (entry.name, entry.value))
-        .collect())
+    Ok(report::stats_from(client.stats()?))
 }
 
 /// Provisions the run's vPSDs that do not exist yet (with `algorithm`) and tops each up to
 /// at least `funds_mills` available, with provider authorizations signed by the key in
-/// `provider_key`. Needs an admin credential.
+/// `provider_key` (each with the vPSD's next sequence number). Needs an admin credential.
 pub fn prepare_vpsds(
     client: &mut Client,
     ids: impl Iterator<Item = u64>,
@@ -81,6 +82,46 @@ pub fn prepare_vpsds(
         }
     }
     Ok(())
+}
+
+/// Provisions `config`'s vPSDs that do not exist yet and funds each for everything the run
+/// can spend ([`funding::funds_mills`]). Call it before every run on the same vPSDs: what
+/// an earlier run spent is topped up again.
+pub fn fund(
+    client: &mut Client,
+    config: &RunConfig,
+    algorithm: Algorithm,
+    provider_key: &Path,
+) -> Result<(), LoadError> {
+    let funds_mills = funding::funds_mills(config).ok_or(LoadError::FundingOverflow {
+        indicia_max: funding::indicia_max(config),
+        postage_mills: config.postage_mills,
+    })?;
+    prepare_vpsds(
+        client,
+        config.picker.ids(),
+        algorithm,
+        funds_mills,
+        provider_key,
+    )?;
+    Ok(())
+}
+
+/// The vPSDs of `config` that hold less than the run can spend, with what they hold (in
+/// mills): for a run that cannot fund them itself (no provider key).
+pub fn underfunded(
+    client: &mut Client,
+    config: &RunConfig,
+) -> Result<Vec<(u64, u64)>, ClientError> {
+    let needed = funding::funds_mills(config).unwrap_or(u64::MAX);
+    let mut short = Vec::new();
+    for vpsd_id in config.picker.ids() {
+        let status = client.status(vpsd_id)?;
+        if status.descending_mills < needed {
+            short.push((vpsd_id, status.descending_mills));
+        }
+    }
+    Ok(short)
 }
 
 /// The published keys of the run's vPSDs, for offline verification.
@@ -125,6 +166,8 @@ pub fn measure(
         label: label.to_owned(),
         seconds,
         tally,
+        expected_errors: config.expected_errors.clone(),
+        request_kind: config.request_kind(),
         before,
         after,
         appliance_cpu: cpu_before

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use indicia_client::{Client, Credential, TlsSettings};
 use indicia_loadgen::appliance::Appliance;
+use indicia_loadgen::report;
 use indicia_loadgen::run::{Mode, RunConfig};
 use indicia_loadgen::workload::{Distribution, VpsdPicker};
 use indicia_proto::{format_mills, parse_amount_mills, Algorithm};
@@ -173,7 +174,23 @@ struct TlsArgs {
     tls_server_name: Option<String>,
 }
 
-fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
+/// What a subcommand prints, and whether every load it measured is valid: the process
+/// exits with [`EXIT_INVALID`] if one is not, after printing and writing everything.
+struct Outcome {
+    text: String,
+    valid: bool,
+}
+
+impl Outcome {
+    fn valid(text: String) -> Self {
+        Self { text, valid: true }
+    }
+}
+
+/// The exit status when a measurement is invalid (1 is a failure to measure at all).
+const EXIT_INVALID: u8 = 2;
+
+fn run(args: RunArgs) -> Result<Outcome, Box<dyn std::error::Error>> {
     let credential = Credential::load(&args.credential)?;
     let tls = indicia_client::cli::tls_settings_from(
         args.tls.tls_ca.as_deref(),
@@ -185,12 +202,6 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
     let algorithm: Algorithm = args.algorithm.parse()?;
     let postage_mills = parse_amount_mills(&args.postage)?;
     let picker = VpsdPicker::new(args.first_vpsd, args.vpsds, args.distribution);
-    if let Some(provider_key) = &args.provider_key {
-        let mut admin = Client::connect_with(args.addr, &credential, tls.as_ref())?;
-        // Enough for the whole run at a generous rate.
-        let funds = postage_mills.saturating_mul(50_000_000);
-        indicia_loadgen::prepare_vpsds(&mut admin, picker.ids(), algorithm, funds, provider_key)?;
-    }
     let mode = match args.rate {
         Some(rate_per_s) => Mode::Open { rate_per_s },
         None => Mode::Closed {
@@ -210,7 +221,26 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
         postage_mills,
         verify_every: args.verify_every,
         seed: args.seed,
+        expected_errors: Vec::new(),
     };
+    let mut admin = Client::connect_with(args.addr, &credential, config.tls.as_ref())?;
+    if let Some(provider_key) = &args.provider_key {
+        indicia_loadgen::fund(&mut admin, &config, algorithm, provider_key)?;
+    } else {
+        for (vpsd_id, held_mills) in indicia_loadgen::underfunded(&mut admin, &config)? {
+            #[allow(clippy::print_stderr)]
+            {
+                eprintln!(
+                    "indicia-loadgen: vPSD {vpsd_id} holds {} ({} indicia), less than this \
+                     run may spend; give --provider-key to fund it, or its insufficient-funds \
+                     answers will make the run invalid",
+                    format_mills(held_mills),
+                    held_mills / postage_mills.max(1),
+                );
+            }
+        }
+    }
+    drop(admin);
     let label = match mode {
         Mode::Closed { window } => {
             format!("closed loop, {} x {window} in flight", args.connections)
@@ -219,10 +249,13 @@ fn run(args: RunArgs) -> Result<String, Box<dyn std::error::Error>> {
     };
     let report =
         indicia_loadgen::measure(&label, &config, &credential, algorithm, args.appliance_pid)?;
-    Ok(if args.json {
-        format!("{}\n", report.to_json())
-    } else {
-        report.to_table()
+    Ok(Outcome {
+        text: if args.json {
+            format!("{}\n", report.to_json())
+        } else {
+            report.to_table()
+        },
+        valid: report.validity().is_valid(),
     })
 }
 
@@ -230,9 +263,10 @@ const DEMO_FIRST_VPSD: u64 = 7_001;
 /// Request frames one write may carry in the demo and the sweep.
 const FRAMES_PER_WRITE: usize = 64;
 
-/// Provisions and funds `count` ECDSA vPSDs from DEMO_FIRST_VPSD on a fresh appliance;
-/// returns its admin credential, a picker over those vPSDs and the admin connection.
-fn funded(
+/// Provisions `count` ECDSA vPSDs from DEMO_FIRST_VPSD on a fresh appliance, unfunded
+/// (each run funds them for what it can spend: [`indicia_loadgen::fund`]); returns its
+/// admin credential, a picker over those vPSDs and the admin connection.
+fn provisioned(
     appliance: &Appliance,
     count: u64,
     tls: Option<&TlsSettings>,
@@ -244,13 +278,13 @@ fn funded(
         &mut admin,
         picker.ids(),
         Algorithm::EcdsaP256,
-        100_000_000,
+        0,
         &appliance.provider_key(),
     )?;
     Ok((credential, picker, admin))
 }
 
-fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
+fn demo(duration: f64) -> Result<Outcome, Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let appliance = Appliance::spawn(&dir.path().join("indicia-data"), None)?;
     let mut out = format!(
@@ -259,8 +293,11 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         appliance.addr,
         appliance.data_dir.display()
     );
-    let (credential, picker, mut admin) = funded(&appliance, 4, None)?;
-    out.push_str("provisioned and funded vPSDs 7001-7004 (ECDSA P-256)\n\n");
+    let (credential, picker, mut admin) = provisioned(&appliance, 4, None)?;
+    out.push_str(
+        "provisioned vPSDs 7001-7004 (ECDSA P-256), funded before each phase for all it can \
+         spend\n\n",
+    );
     let mut config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
@@ -274,7 +311,10 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         postage_mills: 730,
         verify_every: 50,
         seed: 1,
+        expected_errors: Vec::new(),
     };
+    let provider_key = appliance.provider_key();
+    indicia_loadgen::fund(&mut admin, &config, Algorithm::EcdsaP256, &provider_key)?;
     let closed = indicia_loadgen::measure(
         "closed loop, 8 connections x 8 in flight",
         &config,
@@ -283,18 +323,37 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
         Some(appliance.pid()),
     )?;
     out.push_str(&closed.to_table());
-    let rate = (closed.indicia_per_s() / 2.0).max(100.0).round();
-    config.mode = Mode::Open { rate_per_s: rate };
-    let open = indicia_loadgen::measure(
-        &format!("open loop at half that rate, {rate} requests/s"),
-        &config,
-        &credential,
-        Algorithm::EcdsaP256,
-        Some(appliance.pid()),
-    )?;
-    out.push('\n');
-    out.push_str(&open.to_table());
+    let mut invalid = Vec::new();
+    if closed.validity().is_valid() {
+        let rate = (closed.indicia_per_s() / 2.0).max(100.0).round();
+        config.mode = Mode::Open { rate_per_s: rate };
+        indicia_loadgen::fund(&mut admin, &config, Algorithm::EcdsaP256, &provider_key)?;
+        let open = indicia_loadgen::measure(
+            &format!("open loop at half that rate, {rate} requests/s"),
+            &config,
+            &credential,
+            Algorithm::EcdsaP256,
+            Some(appliance.pid()),
+        )?;
+        out.push('\n');
+        out.push_str(&open.to_table());
+        if !open.validity().is_valid() {
+            invalid.push(report::invalid_banner(&open.label, &open.validity()));
+        }
+    } else {
+        invalid.push(report::invalid_banner(&closed.label, &closed.validity()));
+        out.push_str(
+            "\nno open-loop phase: its rate would be half of an invalid closed-loop figure\n",
+        );
+    }
     // One indicium, decoded and verified offline with the published key.
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        std::iter::once(DEMO_FIRST_VPSD),
+        Algorithm::EcdsaP256,
+        730,
+        &provider_key,
+    )?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
@@ -335,7 +394,13 @@ fn demo(duration: f64) -> Result<String, Box<dyn std::error::Error>> {
     drop(admin);
     let status = appliance.stop()?;
     out.push_str(&format!("appliance stopped on SIGTERM: {status}\n"));
-    Ok(out)
+    for banner in &invalid {
+        out.push_str(&format!("\n{banner}\n"));
+    }
+    Ok(Outcome {
+        text: out,
+        valid: invalid.is_empty(),
+    })
 }
 
 /// One sweep point's load: closed loop with this many requests in flight in all, or
@@ -363,8 +428,7 @@ fn fresh_point(
         format!("shards = {shards}\n\n[engine]\nsession_indicia_max = {cap}\n\n{tls_section}"),
     )?;
     let appliance = Appliance::spawn(&dir.path().join("data"), Some(&config_path))?;
-    let (credential, picker, admin) = funded(&appliance, 1, settings.as_ref())?;
-    drop(admin);
+    let (credential, picker, mut admin) = provisioned(&appliance, 1, settings.as_ref())?;
     let (connections, mode, label) = match load {
         Load::InFlight(total) => {
             let connections = total.clamp(1, 8);
@@ -394,7 +458,15 @@ fn fresh_point(
         postage_mills: 730,
         verify_every: 100,
         seed: 1,
+        expected_errors: Vec::new(),
     };
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::EcdsaP256,
+        &appliance.provider_key(),
+    )?;
+    drop(admin);
     let report = indicia_loadgen::measure(
         &label,
         &config,
@@ -424,83 +496,113 @@ fn sweep(
         out_path,
         svg_path,
     }: SweepArgs<'_>,
-) -> Result<String, Box<dyn std::error::Error>> {
+) -> Result<Outcome, Box<dyn std::error::Error>> {
     let mut points = Vec::new();
     let mut plotted = Vec::new();
+    let mut invalid = Vec::new();
+    // The best *valid* closed-loop point with coalescing on: (cap, indicia/s).
     let mut saturation: Option<(usize, f64)> = None;
-    let mut table = format!(
-        "{:>5} {:>9} {:>11} {:>9} {:>9} {:>9} {:>13} {:>8}\n",
-        "cap", "in flight", "indicia/s", "per sess", "p50 ms", "p99 ms", "CPU/indicium", "vs raw"
-    );
+    let mut table = report::row_header(&format!("{:>5} {:>9}", "cap", "in flight"));
     for &total in in_flight {
         for &cap in caps {
             let report = fresh_point(cap, shards, Load::InFlight(total), duration, false)?;
-            let cpu = report.cpu_per_indicium_us().unwrap_or(0.0);
-            table.push_str(&format!(
-                "{cap:>5} {total:>9} {:>11.0} {:>9.1} {:>9.2} {:>9.2} {:>10.1} us {:>7.2}x\n",
-                report.indicia_per_s(),
-                report.session_size_mean(),
-                report.tally.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
-                report.tally.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
-                cpu,
-                cpu / report.raw_sign_us,
-            ));
+            table.push_str(&format!("{cap:>5} {total:>9} {}\n", report.to_row()));
+            let mut point = report.to_json();
+            point["session_indicia_max"] = cap.into();
+            point["in_flight"] = total.into();
+            points.push(point);
+            if !report.validity().is_valid() {
+                invalid.push(report::invalid_banner(&report.label, &report.validity()));
+                continue;
+            }
             plotted.push(indicia_loadgen::plot::Point {
                 in_flight: total,
                 session_size_mean: report.session_size_mean(),
                 indicia_per_s: report.indicia_per_s(),
                 latency_p99_ms: report.tally.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
             });
-            let mut point = report.to_json();
-            point["session_indicia_max"] = cap.into();
-            point["in_flight"] = total.into();
-            points.push(point);
             if cap > 1 && report.indicia_per_s() > saturation.map_or(0.0, |(_, rate)| rate) {
                 saturation = Some((cap, report.indicia_per_s()));
             }
         }
     }
-    // Latency at half the saturation rate: the best coalescing point's throughput, halved,
-    // offered open loop (coordinated omission corrected) to a fresh appliance.
-    if let Some((cap, rate)) = saturation {
-        let half = (rate / 2.0).round().max(1.0);
-        let report = fresh_point(cap, shards, Load::Rate(half), duration, false)?;
-        let latency = &report.tally.latency_us;
-        let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
-        table.push_str(&format!(
-            "\nopen loop at half the saturation rate ({rate:.0}/s at cap {cap}): {half:.0} requests/s \
-             offered, {:.0} indicia/s, {:.1} per session; latency p50 {:.2} ms, p90 {:.2} ms, \
-             p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms; CPU/indicium {:.1} us = {:.2}x raw\n",
-            report.indicia_per_s(),
-            report.session_size_mean(),
-            ms(0.5),
-            ms(0.9),
-            ms(0.99),
-            ms(0.999),
-            latency.max() as f64 / 1000.0,
-            report.cpu_per_indicium_us().unwrap_or(0.0),
-            report.cpu_per_indicium_us().unwrap_or(0.0) / report.raw_sign_us,
-        ));
-        let mut point = report.to_json();
-        point["session_indicia_max"] = cap.into();
-        point["open_loop_rate_per_s"] = half.into();
-        points.push(point);
+    // Latency at half the saturation rate: the best valid coalescing point's throughput,
+    // halved, offered open loop (coordinated omission corrected) to a fresh appliance.
+    match saturation {
+        Some((cap, rate)) => {
+            let half = (rate / 2.0).round().max(1.0);
+            let report = fresh_point(cap, shards, Load::Rate(half), duration, false)?;
+            let latency = &report.tally.latency_us;
+            let ms = |quantile: f64| latency.value_at_quantile(quantile) as f64 / 1000.0;
+            let validity = report.validity();
+            let (appliance_p50, appliance_p99) = report.appliance_latency().p50_p99_ms();
+            table.push_str(&format!(
+                "\nopen loop at half the saturation rate (best valid point: {rate:.0}/s at cap \
+                 {cap}): {half:.0} requests/s offered, {:.0} indicia/s, {:.1} per session; \
+                 latency of the successful requests p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, \
+                 p99.9 {:.2} ms, max {:.2} ms; appliance-side p50 {} ms, p99 {} ms; CPU/indicium \
+                 {}; {} failures; {}\n",
+                report.indicia_per_s(),
+                report.session_size_mean(),
+                ms(0.5),
+                ms(0.9),
+                ms(0.99),
+                ms(0.999),
+                latency.max() as f64 / 1000.0,
+                appliance_p50,
+                appliance_p99,
+                report
+                    .cpu_per_indicium_us()
+                    .map_or("n/a".to_owned(), |cpu| format!(
+                        "{cpu:.1} us = {:.2}x raw",
+                        cpu / report.raw_sign_us
+                    )),
+                report.tally.failures(),
+                validity.describe(),
+            ));
+            if !validity.is_valid() {
+                invalid.push(report::invalid_banner(&report.label, &validity));
+            }
+            let mut point = report.to_json();
+            point["session_indicia_max"] = cap.into();
+            point["open_loop_rate_per_s"] = half.into();
+            points.push(point);
+        }
+        None => table.push_str(
+            "\nno open-loop point: no valid closed-loop point with coalescing on (cap > 1) to \
+             take its rate from\n",
+        ),
     }
     std::fs::write(out_path, serde_json::to_string_pretty(&points)?)?;
     indicia_loadgen::plot::write_svg(&plotted, svg_path)?;
     table.push_str(&format!(
-        "\n{} points written to {}, the plot to {}\n",
+        "\n{} points written to {}, the plot of the {} valid closed-loop ones to {}\n",
         points.len(),
         out_path.display(),
+        plotted.len(),
         svg_path.display()
     ));
-    Ok(table)
+    if !invalid.is_empty() {
+        table.push_str(&format!(
+            "\n*** {} of {} points INVALID: left out of the plot, the best figure and the \
+             open-loop rate ***\n",
+            invalid.len(),
+            points.len()
+        ));
+        for banner in &invalid {
+            table.push_str(&format!("{banner}\n"));
+        }
+    }
+    Ok(Outcome {
+        text: table,
+        valid: invalid.is_empty(),
+    })
 }
 
 fn replot(
     from: &std::path::Path,
     svg: &std::path::Path,
-) -> Result<String, Box<dyn std::error::Error>> {
+) -> Result<Outcome, Box<dyn std::error::Error>> {
     let points: Vec<serde_json::Value> = serde_json::from_str(&std::fs::read_to_string(from)?)?;
     let field = |point: &serde_json::Value, path: &[&str]| {
         path.iter()
@@ -509,11 +611,12 @@ fn replot(
             .ok_or_else(|| format!("{}: a point without {}", from.display(), path.join(".")))
     };
     let mut plotted = Vec::new();
-    // The open-loop point has no in-flight level; the plot is of the closed-loop grid.
-    for point in points
-        .iter()
-        .filter(|point| point.get("in_flight").is_some())
-    {
+    // The open-loop point has no in-flight level; the plot is of the closed-loop grid,
+    // its valid points (a sweep from before the validity rule has none marked invalid).
+    for point in points.iter().filter(|point| {
+        point.get("in_flight").is_some()
+            && point.get("validity").and_then(serde_json::Value::as_str) != Some("invalid")
+    }) {
         plotted.push(indicia_loadgen::plot::Point {
             in_flight: field(point, &["in_flight"])? as usize,
             session_size_mean: field(point, &["appliance", "session_size_mean"])?,
@@ -522,16 +625,16 @@ fn replot(
         });
     }
     indicia_loadgen::plot::write_svg(&plotted, svg)?;
-    Ok(format!(
-        "{} points from {} drawn in {}\n",
+    Ok(Outcome::valid(format!(
+        "{} valid points from {} drawn in {}\n",
         plotted.len(),
         from.display(),
         svg.display()
-    ))
+    )))
 }
 
 #[cfg(feature = "softhsm")]
-fn peer(module: &std::path::Path, seconds: f64) -> Result<String, Box<dyn std::error::Error>> {
+fn peer(module: &std::path::Path, seconds: f64) -> Result<Outcome, Box<dyn std::error::Error>> {
     use indicia_loadgen::peer;
     let aws_lc = peer::aws_lc_rate(seconds)?;
     let softhsm = peer::softhsm_rate(module, seconds)?;
@@ -540,18 +643,33 @@ fn peer(module: &std::path::Path, seconds: f64) -> Result<String, Box<dyn std::e
         .cpu_per_indicium_us()
         .map(|us| 1e6 / us)
         .ok_or("no appliance CPU time")?;
-    Ok(format!(
+    let validity = report.validity();
+    let mut text = format!(
         "ECDSA P-256 signatures per CPU-second (this run, this machine):\n\
          {:<58} {aws_lc:>9.0}\n\
          {:<58} {softhsm:>9.0}\n\
-         {:<58} {appliance:>9.0}\n\
-         appliance / SoftHSM2: {:.2}x; appliance / raw aws-lc-rs: {:.2}\n",
+         {:<58} {appliance:>9.0} ({})\n",
         "aws-lc-rs, raw signature, one thread",
         "SoftHSM2 via PKCS#11 (SHA-256 + CKM_ECDSA), one thread",
         "appliance: indicia per CPU-second (64 in flight, cap 256)",
-        appliance / softhsm,
-        appliance / aws_lc,
-    ))
+        validity.describe(),
+    );
+    if validity.is_valid() {
+        text.push_str(&format!(
+            "appliance / SoftHSM2: {:.2}x; appliance / raw aws-lc-rs: {:.2}\n",
+            appliance / softhsm,
+            appliance / aws_lc,
+        ));
+    } else {
+        text.push_str(&format!(
+            "{}\nno ratios: the appliance's figure is not a measurement of its load\n",
+            report::invalid_banner(&report.label, &validity)
+        ));
+    }
+    Ok(Outcome {
+        text,
+        valid: validity.is_valid(),
+    })
 }
 
 /// For a fresh appliance in `dir`: with `tls`, a private CA's files and the `[tls]`
@@ -595,39 +713,36 @@ fn tls_cost(
     in_flight: &[usize],
     rounds: usize,
     out_path: &std::path::Path,
-) -> Result<String, Box<dyn std::error::Error>> {
-    let mut table = format!(
-        "{:>5} {:>10} {:>9} {:>11} {:>9} {:>9} {:>13} {:>8}\n",
-        "round",
-        "transport",
-        "in flight",
-        "indicia/s",
-        "p50 ms",
-        "p99 ms",
-        "CPU/indicium",
-        "vs raw"
-    );
+) -> Result<Outcome, Box<dyn std::error::Error>> {
+    let mut table = report::row_header(&format!(
+        "{:>5} {:>10} {:>9}",
+        "round", "transport", "in flight"
+    ));
     let mut points = Vec::new();
-    // (in flight, tls) -> CPU per indicium over raw, each round.
+    let mut invalid = Vec::new();
+    // (in flight, tls) -> CPU per indicium over raw, each valid round.
     let mut ratios: std::collections::BTreeMap<(usize, bool), Vec<f64>> = Default::default();
     for round in 1..=rounds.max(1) {
         for &total in in_flight {
             for tls in [false, true] {
                 let report = fresh_point(256, 0, Load::InFlight(total), duration, tls)?;
-                let cpu = report.cpu_per_indicium_us().unwrap_or(0.0);
                 let transport = if tls { "mutual TLS" } else { "plaintext" };
                 table.push_str(&format!(
-                    "{round:>5} {transport:>10} {total:>9} {:>11.0} {:>9.2} {:>9.2} {:>10.1} us {:>7.2}x\n",
-                    report.indicia_per_s(),
-                    report.tally.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
-                    report.tally.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
-                    cpu,
-                    cpu / report.raw_sign_us,
+                    "{round:>5} {transport:>10} {total:>9} {}\n",
+                    report.to_row()
                 ));
-                ratios
-                    .entry((total, tls))
-                    .or_default()
-                    .push(cpu / report.raw_sign_us);
+                let validity = report.validity();
+                if !validity.is_valid() {
+                    invalid.push(report::invalid_banner(
+                        &format!("round {round}, {transport}, {total} in flight"),
+                        &validity,
+                    ));
+                } else if let Some(cpu) = report.cpu_per_indicium_us() {
+                    ratios
+                        .entry((total, tls))
+                        .or_default()
+                        .push(cpu / report.raw_sign_us);
+                }
                 let mut point = report.to_json();
                 point["tls"] = tls.into();
                 point["in_flight"] = total.into();
@@ -636,15 +751,29 @@ fn tls_cost(
             }
         }
     }
-    table.push_str("\nmean CPU per indicium over the raw signature (same runs):\n");
-    let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
+    table.push_str("\nmean CPU per indicium over the raw signature (same runs, valid loads):\n");
+    let mean = |total: usize, tls: bool| {
+        ratios
+            .get(&(total, tls))
+            .filter(|values| !values.is_empty())
+            .map(|values| {
+                (
+                    values.iter().sum::<f64>() / values.len() as f64,
+                    values.len(),
+                )
+            })
+    };
     for &total in in_flight {
-        let plain = mean(ratios.get(&(total, false)).map_or(&[][..], Vec::as_slice));
-        let tls = mean(ratios.get(&(total, true)).map_or(&[][..], Vec::as_slice));
-        table.push_str(&format!(
-            "  {total:>4} in flight: plaintext {plain:.2}x, mutual TLS {tls:.2}x: TLS adds {:+.1}%\n",
-            (tls / plain - 1.0) * 100.0
-        ));
+        match (mean(total, false), mean(total, true)) {
+            (Some((plain, plain_n)), Some((tls, tls_n))) => table.push_str(&format!(
+                "  {total:>4} in flight: plaintext {plain:.2}x ({plain_n} loads), mutual TLS \
+                 {tls:.2}x ({tls_n} loads): TLS adds {:+.1}%\n",
+                (tls / plain - 1.0) * 100.0
+            )),
+            _ => table.push_str(&format!(
+                "  {total:>4} in flight: n/a (no valid load of one transport or the other)\n"
+            )),
+        }
     }
     let (plain_p50, plain_p90) = connect_times(false, 50)?;
     let (tls_p50, tls_p90) = connect_times(true, 50)?;
@@ -662,7 +791,20 @@ fn tls_cost(
     });
     std::fs::write(out_path, format!("{json:#}\n"))?;
     table.push_str(&format!("every load's JSON: {}\n", out_path.display()));
-    Ok(table)
+    if !invalid.is_empty() {
+        table.push_str(&format!(
+            "\n*** {} of {} loads INVALID: left out of the means ***\n",
+            invalid.len(),
+            points.len()
+        ));
+        for banner in &invalid {
+            table.push_str(&format!("{banner}\n"));
+        }
+    }
+    Ok(Outcome {
+        text: table,
+        valid: invalid.is_empty(),
+    })
 }
 
 fn main() -> ExitCode {
@@ -701,9 +843,13 @@ fn main() -> ExitCode {
         }
     };
     match result {
-        Ok(text) => {
+        Ok(Outcome { text, valid }) => {
             print!("{text}");
-            ExitCode::SUCCESS
+            if valid {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_INVALID)
+            }
         }
         Err(err) => {
             #[allow(clippy::print_stderr)]

@@ -8,25 +8,28 @@
 //!   corrected, see [`crate::pacing`]).
 //!
 //! Every `verify_every`-th indicium is checked offline against the vPSD's published key.
+//! Answers are counted into a [`Tally`]: successes timed, refusals by error code; a
+//! connection that fails during the run is counted by what failed, with its unanswered
+//! requests, and the others go on.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use hdrhistogram::Histogram;
 use indicia_client::transport::{ReadHalf, WriteHalf};
 use indicia_client::{Client, ClientError, Credential, TlsSettings, Transport};
 use indicia_proto::frame::FRAME_BYTES_MAX;
 use indicia_proto::{
-    Algorithm, Decoded, FrameDecoder, Indicium, ItemResult, MailingDate, Request, Response,
-    SignItem,
+    Algorithm, Decoded, ErrorCode, FrameDecoder, Indicium, ItemResult, MailingDate, Request,
+    Response, SignItem,
 };
 use thiserror::Error;
 
 use crate::pacing::{latency_us, Schedule};
+pub use crate::tally::{latency_histogram, Tally, Validity};
 use crate::workload::{Rng, VpsdPicker};
 
 #[derive(Debug, Error)]
@@ -40,6 +43,11 @@ pub enum LoadError {
     Protocol(String),
     #[error("a load thread panicked")]
     Thread,
+    #[error("funding {indicia_max} indicia at {postage_mills} mills does not fit a register")]
+    FundingOverflow {
+        indicia_max: u64,
+        postage_mills: u64,
+    },
 }
 
 /// How requests are offered.
@@ -72,53 +80,19 @@ pub struct RunConfig {
     /// Verify every n-th indicium offline (0: none).
     pub verify_every: u64,
     pub seed: u64,
+    /// Error codes this experiment provokes on purpose: they do not make the run invalid.
+    /// Empty for the standard experiments, where any error, `busy` included, does.
+    pub expected_errors: Vec<ErrorCode>,
 }
 
-/// What a run (or one connection of it) saw.
-#[derive(Debug, Clone)]
-pub struct Tally {
-    pub latency_us: Histogram<u64>,
-    pub requests: u64,
-    pub indicia: u64,
-    /// Error answers and refused items, by error code name.
-    pub errors: BTreeMap<String, u64>,
-    pub verified: u64,
-    pub verify_failed: u64,
-}
-
-/// The latency histogram's range: 1 us to one minute, 3 significant digits.
-pub fn latency_histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("constant bounds"))
-}
-
-impl Default for Tally {
-    fn default() -> Self {
-        Self {
-            latency_us: latency_histogram(),
-            requests: 0,
-            indicia: 0,
-            errors: BTreeMap::new(),
-            verified: 0,
-            verify_failed: 0,
+impl RunConfig {
+    /// The request kind this run sends, as the appliance's statistics name it.
+    pub fn request_kind(&self) -> &'static str {
+        if self.batch <= 1 {
+            "sign"
+        } else {
+            "sign_batch"
         }
-    }
-}
-
-impl Tally {
-    pub fn merge(&mut self, other: &Tally) {
-        // Both use latency_histogram()'s bounds: adding cannot fail.
-        let _ = self.latency_us.add(&other.latency_us);
-        self.requests += other.requests;
-        self.indicia += other.indicia;
-        for (code, count) in &other.errors {
-            *self.errors.entry(code.clone()).or_default() += count;
-        }
-        self.verified += other.verified;
-        self.verify_failed += other.verify_failed;
-    }
-
-    fn error(&mut self, code: String) {
-        *self.errors.entry(code).or_default() += 1;
     }
 }
 
@@ -181,6 +155,44 @@ pub fn run(config: &RunConfig, keys: &Keys) -> Result<Tally, LoadError> {
     Ok(total)
 }
 
+/// Why a connection stopped before its run's end. Counted in the tally by name, apart from
+/// the appliance's error codes: the connection failed, not a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TransportFailure {
+    /// The appliance closed the connection.
+    Closed,
+    /// No answer for [`ANSWER_WAIT_MAX`] with requests in flight.
+    Silent,
+    /// Reading or writing the socket failed.
+    Io(std::io::ErrorKind),
+    /// Bytes that are not a frame.
+    BadFrame,
+    /// A frame whose body does not decode.
+    BadAnswer,
+    /// An answer of a kind a signing request never gets.
+    UnexpectedAnswer(u8),
+    /// An answer to a request id that is not in flight.
+    UnknownRequest,
+}
+
+impl TransportFailure {
+    fn name(self) -> String {
+        match self {
+            Self::Closed => "connection-closed".into(),
+            Self::Silent => "no-answer".into(),
+            Self::Io(kind) => format!("io ({kind})"),
+            Self::BadFrame => "bad-frame".into(),
+            Self::BadAnswer => "bad-answer".into(),
+            Self::UnexpectedAnswer(opcode) => format!("unexpected-answer-{opcode:#04x}"),
+            Self::UnknownRequest => "unknown-request-id".into(),
+        }
+    }
+}
+
+/// How long a reader waits for an answer, with requests in flight, before it gives the
+/// connection up.
+const ANSWER_WAIT_MAX: Duration = Duration::from_secs(60);
+
 fn connection(
     config: &RunConfig,
     keys: &Keys,
@@ -191,19 +203,50 @@ fn connection(
 ) -> Result<Tally, LoadError> {
     let in_flight = Arc::new(InFlight::default());
     let sending_done = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    reader.set_read_timeout(Some(Duration::from_millis(200)))?;
     let writer = {
         let config = config.clone();
         let in_flight = Arc::clone(&in_flight);
         let sending_done = Arc::clone(&sending_done);
+        let stop = Arc::clone(&stop);
         std::thread::spawn(move || {
-            let result = send(&config, index, start, stream, &in_flight);
+            let result = send(&config, index, start, stream, &in_flight, &stop);
             sending_done.store(true, Ordering::Release);
             in_flight.room.notify_all();
             result
         })
     };
-    reader.set_read_timeout(Some(Duration::from_millis(200)))?;
     let mut tally = Tally::default();
+    let received = receive(
+        config,
+        keys,
+        &mut reader,
+        &in_flight,
+        &sending_done,
+        &mut tally,
+    );
+    // A failed reader stops the writer: nothing more goes into a broken connection.
+    stop.store(true, Ordering::Release);
+    in_flight.room.notify_all();
+    let sent = writer.join().map_err(|_| LoadError::Thread)??;
+    // One failure per connection: the reader's if it failed, else the writer's.
+    if let Some(failure) = received.err().or(sent) {
+        let unanswered = in_flight.lock().len() as u64;
+        tally.transport_failure(failure.name(), unanswered);
+    }
+    Ok(tally)
+}
+
+/// The reader: answers until the writer is done and nothing is in flight, into `tally`.
+fn receive(
+    config: &RunConfig,
+    keys: &Keys,
+    reader: &mut ReadHalf,
+    in_flight: &InFlight,
+    sending_done: &AtomicBool,
+    tally: &mut Tally,
+) -> Result<(), TransportFailure> {
     let decoder = FrameDecoder::default();
     let mut buf = vec![0u8; 4 * FRAME_BYTES_MAX];
     let (mut begin, mut end) = (0usize, 0usize);
@@ -214,42 +257,47 @@ fn connection(
             let frame = match decoder.decode(&buf[begin..end]) {
                 Ok(Decoded::Frame(frame)) => frame,
                 Ok(Decoded::Incomplete { .. }) => break,
-                Err(err) => return Err(LoadError::Protocol(format!("bad frame: {err}"))),
+                Err(_) => return Err(TransportFailure::BadFrame),
             };
             let answered = Instant::now();
             let request_id = frame.header.request_id;
             let response = Response::decode(frame.header.opcode, frame.body)
-                .map_err(|err| LoadError::Protocol(format!("bad answer: {err}")))?;
+                .map_err(|_| TransportFailure::BadAnswer)?;
             begin += frame.len();
             let due = in_flight.lock().remove(&request_id);
             in_flight.room.notify_one();
             let Some(due) = due else {
-                return Err(LoadError::Protocol(format!(
-                    "an answer to request {request_id}, which is not in flight"
-                )));
+                return Err(TransportFailure::UnknownRequest);
             };
             tally.requests += 1;
-            tally
-                .latency_us
-                .saturating_record(latency_us(due, answered));
             let mut signed = Vec::new();
+            let mut refused = false;
             match response {
                 Response::Signed { indicium } => signed.push(indicium),
                 Response::BatchSigned { results } => {
                     for result in results {
                         match result {
                             ItemResult::Signed(indicium) => signed.push(indicium),
-                            ItemResult::Failed(body) => tally.error(body.code.name()),
+                            ItemResult::Failed(body) => {
+                                tally.error(body.code);
+                                refused = true;
+                            }
                         }
                     }
                 }
-                Response::Error(body) => tally.error(body.code.name()),
-                other => {
-                    return Err(LoadError::Protocol(format!(
-                        "unexpected answer opcode {:#04x}",
-                        other.opcode()
-                    )))
+                Response::Error(body) => {
+                    tally.error(body.code);
+                    refused = true;
                 }
+                other => return Err(TransportFailure::UnexpectedAnswer(other.opcode())),
+            }
+            // Only requests answered with every item signed are timed: a refusal is
+            // answered without a signature or a durable commit, far sooner.
+            if !refused && !signed.is_empty() {
+                tally.requests_ok += 1;
+                tally
+                    .latency_us
+                    .saturating_record(latency_us(due, answered));
             }
             for indicium in signed {
                 tally.indicia += 1;
@@ -272,14 +320,10 @@ fn connection(
             begin = 0;
         }
         if sending_done.load(Ordering::Acquire) && in_flight.lock().is_empty() {
-            break;
+            return Ok(());
         }
         match reader.read(&mut buf[end..]) {
-            Ok(0) => {
-                return Err(LoadError::Protocol(
-                    "the appliance closed the connection".into(),
-                ))
-            }
+            Ok(0) => return Err(TransportFailure::Closed),
             Ok(n) => {
                 end += n;
                 quiet_since = Instant::now();
@@ -290,25 +334,25 @@ fn connection(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                if quiet_since.elapsed() > Duration::from_secs(60) {
-                    return Err(LoadError::Protocol("no answer for 60 s".into()));
+                if quiet_since.elapsed() > ANSWER_WAIT_MAX {
+                    return Err(TransportFailure::Silent);
                 }
             }
-            Err(err) => return Err(err.into()),
+            Err(err) => return Err(TransportFailure::Io(err.kind())),
         }
     }
-    writer.join().map_err(|_| LoadError::Thread)??;
-    Ok(tally)
 }
 
-/// The writer: sends until the run's end, paced by the mode.
+/// The writer: sends until the run's end (or until `stop`), paced by the mode. Returns the
+/// connection's failure if a write failed; an error only for what is wrong on this side.
 fn send(
     config: &RunConfig,
     index: usize,
     start: Instant,
     mut stream: WriteHalf,
     in_flight: &InFlight,
-) -> Result<(), LoadError> {
+    stop: &AtomicBool,
+) -> Result<Option<TransportFailure>, LoadError> {
     let deadline = start + config.duration;
     let mut rng = Rng::new(config.seed.wrapping_add(index as u64 + 1));
     // Ids from the system's random generator, not the seed: the appliance remembers
@@ -339,6 +383,9 @@ fn send(
     let mut out = Vec::new();
     let mut n = 0u64;
     loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(None);
+        }
         // How many requests go out in this write, and from when each one counts.
         let (count, first_due) = match (config.mode, schedule) {
             (Mode::Open { .. }, Some(schedule)) => {
@@ -359,7 +406,10 @@ fn send(
             (Mode::Closed { window }, _) => {
                 let window = window.max(1);
                 let mut requests = in_flight.lock();
-                while requests.len() >= window && Instant::now() < deadline {
+                while requests.len() >= window
+                    && Instant::now() < deadline
+                    && !stop.load(Ordering::Acquire)
+                {
                     requests = in_flight
                         .room
                         .wait_timeout(requests, Duration::from_millis(50))
@@ -372,7 +422,7 @@ fn send(
             (Mode::Open { .. }, None) => (1, Instant::now()),
         };
         if first_due >= deadline {
-            return Ok(());
+            return Ok(None);
         }
         out.clear();
         let mut sent = Vec::with_capacity(count);
@@ -402,43 +452,12 @@ fn send(
             sent.push((id, due));
         }
         if sent.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         n += sent.len() as u64;
         in_flight.lock().extend(sent);
-        stream.write_all(&out)?;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tallies_merge_counts_errors_and_histograms() {
-        let mut a = Tally {
-            requests: 3,
-            indicia: 5,
-            ..Tally::default()
-        };
-        a.latency_us.record(100).unwrap();
-        a.error("busy".into());
-        let mut b = Tally {
-            requests: 2,
-            indicia: 2,
-            verified: 1,
-            ..Tally::default()
-        };
-        b.latency_us.record(300).unwrap();
-        b.latency_us.record(200).unwrap();
-        b.error("busy".into());
-        b.error("insufficient-funds".into());
-        a.merge(&b);
-        assert_eq!((a.requests, a.indicia, a.verified), (5, 7, 1));
-        assert_eq!(a.latency_us.len(), 3);
-        assert_eq!(a.latency_us.max(), 300);
-        assert_eq!(a.latency_us.value_at_quantile(0.5), 200);
-        assert_eq!(a.errors["busy"], 2);
-        assert_eq!(a.errors["insufficient-funds"], 1);
+        if let Err(err) = stream.write_all(&out) {
+            return Ok(Some(TransportFailure::Io(err.kind())));
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use indicia_client::Client;
 use indicia_loadgen::appliance::Appliance;
-use indicia_loadgen::run::{Mode, RunConfig};
+use indicia_loadgen::run::{Mode, RunConfig, Validity};
 use indicia_loadgen::workload::{Distribution, VpsdPicker};
 use indicia_proto::Algorithm;
 
@@ -22,14 +22,6 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     let credential = appliance.admin_credential().unwrap();
     let picker = VpsdPicker::new(700, 4, Distribution::Zipf(1.0));
     let mut admin = Client::connect(appliance.addr, &credential).unwrap();
-    indicia_loadgen::prepare_vpsds(
-        &mut admin,
-        picker.ids(),
-        Algorithm::Ed25519,
-        10_000_000,
-        &appliance.provider_key(),
-    )
-    .unwrap();
     let mut config = RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
@@ -43,7 +35,16 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         postage_mills: 10,
         verify_every: 10,
         seed: 5,
+        expected_errors: Vec::new(),
     };
+    // Provisioned and funded for all the run can spend.
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::Ed25519,
+        &appliance.provider_key(),
+    )
+    .unwrap();
     let closed = indicia_loadgen::measure(
         "closed",
         &config,
@@ -57,6 +58,8 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     assert!(closed.tally.errors.is_empty(), "{:?}", closed.tally.errors);
     assert!(closed.tally.verified > 0 && closed.tally.verify_failed == 0);
     assert_eq!(closed.tally.latency_us.len(), closed.tally.requests);
+    assert_eq!(closed.tally.requests_ok, closed.tally.requests);
+    assert!(closed.validity().is_valid(), "{}", closed.to_table());
     // The appliance counted the same indicia the load generator received.
     let json = closed.to_json();
     assert_eq!(json["appliance"]["indicia"], closed.tally.indicia);
@@ -64,6 +67,13 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
 
     config.mode = Mode::Open { rate_per_s: 300.0 };
     config.batch = 8;
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::Ed25519,
+        &appliance.provider_key(),
+    )
+    .unwrap();
     let open =
         indicia_loadgen::measure("open", &config, &credential, Algorithm::Ed25519, None).unwrap();
     // 0.7 s at 100 requests/s on each of 3 connections: requests 0..70 are due before the
@@ -71,6 +81,7 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
     assert_eq!(open.tally.requests, 210, "{}", open.to_table());
     assert_eq!(open.tally.indicia, open.tally.requests * 8);
     assert!(open.tally.errors.is_empty(), "{:?}", open.tally.errors);
+    assert!(open.validity().is_valid(), "{}", open.to_table());
     // Registers agree with everything both runs were told.
     let total: u64 = (700..704)
         .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
@@ -117,6 +128,7 @@ fn the_load_generator_signs_over_mutual_tls() {
         postage_mills: 10,
         verify_every: 5,
         seed: 9,
+        expected_errors: Vec::new(),
     };
     let report = indicia_loadgen::measure(
         "closed, TLS",
@@ -129,6 +141,7 @@ fn the_load_generator_signs_over_mutual_tls() {
     assert!(report.tally.indicia > 50, "{}", report.to_table());
     assert_eq!(report.tally.indicia, report.tally.requests);
     assert!(report.tally.errors.is_empty(), "{:?}", report.tally.errors);
+    assert!(report.validity().is_valid(), "{}", report.to_table());
     assert!(report.tally.verified > 0 && report.tally.verify_failed == 0);
     assert_eq!(
         report.to_json()["appliance"]["indicia"],
@@ -138,6 +151,114 @@ fn the_load_generator_signs_over_mutual_tls() {
         .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
         .sum();
     assert_eq!(total, report.tally.indicia * 10);
+    drop(admin);
+    assert!(appliance.stop().unwrap().success());
+}
+
+/// A vPSD funded for only 300 indicia, driven past that: the run is invalid, with the
+/// `insufficient-funds` refusals counted apart; its throughput is the indicia signed over
+/// its duration (the vPSD's own piece count agrees), and its latency histogram holds the
+/// successful requests only. The CLI's `run` says so and exits with status 2.
+#[test]
+fn a_run_that_spends_more_than_its_vpsd_holds_is_invalid_and_counts_only_what_was_signed() {
+    const VPSD: u64 = 900;
+    const FUNDED_INDICIA: u64 = 300;
+    const POSTAGE_MILLS: u64 = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let appliance = Appliance::spawn_with(Path::new(EXE), &dir.path().join("data"), None).unwrap();
+    let credential = appliance.admin_credential().unwrap();
+    let mut admin = Client::connect(appliance.addr, &credential).unwrap();
+    indicia_loadgen::prepare_vpsds(
+        &mut admin,
+        std::iter::once(VPSD),
+        Algorithm::Ed25519,
+        FUNDED_INDICIA * POSTAGE_MILLS,
+        &appliance.provider_key(),
+    )
+    .unwrap();
+    let config = RunConfig {
+        addr: appliance.addr,
+        credential: credential.clone(),
+        tls: None,
+        connections: 2,
+        mode: Mode::Closed { window: 4 },
+        duration: Duration::from_millis(600),
+        picker: VpsdPicker::new(VPSD, 1, Distribution::Uniform),
+        batch: 1,
+        frames_per_write: 4,
+        postage_mills: POSTAGE_MILLS,
+        verify_every: 10,
+        seed: 3,
+        expected_errors: Vec::new(),
+    };
+    let report = indicia_loadgen::measure(
+        "underfunded",
+        &config,
+        &credential,
+        Algorithm::Ed25519,
+        Some(appliance.pid()),
+    )
+    .unwrap();
+    let table = report.to_table();
+    let tally = &report.tally;
+    let status = admin.status(VPSD).unwrap();
+    // Everything the vPSD held was spent, and only that was signed.
+    assert_eq!(status.descending_mills, 0, "{table}");
+    assert_eq!(status.piece_count, FUNDED_INDICIA, "{table}");
+    assert_eq!(tally.indicia, status.piece_count, "{table}");
+    assert_eq!(tally.requests_ok, FUNDED_INDICIA, "{table}");
+    // The refusals that followed are counted by code, apart.
+    let refused = tally.errors["insufficient-funds"];
+    assert!(refused > 0, "{table}");
+    assert_eq!(tally.errors.len(), 1, "{:?}", tally.errors);
+    assert_eq!(tally.requests, tally.requests_ok + refused);
+    assert!(tally.transport_failures.is_empty() && tally.unanswered == 0);
+    assert_eq!(tally.verify_failed, 0);
+    // The appliance counted the same refusals.
+    assert_eq!(report.after["errors.insufficient-funds"], refused);
+    // Neither the throughput nor the latency histogram contains them.
+    assert_eq!(
+        report.indicia_per_s(),
+        FUNDED_INDICIA as f64 / report.seconds
+    );
+    assert_eq!(tally.latency_us.len(), FUNDED_INDICIA);
+    let cpu_s = report.appliance_cpu.unwrap().as_secs_f64();
+    let cpu_per_indicium = report.cpu_per_indicium_us().unwrap();
+    assert!((cpu_per_indicium - cpu_s * 1e6 / FUNDED_INDICIA as f64).abs() < 1e-6);
+    // The point is invalid, with the reason and its count.
+    assert_eq!(
+        report.validity(),
+        Validity::Invalid([("insufficient-funds".to_owned(), refused)].into())
+    );
+    let json = report.to_json();
+    assert_eq!(json["validity"], "invalid");
+    assert_eq!(json["invalid_reasons"]["insufficient-funds"], refused);
+    assert_eq!(json["errors"]["insufficient-funds"], refused);
+    assert_eq!(json["indicia"], FUNDED_INDICIA);
+    assert_eq!(json["latency_us"]["count"], FUNDED_INDICIA);
+    assert!(
+        table.starts_with(&format!(
+            "*** underfunded: INVALID: insufficient-funds {refused} "
+        )),
+        "{table}"
+    );
+
+    // The CLI, against the now empty vPSD and without a provider key to fund it: a
+    // warning first, the invalid report, exit status 2.
+    let output = std::process::Command::new(EXE)
+        .args(["run", "--addr", &appliance.addr.to_string(), "--credential"])
+        .arg(appliance.data_dir.join("admin.credential"))
+        .args(["--first-vpsd", &VPSD.to_string(), "--vpsds", "1"])
+        .args(["--connections", "1", "--window", "2", "--duration", "0.2"])
+        .args(["--postage", "0.010", "--algorithm", "ed25519"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(stderr.contains("vPSD 900 holds 0.000"), "{stderr}");
+    assert!(stdout.contains("INVALID: insufficient-funds"), "{stdout}");
+    assert!(stdout.contains("0 indicia signed"), "{stdout}");
     drop(admin);
     assert!(appliance.stop().unwrap().success());
 }
