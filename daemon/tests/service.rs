@@ -6,6 +6,7 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use support::{Daemon, Reaped, BIN};
 
@@ -87,6 +88,170 @@ fn a_data_directory_keeps_its_shard_count() {
     std::io::Write::write_all(&mut config, b"shards = 0\n").unwrap();
     let daemon = Daemon::start(dir.path(), Some(config.path()));
     assert_eq!(daemon.admin().status(5).unwrap().control_total_mills, 1_000);
+}
+
+/// A `layout.toml` that cannot be read, or that is missing beside shard journals, stops the
+/// start with a message saying what to do, and nothing is written (a new shard count would
+/// place vPSDs on the wrong shards). It used to be overwritten with the configured count.
+#[test]
+fn an_unreadable_or_missing_layout_beside_journals_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(5, indicia_proto::Algorithm::Ed25519, 1_000);
+    assert!(daemon.terminate().success());
+    let data = dir.path().join("data");
+    let layout = data.join("layout.toml");
+    // A start that does not stop by itself (it started) is stopped after 30 s.
+    let start = || {
+        let child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--listen", "127.0.0.1:0", "--shards", "3"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        let watchdog = std::thread::spawn(move || {
+            for _ in 0..300 {
+                std::thread::sleep(Duration::from_millis(100));
+                if nix::sys::signal::kill(pid, None).is_err() {
+                    return;
+                }
+            }
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        });
+        let output = child.wait_with_output().unwrap();
+        watchdog.join().unwrap();
+        output
+    };
+    // Not UTF-8: the file cannot be read as text.
+    std::fs::write(&layout, b"shards = \xff\xfe\n").unwrap();
+    let output = start();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot read") && stderr.contains("layout.toml"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&layout).unwrap(), b"shards = \xff\xfe\n");
+    // Garbage that is text.
+    std::fs::write(&layout, "shards = lots\n").unwrap();
+    let stderr = String::from_utf8_lossy(&start().stderr).into_owned();
+    assert!(stderr.contains("`shards = N`"), "{stderr}");
+    // Missing beside the journals.
+    std::fs::remove_file(&layout).unwrap();
+    let output = start();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is missing but the data directory holds 2 shard journal(s)"),
+        "{stderr}"
+    );
+    assert!(!layout.exists());
+    // Restored as the message says: it starts, with everything there.
+    std::fs::write(&layout, "shards = 2\n").unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    assert_eq!(daemon.admin().status(5).unwrap().control_total_mills, 1_000);
+}
+
+/// Right after kill -9 the appliance starts again on the same address at once: the dead
+/// process's io_uring rings may hold its listening sockets for a moment, and the start
+/// waits for them instead of failing with "Address already in use" (which it did in 5 of
+/// 6 tries).
+#[test]
+fn a_start_right_after_kill_9_on_the_same_address_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(5, indicia_proto::Algorithm::Ed25519, 100_000);
+    for round in 0..4 {
+        let addr = daemon.addr;
+        let mut client = daemon.admin();
+        for _ in 0..20 {
+            client
+                .call(&indicia_proto::Request::Sign {
+                    vpsd_id: 5,
+                    item: support::item(100),
+                })
+                .unwrap();
+        }
+        drop(client);
+        daemon.kill();
+        daemon = Daemon::start_on(dir.path(), None, &addr.to_string());
+        assert_eq!(daemon.addr, addr);
+        assert_eq!(
+            daemon.admin().status(5).unwrap().piece_count,
+            20 * (round + 1)
+        );
+    }
+}
+
+/// The port accepts connections only once every shard serves: a start in which one shard
+/// fails (its journal was written under another master key) never accepts one, and exits
+/// with an error. It used to accept (and complete handshakes) on the shards that had
+/// started, telling clients `shutting-down` before exiting.
+#[test]
+fn no_connection_is_accepted_before_every_shard_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    // Shard 1 of another data directory (another master key), with many records.
+    let other = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(other.path(), None);
+    let vpsd = (1u64..)
+        .find(|id| indiciad::server::shard_of(*id, 2) == 1)
+        .unwrap();
+    daemon.provision_funded(vpsd, indicia_proto::Algorithm::Ed25519, 10_000_000);
+    let mut client = daemon.admin();
+    for _ in 0..100 {
+        client
+            .call(&indicia_proto::Request::SignBatch {
+                vpsd_id: vpsd,
+                items: vec![support::item(100); 64],
+            })
+            .unwrap();
+    }
+    drop(client);
+    assert!(daemon.terminate().success());
+    let data = dir.path().join("data");
+    let first = Daemon::start(dir.path(), None);
+    let addr = first.addr;
+    assert!(first.terminate().success());
+    let foreign = other.path().join("data").join("shard-001");
+    let target = data.join("shard-001");
+    std::fs::remove_dir_all(&target).unwrap();
+    std::fs::create_dir(&target).unwrap();
+    for entry in std::fs::read_dir(&foreign).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), target.join(entry.file_name())).unwrap();
+    }
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["--listen", &addr.to_string(), "--shards", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut accepted = 0;
+    let mut attempts = 0;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        attempts += 1;
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+            accepted += 1;
+        }
+        assert!(attempts < 100_000, "indiciad neither started nor failed");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("shard 1"), "{stderr}");
+    assert!(
+        attempts > 1,
+        "the start failed before a connection could be tried"
+    );
+    assert_eq!(accepted, 0, "{accepted} of {attempts} connections accepted");
 }
 
 #[test]

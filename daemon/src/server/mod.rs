@@ -58,8 +58,8 @@ pub enum ServerError {
     Runtime(String),
     #[error("shard {0} failed to start: {1}")]
     ShardFailed(u16, String),
-    #[error("{0}")]
-    Layout(String),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
 }
@@ -84,6 +84,8 @@ pub struct Control {
     durable: Vec<AtomicU64>,
     /// vPSDs the background audit found not to reconcile, for their shard to lock.
     integrity: Vec<std::sync::Mutex<Vec<(u64, String)>>>,
+    /// Every shard serves (or the start failed).
+    gate: StartGate,
 }
 
 impl Control {
@@ -187,9 +189,9 @@ pub fn client_directory(config: &Config, data: &DataDir) -> Result<ClientDirecto
     Ok(directory)
 }
 
-/// A listening TCP socket, with SO_REUSEPORT when every shard is to have one on the same
-/// address.
-fn listener(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ServerError> {
+/// A TCP socket bound to `addr`, with SO_REUSEPORT when every shard is to have one on the
+/// same address. It listens only once every shard serves ([`Server::start`]).
+fn bound(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ServerError> {
     let listen_error = |source| ServerError::Listen { addr, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(listen_error)?;
@@ -198,60 +200,201 @@ fn listener(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ServerError> {
         socket.set_reuse_port(true).map_err(listen_error)?;
     }
     socket.bind(&addr.into()).map_err(listen_error)?;
-    if reuse_port {
-        socket.listen(1024).map_err(listen_error)?;
-    }
     Ok(socket)
 }
 
-/// The listeners of all shards. A first socket without SO_REUSEPORT checks that nobody
-/// listens on the address already (SO_REUSEPORT alone would let a second appliance share
-/// the port and take half of the connections) and picks the port when 0 was asked for.
-fn listeners(addr: SocketAddr, shards: u16) -> Result<(SocketAddr, Vec<OwnedFd>), ServerError> {
-    let probe = listener(addr, false)?;
+/// How long a start waits for its address to be free (a process that was just killed may
+/// hold its listening sockets for a moment, while the kernel tears down its io_uring rings).
+pub const LISTEN_WAIT: Duration = Duration::from_secs(10);
+
+/// The sockets of all shards, bound, not listening yet. A first socket without
+/// SO_REUSEPORT checks that nobody holds the address (SO_REUSEPORT alone would let a second
+/// appliance share the port and take half of the connections) and picks the port when 0
+/// was asked for. While the address is in use it is tried again, for [`LISTEN_WAIT`] at
+/// most: a start right after a crash waits for the dead process's sockets to go, and a
+/// second appliance on the same address still fails to start.
+fn sockets(addr: SocketAddr, shards: u16) -> Result<(SocketAddr, Vec<Socket>), ServerError> {
+    let deadline = std::time::Instant::now() + LISTEN_WAIT;
+    let mut logged = false;
+    let probe = loop {
+        match bound(addr, false) {
+            Ok(probe) => break probe,
+            Err(ServerError::Listen { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse
+                    && std::time::Instant::now() < deadline =>
+            {
+                if !logged {
+                    tracing::warn!(
+                        "{addr} is in use ({source}); trying again for up to {} s (a process \
+                         that just stopped may still hold it)",
+                        LISTEN_WAIT.as_secs()
+                    );
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(err) => return Err(err),
+        }
+    };
     let addr = probe
         .local_addr()
         .ok()
         .and_then(|bound| bound.as_socket())
         .unwrap_or(addr);
     drop(probe);
-    let fds = (0..shards)
-        .map(|_| listener(addr, true).map(OwnedFd::from))
+    let sockets = (0..shards)
+        .map(|_| bound(addr, true))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((addr, fds))
+    Ok((addr, sockets))
 }
 
-/// The shard count of a data directory: recorded at first start, fixed afterwards.
-fn layout(data: &DataDir, config: &Config) -> Result<u16, ServerError> {
-    let path = data.path.join("layout.toml");
-    let configured = config.shard_count();
-    let layout_error = |message: String| ServerError::Layout(message);
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let recorded = text
-            .lines()
-            .find_map(|line| line.strip_prefix("shards = "))
-            .and_then(|value| value.trim().parse::<u16>().ok())
-            .filter(|shards| (1..=crate::config::SHARDS_MAX).contains(&usize::from(*shards)))
-            .ok_or_else(|| {
-                layout_error(format!("{}: no valid `shards = N` line", path.display()))
-            })?;
-        if config.shards != 0 && config.shards != usize::from(recorded) {
-            return Err(layout_error(format!(
-                "the data directory {} holds {recorded} shards; it cannot be opened with {} \
-                 (vPSDs live in their shard's journal; resharding is not supported)",
-                data.path.display(),
-                config.shards
-            )));
-        }
-        return Ok(recorded);
+/// Opened by the main thread once every shard has started (true: their sockets listen,
+/// serve) or one has failed (false: stop); each shard waits for it before it accepts.
+#[derive(Debug, Default)]
+pub struct StartGate {
+    state: std::sync::Mutex<Option<bool>>,
+    opened: std::sync::Condvar,
+}
+
+impl StartGate {
+    fn open(&self, serve: bool) {
+        *self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(serve);
+        self.opened.notify_all();
     }
-    let shards = u16::try_from(configured)
-        .map_err(|_| layout_error(format!("{configured} shards is too many")))?;
-    datadir::write_synced(
-        &path,
-        &format!("# Written at first start; vPSDs are placed by shard count.\nshards = {shards}\n"),
-    )?;
-    Ok(shards)
+
+    /// Blocks until the gate opens; whether to serve.
+    fn wait(&self) -> bool {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        loop {
+            if let Some(serve) = *state {
+                return serve;
+            }
+            state = self
+                .opened
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+}
+
+/// The file of a data directory that records its shard count.
+pub const LAYOUT_FILE: &str = "layout.toml";
+
+/// `layout.toml`: how many shards the data directory's journals were written with. vPSDs
+/// are placed by shard count, so it is fixed at first start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Layout {
+    shards: u16,
+}
+
+/// Why the data directory's layout does not allow a start.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum LayoutError {
+    #[error(
+        "cannot read {path}: {source}; it records the shard count the journals were written \
+         with. Restore it (`shards = N`, N = the number of shard-NNN directories) or fix its \
+         permissions; the appliance does not start without it"
+    )]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: {what}; it must hold `shards = N` with N in 1..={max} (N = the number of \
+         shard-NNN directories)",
+        max = crate::config::SHARDS_MAX
+    )]
+    Malformed { path: PathBuf, what: String },
+    #[error(
+        "{path} is missing but the data directory holds {journals} shard journal(s); write \
+         `shards = {journals}` into it (if that is the count they were written with) to start"
+    )]
+    Missing { path: PathBuf, journals: usize },
+    #[error(
+        "the data directory {path} holds {recorded} shards; it cannot be opened with \
+         {configured} (vPSDs live in their shard's journal; resharding is not supported)"
+    )]
+    Mismatch {
+        path: PathBuf,
+        recorded: u16,
+        configured: usize,
+    },
+    #[error("{0} shards is too many")]
+    TooMany(usize),
+    #[error(transparent)]
+    Write(#[from] DataDirError),
+}
+
+/// The shard count of a data directory: recorded at first start, fixed afterwards. A
+/// layout that cannot be read, or is missing beside existing journals, stops the start:
+/// writing a new one could place vPSDs on the wrong shards.
+fn layout(data: &DataDir, config: &Config) -> Result<u16, LayoutError> {
+    let path = data.path.join(LAYOUT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let malformed = |what: String| LayoutError::Malformed {
+                path: path.clone(),
+                what,
+            };
+            let recorded = toml::from_str::<Layout>(&text)
+                .map_err(|err| malformed(err.message().to_owned()))?
+                .shards;
+            if !(1..=crate::config::SHARDS_MAX).contains(&usize::from(recorded)) {
+                return Err(malformed(format!("shards = {recorded}")));
+            }
+            if config.shards != 0 && config.shards != usize::from(recorded) {
+                return Err(LayoutError::Mismatch {
+                    path: data.path.clone(),
+                    recorded,
+                    configured: config.shards,
+                });
+            }
+            Ok(recorded)
+        }
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            let journals = journal_dirs(&data.path)?;
+            if journals > 0 {
+                return Err(LayoutError::Missing { path, journals });
+            }
+            let configured = config.shard_count();
+            let shards = u16::try_from(configured).map_err(|_| LayoutError::TooMany(configured))?;
+            let text =
+                toml::to_string(&Layout { shards }).map_err(|err| LayoutError::Malformed {
+                    path: path.clone(),
+                    what: err.to_string(),
+                })?;
+            datadir::write_synced(
+                &path,
+                &format!("# Written at first start; vPSDs are placed by shard count.\n{text}"),
+            )?;
+            Ok(shards)
+        }
+        Err(source) => Err(LayoutError::Unreadable { path, source }),
+    }
+}
+
+/// How many `shard-NNN` journal directories a data directory holds.
+fn journal_dirs(data_dir: &Path) -> Result<usize, LayoutError> {
+    let unreadable = |source| LayoutError::Unreadable {
+        path: data_dir.to_owned(),
+        source,
+    };
+    let mut count = 0;
+    for entry in std::fs::read_dir(data_dir).map_err(unreadable)? {
+        let name = entry.map_err(unreadable)?.file_name();
+        if name.to_string_lossy().starts_with("shard-") {
+            count += 1;
+        }
+    }
+    Ok(count)
 }
 
 impl Server {
@@ -260,7 +403,21 @@ impl Server {
         let shards = layout(data, config)?;
         let directory = Arc::new(client_directory(config, data)?);
         let tls = tls::server_config(&config.tls)?;
-        let (local_addr, fds) = listeners(config.listen, shards)?;
+        let (local_addr, sockets) = sockets(config.listen, shards)?;
+        // Each shard gets its own descriptor of its socket; `sockets` keeps one to start
+        // listening with once every shard serves.
+        let fds = sockets
+            .iter()
+            .map(|socket| {
+                socket
+                    .try_clone()
+                    .map(OwnedFd::from)
+                    .map_err(|source| ServerError::Listen {
+                        addr: local_addr,
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let cpus = allowed_cpus();
         let metrics = Metrics::new(usize::from(shards));
         let control = Arc::new(Control {
@@ -271,6 +428,7 @@ impl Server {
             integrity: (0..shards)
                 .map(|_| std::sync::Mutex::new(Vec::new()))
                 .collect(),
+            gate: StartGate::default(),
         });
         let (senders, receivers) =
             runtime::mesh(usize::from(shards), config.server.cross_shard_channel);
@@ -334,6 +492,20 @@ impl Server {
                 }
             }
         }
+        // Every shard has recovered and serves: only now does the port accept connections
+        // (before, a client could complete a handshake with a process about to exit).
+        if failure.is_none() {
+            for socket in &sockets {
+                if let Err(source) = socket.listen(1024) {
+                    failure.get_or_insert(ServerError::Listen {
+                        addr: local_addr,
+                        source,
+                    });
+                }
+            }
+        }
+        drop(sockets);
+        control.gate.open(failure.is_none());
         let mut recovery: Vec<(u16, RecoveryReport)> = report_rx.try_iter().collect();
         recovery.sort_by_key(|(shard, _)| *shard);
         let auditor = (failure.is_none() && config.server.audit_interval_s > 0).then(|| {

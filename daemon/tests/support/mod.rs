@@ -63,11 +63,16 @@ pub fn write_config(dir: &Path, extra: &str, users: &[User]) -> PathBuf {
 impl Daemon {
     /// Starts `indiciad` on `dir/data` with 2 shards and waits until it listens.
     pub fn start(dir: &Path, config: Option<&Path>) -> Self {
+        Self::start_on(dir, config, "127.0.0.1:0")
+    }
+
+    /// [`Daemon::start`] on the address `listen`.
+    pub fn start_on(dir: &Path, config: Option<&Path>, listen: &str) -> Self {
         let mut command = Command::new(BIN);
         command
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+            .args(["--listen", listen, "--shards", "2"])
             .env("INDICIA_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -310,7 +310,14 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     let driver = glommio::spawn_local(drive(Rc::clone(&shard)));
     let watch = glommio::spawn_local(watch(Rc::clone(&shard)));
 
-    accept(&shard, listener).await;
+    // Accept only once every shard serves (the main thread then makes the sockets listen).
+    let control = Arc::clone(&shard.control);
+    let serve = glommio::executor()
+        .spawn_blocking(move || control.gate.wait())
+        .await;
+    if serve {
+        accept(&shard, listener).await;
+    }
     drain(&shard).await;
     // No more sessions: stop the driver, then make everything appended durable and hand
     // out the last answers.
