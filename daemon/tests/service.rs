@@ -254,6 +254,71 @@ fn no_connection_is_accepted_before_every_shard_serves() {
     assert_eq!(accepted, 0, "{accepted} of {attempts} connections accepted");
 }
 
+/// `indiciad audit` beside the running appliance reports the findings it reports once the
+/// appliance has stopped. Here a cleanly closed journal's last record is damaged: recovery
+/// locks its vPSD (the record was durable), and the audit beside the appliance used to
+/// take the damage for a record being written and print `audit: clean`.
+#[test]
+fn the_audit_beside_a_running_appliance_finds_what_it_finds_after_the_stop() {
+    use indiciad::journal::format::{record_len, RecordHeader, RECORD_HEADER_BYTES};
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), None);
+    daemon.provision_funded(5, indicia_proto::Algorithm::Ed25519, 100_000);
+    let mut client = daemon.admin();
+    for _ in 0..5 {
+        client
+            .call(&indicia_proto::Request::Sign {
+                vpsd_id: 5,
+                item: support::item(100),
+            })
+            .unwrap();
+    }
+    drop(client);
+    assert!(daemon.terminate().success());
+    let data = dir.path().join("data");
+    let shard = data.join(format!("shard-{:03}", indiciad::server::shard_of(5, 2)));
+    let segment = shard.join(indiciad::journal::segment::file_name(1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let mut offset = indiciad::journal::format::SEGMENT_HEADER_BYTES;
+    let mut last = offset;
+    while let Some(header) = RecordHeader::decode(&bytes[offset..]) {
+        last = offset;
+        offset += record_len(header.payload_len as usize);
+    }
+    bytes[last + RECORD_HEADER_BYTES + 3] ^= 0x40;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let audit = || {
+        let output = Command::new(BIN)
+            .args(["audit", "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    };
+    let daemon = Daemon::start(dir.path(), None);
+    match daemon.admin().status(5).unwrap().state {
+        indicia_proto::VpsdState::Locked(indicia_proto::LockReason::Integrity(_)) => {}
+        state => panic!("vPSD 5 should be locked by recovery: {state:?}"),
+    }
+    let (live_code, live) = audit();
+    assert!(daemon.terminate().success());
+    let (stopped_code, stopped) = audit();
+    assert_eq!(stopped_code, Some(1), "{stopped}");
+    assert!(stopped.contains("FINDING"), "{stopped}");
+    assert_eq!(live_code, Some(1), "beside the appliance: {live}");
+    let findings = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|line| line.contains("FINDING"))
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(findings(&live), findings(&stopped));
+}
+
 #[test]
 fn bad_flags_and_configs_are_refused_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
