@@ -506,6 +506,20 @@ fn verify_tells_forgeries_and_unissued_pieces() {
         f.engine.verify(other_vpsd.to_bytes().as_ref()).0,
         Verdict::UnknownKey
     );
+    // The key exists but is of another algorithm: not unknown, a bad signature
+    // (docs/INDICIUM.md section 3).
+    let mut other_algorithm = indicium;
+    other_algorithm.payload.algorithm = Algorithm::EcdsaP256;
+    assert_eq!(
+        f.engine.verify(other_algorithm.to_bytes().as_ref()).0,
+        Verdict::BadSignature
+    );
+    let mut other_serial = indicium;
+    other_serial.payload.key_serial = 2;
+    assert_eq!(
+        f.engine.verify(other_serial.to_bytes().as_ref()).0,
+        Verdict::UnknownKey
+    );
     assert_eq!(f.engine.verify(&[1, 2, 3]).0, Verdict::Malformed);
 }
 
