@@ -73,6 +73,33 @@ enum Tool {
     },
 }
 
+/// Why `indiciad` (or one of its tools) stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    #[error(transparent)]
+    Audit(#[from] crate::store::audit::AuditError),
+    #[error(transparent)]
+    Ledger(#[from] crate::store::ledger::LedgerError),
+    #[error("{path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("standard output: {0}")]
+    Stdout(std::io::Error),
+    #[error("cannot block signals: {0}")]
+    Signals(nix::Error),
+    #[error("cannot start the signal thread: {0}")]
+    SignalThread(std::io::Error),
+    #[error("built for FIPS, but aws-lc is not in FIPS mode: {0}")]
+    NotFips(&'static str),
+}
+
 /// Exit status of `audit` when it found something.
 const EXIT_FINDINGS: u8 = 1;
 /// Exit status of a tool that could not run (unreadable data directory, key, ledger).
@@ -81,28 +108,27 @@ const EXIT_TOOL_FAILED: u8 = 2;
 fn audit_report(
     config: &Config,
     master_key: Option<&std::path::Path>,
-) -> Result<crate::store::audit::AuditReport, String> {
+) -> Result<crate::store::audit::AuditReport, ServiceError> {
     let credential = master_key.map(PathBuf::from).or_else(|| {
         std::env::var_os("CREDENTIALS_DIRECTORY")
             .map(|dir| PathBuf::from(dir).join(crate::datadir::MASTER_KEY_FILE))
             .filter(|path| path.exists())
     });
-    crate::store::audit::audit_data_dir(
+    Ok(crate::store::audit::audit_data_dir(
         std::path::Path::new(&config.data_dir),
         credential.as_deref(),
         &config.engine_config(),
-    )
-    .map_err(|err| err.to_string())
+    )?)
 }
 
 /// Runs an offline tool; prints to standard output; returns the exit status.
-fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
+fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
     let mut print = |text: &str| {
         stdout
             .write_all(text.as_bytes())
-            .map_err(|err| format!("standard output: {err}"))
+            .map_err(ServiceError::Stdout)
     };
     match tool {
         Tool::Audit {
@@ -113,8 +139,7 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
             let report = audit_report(config, master_key.as_deref())?;
             let reconciliation = match &ledger {
                 Some(path) => {
-                    let lines =
-                        crate::store::ledger::read_ledger(path).map_err(|err| err.to_string())?;
+                    let lines = crate::store::ledger::read_ledger(path)?;
                     Some(crate::store::ledger::reconcile(&report.ledger(), &lines))
                 }
                 None => None,
@@ -156,8 +181,12 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, String> {
                 text.push('\n');
             }
             match &out {
-                Some(path) => std::fs::write(path, &text)
-                    .map_err(|err| format!("{}: {err}", path.display()))?,
+                Some(path) => {
+                    std::fs::write(path, &text).map_err(|source| ServiceError::Write {
+                        path: path.clone(),
+                        source,
+                    })?
+                }
                 None => print(&text)?,
             }
             if !report.is_clean() {
@@ -198,9 +227,9 @@ fn init_logging() {
     }
 }
 
-fn load_config(args: &Args) -> Result<Config, String> {
+fn load_config(args: &Args) -> Result<Config, ServiceError> {
     let mut config = match &args.config {
-        Some(path) => Config::load(path).map_err(|err| err.to_string())?,
+        Some(path) => Config::load(path)?,
         None => Config::default(),
     };
     if let Some(data_dir) = &args.data_dir {
@@ -212,7 +241,7 @@ fn load_config(args: &Args) -> Result<Config, String> {
     if let Some(shards) = args.shards {
         config.shards = shards;
     }
-    config.validate().map_err(|err| err.to_string())?;
+    config.validate()?;
     Ok(config)
 }
 
@@ -232,10 +261,10 @@ fn notify(state: &[sd_notify::NotifyState<'_>]) {
     let _ = sd_notify::notify(state);
 }
 
-fn run(args: &Args) -> Result<(), String> {
-    let signals = block_signals().map_err(|err| format!("cannot block signals: {err}"))?;
+fn run(args: &Args) -> Result<(), ServiceError> {
+    let signals = block_signals().map_err(ServiceError::Signals)?;
     let config = load_config(args)?;
-    let data = server::open_data_dir(&config).map_err(|err| err.to_string())?;
+    let data = server::open_data_dir(&config)?;
     if !data.created.is_empty() {
         tracing::info!(
             "first start: initialized data directory {}",
@@ -260,7 +289,7 @@ fn run(args: &Args) -> Result<(), String> {
             .display()
     );
     let started = Instant::now();
-    let server = Server::start(&config, &data).map_err(|err| err.to_string())?;
+    let server = Server::start(&config, &data)?;
     for (shard, report) in server.recovery().iter().enumerate() {
         if report.records_replayed > 0 || !report.is_clean() {
             tracing::info!(
@@ -325,7 +354,7 @@ fn run(args: &Args) -> Result<(), String> {
                     tracing::info!("{signal}: stopping (send it again to exit at once)");
                 }
             })
-            .map_err(|err| format!("cannot start the signal thread: {err}"))?;
+            .map_err(ServiceError::SignalThread)?;
     }
 
     // The watchdog is pinged only while every shard's loop keeps turning.
@@ -345,7 +374,7 @@ fn run(args: &Args) -> Result<(), String> {
     }
     notify(&[sd_notify::NotifyState::Stopping]);
     server.shutdown();
-    server.join().map_err(|err| err.to_string())?;
+    server.join()?;
     tracing::info!("stopped: every answered request is durable");
     Ok(())
 }
@@ -361,10 +390,9 @@ fn harden_process() -> Result<(), nix::Error> {
 /// Built with the `fips` feature, the cryptography must run in aws-lc's FIPS 140-3 module:
 /// aws-lc checks its own integrity and runs its self-tests when it first starts, and reports
 /// FIPS mode only if they passed. Without the feature there is nothing to check.
-fn check_fips_mode() -> Result<(), String> {
+fn check_fips_mode() -> Result<(), ServiceError> {
     if cfg!(feature = "fips") {
-        aws_lc_rs::try_fips_mode()
-            .map_err(|err| format!("built for FIPS, but aws-lc is not in FIPS mode: {err}"))?;
+        aws_lc_rs::try_fips_mode().map_err(ServiceError::NotFips)?;
         tracing::info!("cryptography: aws-lc FIPS 140-3 module, in FIPS mode");
     }
     Ok(())
