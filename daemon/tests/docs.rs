@@ -1,5 +1,7 @@
 //! docs/ must agree with the code: every record kind of docs/JOURNAL.md is listed with its
-//! number and name, and the fixed sizes it states are the code's; the files of
+//! number and name, and the fixed sizes it states are the code's; the markers a real
+//! journal writes have the form the doc gives; the checkpoint's layout and sizes, and the
+//! rotation's sizing, are what the encoder and a real rotation produce; the files of
 //! docs/FILES.md are the ones written; every statistic the appliance reports is in
 //! docs/OPERATIONS.md, and nothing else is; the connection rules check frames in the order
 //! of docs/PROTOCOL.md section 4.2.
@@ -11,17 +13,25 @@ use std::time::Instant;
 use aws_lc_rs::rand::SystemRandom;
 use indicia_proto::frame::{encode_frame, HEADER_BYTES};
 use indicia_proto::message::{opcode, CLIENT_PROOF_LABEL, NONCE_BYTES};
-use indicia_proto::{ErrorCode, Request, Response, Role};
+use indicia_proto::{Algorithm, ErrorCode, Request, Response, Role, Zip};
 use indiciad::config::ServerConfig;
 use indiciad::server::conn_rules::{Action, ConnectionRules, Limits, Next};
 use indiciad::server::handshake::{proof, ClientDirectory, ClientEntry, Connection};
 
+use indiciad::engine::{
+    Checkpoint, EngineConfig, KeyBinding, KeyEntry, MasterKey, Registers, StoredState, Vpsd,
+};
 use indiciad::journal::format::{
-    RECORD_HEADER_BYTES, RECORD_MAGIC, RECORD_TRAILER_BYTES, SEGMENT_HEADER_BYTES, SEGMENT_MAGIC,
+    record_len, RECORD_HEADER_BYTES, RECORD_MAGIC, RECORD_TRAILER_BYTES, SEGMENT_HEADER_BYTES,
+    SEGMENT_MAGIC,
+};
+use indiciad::journal::{
+    segment, ChainKey, Damage, GoodRecord, Journal, JournalConfig, Visitor, CHECKPOINT_ROOM_FACTOR,
+    CLOSED_FILE, OPEN_FILE,
 };
 use indiciad::server::metrics::{Metrics, Received, RequestKind};
 use indiciad::server::shard::ShardStats;
-use indiciad::store::codec::kind;
+use indiciad::store::codec::{decode_checkpoint, encode_checkpoint, kind, Encoder};
 
 fn journal_md() -> String {
     std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/JOURNAL.md")).unwrap()
@@ -76,6 +86,249 @@ fn the_fixed_sizes_and_magics_in_the_doc_are_the_codes() {
             "docs/JOURNAL.md does not say {needle}"
         );
     }
+}
+
+/// docs/JOURNAL.md with every run of whitespace made one space, so that a phrase can be
+/// found across line breaks.
+fn journal_md_flat() -> String {
+    journal_md()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `n` with a comma between groups of three digits, as the docs write figures.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// A visitor that gives the records no meaning: the journal's own behaviour is tested.
+struct Bytes;
+
+impl Visitor for Bytes {
+    fn accepts_checkpoint(&mut self, _payload: &[u8]) -> Option<u64> {
+        Some(0)
+    }
+    fn record(&mut self, _record: GoodRecord<'_>) {}
+    fn damage(&mut self, _damage: Damage) {}
+}
+
+fn open_journal(dir: &std::path::Path, segment_bytes: usize) -> Journal {
+    Journal::open(
+        dir,
+        0,
+        ChainKey::derive(&[0x11; 32], 0),
+        JournalConfig { segment_bytes },
+        &mut Bytes,
+    )
+    .unwrap()
+    .0
+}
+
+/// The markers a real journal writes: `OPEN` at the open, `CLOSED` (and no `OPEN`) after a
+/// clean close, each in the form section 1.1 and the table of section 6.6 give.
+#[test]
+fn the_markers_in_the_doc_are_the_ones_a_journal_writes() {
+    let text = journal_md();
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = open_journal(dir.path(), 64 << 10);
+    assert_eq!((OPEN_FILE, CLOSED_FILE), ("OPEN", "CLOSED"));
+    let open = std::fs::read_to_string(dir.path().join(OPEN_FILE)).unwrap();
+    let (open_magic, rest) = open.split_once(' ').unwrap();
+    assert_eq!(rest, "0\n", "an empty journal's OPEN says 0");
+    let sequence = journal.append(1, 1001, 0, b"opaque").unwrap();
+    assert_eq!(journal.close_cleanly().unwrap(), sequence);
+    assert!(
+        !dir.path().join(OPEN_FILE).exists(),
+        "a clean close removes OPEN"
+    );
+    let closed = std::fs::read_to_string(dir.path().join(CLOSED_FILE)).unwrap();
+    let fields: Vec<&str> = closed.strip_suffix('\n').unwrap().split(' ').collect();
+    assert_eq!(fields.len(), 3, "{closed:?}");
+    assert_eq!(fields[1], sequence.to_string());
+    assert!(
+        fields[2].len() == 64
+            && fields[2]
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+        "the chain value is 64 lowercase hex digits: {closed:?}"
+    );
+    for needle in [
+        format!("`{open_magic} <sequence>\\n`"),
+        format!("`{} <sequence> <chain>\\n`", fields[0]),
+        format!("| `{OPEN_FILE}` | `{open_magic} <sequence>\\n` |"),
+        format!(
+            "| `{CLOSED_FILE}` | `{} <sequence> <chain>\\n` |",
+            fields[0]
+        ),
+    ] {
+        assert!(
+            text.contains(&needle),
+            "docs/JOURNAL.md does not say {needle}"
+        );
+    }
+}
+
+/// Section 6.4: the factor, and its example worked by a real rotation.
+#[test]
+fn the_rotation_sizing_in_the_doc_is_the_codes() {
+    let text = journal_md_flat();
+    let says = format!("`CHECKPOINT_ROOM_FACTOR` = {CHECKPOINT_ROOM_FACTOR}");
+    assert!(text.contains(&says), "docs/JOURNAL.md should say {says}");
+    let needed = format!(
+        "needed = {SEGMENT_HEADER_BYTES} + max({CHECKPOINT_ROOM_FACTOR} x checkpoint, checkpoint + room)"
+    );
+    assert!(
+        text.contains(&needed),
+        "docs/JOURNAL.md should say {needed}"
+    );
+
+    // The example: 64 KiB segments, a 100,000-byte checkpoint payload.
+    let (segment_bytes, payload) = (64 << 10, 100_000);
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = open_journal(dir.path(), segment_bytes);
+    journal.rotate(&vec![0; payload], 0, 200).unwrap();
+    let made = std::fs::metadata(dir.path().join(segment::file_name(2)))
+        .unwrap()
+        .len() as usize;
+    for needle in [
+        format!(
+            "a checkpoint payload of {} bytes is a record of {} bytes",
+            thousands(payload),
+            thousands(record_len(payload))
+        ),
+        format!(
+            "the new segment is {} bytes, not {}",
+            thousands(made),
+            thousands(segment_bytes)
+        ),
+    ] {
+        assert!(
+            text.contains(&needle),
+            "docs/JOURNAL.md does not say {needle}"
+        );
+    }
+
+    // With the default segments, checkpoints up to a quarter of a segment.
+    let default = JournalConfig::default().segment_bytes;
+    let quarter = (default - SEGMENT_HEADER_BYTES) / CHECKPOINT_ROOM_FACTOR;
+    let says = format!("a checkpoint of up to {} bytes", thousands(quarter));
+    assert!(text.contains(&says), "docs/JOURNAL.md should say {says}");
+}
+
+/// A checkpoint of one active vPSD with an owner of `owner_bytes` and `older_keys` keys
+/// before its current one: the bytes of its vPSD entry.
+fn vpsd_entry_bytes(algorithm: Algorithm, owner_bytes: usize, older_keys: u32) -> usize {
+    let master = MasterKey::new(&[1; 32]).unwrap();
+    let mut keys = Vec::new();
+    for serial in 1..=older_keys + 1 {
+        let binding = KeyBinding {
+            vpsd_id: 1,
+            key_serial: serial,
+            sealed_version: u64::from(serial),
+        };
+        let (sealed, public) = master.generate(algorithm, binding).unwrap();
+        keys.push(KeyEntry {
+            serial,
+            sealed_version: u64::from(serial),
+            public,
+            sealed: (serial == older_keys + 1).then_some(sealed),
+        });
+    }
+    let vpsd = Vpsd {
+        id: 1,
+        owner: "o".repeat(owner_bytes),
+        algorithm,
+        origin_zip: Zip::new(20260, None).unwrap(),
+        keys: keys.into(),
+        registers: Registers::default(),
+        state: StoredState::Active,
+        last_contact_unix: 0,
+        provider_sequence: 0,
+        version: u64::from(older_keys) + 1,
+    };
+    let checkpoint = Checkpoint {
+        vpsds: vec![vpsd],
+        ..Checkpoint::default()
+    };
+    let mut out = Encoder::default();
+    encode_checkpoint(&checkpoint, 0, &mut out).unwrap();
+    out.bytes.len() - empty_checkpoint_bytes()
+}
+
+fn empty_checkpoint_bytes() -> usize {
+    let mut out = Encoder::default();
+    encode_checkpoint(&Checkpoint::default(), 0, &mut out).unwrap();
+    out.bytes.len()
+}
+
+/// Section 5.8: `window_from` ends the payload, an empty state is 18 bytes, and the vPSD
+/// sizes the doc computes (and section 6.4 builds on) are the encoder's.
+#[test]
+fn the_checkpoint_layout_and_sizes_in_the_doc_are_the_encoders() {
+    let text = journal_md();
+    assert!(
+        text.lines()
+            .any(|line| line.starts_with("| ... | 8 | `u64` | window_from |")),
+        "docs/JOURNAL.md section 5.8 has no `window_from` row"
+    );
+    let window_from: u64 = 0x0102_0304_0506_0708;
+    let mut out = Encoder::default();
+    encode_checkpoint(&Checkpoint::default(), window_from, &mut out).unwrap();
+    assert_eq!(out.bytes.len(), 18);
+    assert_eq!(
+        &out.bytes[10..],
+        &window_from.to_le_bytes()[..],
+        "window_from comes last"
+    );
+    assert_eq!(
+        decode_checkpoint(&out.bytes).unwrap().window_from,
+        window_from
+    );
+    let flat = journal_md_flat();
+    assert!(flat.contains("provisioning allowed is 18 bytes"));
+
+    let owner = 16;
+    let ed25519 = vpsd_entry_bytes(Algorithm::Ed25519, owner, 0);
+    let p256 = vpsd_entry_bytes(Algorithm::EcdsaP256, owner, 0);
+    let older_ed25519 = vpsd_entry_bytes(Algorithm::Ed25519, owner, 1) - ed25519;
+    let older_p256 = vpsd_entry_bytes(Algorithm::EcdsaP256, owner, 1) - p256;
+    for needle in [
+        format!(
+            "one Ed25519 key (m = 32) takes {} + n bytes",
+            ed25519 - owner
+        ),
+        format!("one P-256 key (m = 65) {} + n", p256 - owner),
+        format!("each older key adds {older_ed25519} (Ed25519) or {older_p256} (P-256)"),
+        format!(
+            "a 16-byte owner on one shard (computed from the sizes above, {ed25519} bytes each)"
+        ),
+    ] {
+        assert!(
+            flat.contains(&needle),
+            "docs/JOURNAL.md does not say {needle}"
+        );
+    }
+
+    // Section 6.4's shard at the default vpsds_max.
+    let vpsds = EngineConfig::default().vpsds_max;
+    let record = record_len(empty_checkpoint_bytes() + vpsds * ed25519);
+    let segment = (SEGMENT_HEADER_BYTES + CHECKPOINT_ROOM_FACTOR * record).next_multiple_of(4096);
+    let says = format!(
+        "A shard at the default `engine.vpsds_max` of {} such vPSDs has a checkpoint record of {} bytes, and its new segments are {} bytes",
+        thousands(vpsds),
+        thousands(record),
+        thousands(segment)
+    );
+    assert!(flat.contains(&says), "docs/JOURNAL.md should say {says}");
 }
 
 fn files_md() -> String {
