@@ -190,3 +190,30 @@ mod tests {
         assert!(err.contains("kind"), "{err}");
     }
 }
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    #[test]
+    fn an_authorization_file_is_byte_for_byte_the_documented_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refill-1.json");
+        let authorization = ProviderAuthorization {
+            kind: AuthorizationKind::Refill,
+            vpsd_id: 301,
+            amount_mills: 120_500,
+            sequence: 1,
+            expires_unix: 1_796_630_400,
+            signature: [0x9f; 64],
+        };
+        write_authorization(&path, &authorization).unwrap();
+        let expected = format!(
+            "{{\"amount_mills\":120500,\"expires_unix\":1796630400,\
+             \"format\":\"indicia-authorization-v1\",\"kind\":\"refill\",\"sequence\":1,\
+             \"signature\":\"{}\",\"vpsd_id\":301}}\n",
+            "9f".repeat(64)
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
+    }
+}
