@@ -336,6 +336,12 @@ pub enum CliError {
     Barcode(#[from] crate::barcode::BarcodeError),
 }
 
+impl From<crate::FileError> for CliError {
+    fn from(err: crate::FileError) -> Self {
+        Self::Client(err.into())
+    }
+}
+
 impl CliError {
     /// Exit status: 2 for usage, 3 when the appliance refused, 4 when an indicium did not
     /// verify, 1 otherwise.
@@ -443,16 +449,9 @@ pub fn spki_pem(der: &[u8]) -> String {
 
 /// Loads a provider key file: 64 hex digits of Ed25519 seed, owner-readable only.
 pub fn load_provider_key(path: &Path) -> Result<Ed25519KeyPair, ClientError> {
-    let text = crate::read_private(path)?;
-    let mut seed = zeroize::Zeroizing::new([0u8; 32]);
-    hex::decode_to_slice(text.trim(), seed.as_mut()).map_err(|err| ClientError::Credential {
-        path: path.to_owned(),
-        what: format!("expected 64 hex digits of Ed25519 seed: {err}"),
-    })?;
-    Ed25519KeyPair::from_seed_unchecked(seed.as_ref()).map_err(|_| ClientError::Credential {
-        path: path.to_owned(),
-        what: "not an Ed25519 seed".into(),
-    })
+    let seed = indicia_files::load_secret(path)?;
+    Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
+        .map_err(|_| indicia_files::FileError::malformed(path, "not an Ed25519 seed").into())
 }
 
 /// A provider authorization signed with `key` (what the provider's systems issue).

@@ -17,13 +17,13 @@ pub mod provider;
 pub mod transport;
 pub mod verify;
 
+pub use indicia_files::{Credential, FileError};
 pub use transport::{TlsSettings, Transport};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aws_lc_rs::hmac;
@@ -32,14 +32,13 @@ use indicia_proto::frame::{
     FrameDecoder, FRAME_BYTES_MAX, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use indicia_proto::message::{
-    handshake_transcript, CLIENT_ID_BYTES_MAX, CLIENT_PROOF_LABEL, NONCE_BYTES, SERVER_PROOF_LABEL,
+    handshake_transcript, CLIENT_PROOF_LABEL, NONCE_BYTES, SERVER_PROOF_LABEL,
 };
 use indicia_proto::{
     Decoded, ErrorBody, Indicium, ItemResult, Request, Response, Role, SignItem, StatEntry,
     VpsdStatus,
 };
 use thiserror::Error;
-use zeroize::Zeroizing;
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -49,8 +48,10 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {what}")]
-    Credential { path: PathBuf, what: String },
+    /// A credential, key or other file shared with the appliance: missing, readable by
+    /// others, or malformed.
+    #[error(transparent)]
+    Files(#[from] FileError),
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         addr: String,
@@ -98,79 +99,6 @@ impl ClientError {
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
-
-/// A client id and its secret, as in the appliance's `admin.credential` file:
-/// `client_id = "..."` and `secret = "<64 hex digits>"`, readable by its owner only.
-#[derive(Clone)]
-pub struct Credential {
-    pub client_id: String,
-    secret: Zeroizing<[u8; 32]>,
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credential")
-            .field("client_id", &self.client_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Reads a file that holds a secret, refusing it if group or others may read it.
-pub fn read_private(path: &Path) -> Result<Zeroizing<String>> {
-    let file_error = |source| ClientError::File {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(file_error)?;
-    let mode = file.metadata().map_err(file_error)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(ClientError::Credential {
-            path: path.to_owned(),
-            what: format!(
-                "may be read by group or others (mode {:o}); it must be 0600 or stricter",
-                mode & 0o7777
-            ),
-        });
-    }
-    Ok(Zeroizing::new(
-        std::io::read_to_string(file).map_err(file_error)?,
-    ))
-}
-
-impl Credential {
-    pub fn new(client_id: &str, secret: [u8; 32]) -> Self {
-        Self {
-            client_id: client_id.to_owned(),
-            secret: Zeroizing::new(secret),
-        }
-    }
-
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = read_private(path)?;
-        let malformed = |what: String| ClientError::Credential {
-            path: path.to_owned(),
-            what,
-        };
-        let table: toml::Table = toml::from_str(&text).map_err(|err| malformed(err.to_string()))?;
-        let field = |name: &str| {
-            table
-                .get(name)
-                .and_then(toml::Value::as_str)
-                .ok_or_else(|| malformed(format!("missing `{name}`")))
-        };
-        let client_id = field("client_id")?;
-        if client_id.is_empty() || client_id.len() > CLIENT_ID_BYTES_MAX {
-            return Err(malformed("client_id must be 1 to 64 bytes".into()));
-        }
-        let mut secret = Zeroizing::new([0u8; 32]);
-        hex::decode_to_slice(field("secret")?.trim(), secret.as_mut())
-            .map_err(|err| malformed(format!("secret: expected 64 hex digits: {err}")))?;
-        Ok(Self {
-            client_id: client_id.to_owned(),
-            secret,
-        })
-    }
-}
 
 /// One authenticated connection to the appliance.
 #[derive(Debug)]

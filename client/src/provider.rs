@@ -16,16 +16,14 @@
 //! against the vPSD's last accepted one, and the expiry against its clock.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_proto::{AuthorizationKind, ProviderAuthorization};
 use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
-use crate::ClientError;
+use crate::{ClientError, FileError};
 
 /// The `format` field of an authorization file.
 pub const AUTHORIZATION_FORMAT: &str = "indicia-authorization-v1";
@@ -38,37 +36,25 @@ fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
 }
 
 fn malformed(path: &Path, what: impl Into<String>) -> ClientError {
-    ClientError::Credential {
-        path: path.to_owned(),
-        what: what.into(),
-    }
+    FileError::malformed(path, what).into()
 }
 
 /// Creates a provider key pair: the seed (64 hex digits, mode 0600, never overwritten) in
 /// `key_path`, the public key (64 hex digits, what the appliance's `provider.pub` holds)
 /// in `key_path` + `.pub`. Returns the public key's hex.
 pub fn generate_key(key_path: &Path) -> Result<String, ClientError> {
-    let mut seed = Zeroizing::new([0u8; 32]);
-    SystemRandom::new()
-        .fill(seed.as_mut())
-        .map_err(|_| ClientError::Protocol("the system random generator failed".into()))?;
+    let seed = indicia_files::random32()?;
     let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
         .map_err(|_| ClientError::Protocol("could not build an Ed25519 key".into()))?;
     let public = hex::encode(pair.public_key().as_ref());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(key_path)
-        .map_err(file_error(key_path))?;
     let text = Zeroizing::new(format!("{}\n", hex::encode(seed.as_ref())));
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(file_error(key_path))?;
+    indicia_files::write_private(key_path, text.as_bytes())?;
     let mut public_path = key_path.as_os_str().to_owned();
     public_path.push(".pub");
-    let public_path = std::path::PathBuf::from(public_path);
-    std::fs::write(&public_path, format!("{public}\n")).map_err(file_error(&public_path))?;
+    indicia_files::write_durable(
+        &std::path::PathBuf::from(public_path),
+        format!("{public}\n").as_bytes(),
+    )?;
     Ok(public)
 }
 

@@ -72,7 +72,7 @@ impl TlsSettings {
                 .map_err(|err| tls_file_error("CA", ca, err))?;
         }
         let chain = pem_certificates("certificate", certificate)?;
-        let key_text = crate::read_private(private_key)?;
+        let key_text = indicia_files::read_private(private_key)?;
         let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
             .map_err(|err| tls_file_error("private key", private_key, err))?;
         Self::new(roots, chain, key, server_name)
