@@ -37,16 +37,16 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aws_lc_rs::signature::Ed25519KeyPair;
-use base64::Engine as _;
 use clap::{Parser, Subcommand};
-use indicia_proto::message::BATCH_ITEMS_MAX;
 use indicia_proto::{
-    format_mills, parse_amount_mills, Algorithm, AuthorizationKind, Indicium, ItemResult,
-    LockReason, MailingDate, ProviderAuthorization, Request, SignItem, VpsdState, VpsdStatus, Zip,
+    format_mills, parse_amount_mills, Algorithm, AuthorizationKind, Indicium, LockReason,
+    MailingDate, ProviderAuthorization, Request, SignItem, VpsdState, VpsdStatus, Zip,
 };
 use serde_json::{json, Value};
 
+use crate::provider::{authorize, load_provider_key};
+use crate::signing::{sign_many, Signed};
+use crate::verify::spki_pem;
 use crate::{Client, ClientError, Credential};
 
 #[derive(Debug, Parser)]
@@ -347,7 +347,7 @@ impl CliError {
     /// verify, 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         match self {
-            Self::Usage(_) => 2,
+            Self::Usage(_) | Self::Client(ClientError::TlsFlags(_)) => 2,
             Self::Client(ClientError::Refused(_)) | Self::PartlySigned { .. } => 3,
             Self::NotVerified { .. } => 4,
             _ => 1,
@@ -435,58 +435,6 @@ fn status_text(status: &VpsdStatus) -> String {
     )
 }
 
-/// The PEM text of a SubjectPublicKeyInfo.
-pub fn spki_pem(der: &[u8]) -> String {
-    let encoded = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
-    for line in encoded.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END PUBLIC KEY-----\n");
-    pem
-}
-
-/// Loads a provider key file: 64 hex digits of Ed25519 seed, owner-readable only.
-pub fn load_provider_key(path: &Path) -> Result<Ed25519KeyPair, ClientError> {
-    let seed = indicia_files::load_secret(path)?;
-    Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
-        .map_err(|_| indicia_files::FileError::malformed(path, "not an Ed25519 seed").into())
-}
-
-/// A provider authorization signed with `key` (what the provider's systems issue).
-pub fn authorize(
-    key: &Ed25519KeyPair,
-    kind: AuthorizationKind,
-    vpsd_id: u64,
-    amount_mills: u64,
-    sequence: u64,
-    expires_unix: u64,
-) -> ProviderAuthorization {
-    sign_authorization(
-        key,
-        ProviderAuthorization {
-            kind,
-            vpsd_id,
-            amount_mills,
-            sequence,
-            expires_unix,
-            signature: [0; 64],
-        },
-    )
-}
-
-/// `authorization` with its signature made by `key` over
-/// [`ProviderAuthorization::signed_bytes`] (also to re-sign an altered one, in tests).
-pub fn sign_authorization(
-    key: &Ed25519KeyPair,
-    mut authorization: ProviderAuthorization,
-) -> ProviderAuthorization {
-    let signature = key.sign(&authorization.signed_bytes());
-    authorization.signature.copy_from_slice(signature.as_ref());
-    authorization
-}
-
 fn write_output(path: Option<&Path>, text: &str, out: &mut dyn Write) -> Result<(), CliError> {
     match path {
         Some(path) => std::fs::write(path, text).map_err(|source| CliError::Output {
@@ -504,73 +452,6 @@ fn write_output(path: Option<&Path>, text: &str, out: &mut dyn Write) -> Result<
 
 fn print(out: &mut dyn Write, text: &str) -> Result<(), CliError> {
     write_output(None, text, out)
-}
-
-/// What [`sign_many`] got: the indicia signed (in piece order), the refusals with the
-/// number of indicia each covers, and the error that ended it early, if any. Signed
-/// indicia are charged: they are returned even when the connection failed midway.
-#[derive(Debug, Default)]
-pub struct Signed {
-    pub indicia: Vec<Indicium>,
-    pub refused: Vec<(indicia_proto::ErrorBody, u64)>,
-    pub error: Option<ClientError>,
-}
-
-/// Signs `count` indicia in pipelined batches of up to 256.
-pub fn sign_many(client: &mut Client, vpsd_id: u64, item: SignItem, count: u64) -> Signed {
-    const PIPELINE: usize = 8;
-    let mut result = Signed::default();
-    let mut left = count;
-    let mut in_flight: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
-    loop {
-        while left > 0 && in_flight.len() < PIPELINE {
-            let size = left.min(BATCH_ITEMS_MAX as u64);
-            let id = client.next_request_id();
-            // `size` <= 256.
-            let items = vec![item; size as usize];
-            if let Err(err) = client.send(id, &Request::SignBatch { vpsd_id, items }) {
-                result.error = Some(err);
-                break;
-            }
-            left -= size;
-            in_flight.insert(id, size);
-        }
-        if in_flight.is_empty() || result.error.is_some() {
-            break;
-        }
-        let (id, response) = match client.recv() {
-            Ok(answer) => answer,
-            Err(err) => {
-                result.error = Some(err);
-                break;
-            }
-        };
-        let Some(size) = in_flight.remove(&id) else {
-            continue;
-        };
-        match response {
-            indicia_proto::Response::BatchSigned { results } => {
-                for item in results {
-                    match item {
-                        ItemResult::Signed(indicium) => result.indicia.push(indicium),
-                        ItemResult::Failed(body) => result.refused.push((body, 1)),
-                    }
-                }
-            }
-            indicia_proto::Response::Error(body) => result.refused.push((body, size)),
-            other => {
-                result.error = Some(ClientError::Protocol(format!(
-                    "unexpected answer to sign-batch: opcode {:#04x}",
-                    other.opcode()
-                )));
-                break;
-            }
-        }
-    }
-    result
-        .indicia
-        .sort_by_key(|indicium| indicium.payload.piece_number);
-    result
 }
 
 /// Checks the arguments the appliance never sees, before connecting.
@@ -1253,60 +1134,13 @@ pub fn run(args: Args, out: &mut dyn Write) -> Result<(), CliError> {
 /// The mutual TLS settings of the flags: all of --tls-ca, --tls-cert and --tls-key, or
 /// none (plaintext).
 fn tls_settings(args: &Args) -> Result<Option<crate::TlsSettings>, CliError> {
-    tls_settings_from(
+    Ok(crate::transport::tls_settings_from(
         args.tls_ca.as_deref(),
         args.tls_cert.as_deref(),
         args.tls_key.as_deref(),
         args.tls_server_name.as_deref(),
         &args.addr,
-    )
-}
-
-/// The mutual TLS settings of `--tls-ca`, `--tls-cert`, `--tls-key` and
-/// `--tls-server-name` (the load generator has the same flags); the server name defaults
-/// to the host of `addr`.
-pub fn tls_settings_from(
-    ca: Option<&Path>,
-    cert: Option<&Path>,
-    key: Option<&Path>,
-    server_name: Option<&str>,
-    addr: &str,
-) -> Result<Option<crate::TlsSettings>, CliError> {
-    let (ca, cert, key) = match (ca, cert, key) {
-        (None, None, None) => {
-            if server_name.is_some() {
-                return Err(CliError::Usage(
-                    "--tls-server-name needs --tls-ca, --tls-cert and --tls-key".into(),
-                ));
-            }
-            return Ok(None);
-        }
-        (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
-        _ => {
-            return Err(CliError::Usage(
-                "mutual TLS needs all of --tls-ca, --tls-cert and --tls-key".into(),
-            ))
-        }
-    };
-    let server_name = match server_name {
-        Some(name) => name.to_owned(),
-        None => host_of(addr),
-    };
-    Ok(Some(crate::TlsSettings::load(ca, cert, key, &server_name)?))
-}
-
-/// The host part of `host:port`, `[v6]:port` or a bare host.
-pub fn host_of(addr: &str) -> String {
-    if let Ok(socket) = addr.parse::<std::net::SocketAddr>() {
-        return socket.ip().to_string();
-    }
-    match addr.rsplit_once(':') {
-        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        _ => addr.to_owned(),
-    }
+    )?)
 }
 
 fn pki(command: PkiCommand, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
@@ -1347,17 +1181,4 @@ pub fn main_with(
 ) -> Result<(), CliError> {
     let args = Args::try_parse_from(args).map_err(|err| CliError::Usage(err.to_string()))?;
     run(args, out)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::host_of;
-
-    #[test]
-    fn the_tls_server_name_defaults_to_the_host_of_the_address() {
-        assert_eq!(host_of("127.0.0.1:7450"), "127.0.0.1");
-        assert_eq!(host_of("[::1]:7450"), "::1");
-        assert_eq!(host_of("indicia.example:7450"), "indicia.example");
-        assert_eq!(host_of("indicia.example"), "indicia.example");
-    }
 }

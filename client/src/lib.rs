@@ -14,6 +14,7 @@ pub mod barcode;
 pub mod cli;
 pub mod pki;
 pub mod provider;
+pub mod signing;
 pub mod transport;
 pub mod verify;
 
@@ -63,6 +64,9 @@ pub enum ClientError {
     /// TLS protocol error.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The `--tls-*` flags given do not make a whole.
+    #[error(transparent)]
+    TlsFlags(#[from] transport::TlsFlagsError),
     #[error("the appliance closed the connection")]
     Closed,
     #[error("protocol: {0}")]

@@ -58,6 +58,46 @@ pub fn generate_key(key_path: &Path) -> Result<String, ClientError> {
     Ok(public)
 }
 
+/// Loads a provider key file: 64 hex digits of Ed25519 seed, owner-readable only.
+pub fn load_provider_key(path: &Path) -> Result<Ed25519KeyPair, ClientError> {
+    let seed = indicia_files::load_secret(path)?;
+    Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
+        .map_err(|_| malformed(path, "not an Ed25519 seed"))
+}
+
+/// A provider authorization signed with `key` (what the provider's systems issue).
+pub fn authorize(
+    key: &Ed25519KeyPair,
+    kind: AuthorizationKind,
+    vpsd_id: u64,
+    amount_mills: u64,
+    sequence: u64,
+    expires_unix: u64,
+) -> ProviderAuthorization {
+    sign_authorization(
+        key,
+        ProviderAuthorization {
+            kind,
+            vpsd_id,
+            amount_mills,
+            sequence,
+            expires_unix,
+            signature: [0; 64],
+        },
+    )
+}
+
+/// `authorization` with its signature made by `key` over
+/// [`ProviderAuthorization::signed_bytes`] (also to re-sign an altered one, in tests).
+pub fn sign_authorization(
+    key: &Ed25519KeyPair,
+    mut authorization: ProviderAuthorization,
+) -> ProviderAuthorization {
+    let signature = key.sign(&authorization.signed_bytes());
+    authorization.signature.copy_from_slice(signature.as_ref());
+    authorization
+}
+
 /// An authorization as the JSON object of an authorization file.
 pub fn authorization_json(authorization: &ProviderAuthorization) -> Value {
     json!({
@@ -153,9 +193,9 @@ mod tests {
         let public = generate_key(&key_path).unwrap();
         assert_eq!(public.len(), 64);
         assert!(generate_key(&key_path).is_err(), "an existing key is kept");
-        let key = crate::cli::load_provider_key(&key_path).unwrap();
+        let key = load_provider_key(&key_path).unwrap();
         assert_eq!(hex::encode(key.public_key().as_ref()), public);
-        let authorization = crate::cli::authorize(
+        let authorization = authorize(
             &key,
             AuthorizationKind::Refill,
             7001,

@@ -101,6 +101,55 @@ impl TlsSettings {
     }
 }
 
+/// The `--tls-*` flags that `indiciactl` and the load generator share do not make a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsFlagsError {
+    #[error("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")]
+    Incomplete,
+    #[error("--tls-server-name needs --tls-ca, --tls-cert and --tls-key")]
+    ServerNameAlone,
+}
+
+/// The mutual TLS settings of `--tls-ca`, `--tls-cert`, `--tls-key` and
+/// `--tls-server-name`: all three files or none (plaintext). The server name defaults to
+/// the host of `addr`.
+pub fn tls_settings_from(
+    ca: Option<&Path>,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    server_name: Option<&str>,
+    addr: &str,
+) -> Result<Option<TlsSettings>, ClientError> {
+    let (ca, cert, key) = match (ca, cert, key) {
+        (None, None, None) if server_name.is_some() => {
+            return Err(TlsFlagsError::ServerNameAlone.into())
+        }
+        (None, None, None) => return Ok(None),
+        (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
+        _ => return Err(TlsFlagsError::Incomplete.into()),
+    };
+    let server_name = match server_name {
+        Some(name) => name.to_owned(),
+        None => host_of(addr),
+    };
+    Ok(Some(TlsSettings::load(ca, cert, key, &server_name)?))
+}
+
+/// The host part of `host:port`, `[v6]:port` or a bare host.
+pub fn host_of(addr: &str) -> String {
+    if let Ok(socket) = addr.parse::<std::net::SocketAddr>() {
+        return socket.ip().to_string();
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        _ => addr.to_owned(),
+    }
+}
+
 /// A TLS failure carried through `std::io` (the client turns it into
 /// [`ClientError::Tls`]).
 #[derive(Debug, thiserror::Error)]
@@ -374,5 +423,33 @@ impl Write for WriteHalf {
     fn flush(&mut self) -> io::Result<()> {
         self.send_records()?;
         self.tcp.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_server_name_defaults_to_the_host_of_the_address() {
+        assert_eq!(host_of("127.0.0.1:7450"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7450"), "::1");
+        assert_eq!(host_of("indicia.example:7450"), "indicia.example");
+        assert_eq!(host_of("indicia.example"), "indicia.example");
+    }
+
+    #[test]
+    fn the_tls_flags_are_all_or_none() {
+        let file = Some(Path::new("x.pem"));
+        let flags = |ca, cert, key, name| tls_settings_from(ca, cert, key, name, "127.0.0.1:1");
+        assert!(matches!(flags(None, None, None, None), Ok(None)));
+        assert!(matches!(
+            flags(file, None, file, None),
+            Err(ClientError::TlsFlags(TlsFlagsError::Incomplete))
+        ));
+        assert!(matches!(
+            flags(None, None, None, Some("indicia.example")),
+            Err(ClientError::TlsFlags(TlsFlagsError::ServerNameAlone))
+        ));
     }
 }

@@ -58,7 +58,7 @@ fn next_session(store: &mut indiciad::journal::Store) -> indiciad::engine::Sessi
         )
         .unwrap();
     store.commit(provision, NOW).unwrap();
-    let authorization = indicia_client::cli::authorize(
+    let authorization = indicia_client::provider::authorize(
         &common::provider(),
         AuthorizationKind::Refill,
         900,

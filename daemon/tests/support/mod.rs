@@ -10,7 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use indicia_client::cli::{authorize, load_provider_key};
+use indicia_client::provider::{authorize, load_provider_key};
 use indicia_client::{Client, Credential};
 use indicia_proto::{
     Algorithm, AuthorizationKind, Indicium, MailingDate, Request, SignItem, VpsdStatus, Zip,
