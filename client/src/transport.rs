@@ -10,7 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -111,29 +111,61 @@ pub enum TlsFlagsError {
     ServerNameAlone,
 }
 
-/// The mutual TLS settings of `--tls-ca`, `--tls-cert`, `--tls-key` and
-/// `--tls-server-name`: all three files or none (plaintext). The server name defaults to
-/// the host of `addr`.
+/// The files of mutual TLS named by the `--tls-*` flags, once they are known to make a
+/// whole; nothing is read yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    /// The name the appliance's certificate must carry (None: the host of the address).
+    pub server_name: Option<String>,
+}
+
+impl TlsFiles {
+    /// `--tls-ca`, `--tls-cert`, `--tls-key` and `--tls-server-name`: all three files or
+    /// none (plaintext), and a server name only with them.
+    pub fn from_flags(
+        ca: Option<&Path>,
+        certificate: Option<&Path>,
+        private_key: Option<&Path>,
+        server_name: Option<&str>,
+    ) -> Result<Option<Self>, TlsFlagsError> {
+        match (ca, certificate, private_key) {
+            (None, None, None) if server_name.is_some() => Err(TlsFlagsError::ServerNameAlone),
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(certificate), Some(private_key)) => Ok(Some(Self {
+                ca: ca.to_owned(),
+                certificate: certificate.to_owned(),
+                private_key: private_key.to_owned(),
+                server_name: server_name.map(str::to_owned),
+            })),
+            _ => Err(TlsFlagsError::Incomplete),
+        }
+    }
+
+    /// Reads the files, for connections to `addr`.
+    pub fn load(&self, addr: &str) -> Result<TlsSettings, ClientError> {
+        let server_name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => host_of(addr),
+        };
+        TlsSettings::load(&self.ca, &self.certificate, &self.private_key, &server_name)
+    }
+}
+
+/// The mutual TLS settings of the `--tls-*` flags ([`TlsFiles::from_flags`]), read for
+/// connections to `addr`; None for plaintext.
 pub fn tls_settings_from(
     ca: Option<&Path>,
-    cert: Option<&Path>,
-    key: Option<&Path>,
+    certificate: Option<&Path>,
+    private_key: Option<&Path>,
     server_name: Option<&str>,
     addr: &str,
 ) -> Result<Option<TlsSettings>, ClientError> {
-    let (ca, cert, key) = match (ca, cert, key) {
-        (None, None, None) if server_name.is_some() => {
-            return Err(TlsFlagsError::ServerNameAlone.into())
-        }
-        (None, None, None) => return Ok(None),
-        (Some(ca), Some(cert), Some(key)) => (ca, cert, key),
-        _ => return Err(TlsFlagsError::Incomplete.into()),
-    };
-    let server_name = match server_name {
-        Some(name) => name.to_owned(),
-        None => host_of(addr),
-    };
-    Ok(Some(TlsSettings::load(ca, cert, key, &server_name)?))
+    TlsFiles::from_flags(ca, certificate, private_key, server_name)?
+        .map(|files| files.load(addr))
+        .transpose()
 }
 
 /// The host part of `host:port`, `[v6]:port` or a bare host.
