@@ -6,13 +6,13 @@
 //! An authorization file is one JSON object (docs/FILES.md, section 2):
 //!
 //! ```json
-//! {"format":"indicia-authorization-v1","kind":"refill","vpsd_id":7001,
-//!  "amount_mills":100000,"sequence":3,"expires_unix":1798675200,
-//!  "signature":"<128 hex digits>"}
+//! {"amount_mills":100000,"expires_unix":1798675200,"format":"indicia-authorization-v1",
+//!  "kind":"refill","sequence":3,"signature":"<128 hex digits>","vpsd_id":7001}
 //! ```
 //!
-//! The fields are those of the wire's provider authorization (docs/PROTOCOL.md); the
-//! signature covers them. The appliance checks it against `provider.pub`, the sequence
+//! The fields are those of the wire's provider authorization (docs/PROTOCOL.md), read and
+//! written by its serde derives (indicia-proto's `serde` feature); the signature covers
+//! them. The appliance checks it against `provider.pub`, the sequence
 //! against the vPSD's last accepted one, and the expiry against its clock.
 
 use std::io::Write;
@@ -20,7 +20,8 @@ use std::path::Path;
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_proto::{AuthorizationKind, ProviderAuthorization};
-use serde_json::{json, Value};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
 use zeroize::Zeroizing;
 
 use crate::{ClientError, FileError};
@@ -98,17 +99,48 @@ pub fn sign_authorization(
     authorization
 }
 
-/// An authorization as the JSON object of an authorization file.
+/// The `format` member of an authorization file: written as [`AUTHORIZATION_FORMAT`],
+/// and nothing else is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FormatV1;
+
+impl Serialize for FormatV1 {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(AUTHORIZATION_FORMAT)
+    }
+}
+
+impl<'de> Deserialize<'de> for FormatV1 {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let format = String::deserialize(deserializer)?;
+        if format == AUTHORIZATION_FORMAT {
+            Ok(Self)
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "`format` is \"{format}\", not \"{AUTHORIZATION_FORMAT}\""
+            )))
+        }
+    }
+}
+
+/// An authorization file: the format tag beside the wire authorization's fields, which
+/// its serde derives name and encode (`kind` as `refill`/`contact`, `signature` as hex).
+/// Unknown members are ignored.
+#[derive(Debug, Serialize, Deserialize)]
+struct AuthorizationFile {
+    format: FormatV1,
+    #[serde(flatten)]
+    authorization: ProviderAuthorization,
+}
+
+/// An authorization as the JSON object of an authorization file. Its members are in
+/// alphabetical order when written (serde_json's map is sorted), as docs/FILES.md says.
 pub fn authorization_json(authorization: &ProviderAuthorization) -> Value {
-    json!({
-        "format": AUTHORIZATION_FORMAT,
-        "kind": kind_name(authorization.kind),
-        "vpsd_id": authorization.vpsd_id,
-        "amount_mills": authorization.amount_mills,
-        "sequence": authorization.sequence,
-        "expires_unix": authorization.expires_unix,
-        "signature": hex::encode(authorization.signature),
+    serde_json::to_value(AuthorizationFile {
+        format: FormatV1,
+        authorization: *authorization,
     })
+    .expect("an authorization is integers and strings, which JSON always represents")
 }
 
 pub fn kind_name(kind: AuthorizationKind) -> &'static str {
@@ -126,7 +158,8 @@ pub fn parse_kind(text: &str) -> Option<AuthorizationKind> {
     }
 }
 
-/// Writes an authorization file (refusing to overwrite one: each is issued once).
+/// Writes an authorization file (refusing to overwrite one: each is issued once), synced
+/// with its directory.
 pub fn write_authorization(
     path: &Path,
     authorization: &ProviderAuthorization,
@@ -138,48 +171,16 @@ pub fn write_authorization(
         .map_err(file_error(path))?;
     file.write_all(format!("{}\n", authorization_json(authorization)).as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(file_error(path))
+        .map_err(file_error(path))?;
+    Ok(indicia_files::sync_dir(indicia_files::directory_of(path))?)
 }
 
 /// Reads an authorization file. The signature is not checked here: the appliance does.
 pub fn read_authorization(path: &Path) -> Result<ProviderAuthorization, ClientError> {
     let text = std::fs::read_to_string(path).map_err(file_error(path))?;
-    let value: Value = serde_json::from_str(&text)
+    let file: AuthorizationFile = serde_json::from_str(&text)
         .map_err(|err| malformed(path, format!("not an authorization file: {err}")))?;
-    let field = |name: &str| {
-        value
-            .get(name)
-            .ok_or_else(|| malformed(path, format!("no `{name}` field")))
-    };
-    let number = |name: &str| {
-        field(name)?
-            .as_u64()
-            .ok_or_else(|| malformed(path, format!("`{name}` is not an unsigned integer")))
-    };
-    if field("format")?.as_str() != Some(AUTHORIZATION_FORMAT) {
-        return Err(malformed(
-            path,
-            format!("`format` is not \"{AUTHORIZATION_FORMAT}\""),
-        ));
-    }
-    let kind = field("kind")?
-        .as_str()
-        .and_then(parse_kind)
-        .ok_or_else(|| malformed(path, "`kind` is neither \"refill\" nor \"contact\""))?;
-    let mut signature = [0u8; 64];
-    hex::decode_to_slice(
-        field("signature")?.as_str().unwrap_or_default(),
-        &mut signature,
-    )
-    .map_err(|err| malformed(path, format!("`signature` is not 128 hex digits: {err}")))?;
-    Ok(ProviderAuthorization {
-        kind,
-        vpsd_id: number("vpsd_id")?,
-        amount_mills: number("amount_mills")?,
-        sequence: number("sequence")?,
-        expires_unix: number("expires_unix")?,
-        signature,
-    })
+    Ok(file.authorization)
 }
 
 #[cfg(test)]
@@ -213,7 +214,57 @@ mod tests {
         )
         .unwrap();
         let err = read_authorization(&path).unwrap_err().to_string();
-        assert!(err.contains("kind"), "{err}");
+        assert!(err.contains("unknown variant `gift`"), "{err}");
+    }
+
+    #[test]
+    fn a_reader_takes_any_order_and_case_ignores_unknown_members_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        let read = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            read_authorization(&path).map_err(|err| err.to_string())
+        };
+        let signature = "AB".repeat(64);
+        let fields = format!(
+            "\"signature\": \"{signature}\", \"vpsd_id\": 18446744073709551615, \
+             \"kind\": \"contact\", \"amount_mills\": 0, \"sequence\": 2, \
+             \"expires_unix\": 9, \"issued_by\": \"acme\""
+        );
+        assert_eq!(
+            read(&format!(
+                "{{ {fields}, \"format\": \"indicia-authorization-v1\" }}"
+            )),
+            Ok(ProviderAuthorization {
+                kind: AuthorizationKind::Contact,
+                vpsd_id: u64::MAX,
+                amount_mills: 0,
+                sequence: 2,
+                expires_unix: 9,
+                signature: [0xab; 64],
+            })
+        );
+        for (text, needle) in [
+            (
+                format!("{{ {fields}, \"format\": \"indicia-authorization-v2\" }}"),
+                "indicia-authorization-v2",
+            ),
+            (format!("{{ {fields} }}"), "missing field `format`"),
+            (
+                format!("{{ {fields}, \"format\": \"indicia-authorization-v1\" }}")
+                    .replace("\"sequence\": 2", "\"sequence\": -2"),
+                "-2",
+            ),
+            (
+                format!("{{ {fields}, \"format\": \"indicia-authorization-v1\" }}")
+                    .replace(&signature, "abcd"),
+                "expected 64 bytes",
+            ),
+            ("[]".to_owned(), "not an authorization file"),
+        ] {
+            let err = read(&text).unwrap_err();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
     }
 }
 

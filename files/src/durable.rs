@@ -11,7 +11,7 @@ use std::path::Path;
 use crate::FileError;
 
 /// The directory that holds `path` (`.` for a bare file name).
-pub(crate) fn directory_of(path: &Path) -> &Path {
+pub fn directory_of(path: &Path) -> &Path {
     match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),

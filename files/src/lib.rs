@@ -16,7 +16,7 @@ pub mod private;
 use std::path::{Path, PathBuf};
 
 pub use credential::Credential;
-pub use durable::{sync_dir, write_durable};
+pub use durable::{directory_of, sync_dir, write_durable};
 pub use private::{load_secret, read_private, write_private};
 
 /// Why a file could not be read or written.

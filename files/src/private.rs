@@ -10,7 +10,7 @@ use std::path::Path;
 
 use zeroize::Zeroizing;
 
-use crate::{parse_hex32, sync_dir, FileError};
+use crate::{directory_of, parse_hex32, sync_dir, FileError};
 
 /// Reads a file that holds a secret, refusing it if the group or others have any access.
 pub fn read_private(path: &Path) -> Result<Zeroizing<String>, FileError> {
@@ -41,7 +41,7 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> Result<(), FileError> {
         .map_err(FileError::io(path))?;
     file.write_all(bytes).map_err(FileError::io(path))?;
     file.sync_all().map_err(FileError::io(path))?;
-    sync_dir(crate::durable::directory_of(path))
+    sync_dir(directory_of(path))
 }
 
 /// A secret of 32 bytes: 64 hex digits in a private file (a client secret, the master
