@@ -24,6 +24,7 @@ pub use transport::{TlsSettings, Transport};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroU64;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -111,7 +112,7 @@ pub struct Client {
     peer: SocketAddr,
     version: u8,
     role: Role,
-    next_id: u64,
+    ids: RequestIds,
     decoder: FrameDecoder,
     inbuf: Vec<u8>,
     start: usize,
@@ -125,10 +126,38 @@ pub struct Client {
     broken: bool,
 }
 
-fn random_u64(rng: &SystemRandom) -> Result<u64> {
-    let mut bytes = [0u8; 8];
-    rng.fill(&mut bytes).map_err(|_| ClientError::Random)?;
-    Ok(u64::from_le_bytes(bytes))
+/// The request ids of one client, in order: never 0 (the appliance answers errors about
+/// the connection itself with request id 0), and distinct until 2^64 - 1 have been used,
+/// after which they wrap around to 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestIds {
+    next: NonZeroU64,
+}
+
+impl RequestIds {
+    /// Ids from a random point in the lower half of the range (far from wrapping), so that
+    /// two processes using the same credential do not collide.
+    pub fn random() -> Result<Self> {
+        let mut bytes = [0u8; 8];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| ClientError::Random)?;
+        Ok(Self::starting_at(u64::from_le_bytes(bytes) >> 1))
+    }
+
+    /// Ids from `first` on (from 1 if `first` is 0).
+    pub fn starting_at(first: u64) -> Self {
+        Self {
+            next: NonZeroU64::new(first).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+
+    /// The next id; never 0.
+    pub fn next_id(&mut self) -> u64 {
+        let id = self.next;
+        self.next = id.checked_add(1).unwrap_or(NonZeroU64::MIN);
+        id.get()
+    }
 }
 
 impl Client {
@@ -158,8 +187,7 @@ impl Client {
             peer,
             version: PROTOCOL_VERSION_MIN,
             role: Role::User,
-            // Random, and far from wrapping, so that ids stay distinct per credential.
-            next_id: random_u64(&rng)? >> 1,
+            ids: RequestIds::random()?,
             decoder: FrameDecoder::default(),
             inbuf: vec![0u8; 64 << 10],
             start: 0,
@@ -244,12 +272,7 @@ impl Client {
     /// A request id not used before by this client (never 0: the appliance uses id 0 for
     /// errors about the connection itself).
     pub fn next_request_id(&mut self) -> u64 {
-        if self.next_id == 0 {
-            self.next_id = 1;
-        }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        id
+        self.ids.next_id()
     }
 
     fn usable(&self) -> Result<()> {
@@ -486,5 +509,27 @@ fn unexpected(what: &str, response: &Response) -> ClientError {
             "unexpected answer to {what}: opcode {:#04x}",
             other.opcode()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_never_0_also_where_they_wrap_around() {
+        let mut ids = RequestIds::starting_at(u64::MAX - 1);
+        assert_eq!(
+            [ids.next_id(), ids.next_id(), ids.next_id(), ids.next_id()],
+            [u64::MAX - 1, u64::MAX, 1, 2]
+        );
+        let mut from_zero = RequestIds::starting_at(0);
+        assert_eq!([from_zero.next_id(), from_zero.next_id()], [1, 2]);
+        for _ in 0..64 {
+            let mut random = RequestIds::random().unwrap();
+            let first = random.next_id();
+            assert!((1..=u64::MAX >> 1).contains(&first), "{first}");
+            assert_eq!(random.next_id(), first + 1);
+        }
     }
 }
