@@ -3,7 +3,7 @@
 //! `cargo bench -p indicia-benches`.
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use indicia_client::cli::authorize;
+use indicia_client::provider::authorize;
 use indicia_proto::{Algorithm, AuthorizationKind, MailingDate, SignItem};
 use indiciad::engine::{ClientTag, Engine, EngineConfig, MasterKey, Record, SignJob};
 

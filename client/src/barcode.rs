@@ -3,7 +3,7 @@
 //! grayscale) or an SVG (one square per dark module), with the quiet zone the standard asks
 //! for around it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use datamatrix::{DataMatrix, SymbolList};
 
@@ -148,26 +148,48 @@ impl Modules {
     }
 }
 
-/// Writes `bytes` as a Data Matrix symbol to `path`, in the format its extension names.
-pub fn write(bytes: &[u8], path: &Path) -> Result<(), BarcodeError> {
-    let format = ImageFormat::of(path)?;
-    let modules = Modules::encode(bytes)?;
-    let data = match format {
-        ImageFormat::Png => modules.png().map_err(|source| BarcodeError::Png {
+/// A file to draw a barcode into, and its format (from its extension).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BarcodeFile {
+    pub path: PathBuf,
+    pub format: ImageFormat,
+}
+
+impl BarcodeFile {
+    pub fn new(path: PathBuf) -> Result<Self, BarcodeError> {
+        let format = ImageFormat::of(&path)?;
+        Ok(Self { path, format })
+    }
+
+    /// The file for piece `piece` of several: see [`numbered_path`].
+    pub fn numbered(&self, piece: u64) -> Self {
+        Self {
+            path: numbered_path(&self.path, piece),
+            format: self.format,
+        }
+    }
+
+    /// Draws `bytes` as a Data Matrix symbol into this file.
+    pub fn write(&self, bytes: &[u8]) -> Result<(), BarcodeError> {
+        let path = &self.path;
+        let modules = Modules::encode(bytes)?;
+        let data = match self.format {
+            ImageFormat::Png => modules.png().map_err(|source| BarcodeError::Png {
+                path: path.display().to_string(),
+                source,
+            })?,
+            ImageFormat::Svg => modules.svg().into_bytes(),
+        };
+        std::fs::write(path, data).map_err(|source| BarcodeError::Io {
             path: path.display().to_string(),
             source,
-        })?,
-        ImageFormat::Svg => modules.svg().into_bytes(),
-    };
-    std::fs::write(path, data).map_err(|source| BarcodeError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+        })
+    }
 }
 
 /// The file for piece `piece` when several indicia are rendered: `label.png` becomes
 /// `label-<piece>.png`.
-pub fn numbered_path(path: &Path, piece: u64) -> std::path::PathBuf {
+pub fn numbered_path(path: &Path, piece: u64) -> PathBuf {
     let stem = path
         .file_stem()
         .map_or_else(String::new, |stem| stem.to_string_lossy().into_owned());

@@ -14,16 +14,18 @@ pub mod barcode;
 pub mod cli;
 pub mod pki;
 pub mod provider;
+pub mod signing;
 pub mod transport;
 pub mod verify;
 
+pub use indicia_files::{Credential, FileError};
 pub use transport::{TlsSettings, Transport};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::num::NonZeroU64;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use aws_lc_rs::hmac;
@@ -32,14 +34,13 @@ use indicia_proto::frame::{
     FrameDecoder, FRAME_BYTES_MAX, PROTOCOL_VERSION_MAX, PROTOCOL_VERSION_MIN,
 };
 use indicia_proto::message::{
-    handshake_transcript, CLIENT_ID_BYTES_MAX, CLIENT_PROOF_LABEL, NONCE_BYTES, SERVER_PROOF_LABEL,
+    handshake_transcript, CLIENT_PROOF_LABEL, NONCE_BYTES, SERVER_PROOF_LABEL,
 };
 use indicia_proto::{
     Decoded, ErrorBody, Indicium, ItemResult, Request, Response, Role, SignItem, StatEntry,
     VpsdStatus,
 };
 use thiserror::Error;
-use zeroize::Zeroizing;
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -49,8 +50,10 @@ pub enum ClientError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: {what}")]
-    Credential { path: PathBuf, what: String },
+    /// A credential, key or other file shared with the appliance: missing, readable by
+    /// others, or malformed.
+    #[error(transparent)]
+    Files(#[from] FileError),
     #[error("cannot connect to {addr}: {source}")]
     Connect {
         addr: String,
@@ -62,6 +65,9 @@ pub enum ClientError {
     /// TLS protocol error.
     #[error("TLS: {0}")]
     Tls(String),
+    /// The `--tls-*` flags given do not make a whole.
+    #[error(transparent)]
+    TlsFlags(#[from] transport::TlsFlagsError),
     #[error("the appliance closed the connection")]
     Closed,
     #[error("protocol: {0}")]
@@ -99,79 +105,6 @@ impl ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
-/// A client id and its secret, as in the appliance's `admin.credential` file:
-/// `client_id = "..."` and `secret = "<64 hex digits>"`, readable by its owner only.
-#[derive(Clone)]
-pub struct Credential {
-    pub client_id: String,
-    secret: Zeroizing<[u8; 32]>,
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credential")
-            .field("client_id", &self.client_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// Reads a file that holds a secret, refusing it if group or others may read it.
-pub fn read_private(path: &Path) -> Result<Zeroizing<String>> {
-    let file_error = |source| ClientError::File {
-        path: path.to_owned(),
-        source,
-    };
-    let file = std::fs::File::open(path).map_err(file_error)?;
-    let mode = file.metadata().map_err(file_error)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(ClientError::Credential {
-            path: path.to_owned(),
-            what: format!(
-                "may be read by group or others (mode {:o}); it must be 0600 or stricter",
-                mode & 0o7777
-            ),
-        });
-    }
-    Ok(Zeroizing::new(
-        std::io::read_to_string(file).map_err(file_error)?,
-    ))
-}
-
-impl Credential {
-    pub fn new(client_id: &str, secret: [u8; 32]) -> Self {
-        Self {
-            client_id: client_id.to_owned(),
-            secret: Zeroizing::new(secret),
-        }
-    }
-
-    pub fn load(path: &Path) -> Result<Self> {
-        let text = read_private(path)?;
-        let malformed = |what: String| ClientError::Credential {
-            path: path.to_owned(),
-            what,
-        };
-        let table: toml::Table = toml::from_str(&text).map_err(|err| malformed(err.to_string()))?;
-        let field = |name: &str| {
-            table
-                .get(name)
-                .and_then(toml::Value::as_str)
-                .ok_or_else(|| malformed(format!("missing `{name}`")))
-        };
-        let client_id = field("client_id")?;
-        if client_id.is_empty() || client_id.len() > CLIENT_ID_BYTES_MAX {
-            return Err(malformed("client_id must be 1 to 64 bytes".into()));
-        }
-        let mut secret = Zeroizing::new([0u8; 32]);
-        hex::decode_to_slice(field("secret")?.trim(), secret.as_mut())
-            .map_err(|err| malformed(format!("secret: expected 64 hex digits: {err}")))?;
-        Ok(Self {
-            client_id: client_id.to_owned(),
-            secret,
-        })
-    }
-}
-
 /// One authenticated connection to the appliance.
 #[derive(Debug)]
 pub struct Client {
@@ -179,7 +112,7 @@ pub struct Client {
     peer: SocketAddr,
     version: u8,
     role: Role,
-    next_id: u64,
+    ids: RequestIds,
     decoder: FrameDecoder,
     inbuf: Vec<u8>,
     start: usize,
@@ -193,10 +126,38 @@ pub struct Client {
     broken: bool,
 }
 
-fn random_u64(rng: &SystemRandom) -> Result<u64> {
-    let mut bytes = [0u8; 8];
-    rng.fill(&mut bytes).map_err(|_| ClientError::Random)?;
-    Ok(u64::from_le_bytes(bytes))
+/// The request ids of one client, in order: never 0 (the appliance answers errors about
+/// the connection itself with request id 0), and distinct until 2^64 - 1 have been used,
+/// after which they wrap around to 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestIds {
+    next: NonZeroU64,
+}
+
+impl RequestIds {
+    /// Ids from a random point in the lower half of the range (far from wrapping), so that
+    /// two processes using the same credential do not collide.
+    pub fn random() -> Result<Self> {
+        let mut bytes = [0u8; 8];
+        SystemRandom::new()
+            .fill(&mut bytes)
+            .map_err(|_| ClientError::Random)?;
+        Ok(Self::starting_at(u64::from_le_bytes(bytes) >> 1))
+    }
+
+    /// Ids from `first` on (from 1 if `first` is 0).
+    pub fn starting_at(first: u64) -> Self {
+        Self {
+            next: NonZeroU64::new(first).unwrap_or(NonZeroU64::MIN),
+        }
+    }
+
+    /// The next id; never 0.
+    pub fn next_id(&mut self) -> u64 {
+        let id = self.next;
+        self.next = id.checked_add(1).unwrap_or(NonZeroU64::MIN);
+        id.get()
+    }
 }
 
 impl Client {
@@ -226,8 +187,7 @@ impl Client {
             peer,
             version: PROTOCOL_VERSION_MIN,
             role: Role::User,
-            // Random, and far from wrapping, so that ids stay distinct per credential.
-            next_id: random_u64(&rng)? >> 1,
+            ids: RequestIds::random()?,
             decoder: FrameDecoder::default(),
             inbuf: vec![0u8; 64 << 10],
             start: 0,
@@ -312,12 +272,7 @@ impl Client {
     /// A request id not used before by this client (never 0: the appliance uses id 0 for
     /// errors about the connection itself).
     pub fn next_request_id(&mut self) -> u64 {
-        if self.next_id == 0 {
-            self.next_id = 1;
-        }
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        id
+        self.ids.next_id()
     }
 
     fn usable(&self) -> Result<()> {
@@ -554,5 +509,27 @@ fn unexpected(what: &str, response: &Response) -> ClientError {
             "unexpected answer to {what}: opcode {:#04x}",
             other.opcode()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_never_0_also_where_they_wrap_around() {
+        let mut ids = RequestIds::starting_at(u64::MAX - 1);
+        assert_eq!(
+            [ids.next_id(), ids.next_id(), ids.next_id(), ids.next_id()],
+            [u64::MAX - 1, u64::MAX, 1, 2]
+        );
+        let mut from_zero = RequestIds::starting_at(0);
+        assert_eq!([from_zero.next_id(), from_zero.next_id()], [1, 2]);
+        for _ in 0..64 {
+            let mut random = RequestIds::random().unwrap();
+            let first = random.next_id();
+            assert!((1..=u64::MAX >> 1).contains(&first), "{first}");
+            assert_eq!(random.next_id(), first + 1);
+        }
     }
 }

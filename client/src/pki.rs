@@ -6,8 +6,7 @@
 //! certificates are PEM. An operator with a PKI of their own uses it instead: the appliance
 //! needs only the three PEM files of `[tls]`.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -111,7 +110,7 @@ impl Authority {
             path: cert_path.clone(),
             source,
         })?;
-        let key_pem = crate::read_private(&dir.join(CA_KEY_FILE))?;
+        let key_pem = indicia_files::read_private(&dir.join(CA_KEY_FILE))?;
         let key = KeyPair::from_pem(&key_pem).map_err(pki_error)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(pki_error)?;
         Ok(Self {
@@ -158,21 +157,16 @@ impl Authority {
     }
 }
 
-/// Writes a file that must not exist yet, with `mode`.
-fn create(path: &Path, text: &str, mode: u32) -> Result<PathBuf> {
-    let file_error = |source| ClientError::File {
-        path: path.to_owned(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(file_error)?;
-    file.write_all(text.as_bytes()).map_err(file_error)?;
-    file.sync_all().map_err(file_error)?;
-    Ok(path.to_owned())
+/// A private key: a new file, 0600, synced with its directory.
+fn create_key(path: PathBuf, pem: &str) -> Result<PathBuf> {
+    indicia_files::write_private(&path, pem.as_bytes())?;
+    Ok(path)
+}
+
+/// A certificate: public, written durably.
+fn create_certificate(path: PathBuf, pem: &str) -> Result<PathBuf> {
+    indicia_files::write_durable(&path, pem.as_bytes())?;
+    Ok(path)
 }
 
 /// Nothing is written if any of the files to be written is already there.
@@ -211,10 +205,10 @@ pub fn init(dir: &Path, server_names: &[String], validity_days: u32) -> Result<V
     let server = authority.server(server_names)?;
     let key_pem = authority.issuer.key().serialize_pem();
     Ok(vec![
-        create(&dir.join(CA_KEY_FILE), &key_pem, 0o600)?,
-        create(&dir.join(CA_CERT_FILE), authority.cert_pem(), 0o644)?,
-        create(&dir.join(SERVER_KEY_FILE), &server.key_pem, 0o600)?,
-        create(&dir.join(SERVER_CERT_FILE), &server.cert_pem, 0o644)?,
+        create_key(dir.join(CA_KEY_FILE), &key_pem)?,
+        create_certificate(dir.join(CA_CERT_FILE), authority.cert_pem())?,
+        create_key(dir.join(SERVER_KEY_FILE), &server.key_pem)?,
+        create_certificate(dir.join(SERVER_CERT_FILE), &server.cert_pem)?,
     ])
 }
 
@@ -230,16 +224,8 @@ pub fn issue_client(dir: &Path, client_id: &str, validity_days: u32) -> Result<(
         clients.join(format!("{client_id}.key")),
         clients.join(format!("{client_id}.pem")),
     ])?;
-    let key = create(
-        &clients.join(format!("{client_id}.key")),
-        &issued.key_pem,
-        0o600,
-    )?;
-    let cert = create(
-        &clients.join(format!("{client_id}.pem")),
-        &issued.cert_pem,
-        0o644,
-    )?;
+    let key = create_key(clients.join(format!("{client_id}.key")), &issued.key_pem)?;
+    let cert = create_certificate(clients.join(format!("{client_id}.pem")), &issued.cert_pem)?;
     Ok((cert, key))
 }
 

@@ -6,26 +6,25 @@
 //! An authorization file is one JSON object (docs/FILES.md, section 2):
 //!
 //! ```json
-//! {"format":"indicia-authorization-v1","kind":"refill","vpsd_id":7001,
-//!  "amount_mills":100000,"sequence":3,"expires_unix":1798675200,
-//!  "signature":"<128 hex digits>"}
+//! {"amount_mills":100000,"expires_unix":1798675200,"format":"indicia-authorization-v1",
+//!  "kind":"refill","sequence":3,"signature":"<128 hex digits>","vpsd_id":7001}
 //! ```
 //!
-//! The fields are those of the wire's provider authorization (docs/PROTOCOL.md); the
-//! signature covers them. The appliance checks it against `provider.pub`, the sequence
+//! The fields are those of the wire's provider authorization (docs/PROTOCOL.md), read and
+//! written by its serde derives (indicia-proto's `serde` feature); the signature covers
+//! them. The appliance checks it against `provider.pub`, the sequence
 //! against the vPSD's last accepted one, and the expiry against its clock.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_proto::{AuthorizationKind, ProviderAuthorization};
-use serde_json::{json, Value};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
 use zeroize::Zeroizing;
 
-use crate::ClientError;
+use crate::{ClientError, FileError};
 
 /// The `format` field of an authorization file.
 pub const AUTHORIZATION_FORMAT: &str = "indicia-authorization-v1";
@@ -38,51 +37,110 @@ fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
 }
 
 fn malformed(path: &Path, what: impl Into<String>) -> ClientError {
-    ClientError::Credential {
-        path: path.to_owned(),
-        what: what.into(),
-    }
+    FileError::malformed(path, what).into()
 }
 
 /// Creates a provider key pair: the seed (64 hex digits, mode 0600, never overwritten) in
 /// `key_path`, the public key (64 hex digits, what the appliance's `provider.pub` holds)
 /// in `key_path` + `.pub`. Returns the public key's hex.
 pub fn generate_key(key_path: &Path) -> Result<String, ClientError> {
-    let mut seed = Zeroizing::new([0u8; 32]);
-    SystemRandom::new()
-        .fill(seed.as_mut())
-        .map_err(|_| ClientError::Protocol("the system random generator failed".into()))?;
+    let seed = indicia_files::random32()?;
     let pair = Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
         .map_err(|_| ClientError::Protocol("could not build an Ed25519 key".into()))?;
     let public = hex::encode(pair.public_key().as_ref());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(key_path)
-        .map_err(file_error(key_path))?;
     let text = Zeroizing::new(format!("{}\n", hex::encode(seed.as_ref())));
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .map_err(file_error(key_path))?;
+    indicia_files::write_private(key_path, text.as_bytes())?;
     let mut public_path = key_path.as_os_str().to_owned();
     public_path.push(".pub");
-    let public_path = std::path::PathBuf::from(public_path);
-    std::fs::write(&public_path, format!("{public}\n")).map_err(file_error(&public_path))?;
+    indicia_files::write_durable(
+        &std::path::PathBuf::from(public_path),
+        format!("{public}\n").as_bytes(),
+    )?;
     Ok(public)
 }
 
-/// An authorization as the JSON object of an authorization file.
+/// Loads a provider key file: 64 hex digits of Ed25519 seed, owner-readable only.
+pub fn load_provider_key(path: &Path) -> Result<Ed25519KeyPair, ClientError> {
+    let seed = indicia_files::load_secret(path)?;
+    Ed25519KeyPair::from_seed_unchecked(seed.as_ref())
+        .map_err(|_| malformed(path, "not an Ed25519 seed"))
+}
+
+/// A provider authorization signed with `key` (what the provider's systems issue).
+pub fn authorize(
+    key: &Ed25519KeyPair,
+    kind: AuthorizationKind,
+    vpsd_id: u64,
+    amount_mills: u64,
+    sequence: u64,
+    expires_unix: u64,
+) -> ProviderAuthorization {
+    sign_authorization(
+        key,
+        ProviderAuthorization {
+            kind,
+            vpsd_id,
+            amount_mills,
+            sequence,
+            expires_unix,
+            signature: [0; 64],
+        },
+    )
+}
+
+/// `authorization` with its signature made by `key` over
+/// [`ProviderAuthorization::signed_bytes`] (also to re-sign an altered one, in tests).
+pub fn sign_authorization(
+    key: &Ed25519KeyPair,
+    mut authorization: ProviderAuthorization,
+) -> ProviderAuthorization {
+    let signature = key.sign(&authorization.signed_bytes());
+    authorization.signature.copy_from_slice(signature.as_ref());
+    authorization
+}
+
+/// The `format` member of an authorization file: written as [`AUTHORIZATION_FORMAT`],
+/// and nothing else is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FormatV1;
+
+impl Serialize for FormatV1 {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(AUTHORIZATION_FORMAT)
+    }
+}
+
+impl<'de> Deserialize<'de> for FormatV1 {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let format = String::deserialize(deserializer)?;
+        if format == AUTHORIZATION_FORMAT {
+            Ok(Self)
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "`format` is \"{format}\", not \"{AUTHORIZATION_FORMAT}\""
+            )))
+        }
+    }
+}
+
+/// An authorization file: the format tag beside the wire authorization's fields, which
+/// its serde derives name and encode (`kind` as `refill`/`contact`, `signature` as hex).
+/// Unknown members are ignored.
+#[derive(Debug, Serialize, Deserialize)]
+struct AuthorizationFile {
+    format: FormatV1,
+    #[serde(flatten)]
+    authorization: ProviderAuthorization,
+}
+
+/// An authorization as the JSON object of an authorization file. Its members are in
+/// alphabetical order when written (serde_json's map is sorted), as docs/FILES.md says.
 pub fn authorization_json(authorization: &ProviderAuthorization) -> Value {
-    json!({
-        "format": AUTHORIZATION_FORMAT,
-        "kind": kind_name(authorization.kind),
-        "vpsd_id": authorization.vpsd_id,
-        "amount_mills": authorization.amount_mills,
-        "sequence": authorization.sequence,
-        "expires_unix": authorization.expires_unix,
-        "signature": hex::encode(authorization.signature),
+    serde_json::to_value(AuthorizationFile {
+        format: FormatV1,
+        authorization: *authorization,
     })
+    .expect("an authorization is integers and strings, which JSON always represents")
 }
 
 pub fn kind_name(kind: AuthorizationKind) -> &'static str {
@@ -100,7 +158,8 @@ pub fn parse_kind(text: &str) -> Option<AuthorizationKind> {
     }
 }
 
-/// Writes an authorization file (refusing to overwrite one: each is issued once).
+/// Writes an authorization file (refusing to overwrite one: each is issued once), synced
+/// with its directory.
 pub fn write_authorization(
     path: &Path,
     authorization: &ProviderAuthorization,
@@ -112,48 +171,16 @@ pub fn write_authorization(
         .map_err(file_error(path))?;
     file.write_all(format!("{}\n", authorization_json(authorization)).as_bytes())
         .and_then(|()| file.sync_all())
-        .map_err(file_error(path))
+        .map_err(file_error(path))?;
+    Ok(indicia_files::sync_dir(indicia_files::directory_of(path))?)
 }
 
 /// Reads an authorization file. The signature is not checked here: the appliance does.
 pub fn read_authorization(path: &Path) -> Result<ProviderAuthorization, ClientError> {
     let text = std::fs::read_to_string(path).map_err(file_error(path))?;
-    let value: Value = serde_json::from_str(&text)
+    let file: AuthorizationFile = serde_json::from_str(&text)
         .map_err(|err| malformed(path, format!("not an authorization file: {err}")))?;
-    let field = |name: &str| {
-        value
-            .get(name)
-            .ok_or_else(|| malformed(path, format!("no `{name}` field")))
-    };
-    let number = |name: &str| {
-        field(name)?
-            .as_u64()
-            .ok_or_else(|| malformed(path, format!("`{name}` is not an unsigned integer")))
-    };
-    if field("format")?.as_str() != Some(AUTHORIZATION_FORMAT) {
-        return Err(malformed(
-            path,
-            format!("`format` is not \"{AUTHORIZATION_FORMAT}\""),
-        ));
-    }
-    let kind = field("kind")?
-        .as_str()
-        .and_then(parse_kind)
-        .ok_or_else(|| malformed(path, "`kind` is neither \"refill\" nor \"contact\""))?;
-    let mut signature = [0u8; 64];
-    hex::decode_to_slice(
-        field("signature")?.as_str().unwrap_or_default(),
-        &mut signature,
-    )
-    .map_err(|err| malformed(path, format!("`signature` is not 128 hex digits: {err}")))?;
-    Ok(ProviderAuthorization {
-        kind,
-        vpsd_id: number("vpsd_id")?,
-        amount_mills: number("amount_mills")?,
-        sequence: number("sequence")?,
-        expires_unix: number("expires_unix")?,
-        signature,
-    })
+    Ok(file.authorization)
 }
 
 #[cfg(test)]
@@ -167,9 +194,9 @@ mod tests {
         let public = generate_key(&key_path).unwrap();
         assert_eq!(public.len(), 64);
         assert!(generate_key(&key_path).is_err(), "an existing key is kept");
-        let key = crate::cli::load_provider_key(&key_path).unwrap();
+        let key = load_provider_key(&key_path).unwrap();
         assert_eq!(hex::encode(key.public_key().as_ref()), public);
-        let authorization = crate::cli::authorize(
+        let authorization = authorize(
             &key,
             AuthorizationKind::Refill,
             7001,
@@ -187,6 +214,83 @@ mod tests {
         )
         .unwrap();
         let err = read_authorization(&path).unwrap_err().to_string();
-        assert!(err.contains("kind"), "{err}");
+        assert!(err.contains("unknown variant `gift`"), "{err}");
+    }
+
+    #[test]
+    fn a_reader_takes_any_order_and_case_ignores_unknown_members_and_refuses_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.json");
+        let read = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            read_authorization(&path).map_err(|err| err.to_string())
+        };
+        let signature = "AB".repeat(64);
+        let fields = format!(
+            "\"signature\": \"{signature}\", \"vpsd_id\": 18446744073709551615, \
+             \"kind\": \"contact\", \"amount_mills\": 0, \"sequence\": 2, \
+             \"expires_unix\": 9, \"issued_by\": \"acme\""
+        );
+        assert_eq!(
+            read(&format!(
+                "{{ {fields}, \"format\": \"indicia-authorization-v1\" }}"
+            )),
+            Ok(ProviderAuthorization {
+                kind: AuthorizationKind::Contact,
+                vpsd_id: u64::MAX,
+                amount_mills: 0,
+                sequence: 2,
+                expires_unix: 9,
+                signature: [0xab; 64],
+            })
+        );
+        for (text, needle) in [
+            (
+                format!("{{ {fields}, \"format\": \"indicia-authorization-v2\" }}"),
+                "indicia-authorization-v2",
+            ),
+            (format!("{{ {fields} }}"), "missing field `format`"),
+            (
+                format!("{{ {fields}, \"format\": \"indicia-authorization-v1\" }}")
+                    .replace("\"sequence\": 2", "\"sequence\": -2"),
+                "-2",
+            ),
+            (
+                format!("{{ {fields}, \"format\": \"indicia-authorization-v1\" }}")
+                    .replace(&signature, "abcd"),
+                "expected 64 bytes",
+            ),
+            ("[]".to_owned(), "not an authorization file"),
+        ] {
+            let err = read(&text).unwrap_err();
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod golden {
+    use super::*;
+
+    #[test]
+    fn an_authorization_file_is_byte_for_byte_the_documented_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("refill-1.json");
+        let authorization = ProviderAuthorization {
+            kind: AuthorizationKind::Refill,
+            vpsd_id: 301,
+            amount_mills: 120_500,
+            sequence: 1,
+            expires_unix: 1_796_630_400,
+            signature: [0x9f; 64],
+        };
+        write_authorization(&path, &authorization).unwrap();
+        let expected = format!(
+            "{{\"amount_mills\":120500,\"expires_unix\":1796630400,\
+             \"format\":\"indicia-authorization-v1\",\"kind\":\"refill\",\"sequence\":1,\
+             \"signature\":\"{}\",\"vpsd_id\":301}}\n",
+            "9f".repeat(64)
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), expected);
     }
 }

@@ -10,7 +10,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -72,7 +72,7 @@ impl TlsSettings {
                 .map_err(|err| tls_file_error("CA", ca, err))?;
         }
         let chain = pem_certificates("certificate", certificate)?;
-        let key_text = crate::read_private(private_key)?;
+        let key_text = indicia_files::read_private(private_key)?;
         let key = PrivateKeyDer::from_pem_slice(key_text.as_bytes())
             .map_err(|err| tls_file_error("private key", private_key, err))?;
         Self::new(roots, chain, key, server_name)
@@ -98,6 +98,87 @@ impl TlsSettings {
             config: Arc::new(config),
             server_name,
         })
+    }
+}
+
+/// The `--tls-*` flags that `indiciactl` and the load generator share do not make a whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsFlagsError {
+    #[error("mutual TLS needs all of --tls-ca, --tls-cert and --tls-key")]
+    Incomplete,
+    #[error("--tls-server-name needs --tls-ca, --tls-cert and --tls-key")]
+    ServerNameAlone,
+}
+
+/// The files of mutual TLS named by the `--tls-*` flags, once they are known to make a
+/// whole; nothing is read yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    /// The name the appliance's certificate must carry (None: the host of the address).
+    pub server_name: Option<String>,
+}
+
+impl TlsFiles {
+    /// `--tls-ca`, `--tls-cert`, `--tls-key` and `--tls-server-name`: all three files or
+    /// none (plaintext), and a server name only with them.
+    pub fn from_flags(
+        ca: Option<&Path>,
+        certificate: Option<&Path>,
+        private_key: Option<&Path>,
+        server_name: Option<&str>,
+    ) -> Result<Option<Self>, TlsFlagsError> {
+        match (ca, certificate, private_key) {
+            (None, None, None) if server_name.is_some() => Err(TlsFlagsError::ServerNameAlone),
+            (None, None, None) => Ok(None),
+            (Some(ca), Some(certificate), Some(private_key)) => Ok(Some(Self {
+                ca: ca.to_owned(),
+                certificate: certificate.to_owned(),
+                private_key: private_key.to_owned(),
+                server_name: server_name.map(str::to_owned),
+            })),
+            _ => Err(TlsFlagsError::Incomplete),
+        }
+    }
+
+    /// Reads the files, for connections to `addr`.
+    pub fn load(&self, addr: &str) -> Result<TlsSettings, ClientError> {
+        let server_name = match &self.server_name {
+            Some(name) => name.clone(),
+            None => host_of(addr),
+        };
+        TlsSettings::load(&self.ca, &self.certificate, &self.private_key, &server_name)
+    }
+}
+
+/// The mutual TLS settings of the `--tls-*` flags ([`TlsFiles::from_flags`]), read for
+/// connections to `addr`; None for plaintext.
+pub fn tls_settings_from(
+    ca: Option<&Path>,
+    certificate: Option<&Path>,
+    private_key: Option<&Path>,
+    server_name: Option<&str>,
+    addr: &str,
+) -> Result<Option<TlsSettings>, ClientError> {
+    TlsFiles::from_flags(ca, certificate, private_key, server_name)?
+        .map(|files| files.load(addr))
+        .transpose()
+}
+
+/// The host part of `host:port`, `[v6]:port` or a bare host.
+pub fn host_of(addr: &str) -> String {
+    if let Ok(socket) = addr.parse::<std::net::SocketAddr>() {
+        return socket.ip().to_string();
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        _ => addr.to_owned(),
     }
 }
 
@@ -374,5 +455,33 @@ impl Write for WriteHalf {
     fn flush(&mut self) -> io::Result<()> {
         self.send_records()?;
         self.tcp.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tls_server_name_defaults_to_the_host_of_the_address() {
+        assert_eq!(host_of("127.0.0.1:7450"), "127.0.0.1");
+        assert_eq!(host_of("[::1]:7450"), "::1");
+        assert_eq!(host_of("indicia.example:7450"), "indicia.example");
+        assert_eq!(host_of("indicia.example"), "indicia.example");
+    }
+
+    #[test]
+    fn the_tls_flags_are_all_or_none() {
+        let file = Some(Path::new("x.pem"));
+        let flags = |ca, cert, key, name| tls_settings_from(ca, cert, key, name, "127.0.0.1:1");
+        assert!(matches!(flags(None, None, None, None), Ok(None)));
+        assert!(matches!(
+            flags(file, None, file, None),
+            Err(ClientError::TlsFlags(TlsFlagsError::Incomplete))
+        ));
+        assert!(matches!(
+            flags(None, None, None, Some("indicia.example")),
+            Err(ClientError::TlsFlags(TlsFlagsError::ServerNameAlone))
+        ));
     }
 }

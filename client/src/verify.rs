@@ -102,6 +102,18 @@ pub fn load_public_key_pem(path: &Path) -> Result<Vec<u8>, VerifyError> {
         .map_err(|err| malformed(&format!("bad base64: {err}")))
 }
 
+/// The PEM text of a SubjectPublicKeyInfo: what [`load_public_key_pem`] reads.
+pub fn spki_pem(der: &[u8]) -> String {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+    for line in encoded.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PUBLIC KEY-----\n");
+    pem
+}
+
 /// The file name of a vPSD's key of one serial in a key directory.
 pub fn key_file_name(vpsd_id: u64, key_serial: u32) -> String {
     format!("{vpsd_id}-{key_serial}.pem")

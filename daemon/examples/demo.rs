@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use hdrhistogram::Histogram;
-use indicia_client::cli::{authorize, load_provider_key};
+use indicia_client::provider::{authorize, load_provider_key};
 use indicia_client::{Client, ClientError, Credential};
 use indicia_proto::{
     format_mills, Algorithm, AuthorizationKind, ErrorCode, Indicium, MailingDate, Request,

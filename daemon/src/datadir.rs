@@ -5,16 +5,19 @@
 //! credential and a development provider key, each readable by its owner only (mode 0600),
 //! and says where they are. There is never unauthenticated access, not even by default. A
 //! master key file that the group or others may read is refused.
+//!
+//! How each file is written and read (private, durable, the credential's TOML) is
+//! `indicia-files`'s, shared with the client; its error type is this module's
+//! [`DataDirError`].
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use aws_lc_rs::rand::{SecureRandom, SystemRandom};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
-use thiserror::Error;
+use indicia_files::{parse_hex32, random32, write_durable, write_private};
 use zeroize::Zeroizing;
+
+pub use indicia_files::{load_secret, read_private, Credential, FileError as DataDirError};
 
 pub const MASTER_KEY_FILE: &str = "master.key";
 pub const ADMIN_CREDENTIAL_FILE: &str = "admin.credential";
@@ -23,136 +26,18 @@ pub const PROVIDER_PUBLIC_KEY_FILE: &str = "provider.pub";
 /// The client id of the credential created at first start.
 pub const ADMIN_CLIENT_ID: &str = "admin";
 
-#[derive(Debug, Error)]
-#[non_exhaustive]
-pub enum DataDirError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} may be read by group or others (mode {mode:o}); it must be 0600 or stricter")]
-    Permissions { path: PathBuf, mode: u32 },
-    #[error("{path}: {what}")]
-    Malformed { path: PathBuf, what: String },
-    #[error("random number generator failed")]
-    Random,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DataDirError + '_ {
-    move |source| DataDirError::Io {
-        path: path.to_owned(),
-        source,
-    }
-}
-
-/// A client's identity and HMAC secret.
-pub struct Credential {
-    pub client_id: String,
-    pub secret: Zeroizing<[u8; 32]>,
-}
-
-impl std::fmt::Debug for Credential {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credential")
-            .field("client_id", &self.client_id)
-            .finish_non_exhaustive()
-    }
-}
-
-fn random32() -> Result<Zeroizing<[u8; 32]>, DataDirError> {
-    let mut bytes = Zeroizing::new([0u8; 32]);
-    SystemRandom::new()
-        .fill(bytes.as_mut())
-        .map_err(|_| DataDirError::Random)?;
-    Ok(bytes)
-}
-
-/// Writes a new file readable by its owner only; fails if it exists.
-fn write_private(path: &Path, text: &str) -> Result<(), DataDirError> {
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    file.write_all(text.as_bytes()).map_err(io(path))?;
-    file.sync_all().map_err(io(path))
-}
-
-/// Reads a secret file, refusing it if the group or others may read it.
-/// Writes a file that others may read, durably.
+/// Writes a file that others may read, atomically and durably (the shard layout):
+/// [`indicia_files::write_durable`] for text.
 pub fn write_synced(path: &Path, text: &str) -> Result<(), DataDirError> {
-    let mut file = File::create(path).map_err(io(path))?;
-    file.write_all(text.as_bytes()).map_err(io(path))?;
-    file.sync_all().map_err(io(path))
+    write_durable(path, text.as_bytes())
 }
 
-/// Reads a file that holds a secret, refusing it if the group or others have any access.
-pub fn read_private(path: &Path) -> Result<Zeroizing<String>, DataDirError> {
-    let file = File::open(path).map_err(io(path))?;
-    let mode = file.metadata().map_err(io(path))?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(DataDirError::Permissions {
-            path: path.to_owned(),
-            mode: mode & 0o7777,
-        });
-    }
-    let text = std::io::read_to_string(file).map_err(io(path))?;
-    Ok(Zeroizing::new(text))
-}
-
-fn hex32(path: &Path, text: &str) -> Result<Zeroizing<[u8; 32]>, DataDirError> {
-    let mut out = Zeroizing::new([0u8; 32]);
-    hex::decode_to_slice(text.trim(), out.as_mut()).map_err(|err| DataDirError::Malformed {
-        path: path.to_owned(),
-        what: format!("expected 64 hex digits: {err}"),
-    })?;
-    Ok(out)
-}
-
-/// A client secret file of the configuration: 64 hex digits, readable by the owner only.
-pub fn load_secret(path: &Path) -> Result<Zeroizing<[u8; 32]>, DataDirError> {
-    hex32(path, &read_private(path)?)
-}
-
-impl Credential {
-    /// Reads a credential file: `client_id = "..."` and `secret = "<64 hex digits>"`.
-    pub fn load(path: &Path) -> Result<Self, DataDirError> {
-        let text = read_private(path)?;
-        let malformed = |what: String| DataDirError::Malformed {
-            path: path.to_owned(),
-            what,
-        };
-        let table: toml::Table = toml::from_str(&text).map_err(|err| malformed(err.to_string()))?;
-        let field = |name: &str| -> Result<&str, DataDirError> {
-            table
-                .get(name)
-                .and_then(toml::Value::as_str)
-                .ok_or_else(|| malformed(format!("missing `{name}`")))
-        };
-        let client_id = field("client_id")?.to_owned();
-        if client_id.is_empty() || client_id.len() > indicia_proto::message::CLIENT_ID_BYTES_MAX {
-            return Err(malformed("client_id must be 1 to 64 bytes".into()));
-        }
-        Ok(Self {
-            client_id,
-            secret: hex32(path, field("secret")?)?,
-        })
-    }
-
-    fn create(path: &Path, client_id: &str) -> Result<Self, DataDirError> {
-        let secret = random32()?;
-        let text = Zeroizing::new(format!(
-            "client_id = \"{client_id}\"\nsecret = \"{}\"\n",
-            hex::encode(secret.as_ref())
-        ));
-        write_private(path, &text)?;
-        Ok(Self {
-            client_id: client_id.to_owned(),
-            secret,
-        })
-    }
+/// A new 32-byte secret as a private file of 64 hex digits.
+fn create_secret(path: &Path) -> Result<Zeroizing<[u8; 32]>, DataDirError> {
+    let secret = random32()?;
+    let text = Zeroizing::new(format!("{}\n", hex::encode(secret.as_ref())));
+    write_private(path, text.as_bytes())?;
+    Ok(secret)
 }
 
 /// The appliance's secrets and where its journals go.
@@ -171,8 +56,8 @@ fn has_journals(path: &Path) -> Result<bool, DataDirError> {
     if path.join("layout.toml").exists() {
         return Ok(true);
     }
-    for entry in std::fs::read_dir(path).map_err(io(path))? {
-        let entry = entry.map_err(io(path))?;
+    for entry in std::fs::read_dir(path).map_err(DataDirError::io(path))? {
+        let entry = entry.map_err(DataDirError::io(path))?;
         if entry.file_name().to_string_lossy().starts_with("shard-") {
             return Ok(true);
         }
@@ -189,15 +74,16 @@ impl DataDir {
     /// Like [`DataDir::open_or_init`], but with the master key read from `master_key_file`
     /// when given (a systemd credential): then none is created in the data directory.
     pub fn open_with(path: &Path, master_key_file: Option<&Path>) -> Result<Self, DataDirError> {
-        std::fs::create_dir_all(path).map_err(io(path))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io(path))?;
+        std::fs::create_dir_all(path).map_err(DataDirError::io(path))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            .map_err(DataDirError::io(path))?;
         let mut created = Vec::new();
 
         let master_path = path.join(MASTER_KEY_FILE);
         let master_key = if let Some(file) = master_key_file {
-            hex32(file, &read_private(file)?)?
+            load_secret(file)?
         } else if master_path.exists() {
-            hex32(&master_path, &read_private(&master_path)?)?
+            load_secret(&master_path)?
         } else if has_journals(path)? {
             // A new key could read none of the journals: never make one for them.
             return Err(DataDirError::Malformed {
@@ -207,8 +93,7 @@ impl DataDir {
                     .into(),
             });
         } else {
-            let key = random32()?;
-            write_private(&master_path, &format!("{}\n", hex::encode(key.as_ref())))?;
+            let key = create_secret(&master_path)?;
             created.push(master_path);
             key
         };
@@ -223,18 +108,18 @@ impl DataDir {
 
         let public_path = path.join(PROVIDER_PUBLIC_KEY_FILE);
         let provider_public_key = if public_path.exists() {
-            let text = std::fs::read_to_string(&public_path).map_err(io(&public_path))?;
-            *hex32(&public_path, &text)?
+            let text =
+                std::fs::read_to_string(&public_path).map_err(DataDirError::io(&public_path))?;
+            *parse_hex32(&public_path, &text)?
         } else {
             // A development provider: in production the provider keeps its key pair and the
             // operator installs only provider.pub. A development key whose public half was
             // removed gets it back.
             let key_path = path.join(PROVIDER_KEY_FILE);
             let seed = if key_path.exists() {
-                hex32(&key_path, &read_private(&key_path)?)?
+                load_secret(&key_path)?
             } else {
-                let seed = random32()?;
-                write_private(&key_path, &format!("{}\n", hex::encode(seed.as_ref())))?;
+                let seed = create_secret(&key_path)?;
                 created.push(key_path);
                 seed
             };
@@ -246,7 +131,10 @@ impl DataDir {
             })?;
             let mut public = [0u8; 32];
             public.copy_from_slice(pair.public_key().as_ref());
-            write_synced(&public_path, &format!("{}\n", hex::encode(public)))?;
+            write_durable(
+                &public_path,
+                format!("{}\n", hex::encode(public)).as_bytes(),
+            )?;
             created.push(public_path);
             public
         };
@@ -301,7 +189,7 @@ mod tests {
     fn a_master_key_from_a_credential_file_is_used_and_none_is_created() {
         let dir = tempfile::tempdir().unwrap();
         let key_file = dir.path().join("credential-master.key");
-        write_private(&key_file, &format!("{}\n", "ab".repeat(32))).unwrap();
+        write_private(&key_file, format!("{}\n", "ab".repeat(32)).as_bytes()).unwrap();
         let path = dir.path().join("data");
         let data = DataDir::open_with(&path, Some(&key_file)).unwrap();
         assert_eq!(data.master_key(), &[0xab; 32]);
@@ -345,14 +233,5 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("master.key"));
-    }
-
-    #[test]
-    fn a_malformed_credential_says_what_is_wrong() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("bad.credential");
-        write_private(&file, "client_id = \"x\"\nsecret = \"abc\"\n").unwrap();
-        let err = Credential::load(&file).unwrap_err();
-        assert!(err.to_string().contains("64 hex digits"), "{err}");
     }
 }

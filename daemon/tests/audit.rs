@@ -58,7 +58,7 @@ fn next_session(store: &mut indiciad::store::Store) -> indiciad::engine::Session
         )
         .unwrap();
     store.commit(provision, NOW).unwrap();
-    let authorization = indicia_client::cli::authorize(
+    let authorization = indicia_client::provider::authorize(
         &common::provider(),
         AuthorizationKind::Refill,
         900,

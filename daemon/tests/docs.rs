@@ -366,8 +366,14 @@ fn the_ledger_columns_in_the_doc_are_the_codes_in_order() {
 fn the_authorization_file_keys_in_the_doc_are_the_ones_written() {
     let documented = first_column(&files_md(), "| key | JSON type | meaning |");
     let key = aws_lc_rs::signature::Ed25519KeyPair::from_seed_unchecked(&[3; 32]).unwrap();
-    let authorization =
-        indicia_client::cli::authorize(&key, indicia_proto::AuthorizationKind::Refill, 1, 2, 3, 4);
+    let authorization = indicia_client::provider::authorize(
+        &key,
+        indicia_proto::AuthorizationKind::Refill,
+        1,
+        2,
+        3,
+        4,
+    );
     let written = indicia_client::provider::authorization_json(&authorization);
     let mut keys: Vec<String> = written.as_object().unwrap().keys().cloned().collect();
     let mut documented_sorted = documented.clone();

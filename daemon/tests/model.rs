@@ -190,7 +190,7 @@ impl Harness {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.next_sequence += 1;
-        indicia_client::cli::authorize(
+        indicia_client::provider::authorize(
             &self.provider,
             kind,
             vpsd_id,

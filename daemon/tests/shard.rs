@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{open, NOW};
-use indicia_client::cli::authorize;
+use indicia_client::provider::authorize;
 use indicia_proto::{
     Algorithm, AuthorizationKind, ErrorCode, Indicium, ItemResult, MailingDate, Request, Response,
     Role, SignItem, Verdict,

@@ -6,29 +6,16 @@
 mod support;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use indicia_proto::Indicium;
 use support::{Daemon, BIN};
 
-/// `indiciactl` is built next to `indiciad` (`cargo test --workspace` builds it for the
-/// client's own integration tests).
-fn ctl_binary() -> PathBuf {
-    let path = Path::new(BIN).with_file_name("indiciactl");
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo build -p indicia-client --bin indiciactl` (or test the \
-         whole workspace)",
-        path.display()
-    );
-    path
-}
-
 /// Runs `indiciactl` against a daemon with the admin credential.
 fn ctl(daemon: &Daemon, args: &[&str]) -> Output {
-    Command::new(ctl_binary())
+    Command::new(support::indiciactl())
         .arg("--addr")
         .arg(daemon.addr.to_string())
         .arg("--credential")
@@ -40,7 +27,10 @@ fn ctl(daemon: &Daemon, args: &[&str]) -> Output {
 
 /// Runs `indiciactl` for something that needs no appliance.
 fn ctl_offline(args: &[&str]) -> Output {
-    Command::new(ctl_binary()).args(args).output().unwrap()
+    Command::new(support::indiciactl())
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 /// Runs an `indiciad` tool on a data directory.

@@ -104,7 +104,7 @@ impl Appliance {
     }
 
     pub fn admin_credential(&self) -> Result<Credential, ClientError> {
-        Credential::load(&self.data_dir.join("admin.credential"))
+        Ok(Credential::load(&self.data_dir.join("admin.credential"))?)
     }
 
     pub fn provider_key(&self) -> PathBuf {

@@ -28,7 +28,7 @@ pub mod workload;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use indicia_client::cli::{authorize, load_provider_key};
+use indicia_client::provider::{authorize, load_provider_key};
 use indicia_client::{Client, ClientError, Credential, TlsSettings};
 use indicia_proto::{Algorithm, AuthorizationKind, ErrorCode, Request, Zip};
 

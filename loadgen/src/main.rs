@@ -192,7 +192,7 @@ const EXIT_INVALID: u8 = 2;
 
 fn run(args: RunArgs) -> Result<Outcome, Box<dyn std::error::Error>> {
     let credential = Credential::load(&args.credential)?;
-    let tls = indicia_client::cli::tls_settings_from(
+    let tls = indicia_client::transport::tls_settings_from(
         args.tls.tls_ca.as_deref(),
         args.tls.tls_cert.as_deref(),
         args.tls.tls_key.as_deref(),

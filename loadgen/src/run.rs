@@ -20,7 +20,7 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use indicia_client::transport::{ReadHalf, WriteHalf};
-use indicia_client::{Client, ClientError, Credential, TlsSettings, Transport};
+use indicia_client::{Client, ClientError, Credential, RequestIds, TlsSettings, Transport};
 use indicia_proto::frame::FRAME_BYTES_MAX;
 use indicia_proto::{
     Algorithm, Decoded, ErrorCode, FrameDecoder, Indicium, ItemResult, MailingDate, Request,
@@ -358,10 +358,9 @@ fn send(
     // Ids from the system's random generator, not the seed: the appliance remembers
     // (client, request id) pairs, and a second run reusing the first run's ids would be
     // answered from that memory (retries are not what is measured here).
-    let mut id_bytes = [0u8; 8];
-    aws_lc_rs::rand::SecureRandom::fill(&aws_lc_rs::rand::SystemRandom::new(), &mut id_bytes)
+    // Never 0 (the appliance's id for errors about the connection), also after wrapping.
+    let mut ids = RequestIds::random()
         .map_err(|_| LoadError::Protocol("random number generator failed".into()))?;
-    let mut next_id = (u64::from_le_bytes(id_bytes) >> 1).max(1);
     let mailing_date =
         MailingDate::from_unix_seconds(now_unix()).unwrap_or(MailingDate::from_days_since_2000(0));
     let item = SignItem {
@@ -443,8 +442,7 @@ fn send(
                     items: vec![item; config.batch],
                 }
             };
-            let id = next_id;
-            next_id = next_id.wrapping_add(1);
+            let id = ids.next_id();
             let len = request
                 .encode_frame(1, id, &mut frame)
                 .map_err(|err| LoadError::Protocol(format!("cannot encode: {err}")))?;

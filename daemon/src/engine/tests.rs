@@ -35,7 +35,7 @@ impl Fixture {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        indicia_client::cli::authorize(
+        indicia_client::provider::authorize(
             &self.provider,
             kind,
             vpsd_id,
@@ -46,7 +46,8 @@ impl Fixture {
     }
 
     fn resign(&self, authorization: &mut ProviderAuthorization) {
-        *authorization = indicia_client::cli::sign_authorization(&self.provider, *authorization);
+        *authorization =
+            indicia_client::provider::sign_authorization(&self.provider, *authorization);
     }
 
     fn provision(&mut self, vpsd_id: u64, algorithm: Algorithm) {

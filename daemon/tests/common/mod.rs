@@ -105,7 +105,7 @@ impl Workload {
         amount_mills: u64,
     ) -> ProviderAuthorization {
         self.sequence += 1;
-        indicia_client::cli::authorize(
+        indicia_client::provider::authorize(
             &self.provider,
             kind,
             vpsd_id,

@@ -7,16 +7,81 @@ use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use indicia_client::cli::{authorize, load_provider_key};
+use indicia_client::provider::{authorize, load_provider_key};
 use indicia_client::{Client, Credential};
 use indicia_proto::{
     Algorithm, AuthorizationKind, Indicium, MailingDate, Request, SignItem, VpsdStatus, Zip,
 };
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_indiciad");
+
+/// The `indiciactl` binary, next to `indiciad`. `cargo test -p indiciad` builds only this
+/// package's binaries, and a copy left by an earlier build may be stale, so the first call
+/// in a test process asks cargo (the one running the tests) to build it, in the profile
+/// and target directory of the `indiciad` under test: a no-op when it is up to date. A
+/// failed build fails the test with cargo's output.
+pub fn indiciactl() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(build_indiciactl)
+}
+
+fn build_indiciactl() -> PathBuf {
+    // BIN is <target dir>[/<triple>]/<profile dir>/indiciad.
+    let profile_dir = Path::new(BIN).parent().unwrap();
+    let above = profile_dir.parent().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| env!("CARGO").into());
+    let mut command = Command::new(cargo);
+    command
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "indicia-client",
+            "--bin",
+            "indiciactl",
+        ])
+        .arg("--manifest-path")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"));
+    match profile_dir.file_name().unwrap().to_str().unwrap() {
+        "debug" => {}
+        "release" => {
+            command.arg("--release");
+        }
+        custom => {
+            command.args(["--profile", custom]);
+        }
+    }
+    // Cargo marks the root of a target directory with CACHEDIR.TAG; anything else above
+    // the profile directory is a target triple's directory.
+    if above.join("CACHEDIR.TAG").exists() {
+        command.arg("--target-dir").arg(above);
+    } else {
+        command
+            .arg("--target-dir")
+            .arg(above.parent().unwrap())
+            .arg("--target")
+            .arg(above.file_name().unwrap());
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "building indiciactl failed ({:?}, {}):\n{}{}",
+        command,
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let path = profile_dir.join("indiciactl");
+    assert!(
+        path.exists(),
+        "cargo built indiciactl, but not at {}",
+        path.display()
+    );
+    path
+}
 
 /// A running daemon.
 pub struct Daemon {
