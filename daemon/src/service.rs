@@ -312,6 +312,9 @@ fn run(args: &Args) -> Result<(), ServiceError> {
         if let Some(reason) = &report.provisioning_blocked {
             tracing::error!(shard, "provisioning blocked: {reason}");
         }
+        if let Some(note) = &report.window_note {
+            tracing::warn!(shard, "{note}");
+        }
     }
     let transport = if config.tls.enabled() {
         "mutual TLS 1.3"

@@ -60,8 +60,9 @@ type Key = (ClientTag, u64, u64);
 
 /// Two generations of remembered answers. New answers go into the current generation;
 /// at the end of a record that brought it to half the bound or more, it becomes the
-/// previous one and the old previous one is forgotten whole. So the window always remembers at least the last half of its bound,
-/// never more than the bound, and never deletes single entries: a hash map that loses one
+/// previous one and the old previous one is forgotten whole. So the window always remembers
+/// at least the last half of its bound, never more than the bound plus one record's
+/// answers per generation, and never deletes single entries: a hash map that loses one
 /// entry per insert fills with tombstones and its lookups of absent keys slow down to a
 /// crawl (measured: it made the window the top entry of the journal benchmark's profile).
 #[derive(Debug)]

@@ -282,6 +282,9 @@ struct Walk<'a, V: Visitor> {
     /// The segment whose first record is the checkpoint the state starts from (recovery;
     /// the audit starts from nothing and has none).
     state_start: Option<u64>,
+    /// The sequence the first segment read begins with, by its header: nothing before it
+    /// is missing.
+    first_sequence: Option<u64>,
     report: ReadReport,
 }
 
@@ -296,6 +299,7 @@ impl<'a, V: Visitor> Walk<'a, V> {
             expected_index: first_index,
             extents: Vec::new(),
             state_start: None,
+            first_sequence: None,
             report: ReadReport::default(),
         }
     }
@@ -490,7 +494,7 @@ impl<'a, V: Visitor> Walk<'a, V> {
             return;
         }
         let missing = match self.last_good {
-            None if anchor || sequence == 1 => 0,
+            None if anchor || sequence == 1 || Some(sequence) == self.first_sequence => 0,
             // accounted < sequence here (checked above).
             _ => sequence - self.accounted - 1,
         };
@@ -679,18 +683,27 @@ pub(super) fn recover(
     }
     // Back to the newest segment that begins at or before what the visitor needs.
     let mut first = start;
+    let mut first_sequence = None;
     while needed_from > 0 && first > 0 {
+        first -= 1;
         let (index, path) = &files[first];
-        let begins = Segment::open(path, *index)?
-            .header
-            .map_or(u64::MAX, |header| header.first_sequence);
-        if begins <= needed_from {
+        let header = Segment::open(path, *index)?.header;
+        if let Some(header) = header {
+            if header.shard != shard {
+                return Err(JournalError::WrongShard {
+                    expected: shard,
+                    found: header.shard,
+                });
+            }
+        }
+        first_sequence = header.map(|header| header.first_sequence);
+        if first_sequence.is_some_and(|begins| begins <= needed_from) {
             break;
         }
-        first -= 1;
     }
     let mut walk = Walk::new(key, visitor, files[first].0);
     walk.state_start = state_start;
+    walk.first_sequence = first_sequence;
     let mut segments = Vec::new();
     for (position, (index, path)) in files.iter().skip(first).enumerate() {
         let segment = Segment::open(path, *index)?;

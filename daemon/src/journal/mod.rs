@@ -48,8 +48,9 @@ use segment::Segment;
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct JournalConfig {
-    /// Size of each preallocated segment file. A record larger than this (a checkpoint of a
-    /// big shard) gets a segment of its own size.
+    /// Size of each preallocated segment file. A segment started by a rotation is larger
+    /// when its checkpoint needs it: it holds at least [`CHECKPOINT_ROOM_FACTOR`] times the
+    /// checkpoint ([`Journal::rotate`]).
     pub segment_bytes: usize,
 }
 
@@ -143,7 +144,9 @@ impl Journal {
     /// Opens (or creates) the journal of a shard in `dir`, reads its history into
     /// `visitor`, and cuts a torn tail. The directory stays locked while it is open.
     ///
-    /// Everything recovery kept is made durable, then the `OPEN` marker records the
+    /// Every segment recovery read is made durable (older ones were synced before the
+    /// checkpoint that follows them was written, see [`Journal::rotate`]), then the `OPEN`
+    /// marker records the
     /// sequence up to which the journal is durable: damage up to there is corruption to
     /// report (for recovery and for an audit beside the running appliance), never a tail to
     /// cut.
@@ -269,8 +272,17 @@ impl Journal {
             first_sequence: self.next_sequence,
             prev_chain: self.chain,
         };
+        // Everything before the checkpoint is durable before the checkpoint is written: a
+        // checkpoint never outlives the records it follows (its state includes them, and
+        // recovery reads back from it for the idempotency window). One fdatasync per
+        // rotation, on this thread. A failure is fatal like any failed flush.
+        if let Err(err) = self.current.file().sync_data() {
+            self.poisoned = true;
+            return Err(JournalError::Io(err));
+        }
         let segment = Segment::create(&self.dir, header, len)?;
-        // The old segment's unflushed records, if any, stay in `unflushed` by file handle.
+        // The old segment stays in `unflushed` by file handle until a flush completes (its
+        // sync is then a cheap no-op).
         drop(std::mem::replace(&mut self.current, segment));
         self.offset = SEGMENT_HEADER_BYTES;
         self.write(CHECKPOINT, 0, at_unix, payload)

@@ -242,6 +242,7 @@ impl AuditReport {
                     })).collect::<Vec<_>>(),
                     "provisioning_blocked": report.provisioning_blocked,
                     "tail_note": report.tail_note,
+                    "window_note": report.window_note,
                 })
             })
             .collect();
@@ -273,6 +274,9 @@ impl AuditReport {
             }
             if let Some(reason) = &report.provisioning_blocked {
                 text.push_str(&format!("  provisioning would be blocked: {reason}\n"));
+            }
+            if let Some(note) = &report.window_note {
+                text.push_str(&format!("  note: {note}\n"));
             }
             if let Some(note) = &report.tail_note {
                 text.push_str(&format!("  note: {note}\n"));

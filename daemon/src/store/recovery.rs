@@ -60,6 +60,10 @@ pub struct RecoveryReport {
     pub provisioning_blocked: Option<String>,
     /// The audit only: what lies after the last good record (not a finding).
     pub tail_note: Option<String>,
+    /// Set when the idempotency window could not be rebuilt whole because the records it
+    /// needs are gone (not a finding: no register is in doubt, but retries of the requests
+    /// they answered are not recognized).
+    pub window_note: Option<String>,
 }
 
 impl RecoveryReport {
@@ -94,9 +98,6 @@ pub struct Replay<'e> {
     window_needed_from: u64,
     /// The first record read before the start checkpoint.
     first_before_start: Option<u64>,
-    /// Whether the window holds every answer it held when the journal was written (false
-    /// when the records it needs are gone).
-    window_complete: bool,
 }
 
 impl<'e> Replay<'e> {
@@ -110,7 +111,6 @@ impl<'e> Replay<'e> {
             window: WindowOrigin::default(),
             window_needed_from: 0,
             first_before_start: None,
-            window_complete: true,
         }
     }
 
@@ -180,27 +180,21 @@ impl<'e> Replay<'e> {
         {
             // The window cannot be rebuilt whole: retries of the requests whose answers
             // are gone are not recognized (no register is in doubt).
-            self.window_complete = false;
-            self.finding(
-                record.segment,
-                record.offset,
-                Some(sequence),
-                None,
-                format!(
-                    "the idempotency window's records from seq {} are gone: retries of \
-                     requests answered before seq {} are not recognized",
-                    self.window_needed_from,
-                    self.first_before_start.unwrap_or(sequence)
-                ),
-            );
+            self.report.window_note = Some(format!(
+                "the idempotency window's records from seq {} are gone: retries of requests \
+                 answered before seq {} are not recognized",
+                self.window_needed_from,
+                self.first_before_start.unwrap_or(sequence)
+            ));
         }
         let checkpoint = stored.state;
         // A later checkpoint must agree with the replay up to it (unless damage already
-        // made them differ); the start checkpoint is the state itself.
+        // made them differ); the start checkpoint is the state itself. (Its window_from is
+        // not compared: it depends on the window's configured bound, and says nothing of
+        // the registers.)
         if !record.start
             && self.report.findings.is_empty()
-            && (checkpoint != self.engine.checkpoint()
-                || (self.window_complete && stored.window_from != self.window.from()))
+            && checkpoint != self.engine.checkpoint()
         {
             self.finding(
                 record.segment,
