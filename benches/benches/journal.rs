@@ -2,6 +2,8 @@
 //! of 1 and of 64 indicia, and recovery of a journal holding one million indicia, both
 //! from the newest checkpoint (64 MiB segments) and by replaying everything (one segment).
 //! The directory is `INDICIA_BENCH_DIR` if set, else the system temp dir.
+// Benchmark setup: a failed expect is a broken benchmark, not an operating error.
+#![allow(clippy::expect_used)]
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use indicia_benches::{empty_engine, funded_store, synthetic_session, NOW};

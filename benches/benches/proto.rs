@@ -1,4 +1,6 @@
 //! Encode and decode costs of the wire format and the indicium.
+// Benchmark setup: a failed expect is a broken benchmark, not an operating error.
+#![allow(clippy::expect_used)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use indicia_benches::sample_item;

@@ -1,6 +1,8 @@
 //! Shared set-up for the criterion benchmarks in `benches/`: a funded engine and sample
 //! requests. The benchmarks themselves are in `benches/*.rs`; run them with
 //! `cargo bench -p indicia-benches`.
+// Benchmark setup: a failed expect is a broken benchmark, not an operating error.
+#![allow(clippy::expect_used)]
 
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_client::provider::authorize;

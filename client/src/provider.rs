@@ -135,6 +135,8 @@ struct AuthorizationFile {
 
 /// An authorization as the JSON object of an authorization file. Its members are in
 /// alphabetical order when written (serde_json's map is sorted), as docs/FILES.md says.
+// Serializing integers and strings into a JSON value cannot fail: an invariant, not input.
+#[allow(clippy::expect_used)]
 pub fn authorization_json(authorization: &ProviderAuthorization) -> Value {
     serde_json::to_value(AuthorizationFile {
         format: FormatV1,

@@ -1,6 +1,6 @@
 //! `indiciactl`'s commands that need no appliance, run as the real binary: the provider's
 //! key and authorization files, and the checks made before anything is sent.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::process::{Command, Output};

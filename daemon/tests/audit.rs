@@ -1,7 +1,7 @@
 //! The integrity monitor on real journals: it replays the whole history (across
 //! checkpoints), checks every signature, and finds what recovery cannot: records written
 //! with the right key that do not hold up.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -8,7 +8,7 @@
 //! Damage: one random bit flipped, a span zeroed, or a span cut out, anywhere before the
 //! last record. Recovery must report it, lock what it touched, never panic, and never show
 //! a register value that was not real.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 mod common;
 

@@ -5,7 +5,7 @@
 //! docs/FILES.md are the ones written; every statistic the appliance reports is in
 //! docs/OPERATIONS.md, and nothing else is; the connection rules check frames in the order
 //! of docs/PROTOCOL.md section 4.2.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
 use std::time::Instant;

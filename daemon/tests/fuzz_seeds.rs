@@ -4,7 +4,7 @@
 //!
 //! `INDICIA_WRITE_FUZZ_SEEDS=1 cargo test -p indiciad --test fuzz_seeds` rewrites them
 //! from a journal written here (after a format change), then checks them as always.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 mod common;
 

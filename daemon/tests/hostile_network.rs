@@ -2,7 +2,7 @@
 //! versions, handshakes out of order or with a replayed proof, or close mid-frame, while
 //! honest clients keep signing. Every honest indicium must be correct, the registers must
 //! add up, and the appliance's memory must stay bounded.
-#![allow(clippy::unwrap_used, clippy::print_stderr)] // the RSS figures are worth seeing with --nocapture
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)] // the RSS figures are worth seeing with --nocapture
 
 mod support;
 

@@ -1,6 +1,6 @@
 //! The journal on real files: reopening, rotation with checkpoints, torn tails at every
 //! byte, and tampering (an edited byte, a deleted record, two swapped records).
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 mod common;
 

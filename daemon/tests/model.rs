@@ -4,7 +4,7 @@
 //! runs it (prepare, then apply the record) and checked step by step against a small
 //! reference model. Every indicium is decoded from its wire bytes and its signature
 //! verified with the vPSD's public key.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, HashMap};
 

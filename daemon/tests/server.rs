@@ -1,6 +1,6 @@
 //! The real `indiciad` binary on loopback, driven through the real client: concurrency,
 //! retries, hostile clients, access control, the CLI.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod support;

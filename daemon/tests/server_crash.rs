@@ -6,7 +6,7 @@
 //! from the journal alone: resending an acknowledged request with its request id must
 //! return the very same bytes (ECDSA signatures are randomized, so equal bytes can only
 //! come from the journal), and must not charge again.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 mod support;

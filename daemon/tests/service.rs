@@ -1,6 +1,6 @@
 //! `indiciad` as a program: the embedded default, first-start files, flags, the data
 //! directory's fixed shard count, and the systemd unit.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

@@ -1,7 +1,7 @@
 //! A shard's request handling on a real journal: answers leave only after the flush that
 //! makes them durable, sign requests coalesce into sessions, retries are answered once,
 //! a full queue answers busy, and a failed flush is fatal.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 mod common;
 

@@ -3,7 +3,7 @@
 //! a certificate lent to another client's secret are all refused, while certified clients
 //! keep signing. Plaintext is refused on a non-loopback address unless the config allows
 //! it, and a TLS key file others may read is refused.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 mod support;
 

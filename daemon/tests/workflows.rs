@@ -1,7 +1,7 @@
 //! The provider's, operator's and verifier's workflows end to end through the real
 //! binaries: `indiciad` (the appliance, `audit`, `export-ledger`) and `indiciactl`, on real
 //! sockets and real journals, including the ways each can go wrong.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

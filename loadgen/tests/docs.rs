@@ -1,7 +1,7 @@
 //! docs/BENCHMARKS.md's "How to read the load generator's reports" and the README agree
 //! with what the load generator prints: its columns, its JSON fields, its funding bound
 //! and the exit status of an invalid run.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

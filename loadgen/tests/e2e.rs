@@ -2,7 +2,7 @@
 //! `appliance` subcommand runs `indiciad`'s code) in a temporary directory and drives it in
 //! closed and open loop, with offline verification; the report agrees with the appliance's
 //! own statistics and registers; the appliance stops cleanly on SIGTERM.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! Entry points shared by the fuzz targets (`fuzz/`) and the property tests: each feeds
 //! arbitrary bytes to a decoder and checks what must hold for whatever it returns. They
 //! panic only when a decoder breaks its contract, which is what a fuzzer looks for.
+// Their `expect`s state that contract: a panic here is the finding.
+#![allow(clippy::expect_used)]
 
 use crate::frame::{Decoded, FrameDecoder, HEADER_BYTES};
 use crate::indicium::Indicium;

@@ -1,6 +1,6 @@
 //! docs/PROTOCOL.md must agree with the code: every opcode and every error code is listed
 //! with the right value and name, and nothing else is.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 use std::collections::BTreeMap;
 

@@ -1,7 +1,7 @@
 //! Property tests of the codec: every message and indicium round-trips through its encoding,
 //! and arbitrary or mutated bytes never make a decoder panic (they give a value or an error).
 //! About 300 000 cases in all.
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 use indicia_proto::authorization::{AuthorizationKind, ProviderAuthorization};
 use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX, HEADER_BYTES};

@@ -5,7 +5,7 @@
 //!
 //! To regenerate after a deliberate format change (and then update docs/):
 //! `INDICIA_WRITE_VECTORS=1 cargo test -p indicia-proto --test vectors`
-#![allow(clippy::unwrap_used)] // test helpers: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a failed unwrap is a failed test
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;

@@ -65,8 +65,10 @@ impl Vpsd {
         }
     }
 
+    // An invariant, not input: a vPSD is created with one key, keys are only ever added,
+    // and a checkpoint with a keyless vPSD does not decode.
+    #[allow(clippy::expect_used)]
     pub fn current_key(&self) -> &KeyEntry {
-        // A vPSD is created with one key and keys are only ever added.
         self.keys
             .last()
             .expect("a vPSD always has at least one key")

@@ -904,7 +904,7 @@ fn cut_tail(
     if !removed.is_empty() {
         segment::sync_dir(dir)?;
     }
-    let torn_tail = (zeroed > 0 || !removed.is_empty()).then(|| TornTail {
+    let torn_tail = (zeroed > 0 || !removed.is_empty()).then_some(TornTail {
         segment: kept_index,
         offset,
         bytes: zeroed,
