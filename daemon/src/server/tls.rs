@@ -101,28 +101,44 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     Ok(Some(Arc::new(config)))
 }
 
+/// Why a connection's TLS handshake did not give a client id.
+#[derive(Debug, Error)]
+#[non_exhaustive]
+pub enum AcceptError {
+    #[error("the TLS handshake did not complete in time")]
+    Timeout,
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("no client certificate")]
+    NoCertificate,
+    #[error("the client certificate does not parse: {0}")]
+    Certificate(String),
+    #[error("the client certificate has no subject common name")]
+    NoCommonName,
+    #[error("the client certificate has more than one subject common name")]
+    SeveralCommonNames,
+    #[error("the client certificate's common name is not UTF-8")]
+    CommonNameNotUtf8,
+}
+
 /// The client id a verified client certificate names: its subject common name.
-pub fn peer_identity(connection: &ServerConnection) -> Result<String, String> {
+pub fn peer_identity(connection: &ServerConnection) -> Result<String, AcceptError> {
     let leaf = connection
         .peer_certificates()
         .and_then(|certs| certs.first())
-        .ok_or("no client certificate")?;
+        .ok_or(AcceptError::NoCertificate)?;
     identity_of(leaf.as_ref())
 }
 
 /// The subject common name of a DER certificate (exactly one, UTF-8).
-pub fn identity_of(der: &[u8]) -> Result<String, String> {
+pub fn identity_of(der: &[u8]) -> Result<String, AcceptError> {
     let (_, certificate) = x509_parser::parse_x509_certificate(der)
-        .map_err(|err| format!("the client certificate does not parse: {err}"))?;
+        .map_err(|err| AcceptError::Certificate(err.to_string()))?;
     let mut names = certificate.subject().iter_common_name();
-    let name = names
-        .next()
-        .ok_or("the client certificate has no subject common name")?;
+    let name = names.next().ok_or(AcceptError::NoCommonName)?;
     if names.next().is_some() {
-        return Err("the client certificate has more than one subject common name".into());
+        return Err(AcceptError::SeveralCommonNames);
     }
-    let name = name
-        .as_str()
-        .map_err(|err| format!("the client certificate's common name: {err}"))?;
+    let name = name.as_str().map_err(|_| AcceptError::CommonNameNotUtf8)?;
     Ok(name.to_owned())
 }

@@ -111,7 +111,8 @@ pub(super) async fn tls_accept(
     acceptor: &futures_rustls::TlsAcceptor,
     stream: TcpStream,
     deadline: Instant,
-) -> Result<(futures_rustls::server::TlsStream<TcpStream>, String), String> {
+) -> Result<(futures_rustls::server::TlsStream<TcpStream>, String), crate::server::tls::AcceptError>
+{
     let timeout = deadline.saturating_duration_since(Instant::now());
     let accepted = futures_lite::future::or(async { Some(acceptor.accept(stream).await) }, async {
         glommio::timer::sleep(timeout).await;
@@ -119,8 +120,8 @@ pub(super) async fn tls_accept(
     })
     .await;
     let tls = match accepted {
-        None => return Err("the TLS handshake did not complete in time".into()),
-        Some(Err(err)) => return Err(err.to_string()),
+        None => return Err(crate::server::tls::AcceptError::Timeout),
+        Some(Err(err)) => return Err(crate::server::tls::AcceptError::Handshake(err)),
         Some(Ok(tls)) => tls,
     };
     let client_id = crate::server::tls::peer_identity(tls.get_ref().1)?;
