@@ -182,6 +182,21 @@ struct Outcome {
 }
 
 impl Outcome {
+    /// A table of `total` points, `invalid` of them invalid (their banners): the summary
+    /// says how many and `what` was done with them; valid only when none is invalid.
+    fn with_invalid(mut text: String, invalid: &[String], total: usize, what: &str) -> Self {
+        if !invalid.is_empty() {
+            text.push_str(&format!("\n*** {} of {total} {what} ***\n", invalid.len()));
+            for banner in invalid {
+                text.push_str(&format!("{banner}\n"));
+            }
+        }
+        Self {
+            text,
+            valid: invalid.is_empty(),
+        }
+    }
+
     fn valid(text: String) -> Self {
         Self { text, valid: true }
     }
@@ -582,21 +597,12 @@ fn sweep(
         plotted.len(),
         svg_path.display()
     ));
-    if !invalid.is_empty() {
-        table.push_str(&format!(
-            "\n*** {} of {} points INVALID: left out of the plot, the best figure and the \
-             open-loop rate ***\n",
-            invalid.len(),
-            points.len()
-        ));
-        for banner in &invalid {
-            table.push_str(&format!("{banner}\n"));
-        }
-    }
-    Ok(Outcome {
-        text: table,
-        valid: invalid.is_empty(),
-    })
+    Ok(Outcome::with_invalid(
+        table,
+        &invalid,
+        points.len(),
+        "points INVALID: left out of the plot, the best figure and the open-loop rate",
+    ))
 }
 
 fn replot(
@@ -791,20 +797,12 @@ fn tls_cost(
     });
     std::fs::write(out_path, format!("{json:#}\n"))?;
     table.push_str(&format!("every load's JSON: {}\n", out_path.display()));
-    if !invalid.is_empty() {
-        table.push_str(&format!(
-            "\n*** {} of {} loads INVALID: left out of the means ***\n",
-            invalid.len(),
-            points.len()
-        ));
-        for banner in &invalid {
-            table.push_str(&format!("{banner}\n"));
-        }
-    }
-    Ok(Outcome {
-        text: table,
-        valid: invalid.is_empty(),
-    })
+    Ok(Outcome::with_invalid(
+        table,
+        &invalid,
+        points.len(),
+        "loads INVALID: left out of the means",
+    ))
 }
 
 fn main() -> ExitCode {

@@ -21,6 +21,7 @@
 //! engine, the journal or the sans-io parts of the server.
 
 mod connection;
+mod inflight;
 mod reader;
 mod transport;
 mod writer;

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use indicia_proto::{ErrorCode, Indicium, Request, Response};
 
-use super::connection::Inflight;
+use super::inflight::Inflight;
 use super::transport::SharedStream;
 use super::{deliver_local, fail_stop, unix_now, Cross, Forwarded, Outgoing, ReplyTo, Shard};
 use crate::server::conn_rules::{Action, Answer, ConnectionRules, Next, Timeout};

@@ -8,7 +8,7 @@ use std::time::Instant;
 use indicia_proto::frame::FRAME_BYTES_MAX;
 use indicia_proto::{ErrorCode, Response};
 
-use super::connection::Inflight;
+use super::inflight::Inflight;
 use super::transport::SharedStream;
 use super::{Outgoing, Shard};
 use crate::server::local::Outbox;
