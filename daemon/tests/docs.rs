@@ -353,6 +353,58 @@ fn first_column(text: &str, header: &str) -> Vec<String> {
         .collect()
 }
 
+/// The `[engine]` table of OPERATIONS.md (section 4.2) gives each key's default as the
+/// code has it, and JOURNAL.md states the idempotency window's default bound as the code's.
+#[test]
+fn the_engine_defaults_in_the_docs_are_the_codes() {
+    let defaults = indiciad::engine::EngineConfig::default();
+    let expected = [
+        (
+            "session_indicia_max",
+            defaults.session_indicia_max.to_string(),
+        ),
+        ("postage_mills_max", defaults.postage_mills_max.to_string()),
+        ("contact_days_max", defaults.contact_days_max.to_string()),
+        ("mailing_days_back", defaults.mailing_days_back.to_string()),
+        (
+            "mailing_days_ahead",
+            defaults.mailing_days_ahead.to_string(),
+        ),
+        ("software_id", defaults.software_id.to_string()),
+        (
+            "idempotency_indicia_max",
+            defaults.idempotency_indicia_max.to_string(),
+        ),
+        ("vpsds_max", defaults.vpsds_max.to_string()),
+        ("keys_per_vpsd_max", defaults.keys_per_vpsd_max.to_string()),
+    ];
+    let text = operations_md();
+    let mut lines = text
+        .lines()
+        .skip_while(|line| line.trim() != "### 4.2 `[engine]`")
+        .skip_while(|line| !line.starts_with("| key |"))
+        .skip(2);
+    let mut rows = BTreeMap::new();
+    for line in lines.by_ref().take_while(|line| line.starts_with('|')) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        rows.insert(cells[1].trim_matches('`').to_owned(), cells[2].to_owned());
+    }
+    for (key, value) in &expected {
+        let cell = rows
+            .get(*key)
+            .unwrap_or_else(|| panic!("`{key}` is not in OPERATIONS.md 4.2"));
+        assert!(
+            cell.starts_with(&format!("`{value}`")),
+            "`{key}`: the doc says {cell}, the code {value}"
+        );
+    }
+    assert_eq!(rows.len(), expected.len(), "{rows:?}");
+    assert!(journal_md_flat().contains(&format!(
+        "`idempotency_indicia_max` (default {})",
+        thousands(defaults.idempotency_indicia_max)
+    )));
+}
+
 #[test]
 fn the_ledger_columns_in_the_doc_are_the_codes_in_order() {
     let documented = first_column(&files_md(), "| column | meaning |");
