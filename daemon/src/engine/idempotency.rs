@@ -21,9 +21,9 @@
 //!   journal is durable up to the point where the retry arrived.
 //! - The window is bounded by count, not time. With the default bound a shard remembers at
 //!   least the last 131 072 charged indicia; at 50 000 indicia/s that is under 3 s, so a
-//!   client that retries later than that is charged again. Keeping references into the
-//!   journal instead of whole answers (so that the window can span minutes) is planned with
-//!   the server (step 4).
+//!   client that retries later than that is charged again (docs/PROTOCOL.md section 5
+//!   tells clients to retry promptly). Since checkpoints no longer restate the window, a
+//!   larger bound costs memory and recovery time, not journal bytes.
 
 use std::collections::HashMap;
 use std::sync::Arc;
