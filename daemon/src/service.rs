@@ -63,14 +63,23 @@ enum Tool {
     /// Write the transaction log (one line per refill, session and withdrawal) for the
     /// provider's accounting system.
     ExportLedger {
-        #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
-        format: String,
+        #[arg(long, value_enum, default_value_t = LedgerFormat::Jsonl)]
+        format: LedgerFormat,
         /// Where to write it (default: standard output).
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]
         master_key: Option<PathBuf>,
     },
+}
+
+/// How `export-ledger` writes the ledger (docs/FILES.md section 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LedgerFormat {
+    /// One JSON object per line.
+    Jsonl,
+    /// A header line, then comma-separated values.
+    Csv,
 }
 
 /// Why `indiciad` (or one of its tools) stopped.
@@ -168,15 +177,14 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
         } => {
             let report = audit_report(config, master_key.as_deref())?;
             let mut text = String::new();
-            if format == "csv" {
+            if format == LedgerFormat::Csv {
                 text.push_str(&crate::store::ledger::LEDGER_COLUMNS.join(","));
                 text.push('\n');
             }
             for line in report.ledger() {
-                if format == "csv" {
-                    text.push_str(&line.to_csv());
-                } else {
-                    text.push_str(&line.to_json().to_string());
+                match format {
+                    LedgerFormat::Csv => text.push_str(&line.to_csv()),
+                    LedgerFormat::Jsonl => text.push_str(&line.to_json().to_string()),
                 }
                 text.push('\n');
             }
