@@ -35,7 +35,6 @@ use thiserror::Error;
 use crate::config::{ClientRole, Config};
 use crate::datadir::{self, DataDir, DataDirError};
 use crate::engine::{Engine, MasterKey};
-use crate::journal::ChainKey;
 use crate::store::{RecoveryReport, Store, StoreError};
 use handshake::{ClientDirectory, ClientEntry};
 use metrics::Metrics;
@@ -448,12 +447,13 @@ impl Server {
                 let master_key = MasterKey::new(&master)
                     .map_err(|err| ServerError::MasterKey(err.to_string()))?;
                 let engine = Engine::new(engine_config, master_key, provider);
-                let key = ChainKey::derive(&master, index);
-                let (store, report) = Store::open(&dir, index, key, journal_config, engine)
-                    .map_err(|source| ServerError::Journal {
-                        shard: index,
-                        source,
-                    })?;
+                let (store, report) =
+                    Store::open_shard(&dir, index, &master, journal_config, engine).map_err(
+                        |source| ServerError::Journal {
+                            shard: index,
+                            source,
+                        },
+                    )?;
                 let _ = report_tx.send((index, report));
                 Ok(store)
             });

@@ -22,8 +22,7 @@ use indicia_proto::{ErrorBody, ErrorCode, ItemResult, Request, Response};
 use super::coalesce::{Busy, Coalescer};
 use super::handshake::ClientEntry;
 use crate::engine::{EngineError, JobAnswer, Record, SignJob};
-use crate::journal::{FlushTicket, JournalError};
-use crate::store::{Store, StoreError};
+use crate::store::{FlushTicket, JournalError, Store, StoreError};
 
 /// Counters of one shard, for the stats request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -135,8 +134,8 @@ impl<R> ShardCore<R> {
             }
             _ => {}
         }
-        let last = self.store.journal.last_sequence();
-        if self.store.journal.durable_sequence() >= last && self.awaiting.is_empty() {
+        let last = self.store.last_sequence();
+        if self.store.durable_sequence() >= last && self.awaiting.is_empty() {
             self.ready.push((reply, response));
         } else {
             self.awaiting.push_back((last, reply, response));
@@ -407,17 +406,17 @@ impl<R> ShardCore<R> {
 
     /// The journal's durable sequence.
     pub fn durable_sequence(&self) -> u64 {
-        self.store.journal.durable_sequence()
+        self.store.durable_sequence()
     }
 
     /// Marks the journal closed cleanly (after the final flush); nothing more is written.
     pub fn close_journal(&mut self) -> Result<u64, JournalError> {
-        self.store.journal.close_cleanly()
+        self.store.close()
     }
 
     /// What the next group commit must sync, if anything is waiting for it.
     pub fn flush_ticket(&mut self) -> Option<FlushTicket> {
-        self.store.journal.flush_ticket()
+        self.store.flush_ticket()
     }
 
     /// Records a flush's outcome and releases the answers it made durable. A failed flush
@@ -427,7 +426,7 @@ impl<R> ShardCore<R> {
         ticket: &FlushTicket,
         result: std::io::Result<()>,
     ) -> Result<(), Fatal> {
-        let durable = self.store.journal.complete(ticket, result).map_err(Fatal)?;
+        let durable = self.store.complete(ticket, result).map_err(Fatal)?;
         self.stats.flushes += 1;
         while let Some(&(sequence, vpsd_id)) = self.committing.front() {
             if sequence > durable {

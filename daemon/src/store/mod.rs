@@ -26,7 +26,10 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::engine::{ApplyError, Engine, Record};
-use crate::journal::{ChainKey, Journal, JournalConfig, JournalError};
+use crate::journal::{ChainKey, Journal, JournalConfig};
+/// What one commit round must make durable, and the journal's errors (a failed flush is
+/// fatal): the server's view of durability, through the store.
+pub use crate::journal::{FlushTicket, JournalError};
 use codec::{encode_checkpoint, encode_record, header_fields, CodecError, Encoder};
 pub use recovery::{Finding, RecoveryReport};
 
@@ -77,6 +80,55 @@ impl Store {
             },
             report,
         ))
+    }
+
+    /// Opens shard `shard`'s store in `dir`, with the journal's chain key derived from the
+    /// master key.
+    pub fn open_shard(
+        dir: &Path,
+        shard: u16,
+        master_key: &[u8; 32],
+        config: JournalConfig,
+        engine: Engine,
+    ) -> Result<(Self, RecoveryReport), StoreError> {
+        Self::open(
+            dir,
+            shard,
+            ChainKey::derive(master_key, shard),
+            config,
+            engine,
+        )
+    }
+
+    /// The sequence number of the last record committed (durable or not).
+    pub fn last_sequence(&self) -> u64 {
+        self.journal.last_sequence()
+    }
+
+    /// The sequence up to which everything committed is durable.
+    pub fn durable_sequence(&self) -> u64 {
+        self.journal.durable_sequence()
+    }
+
+    /// What the next commit round must make durable (group commit), if anything: see
+    /// [`Journal::flush_ticket`]. Every durability target of a round joins here.
+    pub fn flush_ticket(&mut self) -> Option<FlushTicket> {
+        self.journal.flush_ticket()
+    }
+
+    /// Records a round's outcome; returns the durable sequence. A failure is fatal.
+    pub fn complete(
+        &mut self,
+        ticket: &FlushTicket,
+        result: std::io::Result<()>,
+    ) -> Result<u64, JournalError> {
+        self.journal.complete(ticket, result)
+    }
+
+    /// Makes everything durable and marks the journal closed cleanly; nothing more may be
+    /// committed.
+    pub fn close(&mut self) -> Result<u64, JournalError> {
+        self.journal.close_cleanly()
     }
 
     /// Journals a prepared record (rotating to a new segment with a checkpoint when the

@@ -47,8 +47,7 @@ use super::metrics::{Counter, Metrics, Received};
 use super::shard::ShardCore;
 use super::{Control, ServerError, ShardReady};
 use crate::config::ServerConfig;
-use crate::journal::FlushTicket;
-use crate::store::Store;
+use crate::store::{FlushTicket, Store};
 
 /// Where an answer goes: the shard and connection that received the request; and when,
 /// for its latency.
@@ -235,7 +234,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
             return Err(err);
         }
     };
-    control.set_durable(index, store.journal.durable_sequence());
+    control.set_durable(index, store.durable_sequence());
     // SAFETY: `listener` is an open, listening TCP socket made on the main thread for this
     // shard; ownership of the descriptor passes to glommio's listener here.
     #[allow(unsafe_code)]
