@@ -111,6 +111,69 @@ fn rotation_starts_each_segment_with_a_checkpoint_that_recovery_starts_from() {
     );
 }
 
+/// Reading back for the idempotency window may start at a segment that recovery created
+/// (after damage at the end of a cleanly closed journal: no checkpoint at its start). Its
+/// first record is anchored by the segment header, so nothing counts as lost there: only
+/// the damaged record's vPSD is locked, as before, and provisioning is not blocked.
+#[test]
+fn reading_back_from_a_segment_recovery_created_finds_nothing_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        idempotency_indicia_max: 16,
+        ..EngineConfig::default()
+    };
+    let open = || common::open_configured(dir.path(), 64 << 10, &MASTER, config.clone());
+    let (mut store, _) = open();
+    let mut workload = Workload::new(21, 12);
+    fill(&mut store, &mut workload, 40);
+    store.close().unwrap();
+    drop(store);
+    // Damage the last record of segment 1: it was durable (CLOSED says so).
+    let segment = dir.path().join(indiciad::journal::segment::file_name(1));
+    let mut bytes = std::fs::read(&segment).unwrap();
+    let mut offset = SEGMENT_HEADER_BYTES;
+    let mut last = (offset, 0u64);
+    while let Some(header) = RecordHeader::decode(&bytes[offset..]) {
+        last = (offset, header.subject);
+        offset += record_len(header.payload_len as usize);
+    }
+    bytes[last.0 + RECORD_HEADER_BYTES + 2] ^= 0x10;
+    std::fs::write(&segment, &bytes).unwrap();
+    let (mut store, report) = open();
+    assert_eq!(
+        report.locked.keys().copied().collect::<Vec<_>>(),
+        vec![last.1]
+    );
+    assert!(report.provisioning_blocked.is_none());
+    // Segment 2 is the one recovery created; fill it until the journal rotates past it.
+    assert_eq!(store.journal.position().0, 2);
+    while store.journal.position().0 < 3 {
+        fill(&mut store, &mut workload, 1);
+    }
+    fill(&mut store, &mut workload, 5);
+    store.flush().unwrap();
+    let before = state(&store.engine);
+    drop(store);
+    let (store, report) = open();
+    assert_eq!(report.checkpoint.map(|(segment, _)| segment), Some(3));
+    assert_eq!(
+        report.segments_scanned, 2,
+        "read back into segment 2 for the window"
+    );
+    assert!(
+        !report
+            .findings
+            .iter()
+            .any(|finding| finding.what.contains("lost")),
+        "{:?}",
+        report.findings
+    );
+    assert!(report.provisioning_blocked.is_none(), "{report:?}");
+    // Nothing newly locked; the earlier lock stands in the state the checkpoint carries.
+    assert!(report.locked.is_empty(), "{:?}", report.locked);
+    assert_eq!(state(&store.engine), before);
+}
+
 /// Bytes the journal holds in `dir`: every record and segment header written, summed over
 /// the segment files (not their preallocated length).
 fn journal_bytes(dir: &std::path::Path) -> usize {
