@@ -197,3 +197,40 @@ fn a_session_whose_registers_do_not_add_up_is_found_and_its_vpsd_named() {
     audit_shard(dir.path(), 0, &MASTER, EngineConfig::default(), None).unwrap();
     assert_eq!(common::read_dir(dir.path()), before);
 }
+
+/// The background monitor reads no further than the shard's durable sequence, in later
+/// segments either. When a rotation's checkpoint follows records still being flushed, it
+/// used to be read, and the records between counted as lost: every vPSD of a healthy
+/// shard was locked.
+#[test]
+fn a_live_audit_stops_at_the_durable_sequence_across_a_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(dir.path(), 64 << 10);
+    let mut workload = Workload::new(31, 4);
+    while store.journal.position().0 < 2 {
+        fill(&mut store, &mut workload, 1);
+    }
+    let checkpoint = {
+        use indiciad::journal::format::RecordHeader;
+        let bytes =
+            std::fs::read(dir.path().join(indiciad::journal::segment::file_name(2))).unwrap();
+        RecordHeader::decode(&bytes[indiciad::journal::format::SEGMENT_HEADER_BYTES..])
+            .unwrap()
+            .sequence
+    };
+    drop(store);
+    // As the monitor sees it while the last records before the rotation are being flushed.
+    let audit = indiciad::store::audit::audit_shard_with(
+        dir.path(),
+        0,
+        &MASTER,
+        EngineConfig::default(),
+        Some(checkpoint - 3),
+        None,
+    )
+    .unwrap();
+    assert!(audit.report.is_clean(), "{:?}", audit.report.findings);
+    assert!(audit.report.locked.is_empty());
+    assert!(audit.report.provisioning_blocked.is_none());
+    assert_eq!(audit.report.last_sequence, checkpoint - 3);
+}

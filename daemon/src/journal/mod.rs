@@ -262,6 +262,11 @@ impl Journal {
         if self.poisoned {
             return Err(JournalError::Poisoned);
         }
+        // Refused before anything changes: a rotation that failed here would leave the
+        // journal in a new segment without a checkpoint.
+        if payload.len() > PAYLOAD_BYTES_MAX {
+            return Err(JournalError::RecordTooLarge(payload.len()));
+        }
         let checkpoint_len = record_len(payload.len());
         let needed = SEGMENT_HEADER_BYTES
             + (checkpoint_len * CHECKPOINT_ROOM_FACTOR).max(checkpoint_len + room);
