@@ -52,11 +52,11 @@ pub enum ServerError {
     #[error(transparent)]
     DataDir(#[from] DataDirError),
     #[error("master key: {0}")]
-    MasterKey(String),
+    MasterKey(#[from] crate::engine::keys::KeyError),
     #[error("runtime: {0}")]
     Runtime(String),
     #[error("shard {0} failed to start: {1}")]
-    ShardFailed(u16, String),
+    ShardFailed(u16, Box<ServerError>),
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error(transparent)]
@@ -146,7 +146,7 @@ impl Control {
 #[derive(Debug)]
 enum ShardReady {
     Ready,
-    Failed(u16, String),
+    Failed(u16, Box<ServerError>),
 }
 
 /// A running appliance.
@@ -444,8 +444,7 @@ impl Server {
             let dir = data.shard_dir(index);
             let report_tx = report_tx.clone();
             let open_store = Box::new(move || {
-                let master_key = MasterKey::new(&master)
-                    .map_err(|err| ServerError::MasterKey(err.to_string()))?;
+                let master_key = MasterKey::new(&master).map_err(ServerError::MasterKey)?;
                 let engine = Engine::new(engine_config, master_key, provider);
                 let (store, report) =
                     Store::open_shard(&dir, index, &master, journal_config, engine).map_err(
@@ -473,6 +472,8 @@ impl Server {
                 tls: tls.clone(),
                 ready: ready_tx.clone(),
             };
+            // A failure here leaves the shards already started waiting for their peer's
+            // channels: the error ends the start, and the process with it.
             executors.push(runtime::spawn(setup)?);
         }
         drop(ready_tx);
@@ -481,8 +482,8 @@ impl Server {
         for _ in 0..shards {
             match ready_rx.recv() {
                 Ok(ShardReady::Ready) => {}
-                Ok(ShardReady::Failed(shard, message)) => {
-                    failure.get_or_insert(ServerError::ShardFailed(shard, message));
+                Ok(ShardReady::Failed(shard, error)) => {
+                    failure.get_or_insert(ServerError::ShardFailed(shard, error));
                 }
                 Err(_) => {
                     failure.get_or_insert(ServerError::Runtime(
@@ -490,6 +491,23 @@ impl Server {
                     ));
                     break;
                 }
+            }
+        }
+        let mut auditor = None;
+        if failure.is_none() && config.server.audit_interval_s > 0 {
+            let shard_dirs = (0..shards)
+                .map(|index| (index, data.shard_dir(index)))
+                .collect();
+            match audit_in_background(
+                Arc::clone(&control),
+                shard_dirs,
+                zeroize::Zeroizing::new(*data.master_key()),
+                config.engine_config(),
+                Duration::from_secs(config.server.audit_interval_s),
+                config.server.audit_signatures,
+            ) {
+                Ok(handle) => auditor = Some(handle),
+                Err(err) => failure = Some(err),
             }
         }
         // Every shard has recovered and serves: only now does the port accept connections
@@ -508,19 +526,6 @@ impl Server {
         control.gate.open(failure.is_none());
         let mut recovery: Vec<(u16, RecoveryReport)> = report_rx.try_iter().collect();
         recovery.sort_by_key(|(shard, _)| *shard);
-        let auditor = (failure.is_none() && config.server.audit_interval_s > 0).then(|| {
-            let shard_dirs = (0..shards)
-                .map(|index| (index, data.shard_dir(index)))
-                .collect();
-            audit_in_background(
-                Arc::clone(&control),
-                shard_dirs,
-                zeroize::Zeroizing::new(*data.master_key()),
-                config.engine_config(),
-                Duration::from_secs(config.server.audit_interval_s),
-                config.server.audit_signatures,
-            )
-        });
         let server = Self {
             local_addr,
             shards,
@@ -528,7 +533,7 @@ impl Server {
             metrics,
             recovery: recovery.into_iter().map(|(_, report)| report).collect(),
             executors,
-            auditor: auditor.transpose()?,
+            auditor,
         };
         if let Some(err) = failure {
             // The shards that did start must not wait for the one that did not.

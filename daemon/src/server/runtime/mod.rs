@@ -228,10 +228,10 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     let store = match open_store() {
         Ok(store) => store,
         Err(err) => {
-            let message = err.to_string();
             control.done_draining();
-            let _ = ready.send(ShardReady::Failed(index, message));
-            return Err(err);
+            // The start reports the error (this executor's own result is not read then).
+            let _ = ready.send(ShardReady::Failed(index, Box::new(err)));
+            return Ok(());
         }
     };
     control.set_durable(index, store.durable_sequence());
