@@ -173,6 +173,9 @@ enum TransportFailure {
     UnexpectedAnswer(u8),
     /// An answer to a request id that is not in flight.
     UnknownRequest,
+    /// An error about the connection (request id 0), named by its code; the appliance
+    /// closes the connection after it.
+    Connection(indicia_proto::ErrorCode),
 }
 
 impl TransportFailure {
@@ -185,6 +188,7 @@ impl TransportFailure {
             Self::BadAnswer => "bad-answer".into(),
             Self::UnexpectedAnswer(opcode) => format!("unexpected-answer-{opcode:#04x}"),
             Self::UnknownRequest => "unknown-request-id".into(),
+            Self::Connection(code) => format!("connection-error ({})", code.name()),
         }
     }
 }
@@ -264,6 +268,11 @@ fn receive(
             let response = Response::decode(frame.header.opcode, frame.body)
                 .map_err(|_| TransportFailure::BadAnswer)?;
             begin += frame.len();
+            if request_id == 0 {
+                if let Response::Error(body) = &response {
+                    return Err(TransportFailure::Connection(body.code));
+                }
+            }
             let due = in_flight.lock().remove(&request_id);
             in_flight.room.notify_one();
             let Some(due) = due else {
@@ -356,7 +365,7 @@ fn send(
     let deadline = start + config.duration;
     let mut rng = Rng::new(config.seed.wrapping_add(index as u64 + 1));
     // Ids from the system's random generator, not the seed: the appliance remembers
-    // (client, request id) pairs, and a second run reusing the first run's ids would be
+    // (client, vPSD, request id), and a second run reusing the first run's ids would be
     // answered from that memory (retries are not what is measured here).
     // Never 0 (the appliance's id for errors about the connection), also after wrapping.
     let mut ids = RequestIds::random()
