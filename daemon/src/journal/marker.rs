@@ -10,9 +10,10 @@
 //!   has that chain value.
 //!
 //! Each is written to a temporary file, synced, renamed into place, and the directory is
-//! synced, so a crash leaves the old marker or the new one, never half of one.
+//! synced (`indicia_files::write_durable`), so a crash leaves the old marker or the new
+//! one, never half of one.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
 use super::format::CHAIN_BYTES;
@@ -98,15 +99,13 @@ fn read_one(
     }))
 }
 
-/// Writes `text` to `dir/name` atomically and durably.
-fn write(dir: &Path, name: &str, text: &str) -> io::Result<()> {
-    let temporary = dir.join(format!("{name}.tmp"));
-    let mut file = std::fs::File::create(&temporary)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temporary, dir.join(name))?;
-    sync_dir(dir)
+/// Writes `text` to `dir/name` atomically and durably (temporary file, sync, rename,
+/// directory sync: indicia-files' durable write).
+fn write(dir: &Path, name: &str, text: &str) -> Result<(), JournalError> {
+    Ok(indicia_files::write_durable(
+        &dir.join(name),
+        text.as_bytes(),
+    )?)
 }
 
 /// The journal is open, durable up to `durable`: the `OPEN` marker says so, and a `CLOSED`

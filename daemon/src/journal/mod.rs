@@ -87,6 +87,8 @@ pub enum JournalError {
     },
     #[error("record kind {0} cannot be appended (unknown, or a checkpoint outside a rotation)")]
     Kind(u8),
+    #[error(transparent)]
+    File(#[from] indicia_files::FileError),
     #[error("journal marker {path}: {what}")]
     Marker { path: PathBuf, what: String },
     #[error("journal of shard {found} found where shard {expected} was expected")]
