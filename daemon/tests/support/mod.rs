@@ -2,6 +2,8 @@
 //! loopback on a port the kernel picks, and the real client.
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stderr)] // each test binary uses part of this
 
+pub mod etcd;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
