@@ -500,6 +500,23 @@ impl Client {
             other => Err(unexpected("stats", &other)),
         }
     }
+
+    /// The cluster's appliances (admin, cluster mode); with `take_over_from`, after this
+    /// appliance took over every vPSD of that one. Returns how many it took over, and the
+    /// appliances.
+    pub fn cluster(
+        &mut self,
+        take_over_from: Option<&str>,
+    ) -> Result<(u32, Vec<indicia_proto::ApplianceEntry>)> {
+        let request = match take_over_from {
+            Some(from) => Request::ClusterTakeover { from: from.into() },
+            None => Request::ClusterStatus,
+        };
+        match self.call_ok(&request)? {
+            Response::Cluster { taken, appliances } => Ok((taken, appliances)),
+            other => Err(unexpected("cluster", &other)),
+        }
+    }
 }
 
 fn unexpected(what: &str, response: &Response) -> ClientError {

@@ -45,6 +45,85 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Clients besides the admin credential created at first start.
     pub clients: Vec<ClientConfig>,
+    /// Cluster mode (milestone 2): the vPSDs' state replicated and fenced on etcd. Without
+    /// it the appliance runs alone (docs/CLUSTER.md).
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// The `[cluster]` section: which etcd cluster to replicate to, and who this appliance is.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// The etcd members' client URLs.
+    pub etcd: Vec<String>,
+    /// This appliance's id, unique in the cluster.
+    pub appliance: String,
+    /// Where other appliances and clients reach it (host:port).
+    pub advertise: String,
+    /// The lease's time to live: an appliance silent this long is taken over.
+    #[serde(default = "ClusterConfig::default_lease_ttl_s")]
+    pub lease_ttl_s: u64,
+    /// The prefix of every key the cluster keeps in etcd.
+    #[serde(default = "ClusterConfig::default_prefix")]
+    pub prefix: String,
+}
+
+impl ClusterConfig {
+    fn default_lease_ttl_s() -> u64 {
+        5
+    }
+
+    fn default_prefix() -> String {
+        "/indicia".into()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.etcd.is_empty() || self.etcd.iter().any(|url| !url.starts_with("http")) {
+            return Err(
+                "cluster.etcd must list the etcd members' client URLs (http://host:port)".into(),
+            );
+        }
+        let id_ok = |id: &str| {
+            !id.is_empty()
+                && id.len() <= crate::store::codec::APPLIANCE_BYTES_MAX
+                && id
+                    .bytes()
+                    .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+        };
+        if !id_ok(&self.appliance) {
+            return Err(format!(
+                "cluster.appliance = {:?}: 1 to {} letters, digits, '.', '_' or '-'",
+                self.appliance,
+                crate::store::codec::APPLIANCE_BYTES_MAX
+            ));
+        }
+        if self.advertise.parse::<SocketAddr>().is_err() {
+            return Err(format!(
+                "cluster.advertise = {:?} is not an address (host:port)",
+                self.advertise
+            ));
+        }
+        if !(2..=60).contains(&self.lease_ttl_s) {
+            return Err(format!(
+                "cluster.lease_ttl_s = {} is outside 2..=60",
+                self.lease_ttl_s
+            ));
+        }
+        if !self.prefix.starts_with('/') || self.prefix.len() > 128 {
+            return Err(format!(
+                "cluster.prefix = {:?} must start with '/' (at most 128 bytes)",
+                self.prefix
+            ));
+        }
+        if !cfg!(feature = "cluster") {
+            return Err(
+                "this indiciad was built without cluster support: build it with \
+                        `--features indiciad/cluster` (needs protoc; docs/CLUSTER.md)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The `[tls]` section. With `certificate`, `private_key` and `client_ca` set, every
@@ -179,6 +258,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             tls: TlsConfig::default(),
             clients: Vec::new(),
+            cluster: None,
         }
     }
 }
@@ -204,6 +284,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if let Some(cluster) = &self.cluster {
+            cluster.validate().map_err(ConfigError::Invalid)?;
+        }
         if self.shards > SHARDS_MAX {
             return invalid(format!(
                 "shards = {} is above the maximum of {SHARDS_MAX}",

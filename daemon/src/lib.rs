@@ -5,15 +5,14 @@
 //!   only, it imports nothing of the layers above.
 //! - [`store`]: the engine and the journal together: the record codec, commit, recovery,
 //!   the audit and the ledger.
-//! - `cluster` (feature `cluster`; milestone 2, in progress): the vPSDs' state replicated
-//!   and fenced on etcd.
+//! - [`cluster`] (milestone 2): the vPSDs' state replicated and fenced on etcd; bytes only,
+//!   like the journal. Its connection to etcd is behind the feature `cluster`.
 //! - [`config`]: the TOML configuration and its embedded default.
 //! - [`datadir`]: master key, credentials and provider key in the data directory.
 //! - [`server`]: the thread-per-core server: connections, routing, coalescing, stats.
 //! - [`service`]: the `indiciad` program around it: flags, signals, systemd.
 #![deny(unsafe_code)]
 
-#[cfg(feature = "cluster")]
 pub mod cluster;
 pub mod config;
 pub mod datadir;

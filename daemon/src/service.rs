@@ -107,6 +107,89 @@ pub enum ServiceError {
     SignalThread(std::io::Error),
     #[error("built for FIPS, but aws-lc is not in FIPS mode: {0}")]
     NotFips(&'static str),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
+    #[error("cluster: {0}")]
+    Member(String),
+}
+
+/// The file that records which cluster member a data directory belongs to; written at its
+/// first start in cluster mode (whose vPSDs are then written to etcd, not released).
+pub const CLUSTER_MEMBER_FILE: &str = "cluster-member";
+
+/// The check value of the cluster master key that etcd keeps: every appliance of a cluster
+/// must bring the same master key (sealed vPSD keys move between them).
+pub fn master_check(master_key: &[u8; 32]) -> String {
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, master_key);
+    hex::encode(aws_lc_rs::hmac::sign(&key, b"indicia cluster master key check v1").as_ref())
+}
+
+/// The membership a data directory records, and whether this is its first start in
+/// cluster mode.
+#[cfg(feature = "cluster")]
+fn cluster_member(
+    data: &crate::datadir::DataDir,
+    cluster: &crate::config::ClusterConfig,
+) -> Result<bool, ServiceError> {
+    let path = data.path.join(CLUSTER_MEMBER_FILE);
+    let expected = format!(
+        "appliance = {:?}\nprefix = {:?}\n",
+        cluster.appliance, cluster.prefix
+    );
+    match std::fs::read_to_string(&path) {
+        Ok(text) if text == expected => Ok(false),
+        Ok(text) => Err(ServiceError::Member(format!(
+            "{} says this data directory belongs to another member ({}), not appliance {:?} \
+             under {:?}: an appliance keeps its id for the life of its data directory",
+            path.display(),
+            text.trim().replace('\n', ", "),
+            cluster.appliance,
+            cluster.prefix
+        ))),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(source) => Err(ServiceError::Write { path, source }),
+    }
+}
+
+/// Connects to etcd and joins the cluster (cluster mode).
+#[cfg(feature = "cluster")]
+fn join_cluster(
+    data: &crate::datadir::DataDir,
+    cluster: &crate::config::ClusterConfig,
+) -> Result<(Arc<crate::cluster::etcd::Etcd>, bool), ServiceError> {
+    let first = cluster_member(data, cluster)?;
+    let etcd = crate::cluster::etcd::Etcd::connect(crate::cluster::etcd::EtcdConfig {
+        endpoints: cluster.etcd.clone(),
+        appliance: cluster.appliance.clone(),
+        advertise: cluster.advertise.clone(),
+        lease_ttl: Duration::from_secs(cluster.lease_ttl_s),
+        prefix: cluster.prefix.clone(),
+        master_check: master_check(data.master_key()),
+    })?;
+    tracing::info!(
+        "cluster: appliance {} joined etcd at {} (lease {} s, prefix {})",
+        cluster.appliance,
+        cluster.etcd.join(","),
+        cluster.lease_ttl_s,
+        cluster.prefix
+    );
+    Ok((Arc::new(etcd), first))
+}
+
+/// Records the data directory's membership after its first start in cluster mode.
+fn record_membership(
+    data: &crate::datadir::DataDir,
+    cluster: &crate::config::ClusterConfig,
+) -> Result<(), ServiceError> {
+    let path = data.path.join(CLUSTER_MEMBER_FILE);
+    let text = format!(
+        "appliance = {:?}\nprefix = {:?}\n",
+        cluster.appliance, cluster.prefix
+    );
+    indicia_files::write_durable(&path, text.as_bytes()).map_err(|err| ServiceError::Write {
+        path: path.clone(),
+        source: std::io::Error::other(err.to_string()),
+    })
 }
 
 /// Exit status of `audit` when it found something.
@@ -297,7 +380,29 @@ fn run(args: &Args) -> Result<(), ServiceError> {
             .display()
     );
     let started = Instant::now();
-    let server = Server::start(&config, &data)?;
+    #[cfg(feature = "cluster")]
+    let joined = match &config.cluster {
+        Some(cluster) => Some(join_cluster(&data, cluster)?),
+        None => None,
+    };
+    #[cfg(not(feature = "cluster"))]
+    let joined: Option<(Arc<dyn crate::cluster::Replicator>, bool)> = None;
+    let server = Server::start_in(
+        &config,
+        &data,
+        joined.as_ref().map(|(etcd, import)| server::ClusterStart {
+            replicator: Arc::clone(etcd) as Arc<dyn crate::cluster::Replicator>,
+            import: *import,
+        }),
+    )?;
+    if let (Some(cluster), Some((_, true))) = (&config.cluster, &joined) {
+        record_membership(&data, cluster)?;
+    }
+    #[cfg(feature = "cluster")]
+    if let Some((etcd, _)) = &joined {
+        let control = Arc::clone(server.control());
+        etcd.start_takeover(Box::new(move |adoptions| control.adopt(adoptions)))?;
+    }
     for (shard, report) in server.recovery().iter().enumerate() {
         if report.records_replayed > 0 || !report.is_clean() {
             tracing::info!(
@@ -322,6 +427,46 @@ fn run(args: &Args) -> Result<(), ServiceError> {
         }
         if let Some(note) = &report.window_note {
             tracing::warn!(shard, "{note}");
+        }
+        if let Some(cluster) = &report.cluster {
+            tracing::info!(
+                shard,
+                "cluster: {} vPSDs agree with etcd, {} imported",
+                cluster.agreed,
+                cluster.imported
+            );
+            for (vpsd, local, theirs) in &cluster.voided {
+                tracing::warn!(
+                    shard,
+                    vpsd,
+                    "cluster: local records after version {theirs} (up to {local}) never \
+                     reached etcd: void, continuing from etcd's state"
+                );
+            }
+            for (vpsd, local, theirs) in &cluster.behind {
+                tracing::warn!(
+                    shard,
+                    vpsd,
+                    "cluster: etcd is ahead of the local journal (version {theirs} against \
+                     {local}): continuing from etcd's state; the local history misses the \
+                     versions between"
+                );
+            }
+            for (vpsd, owner) in &cluster.released {
+                tracing::warn!(
+                    shard,
+                    vpsd,
+                    "cluster: released ({})",
+                    if owner.is_empty() {
+                        "never replicated"
+                    } else {
+                        owner.as_str()
+                    }
+                );
+            }
+            for (vpsd, reason) in &cluster.locked {
+                tracing::error!(shard, vpsd, "cluster: locked: {reason}");
+            }
         }
     }
     let transport = if config.tls.enabled() {
@@ -386,6 +531,9 @@ fn run(args: &Args) -> Result<(), ServiceError> {
     notify(&[sd_notify::NotifyState::Stopping]);
     server.shutdown();
     server.join()?;
+    // Last: the lease is revoked once every answered request is durable (the others
+    // take over this appliance's vPSDs at their next sweep).
+    drop(joined);
     tracing::info!("stopped: every answered request is durable");
     Ok(())
 }

@@ -22,6 +22,7 @@ fn appliance(cluster: &EtcdCluster, id: &str, ttl_s: u64) -> Etcd {
         advertise: format!("127.0.0.1:7{}", id.len()),
         lease_ttl: Duration::from_secs(ttl_s),
         prefix: "/indicia-test".into(),
+        master_check: "check".into(),
     })
     .unwrap()
 }
@@ -32,12 +33,13 @@ fn write(vpsd_id: u64, epoch: i64, last: i64, state: &str) -> StateWrite {
         epoch,
         last,
         state: state.as_bytes().to_vec(),
+        keys: None,
     }
 }
 
 fn owned(claim: Claim) -> (i64, Option<(Vec<u8>, i64)>) {
     match claim {
-        Claim::Owned { epoch, state } => (epoch, state),
+        Claim::Owned { epoch, state, .. } => (epoch, state),
         Claim::Taken { owner } => panic!("taken by {owner}"),
     }
 }
@@ -73,12 +75,14 @@ fn commits_are_fenced_by_the_owners_epoch_and_the_last_revision() {
         epoch1,
         "a claim of one's own vPSD keeps the epoch"
     );
-    let Outcome::Written { revision: r1 } = a1.commit(vec![write(7, epoch1, 0, "v1")]).unwrap()[0]
+    let Outcome::Written { revision: r1, .. } =
+        a1.commit_blocking(vec![write(7, epoch1, 0, "v1")]).unwrap()[0]
     else {
         panic!("the first write of its owner is written")
     };
     assert_eq!(
-        a1.commit(vec![write(7, epoch1, 0, "again")]).unwrap(),
+        a1.commit_blocking(vec![write(7, epoch1, 0, "again")])
+            .unwrap(),
         vec![Outcome::Stale { revision: r1 }],
         "a write that does not follow the last revision"
     );
@@ -92,18 +96,20 @@ fn commits_are_fenced_by_the_owners_epoch_and_the_last_revision() {
     assert_eq!(state, Some((b"v1".to_vec(), r1)));
     // The old owner is fenced off, whatever it believes.
     assert_eq!(
-        a1.commit(vec![write(7, epoch1, r1, "v2 by a1")]).unwrap(),
+        a1.commit_blocking(vec![write(7, epoch1, r1, "v2 by a1")])
+            .unwrap(),
         vec![Outcome::Fenced {
             owner: Some("a2".into())
         }]
     );
     assert!(matches!(
-        a2.commit(vec![write(7, epoch2, r1, "v2 by a2")]).unwrap()[..],
+        a2.commit_blocking(vec![write(7, epoch2, r1, "v2 by a2")])
+            .unwrap()[..],
         [Outcome::Written { .. }]
     ));
 }
 
-/// A round of 100 writes takes two transactions (64 each at most); when one vPSD of a
+/// A round of 100 writes takes four transactions (32 each at most); when one vPSD of a
 /// batch was taken over, only its write is refused and the others are sent again.
 #[test]
 fn a_round_spans_transactions_and_a_fenced_write_fails_alone() {
@@ -116,11 +122,11 @@ fn a_round_spans_transactions_and_a_fenced_write_fails_alone() {
     let round: Vec<StateWrite> = (0..100u64)
         .map(|vpsd| write(vpsd, epochs[vpsd as usize], 0, "first"))
         .collect();
-    let outcomes = a1.commit(round).unwrap();
+    let outcomes = a1.commit_blocking(round).unwrap();
     let revisions: Vec<i64> = outcomes
         .iter()
         .map(|outcome| match outcome {
-            Outcome::Written { revision } => *revision,
+            Outcome::Written { revision, .. } => *revision,
             other => panic!("{other:?}"),
         })
         .collect();
@@ -135,7 +141,7 @@ fn a_round_spans_transactions_and_a_fenced_write_fails_alone() {
             )
         })
         .collect();
-    let outcomes = a1.commit(round).unwrap();
+    let outcomes = a1.commit_blocking(round).unwrap();
     for (vpsd, outcome) in outcomes.iter().enumerate() {
         if vpsd == 42 {
             assert_eq!(
@@ -171,7 +177,7 @@ fn without_keep_alive_commits_stop_before_the_lease_can_expire() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    match a1.commit(vec![write(9, epoch, 0, "during")]) {
+    match a1.commit_blocking(vec![write(9, epoch, 0, "during")]) {
         Err(ClusterError::LeaseLost { .. }) => {}
         other => panic!("{other:?}"),
     }
@@ -185,7 +191,68 @@ fn without_keep_alive_commits_stop_before_the_lease_can_expire() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(matches!(
-        a1.commit(vec![write(9, epoch, 0, "after")]).unwrap()[..],
+        a1.commit_blocking(vec![write(9, epoch, 0, "after")])
+            .unwrap()[..],
         [Outcome::Written { .. }]
     ));
+}
+
+/// A vPSD's first write creates its owner key (the epoch is the revision that did); a
+/// second appliance creating the same vPSD is fenced; the owners' index follows takeovers;
+/// and an appliance brings the cluster's master key or is refused.
+#[test]
+fn first_writes_create_owners_and_the_index_follows_takeovers() {
+    let cluster = EtcdCluster::start(3);
+    let a1 = appliance(&cluster, "a1", 5);
+    let a2 = appliance(&cluster, "a2", 5);
+    let outcomes = a1.commit_blocking(vec![write(5, 0, 0, "created")]).unwrap();
+    let Outcome::Written { revision, epoch } = outcomes[0] else {
+        panic!("{outcomes:?}")
+    };
+    assert_eq!(epoch, revision, "the owner key was created with the state");
+    assert_eq!(
+        a2.commit_blocking(vec![write(5, 0, 0, "mine too")])
+            .unwrap(),
+        vec![Outcome::Fenced {
+            owner: Some("a1".into())
+        }]
+    );
+    assert_eq!(a1.owned_by("a1").unwrap(), vec![5]);
+    owned(a2.claim(5, Some("a1")).unwrap());
+    assert_eq!(a1.owned_by("a1").unwrap(), Vec::<u64>::new());
+    assert_eq!(a1.owned_by("a2").unwrap(), vec![5]);
+    let stored = a2.load(vec![5, 6]).unwrap();
+    assert_eq!(
+        stored[0].owner.as_ref().map(|(owner, _)| owner.as_str()),
+        Some("a2")
+    );
+    assert_eq!(
+        stored[0].state.as_ref().map(|(value, _)| value.as_slice()),
+        Some(&b"created"[..])
+    );
+    assert_eq!(stored[1], Default::default());
+    let stranger = Etcd::connect(EtcdConfig {
+        endpoints: cluster.endpoints(),
+        appliance: "a3".into(),
+        advertise: "127.0.0.1:7003".into(),
+        lease_ttl: Duration::from_secs(5),
+        prefix: "/indicia-test".into(),
+        master_check: "another key".into(),
+    });
+    assert!(
+        matches!(stranger, Err(ClusterError::MasterKeyMismatch { .. })),
+        "{stranger:?}"
+    );
+    let twin = Etcd::connect(EtcdConfig {
+        endpoints: cluster.endpoints(),
+        appliance: "a1".into(),
+        advertise: "127.0.0.1:7004".into(),
+        lease_ttl: Duration::from_secs(5),
+        prefix: "/indicia-test".into(),
+        master_check: "check".into(),
+    });
+    assert!(
+        matches!(twin, Err(ClusterError::DuplicateAppliance(_))),
+        "{twin:?}"
+    );
 }

@@ -61,6 +61,8 @@ fn every_record_kind_is_documented_once() {
         (kind::ROTATE_KEY, "rotate-key"),
         (kind::SESSION, "session"),
         (kind::CHECKPOINT, "checkpoint"),
+        (kind::RESET, "reset"),
+        (kind::RELEASE, "release"),
     ]
     .into_iter()
     .map(|(number, name)| (number, name.to_owned()))
@@ -506,6 +508,7 @@ fn full_metrics(shards: usize) -> std::sync::Arc<Metrics> {
     };
     shard.publish(&mut stats, 0, 0);
     shard.record_commit(500);
+    shard.record_replica(700);
     let now = std::time::Instant::now();
     let requests: Vec<Received> = RequestKind::ALL
         .iter()

@@ -24,6 +24,8 @@ pub enum ErrorCode {
     VpsdWithdrawn,
     UnknownKey,
     IntegrityFault,
+    /// Another appliance of the cluster owns the vPSD now; nothing was applied here.
+    VpsdMoved,
     InsufficientFunds,
     PostageOutOfRange,
     MailingDateOutOfWindow,
@@ -37,6 +39,8 @@ pub enum ErrorCode {
     Busy,
     ShuttingDown,
     Internal,
+    /// The appliance cannot commit to the cluster now; nothing was applied.
+    ClusterUnavailable,
     /// A code from a newer peer.
     Unknown(u16),
 }
@@ -66,6 +70,7 @@ const TABLE: &[(ErrorCode, u16, &str)] = &[
     (ErrorCode::VpsdWithdrawn, 0x0304, "vpsd-withdrawn"),
     (ErrorCode::UnknownKey, 0x0305, "unknown-key"),
     (ErrorCode::IntegrityFault, 0x0306, "integrity-fault"),
+    (ErrorCode::VpsdMoved, 0x0307, "vpsd-moved"),
     (ErrorCode::InsufficientFunds, 0x0401, "insufficient-funds"),
     (ErrorCode::PostageOutOfRange, 0x0402, "postage-out-of-range"),
     (
@@ -99,6 +104,7 @@ const TABLE: &[(ErrorCode, u16, &str)] = &[
     (ErrorCode::Busy, 0x0601, "busy"),
     (ErrorCode::ShuttingDown, 0x0602, "shutting-down"),
     (ErrorCode::Internal, 0x0603, "internal"),
+    (ErrorCode::ClusterUnavailable, 0x0604, "cluster-unavailable"),
 ];
 
 impl ErrorCode {

@@ -31,6 +31,12 @@ pub const SPKI_BYTES_MAX: usize = 128;
 /// Most entries in a stats response, and the longest entry name.
 pub const STATS_ENTRIES_MAX: usize = 1024;
 pub const STAT_NAME_BYTES_MAX: usize = 64;
+/// Longest appliance id of a cluster.
+pub const APPLIANCE_ID_BYTES_MAX: usize = 64;
+/// Longest appliance address in a cluster report.
+pub const APPLIANCE_ADDRESS_BYTES_MAX: usize = 128;
+/// Most appliances one cluster report lists.
+pub const CLUSTER_APPLIANCES_MAX: usize = 1024;
 /// Domain-separation labels of the handshake proofs (see docs/PROTOCOL.md, "Handshake").
 pub const CLIENT_PROOF_LABEL: &[u8] = b"indicia client proof v1";
 pub const SERVER_PROOF_LABEL: &[u8] = b"indicia server proof v1";
@@ -53,6 +59,8 @@ pub mod opcode {
     pub const WITHDRAW: u8 = 0x25;
     pub const ROTATE_KEY: u8 = 0x26;
     pub const STATS: u8 = 0x30;
+    pub const CLUSTER_STATUS: u8 = 0x31;
+    pub const CLUSTER_TAKEOVER: u8 = 0x32;
 
     pub const CHALLENGE: u8 = 0x81;
     pub const WELCOME: u8 = 0x82;
@@ -63,6 +71,7 @@ pub mod opcode {
     pub const VERIFIED: u8 = 0x94;
     pub const WITHDRAWN: u8 = 0xA5;
     pub const STATS_REPORT: u8 = 0xB0;
+    pub const CLUSTER_REPORT: u8 = 0xB1;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -265,6 +274,12 @@ pub enum Request {
         vpsd_id: u64,
     },
     Stats,
+    /// The cluster's appliances (cluster mode; admin).
+    ClusterStatus,
+    /// Takes over every vPSD the named appliance owns, now (cluster mode; admin).
+    ClusterTakeover {
+        from: String,
+    },
 }
 
 /// A single item's outcome within a batch.
@@ -366,6 +381,19 @@ impl Verdict {
     }
 }
 
+/// One appliance of a cluster, as a cluster report lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct ApplianceEntry {
+    pub id: String,
+    /// Where it is reached (empty when it never said).
+    pub address: String,
+    /// Whether its lease is alive.
+    pub alive: bool,
+    /// How many vPSDs it owns.
+    pub vpsds: u32,
+}
+
 /// One named counter or gauge of the appliance's statistics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
@@ -418,6 +446,13 @@ pub enum Response {
     #[cfg_attr(feature = "serde", serde(rename = "stats-report"))]
     Stats {
         entries: Vec<StatEntry>,
+    },
+    /// Answer to cluster-status and cluster-takeover: how many vPSDs a takeover took (0
+    /// for a status), and every appliance that ever joined, by id.
+    #[cfg_attr(feature = "serde", serde(rename = "cluster-report"))]
+    Cluster {
+        taken: u32,
+        appliances: Vec<ApplianceEntry>,
     },
     Error(ErrorBody),
 }
@@ -584,6 +619,8 @@ impl Request {
             Self::Withdraw { .. } => opcode::WITHDRAW,
             Self::RotateKey { .. } => opcode::ROTATE_KEY,
             Self::Stats => opcode::STATS,
+            Self::ClusterStatus => opcode::CLUSTER_STATUS,
+            Self::ClusterTakeover { .. } => opcode::CLUSTER_TAKEOVER,
         }
     }
 
@@ -601,9 +638,12 @@ impl Request {
             | Self::Unlock { vpsd_id }
             | Self::Withdraw { vpsd_id }
             | Self::RotateKey { vpsd_id } => Some(*vpsd_id),
-            Self::Hello { .. } | Self::Authenticate { .. } | Self::Verify { .. } | Self::Stats => {
-                None
-            }
+            Self::Hello { .. }
+            | Self::Authenticate { .. }
+            | Self::Verify { .. }
+            | Self::Stats
+            | Self::ClusterStatus
+            | Self::ClusterTakeover { .. } => None,
         }
     }
 
@@ -674,7 +714,10 @@ impl Request {
                 w.u64(*vpsd_id)?;
                 w.string16("lock.reason", reason, REASON_BYTES_MAX)
             }
-            Self::Stats => Ok(()),
+            Self::Stats | Self::ClusterStatus => Ok(()),
+            Self::ClusterTakeover { from } => {
+                write_name16(w, "cluster_takeover.from", from, APPLIANCE_ID_BYTES_MAX)
+            }
         }
     }
 
@@ -745,6 +788,10 @@ impl Request {
             opcode::WITHDRAW => Self::Withdraw { vpsd_id: r.u64()? },
             opcode::ROTATE_KEY => Self::RotateKey { vpsd_id: r.u64()? },
             opcode::STATS => Self::Stats,
+            opcode::CLUSTER_STATUS => Self::ClusterStatus,
+            opcode::CLUSTER_TAKEOVER => Self::ClusterTakeover {
+                from: name16(&mut r, "cluster_takeover.from", APPLIANCE_ID_BYTES_MAX)?,
+            },
             other if other >= 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),
             other => return Err(DecodeError::UnknownOpcode { opcode: other }),
         };
@@ -870,6 +917,7 @@ impl Response {
             Self::Verified { .. } => opcode::VERIFIED,
             Self::Withdrawn { .. } => opcode::WITHDRAWN,
             Self::Stats { .. } => opcode::STATS_REPORT,
+            Self::Cluster { .. } => opcode::CLUSTER_REPORT,
             Self::Error(_) => opcode::ERROR,
         }
     }
@@ -956,6 +1004,27 @@ impl Response {
                 }
                 Ok(())
             }
+            Self::Cluster { taken, appliances } => {
+                w.u32(*taken)?;
+                write_count16(
+                    w,
+                    "cluster.count",
+                    appliances.len(),
+                    CLUSTER_APPLIANCES_MAX,
+                    true,
+                )?;
+                for appliance in appliances {
+                    write_name16(w, "cluster.id", &appliance.id, APPLIANCE_ID_BYTES_MAX)?;
+                    w.string16(
+                        "cluster.address",
+                        &appliance.address,
+                        APPLIANCE_ADDRESS_BYTES_MAX,
+                    )?;
+                    w.u8(u8::from(appliance.alive))?;
+                    w.u32(appliance.vpsds)?;
+                }
+                Ok(())
+            }
             Self::Error(error) => error.encode(w),
         }
     }
@@ -1038,6 +1107,28 @@ impl Response {
                     });
                 }
                 Self::Stats { entries }
+            }
+            opcode::CLUSTER_REPORT => {
+                let taken = r.u32()?;
+                let count = count16(&mut r, "cluster.count", CLUSTER_APPLIANCES_MAX, true)?;
+                let mut appliances = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let id = name16(&mut r, "cluster.id", APPLIANCE_ID_BYTES_MAX)?;
+                    let address = r.string16("cluster.address", APPLIANCE_ADDRESS_BYTES_MAX)?;
+                    let offset = r.position();
+                    let alive = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        other => return Err(bad_value("cluster.alive", offset, u64::from(other))),
+                    };
+                    appliances.push(ApplianceEntry {
+                        id,
+                        address,
+                        alive,
+                        vpsds: r.u32()?,
+                    });
+                }
+                Self::Cluster { taken, appliances }
             }
             opcode::ERROR => Self::Error(ErrorBody::decode(&mut r)?),
             other if other < 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),

@@ -7,8 +7,9 @@ use indicia_proto::authorization::{AuthorizationKind, ProviderAuthorization};
 use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX, HEADER_BYTES};
 use indicia_proto::message::{BATCH_ITEMS_MAX, NONCE_BYTES};
 use indicia_proto::{
-    fuzz, Algorithm, ErrorBody, ErrorCode, Indicium, IndiciumPayload, ItemResult, LockReason,
-    MailingDate, Request, Response, Role, SignItem, StatEntry, Verdict, VpsdState, VpsdStatus, Zip,
+    fuzz, Algorithm, ApplianceEntry, ErrorBody, ErrorCode, Indicium, IndiciumPayload, ItemResult,
+    LockReason, MailingDate, Request, Response, Role, SignItem, StatEntry, Verdict, VpsdState,
+    VpsdStatus, Zip,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -134,6 +135,10 @@ fn request() -> impl Strategy<Value = Request> {
         any::<u64>().prop_map(|vpsd_id| Request::Withdraw { vpsd_id }),
         any::<u64>().prop_map(|vpsd_id| Request::RotateKey { vpsd_id }),
         Just(Request::Stats),
+        Just(Request::ClusterStatus),
+        proptest::string::string_regex("[a-z0-9._-]{1,64}")
+            .unwrap()
+            .prop_map(|from| Request::ClusterTakeover { from }),
     ]
 }
 
@@ -253,6 +258,25 @@ fn response() -> impl Strategy<Value = Response> {
             0..64
         )
         .prop_map(|entries| Response::Stats { entries }),
+        (
+            any::<u32>(),
+            vec(
+                (
+                    proptest::string::string_regex("[a-z0-9._-]{1,64}").unwrap(),
+                    proptest::string::string_regex("[0-9.:]{0,40}").unwrap(),
+                    any::<bool>(),
+                    any::<u32>()
+                )
+                    .prop_map(|(id, address, alive, vpsds)| ApplianceEntry {
+                        id,
+                        address,
+                        alive,
+                        vpsds
+                    }),
+                0..8
+            )
+        )
+            .prop_map(|(taken, appliances)| Response::Cluster { taken, appliances }),
         error_body().prop_map(Response::Error),
     ]
 }

@@ -15,9 +15,9 @@ use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, Unparsed
 use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX};
 use indicia_proto::message::opcode;
 use indicia_proto::{
-    Algorithm, AuthorizationKind, ErrorBody, ErrorCode, Indicium, IndiciumPayload, ItemResult,
-    LockReason, ProviderAuthorization, Request, Response, Role, SignItem, StatEntry, Verdict,
-    VpsdState, VpsdStatus,
+    Algorithm, ApplianceEntry, AuthorizationKind, ErrorBody, ErrorCode, Indicium, IndiciumPayload,
+    ItemResult, LockReason, ProviderAuthorization, Request, Response, Role, SignItem, StatEntry,
+    Verdict, VpsdState, VpsdStatus,
 };
 use serde::{Deserialize, Serialize};
 
@@ -216,6 +216,11 @@ fn request_samples() -> Vec<(&'static str, Request)> {
         ("withdraw", Request::Withdraw { vpsd_id: 1001 }),
         ("rotate key", Request::RotateKey { vpsd_id: 1001 }),
         ("stats", Request::Stats),
+        ("cluster status", Request::ClusterStatus),
+        (
+            "cluster takeover",
+            Request::ClusterTakeover { from: "a2".into() },
+        ),
     ]
 }
 
@@ -320,6 +325,26 @@ fn response_samples() -> Vec<(&'static str, Response)> {
                     StatEntry {
                         name: "indicia".into(),
                         value: 10,
+                    },
+                ],
+            },
+        ),
+        (
+            "cluster report",
+            Response::Cluster {
+                taken: 3,
+                appliances: vec![
+                    ApplianceEntry {
+                        id: "a1".into(),
+                        address: "10.0.0.1:7450".into(),
+                        alive: true,
+                        vpsds: 7,
+                    },
+                    ApplianceEntry {
+                        id: "a2".into(),
+                        address: "10.0.0.2:7450".into(),
+                        alive: false,
+                        vpsds: 0,
                     },
                 ],
             },
@@ -452,6 +477,8 @@ fn request_vectors_match_the_codec() {
         opcode::WITHDRAW,
         opcode::ROTATE_KEY,
         opcode::STATS,
+        opcode::CLUSTER_STATUS,
+        opcode::CLUSTER_TAKEOVER,
     ]
     .into();
     assert_eq!(opcodes, all, "every request opcode has a vector");
@@ -504,6 +531,7 @@ fn response_vectors_match_the_codec() {
         opcode::VERIFIED,
         opcode::WITHDRAWN,
         opcode::STATS_REPORT,
+        opcode::CLUSTER_REPORT,
         opcode::ERROR,
     ]
     .into();

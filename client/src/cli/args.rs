@@ -119,6 +119,25 @@ pub enum Command {
     },
     /// The appliance's counters and histograms (admin).
     Stats,
+    /// The cluster the appliance belongs to (admin, cluster mode).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Every appliance that joined: id, address, whether it is alive, how many vPSDs it
+    /// owns.
+    Status,
+    /// Make the appliance take over every vPSD of another one now (for an appliance to be
+    /// retired; a dead one is taken over by itself once its lease expires).
+    Takeover {
+        /// The appliance whose vPSDs move.
+        #[arg(long, value_name = "ID")]
+        from: String,
+    },
 }
 
 /// `indiciactl provision`'s flags.

@@ -11,8 +11,8 @@ use indicia_proto::{
 use serde_json::json;
 
 use super::args::{
-    AuthorizationSource, Command, KeySource, PkiCommand, ProviderCommand, ProvisionArgs,
-    PubkeyArgs, SignArgs, Verification,
+    AuthorizationSource, ClusterCommand, Command, KeySource, PkiCommand, ProviderCommand,
+    ProvisionArgs, PubkeyArgs, SignArgs, Verification,
 };
 use super::output::{self, Output, Verdict};
 use super::CliError;
@@ -98,6 +98,15 @@ pub(super) fn run(
         Command::Stats => {
             let entries = appliance.client()?.stats()?;
             let text = output::stats(&entries, output.json);
+            output.print(&text)
+        }
+        Command::Cluster { command } => {
+            let from = match &command {
+                ClusterCommand::Status => None,
+                ClusterCommand::Takeover { from } => Some(from.as_str()),
+            };
+            let (taken, appliances) = appliance.client()?.cluster(from)?;
+            let text = output::cluster(from.map(|_| taken), &appliances, output.json);
             output.print(&text)
         }
         Command::Verify(args) => verify(args.verification()?, appliance, output),

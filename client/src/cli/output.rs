@@ -209,6 +209,51 @@ pub fn stats(entries: &[StatEntry], json: bool) -> String {
     }
 }
 
+/// The cluster's appliances, and how many vPSDs a takeover took (None: a status).
+pub fn cluster(
+    taken: Option<u32>,
+    appliances: &[indicia_proto::ApplianceEntry],
+    json: bool,
+) -> String {
+    if json {
+        let list: Vec<Value> = appliances
+            .iter()
+            .map(|appliance| {
+                json!({
+                    "id": appliance.id,
+                    "address": appliance.address,
+                    "alive": appliance.alive,
+                    "vpsds": appliance.vpsds,
+                })
+            })
+            .collect();
+        let mut value = json!({ "appliances": list });
+        if let Some(taken) = taken {
+            value["taken_over"] = Value::from(taken);
+        }
+        format!("{value}\n")
+    } else {
+        let mut text = String::new();
+        if let Some(taken) = taken {
+            text.push_str(&format!("took over {taken} vPSDs\n"));
+        }
+        text.push_str(&format!(
+            "{:<20} {:<24} {:<6} {}\n",
+            "appliance", "address", "alive", "vpsds"
+        ));
+        for appliance in appliances {
+            text.push_str(&format!(
+                "{:<20} {:<24} {:<6} {}\n",
+                appliance.id,
+                appliance.address,
+                if appliance.alive { "yes" } else { "no" },
+                appliance.vpsds
+            ));
+        }
+        text
+    }
+}
+
 /// What `provider keygen` made.
 pub fn provider_key(output: &mut Output<'_>, path: &Path, public: &str) -> Result<(), CliError> {
     output.either(

@@ -5,6 +5,10 @@
 //! | `<prefix>/appliances/<id>` | the appliance's address | the appliance's |
 //! | `<prefix>/vpsds/<vPSD id>/owner` | the owning appliance's id | none: its `mod_revision` is the vPSD's fencing epoch |
 //! | `<prefix>/vpsds/<vPSD id>/state` | the vPSD's replicated state | none |
+//! | `<prefix>/vpsds/<vPSD id>/keys` | the vPSD's sealed keys | none |
+//! | `<prefix>/members/<id>` | the appliance's address when it joined: it joined once (for the takeover sweep) | none |
+//! | `<prefix>/owners/<id>/<vPSD id>` | empty: an index of who owns what, kept with the owner keys | none |
+//! | `<prefix>/cluster/master-check` | a check value of the cluster master key | none |
 //!
 //! vPSD ids are written in decimal, zero-padded to 20 digits, so that keys sort by id.
 
@@ -41,6 +45,41 @@ impl Keys {
     pub fn state(&self, vpsd_id: u64) -> String {
         format!("{}/vpsds/{vpsd_id:020}/state", self.prefix)
     }
+
+    /// A vPSD's sealed keys.
+    pub fn keys(&self, vpsd_id: u64) -> String {
+        format!("{}/vpsds/{vpsd_id:020}/keys", self.prefix)
+    }
+
+    /// Where an appliance is recorded as having joined (no lease).
+    pub fn member(&self, appliance: &str) -> String {
+        format!("{}/members/{appliance}", self.prefix)
+    }
+
+    /// The prefix of every member key.
+    pub fn members(&self) -> String {
+        format!("{}/members/", self.prefix)
+    }
+
+    /// The index entry saying that `appliance` owns `vpsd_id`.
+    pub fn owned(&self, appliance: &str, vpsd_id: u64) -> String {
+        format!("{}/owners/{appliance}/{vpsd_id:020}", self.prefix)
+    }
+
+    /// The prefix of the index entries of what `appliance` owns.
+    pub fn owned_by(&self, appliance: &str) -> String {
+        format!("{}/owners/{appliance}/", self.prefix)
+    }
+
+    /// The vPSD id an index entry under [`Keys::owned_by`] names.
+    pub fn owned_id(&self, appliance: &str, key: &str) -> Option<u64> {
+        key.strip_prefix(&self.owned_by(appliance))?.parse().ok()
+    }
+
+    /// The check value of the cluster master key.
+    pub fn master_check(&self) -> String {
+        format!("{}/cluster/master-check", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -55,5 +94,11 @@ mod tests {
         assert_eq!(keys.state(7), "/indicia/vpsds/00000000000000000007/state");
         assert!(keys.owner(9) < keys.owner(10));
         assert!(keys.appliance("a1").starts_with(&keys.appliances()));
+        assert_eq!(keys.keys(7), "/indicia/vpsds/00000000000000000007/keys");
+        assert!(keys.member("a1").starts_with(&keys.members()));
+        let entry = keys.owned("a1", 42);
+        assert!(entry.starts_with(&keys.owned_by("a1")));
+        assert_eq!(keys.owned_id("a1", &entry), Some(42));
+        assert_eq!(keys.owned_id("a2", &entry), None);
     }
 }

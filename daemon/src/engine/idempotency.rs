@@ -42,6 +42,9 @@ pub enum RememberedAnswer {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Remembered {
     pub vpsd_id: u64,
+    /// The vPSD version of the record that made the answer (a reset that voids the records
+    /// after some version forgets their answers too).
+    pub version: u64,
     pub fingerprint: Fingerprint,
     pub answer: RememberedAnswer,
 }
@@ -175,6 +178,24 @@ impl IdempotencyWindow {
         self.entered += 1;
     }
 
+    /// Forgets the answers of `vpsd_id`'s records after `version` (they were voided: their
+    /// vPSD was reset to an earlier state). Rare, so a scan of the window is fine.
+    pub fn forget_after(&mut self, vpsd_id: u64, version: u64) {
+        let voided =
+            |key: &Key, remembered: &Remembered| key.1 == vpsd_id && remembered.version > version;
+        let mut dropped_weight = 0;
+        self.current.retain(|key, remembered| {
+            let drop = voided(key, remembered);
+            if drop {
+                dropped_weight += remembered.weight();
+            }
+            !drop
+        });
+        self.current_weight = self.current_weight.saturating_sub(dropped_weight);
+        self.previous
+            .retain(|key, remembered| !voided(key, remembered));
+    }
+
     /// The answers of one record are in: the current generation closes if it holds half
     /// the bound or more (so it may pass half the bound by one record's answers).
     pub fn end_record(&mut self) {
@@ -194,6 +215,7 @@ mod tests {
     fn items(n: usize) -> Remembered {
         Remembered {
             vpsd_id: 1,
+            version: 1,
             fingerprint: [0; 16],
             answer: RememberedAnswer::Items(vec![ItemOutcome::Failed(ErrorCode::Busy); n].into()),
         }
@@ -238,6 +260,29 @@ mod tests {
         assert_eq!(window.generations(), 1);
         assert!(window.current_is_empty());
         assert_eq!(window.len(), 5);
+    }
+
+    #[test]
+    fn a_reset_forgets_the_answers_of_the_records_it_voids() {
+        let mut window = IdempotencyWindow::new(100);
+        for version in 1..=4u64 {
+            let mut answer = items(1);
+            answer.version = version;
+            window.insert(ClientTag(1), version, answer);
+            window.end_record();
+        }
+        let mut other = items(1);
+        other.vpsd_id = 2;
+        other.version = 9;
+        window.insert(ClientTag(1), 9, other);
+        window.forget_after(1, 2);
+        assert!(window.get(ClientTag(1), 1, 2).is_some());
+        assert!(window.get(ClientTag(1), 1, 3).is_none());
+        assert!(window.get(ClientTag(1), 1, 4).is_none());
+        assert!(
+            window.get(ClientTag(1), 2, 9).is_some(),
+            "other vPSDs keep theirs"
+        );
     }
 
     #[test]

@@ -28,7 +28,9 @@ use indicia_proto::{
 pub use error::{ApplyError, EngineError};
 pub use idempotency::{IdempotencyWindow, Remembered, RememberedAnswer, WindowSnapshot};
 pub use keys::{KeyBinding, MasterKey, PublicKey, SealedKey};
-pub use record::{ClientTag, Fingerprint, ItemOutcome, JobRecord, Record, SessionRecord};
+pub use record::{
+    ClientTag, Fingerprint, ItemOutcome, JobRecord, Record, ResetCause, SessionRecord,
+};
 pub use registers::Registers;
 pub use session::{JobAnswer, PreparedSession, SessionMismatch, SignJob};
 pub use vpsd::{KeyEntry, StoredState, Vpsd};
@@ -596,10 +598,35 @@ impl Engine {
                 version: 1,
             });
         }
+        if let Record::Reset { vpsd, .. } = record {
+            // The cluster's state stands whatever the local one was (or whether there was
+            // one); it must be whole.
+            if self.quarantine.contains_key(&vpsd_id) {
+                return Err(ApplyError::AlreadyProvisioned { vpsd_id });
+            }
+            if vpsd.keys.is_empty() || !vpsd.registers.balanced() {
+                return Err(ApplyError::Mismatch {
+                    vpsd_id,
+                    what: "a replicated state without keys or with unbalanced registers",
+                });
+            }
+            return Ok((**vpsd).clone());
+        }
         let vpsd = self
             .vpsds
             .get(&vpsd_id)
             .ok_or(ApplyError::UnknownVpsd { vpsd_id })?;
+        if let Record::Release { version, .. } = record {
+            if *version != vpsd.version {
+                return Err(ApplyError::Version {
+                    vpsd_id,
+                    current: vpsd.version,
+                    found: *version,
+                });
+            }
+            // Installing a release removes the vPSD (see `install`).
+            return Ok(vpsd.clone());
+        }
         if record.version() != vpsd.version + 1 {
             return Err(ApplyError::Version {
                 vpsd_id,
@@ -616,7 +643,9 @@ impl Engine {
         let mut next = vpsd.clone();
         next.version = record.version();
         match record {
-            Record::Provision { .. } => unreachable!("handled above"),
+            Record::Provision { .. } | Record::Reset { .. } | Record::Release { .. } => {
+                unreachable!("handled above")
+            }
             Record::Provider {
                 kind,
                 amount_mills,
@@ -692,7 +721,11 @@ impl Engine {
     /// the answers the record carries in the idempotency window.
     pub fn install(&mut self, record: &Record, next: Vpsd) {
         self.remember(record);
-        self.vpsds.insert(record.vpsd_id(), next);
+        if let Record::Release { vpsd_id, .. } = record {
+            self.vpsds.remove(vpsd_id);
+        } else {
+            self.vpsds.insert(record.vpsd_id(), next);
+        }
     }
 
     /// Enters the answers a record carries (a session's signed requests, an applied
@@ -709,6 +742,7 @@ impl Engine {
                             job.request_id,
                             Remembered {
                                 vpsd_id,
+                                version: session.version,
                                 fingerprint: job.fingerprint,
                                 answer: RememberedAnswer::Items(job.outcomes.clone().into()),
                             },
@@ -726,10 +760,13 @@ impl Engine {
                 *request_id,
                 Remembered {
                     vpsd_id,
+                    version: record.version(),
                     fingerprint: *fingerprint,
                     answer: RememberedAnswer::Provider,
                 },
             ),
+            // The records after the state set here are void, and so are their answers.
+            Record::Reset { vpsd, .. } => self.window.forget_after(vpsd_id, vpsd.version),
             _ => {}
         }
         self.window.end_record();

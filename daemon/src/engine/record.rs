@@ -8,7 +8,7 @@ use indicia_proto::{Algorithm, AuthorizationKind, ErrorCode, Indicium, Zip};
 
 use super::keys::{PublicKey, SealedKey};
 use super::registers::Registers;
-use super::vpsd::StoredState;
+use super::vpsd::{StoredState, Vpsd};
 
 /// Who sent a request: the first 8 bytes of SHA-256 of the client id. With the request id
 /// it keys the idempotency window.
@@ -118,6 +118,49 @@ pub enum Record {
         at_unix: u64,
     },
     Session(SessionRecord),
+    /// The vPSD's state set from the cluster's replicated copy (cluster mode): the state
+    /// etcd holds replaces the local one, whatever its version.
+    Reset {
+        vpsd: Box<Vpsd>,
+        cause: ResetCause,
+        at_unix: u64,
+    },
+    /// The vPSD left this appliance (cluster mode): another one owns it now, or it was
+    /// never replicated. Its local state is dropped.
+    Release {
+        vpsd_id: u64,
+        /// Who owns it now, as far as this appliance knows (empty: nobody).
+        owner: String,
+        /// The local version at release: records up to it stay history; those the
+        /// cluster never had are void.
+        version: u64,
+        /// The version the cluster holds (0: none): local records after it are void.
+        replicated_version: u64,
+        at_unix: u64,
+    },
+}
+
+/// Why a vPSD's state was set from the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ResetCause {
+    /// Taken over from another appliance, whose lease expired (or by hand).
+    Adopted { from: String, epoch: i64 },
+    /// The local records after `replicated_version` never reached the cluster: they were
+    /// never acknowledged, and are void; the state is the cluster's again.
+    Voided { local_version: u64 },
+    /// The cluster is ahead of the local journal (a torn tail, a replaced disk, a restored
+    /// backup): the local history misses the versions after `local_version`.
+    Behind { local_version: u64 },
+}
+
+impl ResetCause {
+    pub fn code(&self) -> u8 {
+        match self {
+            Self::Adopted { .. } => 1,
+            Self::Voided { .. } => 2,
+            Self::Behind { .. } => 3,
+        }
+    }
 }
 
 impl Record {
@@ -127,8 +170,10 @@ impl Record {
             | Self::Provider { vpsd_id, .. }
             | Self::StateChange { vpsd_id, .. }
             | Self::Withdraw { vpsd_id, .. }
-            | Self::RotateKey { vpsd_id, .. } => *vpsd_id,
+            | Self::RotateKey { vpsd_id, .. }
+            | Self::Release { vpsd_id, .. } => *vpsd_id,
             Self::Session(session) => session.vpsd_id,
+            Self::Reset { vpsd, .. } => vpsd.id,
         }
     }
 
@@ -139,8 +184,10 @@ impl Record {
             Self::Provider { version, .. }
             | Self::StateChange { version, .. }
             | Self::Withdraw { version, .. }
-            | Self::RotateKey { version, .. } => *version,
+            | Self::RotateKey { version, .. }
+            | Self::Release { version, .. } => *version,
             Self::Session(session) => session.version,
+            Self::Reset { vpsd, .. } => vpsd.version,
         }
     }
 }

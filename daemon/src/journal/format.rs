@@ -17,8 +17,10 @@ pub const RECORD_ALIGN: usize = 8;
 pub const PAYLOAD_BYTES_MAX: usize = 1 << 30;
 
 /// The record kinds this format version knows (the header's kind byte). The store gives
-/// 1 to 6 their meaning; 7 is a checkpoint, which starts a segment.
-pub const KINDS: std::ops::RangeInclusive<u8> = 1..=CHECKPOINT;
+/// 1 to 6, 8 and 9 their meaning; 7 is a checkpoint, which starts a segment.
+pub const KINDS: std::ops::RangeInclusive<u8> = 1..=KIND_MAX;
+/// The highest kind this format version knows.
+pub const KIND_MAX: u8 = 9;
 /// The kind of a checkpoint record: a whole state, opaque here, from which recovery can
 /// start without reading older segments.
 pub const CHECKPOINT: u8 = 7;

@@ -54,9 +54,29 @@ pub enum Counter {
     /// or stopped reading (a failed or timed-out write), or, after the drain timeout at
     /// shutdown, its shard had stopped.
     AnswersUndelivered,
+    /// Cluster mode: replicated rounds (one or more etcd transactions each).
+    ClusterRounds,
+    /// Cluster mode: vPSD states written to etcd (or tried).
+    ClusterWrites,
+    /// Cluster mode: writes the fence refused (the vPSD had moved): their records and
+    /// answers were voided.
+    ClusterFenced,
+    /// Cluster mode: writes etcd refused as a whole (no lease, no space): voided.
+    ClusterRefused,
+    /// Cluster mode: rounds whose outcome was unknown (sent again).
+    ClusterRetries,
+    /// Cluster mode: vPSDs taken over from other appliances.
+    ClusterAdopted,
+    /// Cluster mode: changes refused because this appliance may not commit (its lease may
+    /// have expired: self-fencing).
+    ClusterUnavailable,
+    /// Cluster mode, gauge: vPSDs this appliance owns.
+    ClusterOwned,
+    /// Cluster mode, gauge: shards that may commit now (0: the appliance is self-fenced).
+    ClusterCommitting,
 }
 
-const COUNTERS: [(Counter, &str); 17] = [
+const COUNTERS: [(Counter, &str); 26] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -74,6 +94,15 @@ const COUNTERS: [(Counter, &str); 17] = [
     (Counter::WriteTimeouts, "connections.write_timeouts"),
     (Counter::TlsFailed, "connections.tls_failed"),
     (Counter::AnswersUndelivered, "answers.undelivered"),
+    (Counter::ClusterRounds, "cluster.rounds"),
+    (Counter::ClusterWrites, "cluster.writes"),
+    (Counter::ClusterFenced, "cluster.fenced"),
+    (Counter::ClusterRefused, "cluster.refused"),
+    (Counter::ClusterRetries, "cluster.retries"),
+    (Counter::ClusterAdopted, "cluster.adopted"),
+    (Counter::ClusterUnavailable, "cluster.unavailable"),
+    (Counter::ClusterOwned, "cluster.vpsds_owned"),
+    (Counter::ClusterCommitting, "cluster.committing_shards"),
 ];
 
 /// What a request asks for, by its opcode: the `<kind>` of the `request_latency_us.<kind>`
@@ -96,11 +125,13 @@ pub enum RequestKind {
     Withdraw,
     RotateKey,
     Stats,
+    ClusterStatus,
+    ClusterTakeover,
 }
 
 impl RequestKind {
     /// Every kind, in the order of the report.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::Sign,
         Self::SignBatch,
         Self::Status,
@@ -114,6 +145,8 @@ impl RequestKind {
         Self::Withdraw,
         Self::RotateKey,
         Self::Stats,
+        Self::ClusterStatus,
+        Self::ClusterTakeover,
         Self::Hello,
         Self::Authenticate,
     ];
@@ -136,6 +169,8 @@ impl RequestKind {
             opcode::WITHDRAW => Self::Withdraw,
             opcode::ROTATE_KEY => Self::RotateKey,
             opcode::STATS => Self::Stats,
+            opcode::CLUSTER_STATUS => Self::ClusterStatus,
+            opcode::CLUSTER_TAKEOVER => Self::ClusterTakeover,
             _ => return None,
         })
     }
@@ -158,6 +193,8 @@ impl RequestKind {
             Self::Withdraw => "withdraw",
             Self::RotateKey => "rotate_key",
             Self::Stats => "stats",
+            Self::ClusterStatus => "cluster_status",
+            Self::ClusterTakeover => "cluster_takeover",
         }
     }
 }
@@ -177,6 +214,8 @@ const LATENCY_US_MAX: u64 = 60_000_000;
 struct Histograms {
     session_size: Histogram<u64>,
     commit_latency_us: Histogram<u64>,
+    /// Cluster mode: how long etcd took to answer a round's writes.
+    replica_latency_us: Histogram<u64>,
     errors_by_code: BTreeMap<u16, u64>,
     /// By [`RequestKind`]; made at the first request of the kind (a histogram is about
     /// 20 KiB, and most kinds are rare).
@@ -203,6 +242,7 @@ impl Default for ShardMetrics {
             histograms: Mutex::new(Histograms {
                 session_size: histogram(1 << 16),
                 commit_latency_us: histogram(LATENCY_US_MAX),
+                replica_latency_us: histogram(LATENCY_US_MAX),
                 errors_by_code: BTreeMap::new(),
                 request_latency_us: std::array::from_fn(|_| None),
             }),
@@ -273,6 +313,37 @@ impl ShardMetrics {
             .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
     }
 
+    /// How long etcd took to answer one round's writes.
+    pub fn record_replica(&self, latency_us: u64) {
+        self.histograms()
+            .replica_latency_us
+            .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+    }
+
+    /// Copies the shard core's cluster counters (cluster mode).
+    pub fn publish_cluster(
+        &self,
+        stats: &ShardStats,
+        owned: Option<usize>,
+        may_commit: Option<bool>,
+    ) {
+        let Some(owned) = owned else {
+            return;
+        };
+        self.set(Counter::ClusterRounds, stats.replica_rounds);
+        self.set(Counter::ClusterWrites, stats.replica_writes);
+        self.set(Counter::ClusterFenced, stats.fenced);
+        self.set(Counter::ClusterRefused, stats.refused);
+        self.set(Counter::ClusterRetries, stats.replica_retries);
+        self.set(Counter::ClusterAdopted, stats.adopted);
+        self.set(Counter::ClusterUnavailable, stats.unavailable);
+        self.set(Counter::ClusterOwned, owned as u64);
+        self.set(
+            Counter::ClusterCommitting,
+            u64::from(may_commit.unwrap_or(false)),
+        );
+    }
+
     /// The answers to `requests` were handed to the socket at `answered`: one lock for a
     /// whole write of answers.
     pub fn record_answered(&self, answered: Instant, requests: &[Received]) {
@@ -329,6 +400,7 @@ impl Metrics {
         }
         let mut session_size = histogram(1 << 16);
         let mut commit_latency_us = histogram(LATENCY_US_MAX);
+        let mut replica_latency_us = histogram(LATENCY_US_MAX);
         let mut errors_by_code = BTreeMap::<u16, u64>::new();
         let mut request_latency_us: [Histogram<u64>; RequestKind::ALL.len()] =
             std::array::from_fn(|_| histogram(LATENCY_US_MAX));
@@ -337,6 +409,7 @@ impl Metrics {
             // Same bounds on both sides: adding cannot fail.
             let _ = session_size.add(&histograms.session_size);
             let _ = commit_latency_us.add(&histograms.commit_latency_us);
+            let _ = replica_latency_us.add(&histograms.replica_latency_us);
             for (code, count) in &histograms.errors_by_code {
                 *errors_by_code.entry(*code).or_default() += count;
             }
@@ -359,6 +432,9 @@ impl Metrics {
             ("session_size".to_owned(), &session_size),
             ("commit_latency_us".to_owned(), &commit_latency_us),
         ];
+        if !replica_latency_us.is_empty() {
+            summaries.push(("cluster.commit_latency_us".to_owned(), &replica_latency_us));
+        }
         for kind in RequestKind::ALL {
             summaries.push((
                 format!("request_latency_us.{}", kind.name()),

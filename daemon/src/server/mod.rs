@@ -32,6 +32,7 @@ use indicia_proto::Role;
 use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
+use crate::cluster::{Adoption, Replicator};
 use crate::config::{ClientRole, Config};
 use crate::datadir::{self, DataDir, DataDirError};
 use crate::engine::{Engine, MasterKey};
@@ -61,6 +62,19 @@ pub enum ServerError {
     Layout(#[from] LayoutError),
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    #[error("shard {shard}: checking the journal against the cluster: {source}")]
+    Reconcile {
+        shard: u16,
+        source: crate::store::replica::ReconcileError,
+    },
+}
+
+/// Cluster mode, for the start: etcd, and whether this is the data directory's first start
+/// in the cluster (its vPSDs are then written to etcd rather than released).
+#[derive(Debug, Clone)]
+pub struct ClusterStart {
+    pub replicator: Arc<dyn Replicator>,
+    pub import: bool,
 }
 
 /// The shard that owns a vPSD. Fixed for the life of a data directory: the journals hold
@@ -83,6 +97,8 @@ pub struct Control {
     durable: Vec<AtomicU64>,
     /// vPSDs the background audit found not to reconcile, for their shard to lock.
     integrity: Vec<std::sync::Mutex<Vec<(u64, String)>>>,
+    /// Cluster mode: vPSDs taken over from other appliances, for their shard to adopt.
+    adoptions: Vec<std::sync::Mutex<Vec<Adoption>>>,
     /// Every shard serves (or the start failed).
     gate: StartGate,
 }
@@ -111,6 +127,33 @@ impl Control {
     /// What the background audit asked this shard to lock.
     fn take_integrity(&self, shard: u16) -> Vec<(u64, String)> {
         self.integrity
+            .get(usize::from(shard))
+            .map_or_else(Vec::new, |queue| {
+                std::mem::take(
+                    &mut *queue
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                )
+            })
+    }
+
+    /// Hands vPSDs taken over from another appliance to the shards that hold them.
+    pub fn adopt(&self, adoptions: Vec<Adoption>) {
+        let shards = u16::try_from(self.adoptions.len()).unwrap_or(u16::MAX);
+        for adoption in adoptions {
+            let shard = shard_of(adoption.vpsd_id, shards);
+            if let Some(queue) = self.adoptions.get(usize::from(shard)) {
+                queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(adoption);
+            }
+        }
+    }
+
+    /// What this shard is to adopt.
+    fn take_adoptions(&self, shard: u16) -> Vec<Adoption> {
+        self.adoptions
             .get(usize::from(shard))
             .map_or_else(Vec::new, |queue| {
                 std::mem::take(
@@ -399,6 +442,16 @@ fn journal_dirs(data_dir: &Path) -> Result<usize, LayoutError> {
 impl Server {
     /// Recovers every shard's journal, binds the listeners and starts serving.
     pub fn start(config: &Config, data: &DataDir) -> Result<Self, ServerError> {
+        Self::start_in(config, data, None)
+    }
+
+    /// [`Server::start`], in cluster mode when `cluster` is set: every shard checks its
+    /// journal against etcd before it serves, and every commit round is replicated.
+    pub fn start_in(
+        config: &Config,
+        data: &DataDir,
+        cluster: Option<ClusterStart>,
+    ) -> Result<Self, ServerError> {
         let shards = layout(data, config)?;
         let directory = Arc::new(client_directory(config, data)?);
         let tls = tls::server_config(&config.tls)?;
@@ -427,6 +480,9 @@ impl Server {
             integrity: (0..shards)
                 .map(|_| std::sync::Mutex::new(Vec::new()))
                 .collect(),
+            adoptions: (0..shards)
+                .map(|_| std::sync::Mutex::new(Vec::new()))
+                .collect(),
             gate: StartGate::default(),
         });
         let (senders, receivers) =
@@ -443,16 +499,35 @@ impl Server {
             let journal_config = config.journal_config();
             let dir = data.shard_dir(index);
             let report_tx = report_tx.clone();
+            let replicator = cluster
+                .as_ref()
+                .map(|cluster| Arc::clone(&cluster.replicator));
+            let cluster = cluster.clone();
             let open_store = Box::new(move || {
                 let master_key = MasterKey::new(&master).map_err(ServerError::MasterKey)?;
                 let engine = Engine::new(engine_config, master_key, provider);
-                let (store, report) =
+                let (mut store, mut report) =
                     Store::open_shard(&dir, index, &master, journal_config, engine).map_err(
                         |source| ServerError::Journal {
                             shard: index,
                             source,
                         },
                     )?;
+                if let Some(cluster) = &cluster {
+                    store.enable_replica(cluster.replicator.appliance(), index);
+                    let reconciled = crate::store::replica::reconcile(
+                        &mut store,
+                        cluster.replicator.as_ref(),
+                        cluster.import,
+                        |vpsd_id| shard_of(vpsd_id, shards) == index,
+                        runtime::unix_now(),
+                    )
+                    .map_err(|source| ServerError::Reconcile {
+                        shard: index,
+                        source,
+                    })?;
+                    report.cluster = Some(reconciled);
+                }
                 let _ = report_tx.send((index, report));
                 Ok(store)
             });
@@ -471,6 +546,7 @@ impl Server {
                 config: config.server.clone(),
                 tls: tls.clone(),
                 ready: ready_tx.clone(),
+                replicator,
             };
             // A failure here leaves the shards already started waiting for their peer's
             // channels: the error ends the start, and the process with it.

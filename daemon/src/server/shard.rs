@@ -14,14 +14,18 @@
 //! appended when the answer was made: a status may show registers only once they cannot be
 //! lost, and a retry answered from the idempotency window waits like the original did.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use indicia_proto::{ErrorBody, ErrorCode, ItemResult, Request, Response};
 
 use super::coalesce::{Busy, Coalescer};
 use super::handshake::ClientEntry;
-use crate::engine::{EngineError, JobAnswer, Record, SignJob};
+use crate::cluster::fence::{Outcome, StateWrite};
+use crate::cluster::{Adoption, ClusterError, Replicator};
+use crate::engine::{EngineError, JobAnswer, Record, ResetCause, SignJob};
+use crate::store::codec::decode_replica;
+use crate::store::replica::{Owned, Settled};
 use crate::store::{FlushTicket, JournalError, Store, StoreError};
 
 /// Counters of one shard, for the stats request.
@@ -37,6 +41,19 @@ pub struct ShardStats {
     pub session_sizes: Vec<u32>,
     /// Wire codes of the errors answered since the metrics last drained them.
     pub new_errors: Vec<u16>,
+    /// Cluster mode: replicated rounds, writes, and how writes ended.
+    pub replica_rounds: u64,
+    pub replica_writes: u64,
+    /// Writes refused by the fence (the vPSD moved): their sessions were voided.
+    pub fenced: u64,
+    /// Writes etcd refused as a whole (no lease, no space): voided too.
+    pub refused: u64,
+    /// Rounds whose outcome was unknown (a timeout, a lost connection): sent again.
+    pub replica_retries: u64,
+    /// vPSDs taken over from another appliance.
+    pub adopted: u64,
+    /// Sessions and changes refused because the appliance may not commit (no lease).
+    pub unavailable: u64,
 }
 
 /// The journal failed: the process must stop (fail-stop) and recover from disk.
@@ -50,11 +67,31 @@ struct SignReply<R> {
     batch: bool,
 }
 
+/// An answer waiting for its sequence to be acknowledged (durable, and in etcd).
+struct Awaiting<R> {
+    sequence: u64,
+    /// The vPSD whose records the answer depends on (voided with them).
+    vpsd_id: Option<u64>,
+    reply: R,
+    response: Response,
+}
+
+/// One commit round: the local flush and the replicated writes, made together.
+#[derive(Debug)]
+pub struct Round {
+    pub ticket: Option<FlushTicket>,
+    pub writes: Vec<StateWrite>,
+}
+
 pub struct ShardCore<R> {
     store: Store,
     coalescer: Coalescer<SignReply<R>>,
-    /// Answers waiting for the journal to be durable up to their sequence number.
-    awaiting: VecDeque<(u64, R, Response)>,
+    /// Answers waiting for the journal (and etcd) to hold everything up to their sequence.
+    awaiting: VecDeque<Awaiting<R>>,
+    /// Cluster mode: etcd, for whether this appliance may commit now.
+    replicator: Option<Arc<dyn Replicator>>,
+    /// vPSDs that left this appliance, and where they went (for `vpsd-moved`).
+    moved: HashMap<u64, String>,
     /// Sessions whose record is journaled but not yet durable: (sequence, vPSD). Their
     /// vPSD takes no new session until then.
     committing: VecDeque<(u64, u64)>,
@@ -78,11 +115,29 @@ fn error_response(err: &EngineError) -> Response {
 
 impl<R> ShardCore<R> {
     pub fn new(store: Store, queued_indicia_max: usize) -> Self {
+        Self::with_replicator(store, queued_indicia_max, None)
+    }
+
+    /// A shard in cluster mode when `replicator` is set (its store's replica book enabled).
+    pub fn with_replicator(
+        mut store: Store,
+        queued_indicia_max: usize,
+        replicator: Option<Arc<dyn Replicator>>,
+    ) -> Self {
         let session_indicia_max = store.engine.config().session_indicia_max;
+        let moved = store
+            .replica_mut()
+            .map(|book| book.take_departed())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(vpsd_id, owner)| (vpsd_id, moved_text(vpsd_id, Some(&owner))))
+            .collect();
         Self {
             store,
             coalescer: Coalescer::new(session_indicia_max, queued_indicia_max),
             awaiting: VecDeque::new(),
+            replicator,
+            moved,
             committing: VecDeque::new(),
             ready: Vec::new(),
             stats: ShardStats::default(),
@@ -119,6 +174,12 @@ impl<R> ShardCore<R> {
 
     /// Queues an answer behind everything appended so far.
     fn answer(&mut self, reply: R, response: Response) {
+        self.answer_for(None, reply, response);
+    }
+
+    /// Queues an answer that depends on `vpsd_id`'s records behind everything appended so
+    /// far: if those records are voided, so is the answer.
+    fn answer_for(&mut self, vpsd_id: Option<u64>, reply: R, response: Response) {
         match &response {
             Response::Error(body) => {
                 self.stats.errors += 1;
@@ -135,16 +196,48 @@ impl<R> ShardCore<R> {
             _ => {}
         }
         let last = self.store.last_sequence();
-        if self.store.durable_sequence() >= last && self.awaiting.is_empty() {
+        if self.store.acknowledged_sequence() >= last && self.awaiting.is_empty() {
             self.ready.push((reply, response));
         } else {
-            self.awaiting.push_back((last, reply, response));
+            self.awaiting.push_back(Awaiting {
+                sequence: last,
+                vpsd_id,
+                reply,
+                response,
+            });
         }
+    }
+
+    /// Cluster mode: whether changes may be committed now (the lease cannot have
+    /// expired). Always outside cluster mode.
+    fn may_commit(&self) -> bool {
+        self.replicator
+            .as_ref()
+            .is_none_or(|replicator| replicator.may_commit())
+    }
+
+    fn unavailable() -> Response {
+        Response::error(
+            ErrorCode::ClusterUnavailable,
+            "this appliance cannot commit to the cluster now (its etcd lease may have \
+             expired); nothing was charged: retry shortly",
+        )
+    }
+
+    /// The answer for a vPSD that left this appliance, if it did.
+    fn moved_answer(&self, vpsd_id: u64) -> Option<Response> {
+        self.moved
+            .get(&vpsd_id)
+            .map(|whereto| Response::error(ErrorCode::VpsdMoved, whereto.clone()))
     }
 
     /// Journals and applies a prepared record. An error the request caused (a record the
     /// engine refuses) becomes an error answer; a journal failure is fatal.
     fn commit(&mut self, now_unix: u64, record: Record) -> Result<Result<u64, Response>, Fatal> {
+        if !self.may_commit() {
+            self.stats.unavailable += 1;
+            return Ok(Err(Self::unavailable()));
+        }
         match self.store.commit(record, now_unix) {
             Ok(sequence) => Ok(Ok(sequence)),
             // Nothing was journaled: the request is refused, the shard goes on.
@@ -171,6 +264,18 @@ impl<R> ShardCore<R> {
         reply: R,
     ) -> Result<(), Fatal> {
         self.stats.requests += 1;
+        let vpsd_id = request.vpsd_id();
+        if let Some(moved) = vpsd_id.and_then(|id| {
+            self.store
+                .engine
+                .vpsd(id)
+                .is_none()
+                .then(|| self.moved_answer(id))
+                .flatten()
+        }) {
+            self.answer(reply, moved);
+            return Ok(());
+        }
         let engine = &self.store.engine;
         let status = |store: &Store, vpsd_id: u64| match store.engine.status(now_unix, vpsd_id) {
             Ok(status) => Response::VpsdStatus(status),
@@ -281,7 +386,7 @@ impl<R> ShardCore<R> {
             ),
             _ => Response::error(ErrorCode::UnknownOpcode, "not served by a shard"),
         };
-        self.answer(reply, response);
+        self.answer_for(vpsd_id, reply, response);
         Ok(())
     }
 
@@ -356,6 +461,14 @@ impl<R> ShardCore<R> {
                 .map(|pending| (pending.job, pending.reply))
                 .unzip();
             signed += jobs.iter().map(|job| job.items.len()).sum::<usize>();
+            if let Some(refusal) = self.refusal(vpsd_id) {
+                // Nothing signed, nothing charged.
+                self.coalescer.finish(vpsd_id);
+                for reply in replies {
+                    self.answer(reply.reply, refusal.clone());
+                }
+                continue;
+            }
             let prepared = self.store.engine.prepare_session(now_unix, vpsd_id, &jobs);
             if prepared.record.is_none() {
                 // A signing key that does not unseal (or match its public key) will not on a
@@ -393,10 +506,23 @@ impl<R> ShardCore<R> {
                     Some(response) => response.clone(),
                     None => sign_response(answer, reply.batch),
                 };
-                self.answer(reply.reply, response);
+                self.answer_for(Some(vpsd_id), reply.reply, response);
             }
         }
         Ok(())
+    }
+
+    /// Why a session for this vPSD may not run now (cluster mode): it moved, or this
+    /// appliance may not commit.
+    fn refusal(&mut self, vpsd_id: u64) -> Option<Response> {
+        if self.store.engine.vpsd(vpsd_id).is_none() {
+            return self.moved_answer(vpsd_id);
+        }
+        if !self.may_commit() {
+            self.stats.unavailable += 1;
+            return Some(Self::unavailable());
+        }
+        None
     }
 
     /// Locks a vPSD whose history the integrity monitor found not to reconcile.
@@ -414,7 +540,34 @@ impl<R> ShardCore<R> {
         self.store.close()
     }
 
-    /// What the next group commit must sync, if anything is waiting for it.
+    /// What the next commit round must do, if anything: the journal's flush (group
+    /// commit) and, in cluster mode, the writes etcd does not have yet.
+    pub fn round(&mut self) -> Result<Option<Round>, Fatal> {
+        let ticket = self.store.flush_ticket();
+        let writes = match self.store.replica_round() {
+            Ok(writes) => writes,
+            Err(StoreError::Journal(err)) => return Err(Fatal(err)),
+            // The state was journaled with this very encoding: a value it cannot hold here
+            // is a bug, and nothing may be acknowledged past it.
+            Err(err) => {
+                return Err(Fatal(JournalError::Io(std::io::Error::other(format!(
+                    "the replicated state does not encode: {err}"
+                )))))
+            }
+        };
+        if ticket.is_none() && writes.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Round { ticket, writes }))
+    }
+
+    /// Whether a round would have something to do now.
+    pub fn round_pending(&self) -> bool {
+        self.store.last_sequence() > self.store.durable_sequence() || self.store.replica_pending()
+    }
+
+    /// What the next group commit must sync, if anything is waiting for it (outside
+    /// cluster mode; see [`ShardCore::round`]).
     pub fn flush_ticket(&mut self) -> Option<FlushTicket> {
         self.store.flush_ticket()
     }
@@ -426,10 +579,197 @@ impl<R> ShardCore<R> {
         ticket: &FlushTicket,
         result: std::io::Result<()>,
     ) -> Result<(), Fatal> {
-        let durable = self.store.complete(ticket, result).map_err(Fatal)?;
+        self.store.complete(ticket, result).map_err(Fatal)?;
         self.stats.flushes += 1;
+        self.release();
+        Ok(())
+    }
+
+    /// Records a round's outcome: the local flush's (a failure is fatal) and etcd's. Writes
+    /// the fence refused void their vPSD's records and answers; writes whose outcome is
+    /// unknown are sent again next round. Returns whether etcd's outcome was unknown (the
+    /// caller waits a little before the next round).
+    pub fn complete_round(
+        &mut self,
+        now_unix: u64,
+        ticket: Option<&FlushTicket>,
+        local: std::io::Result<()>,
+        replicated: Option<Result<Vec<Outcome>, ClusterError>>,
+    ) -> Result<bool, Fatal> {
+        if let Some(ticket) = ticket {
+            self.store.complete(ticket, local).map_err(Fatal)?;
+            self.stats.flushes += 1;
+        }
+        let mut unknown = false;
+        if let Some(replicated) = replicated {
+            self.stats.replica_rounds += 1;
+            let outcomes = match replicated {
+                Ok(outcomes) => {
+                    self.stats.replica_writes += outcomes.len() as u64;
+                    unknown = outcomes
+                        .iter()
+                        .any(|outcome| matches!(outcome, Outcome::Retry | Outcome::Refused));
+                    Ok(outcomes)
+                }
+                Err(err) => {
+                    tracing::warn!("replicated commit failed: {err}");
+                    unknown = !err.refused();
+                    Err(err.refused())
+                }
+            };
+            if unknown {
+                self.stats.replica_retries += 1;
+            }
+            for settled in self.store.settle(outcomes) {
+                self.void(now_unix, settled)?;
+            }
+        }
+        self.release();
+        Ok(unknown)
+    }
+
+    /// Voids what etcd will not hold: the vPSD's answers from `since` on become errors, and
+    /// the journal records it (a release, or a reset to the state etcd holds).
+    fn void(&mut self, now_unix: u64, settled: Settled) -> Result<(), Fatal> {
+        let (vpsd_id, since, response) = match &settled {
+            Settled::Moved {
+                vpsd_id,
+                since,
+                owner,
+            } => {
+                self.stats.fenced += 1;
+                let whereto = moved_text(*vpsd_id, owner.as_deref());
+                tracing::warn!(vpsd = vpsd_id, "fenced: {whereto}");
+                self.moved.insert(*vpsd_id, whereto.clone());
+                (
+                    *vpsd_id,
+                    *since,
+                    Response::error(ErrorCode::VpsdMoved, whereto),
+                )
+            }
+            Settled::Refused { vpsd_id, since, .. } => {
+                self.stats.refused += 1;
+                (*vpsd_id, *since, Self::unavailable())
+            }
+        };
+        for waiting in self.awaiting.iter_mut() {
+            if waiting.vpsd_id == Some(vpsd_id) && waiting.sequence >= since {
+                waiting.response = response.clone();
+            }
+        }
+        let before = self.committing.len();
+        self.committing.retain(|&(_, id)| id != vpsd_id);
+        if self.committing.len() != before {
+            self.coalescer.finish(vpsd_id);
+        }
+        let local_version = self
+            .store
+            .engine
+            .vpsd(vpsd_id)
+            .map_or(0, |vpsd| vpsd.version);
+        let journaled = match settled {
+            Settled::Refused {
+                replicated: Some(replicated),
+                ..
+            } => {
+                let owned = self
+                    .store
+                    .replica()
+                    .and_then(|book| book.ownership(vpsd_id))
+                    .unwrap_or(Owned { epoch: 0, last: 0 });
+                let replicated_version = replicated.version;
+                self.store
+                    .commit_reset(
+                        *replicated,
+                        ResetCause::Voided { local_version },
+                        &owned,
+                        now_unix,
+                    )
+                    .map(|_| ())
+                    .map_err(|err| (err, replicated_version))
+            }
+            Settled::Refused { .. } => self
+                .store
+                .commit_release(vpsd_id, "", 0, now_unix)
+                .map(|_| ())
+                .map_err(|err| (err, 0)),
+            Settled::Moved { owner, .. } => self
+                .store
+                .commit_release(vpsd_id, owner.as_deref().unwrap_or(""), 0, now_unix)
+                .map(|_| ())
+                .map_err(|err| (err, 0)),
+        };
+        match journaled {
+            Ok(()) => Ok(()),
+            Err((StoreError::Journal(err), _)) => Err(Fatal(err)),
+            Err((err, _)) => {
+                // The void record did not apply: the vPSD keeps a state etcd does not
+                // hold, so it must not serve.
+                let reason = format!("void of unreplicated records failed: {err}");
+                tracing::error!(vpsd = vpsd_id, "{reason}");
+                self.store.engine.lock_integrity(vpsd_id, &reason);
+                Ok(())
+            }
+        }
+    }
+
+    /// A vPSD this appliance took over: its state from etcd, journaled as a reset.
+    pub fn adopt(&mut self, now_unix: u64, adoption: Adoption) -> Result<(), Fatal> {
+        let (vpsd, origin) = match decode_replica(&adoption.state.0, &adoption.keys) {
+            Ok(decoded) => decoded,
+            Err(err) => {
+                tracing::error!(
+                    vpsd = adoption.vpsd_id,
+                    "taken over from {}, but its replicated state does not decode: {err}; \
+                     it is not served here",
+                    adoption.from
+                );
+                return Ok(());
+            }
+        };
+        let owned = Owned {
+            epoch: adoption.epoch,
+            last: adoption.state.1,
+        };
+        tracing::warn!(
+            vpsd = vpsd.id,
+            "taken over from {}: continues at version {} (piece {}), as written by {} \
+             (shard {}, sequence {})",
+            adoption.from,
+            vpsd.version,
+            vpsd.registers.piece_count,
+            origin.appliance,
+            origin.shard,
+            origin.sequence
+        );
+        let vpsd_id = vpsd.id;
+        match self.store.commit_reset(
+            vpsd,
+            ResetCause::Adopted {
+                from: adoption.from,
+                epoch: adoption.epoch,
+            },
+            &owned,
+            now_unix,
+        ) {
+            Ok(_) => {
+                self.moved.remove(&vpsd_id);
+                self.stats.adopted += 1;
+                Ok(())
+            }
+            Err(StoreError::Journal(err)) => Err(Fatal(err)),
+            Err(err) => {
+                tracing::error!(vpsd = vpsd_id, "taken over, but not journaled: {err}");
+                Ok(())
+            }
+        }
+    }
+
+    /// Releases the answers and sessions that everything acknowledged now covers.
+    fn release(&mut self) {
+        let acknowledged = self.store.acknowledged_sequence();
         while let Some(&(sequence, vpsd_id)) = self.committing.front() {
-            if sequence > durable {
+            if sequence > acknowledged {
                 break;
             }
             self.committing.pop_front();
@@ -438,18 +778,30 @@ impl<R> ShardCore<R> {
         while self
             .awaiting
             .front()
-            .is_some_and(|(sequence, _, _)| *sequence <= durable)
+            .is_some_and(|waiting| waiting.sequence <= acknowledged)
         {
-            if let Some((_, reply, response)) = self.awaiting.pop_front() {
-                self.ready.push((reply, response));
+            if let Some(waiting) = self.awaiting.pop_front() {
+                self.ready.push((waiting.reply, waiting.response));
             }
         }
-        Ok(())
     }
 
     /// Answers that may leave now.
     pub fn take_ready(&mut self) -> Vec<(R, Response)> {
         std::mem::take(&mut self.ready)
+    }
+}
+
+/// The message of a `vpsd-moved` answer.
+fn moved_text(vpsd_id: u64, owner: Option<&str>) -> String {
+    match owner {
+        Some(owner) => format!(
+            "vPSD {vpsd_id} belongs to appliance {owner} of the cluster now; nothing was \
+             charged here"
+        ),
+        None => {
+            format!("vPSD {vpsd_id} no longer belongs to this appliance; nothing was charged here")
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use indicia_proto::{
 use crate::engine::keys::SEALED_KEY_BYTES;
 use crate::engine::{
     Checkpoint, ClientTag, ItemOutcome, JobRecord, KeyEntry, PublicKey, Record, Registers,
-    SealedKey, SessionRecord, StoredState, Vpsd,
+    ResetCause, SealedKey, SessionRecord, StoredState, Vpsd,
 };
 
 /// What the record kinds (the header's kind byte) mean; 7 is the journal's checkpoint.
@@ -27,8 +27,14 @@ pub mod kind {
     pub const ROTATE_KEY: u8 = 5;
     pub const SESSION: u8 = 6;
     pub use crate::journal::format::CHECKPOINT;
+    /// The vPSD's state set from the cluster (cluster mode).
+    pub const RESET: u8 = 8;
+    /// The vPSD left this appliance (cluster mode).
+    pub const RELEASE: u8 = 9;
 }
 
+/// Longest appliance id (the `[cluster]` section's bound).
+pub const APPLIANCE_BYTES_MAX: usize = 64;
 /// Longest owner (the protocol's bound).
 pub const OWNER_BYTES_MAX: usize = indicia_proto::message::OWNER_BYTES_MAX;
 /// Longest lock or quarantine reason.
@@ -151,6 +157,44 @@ impl Encoder {
     fn public_key(&mut self, key: &PublicKey) -> Result<(), CodecError> {
         self.bytes16("public_key", &key.bytes, PUBLIC_KEY_BYTES_MAX)
     }
+
+    /// A vPSD without its keys.
+    fn vpsd_head(&mut self, vpsd: &Vpsd) -> Result<(), CodecError> {
+        self.u64(vpsd.id);
+        self.bytes16("owner", vpsd.owner.as_bytes(), OWNER_BYTES_MAX)?;
+        self.u8(vpsd.algorithm.code());
+        self.u32(vpsd.origin_zip.wire());
+        self.registers(&vpsd.registers);
+        self.state(&vpsd.state)?;
+        self.u64(vpsd.last_contact_unix);
+        self.u64(vpsd.provider_sequence);
+        self.u64(vpsd.version);
+        Ok(())
+    }
+
+    /// A vPSD's keys, oldest first.
+    fn keys(&mut self, keys: &[KeyEntry]) -> Result<(), CodecError> {
+        self.count16("vpsd.keys", keys.len(), KEYS_MAX)?;
+        for key in keys {
+            self.u32(key.serial);
+            self.u64(key.sealed_version);
+            self.public_key(&key.public)?;
+            match &key.sealed {
+                Some(sealed) => {
+                    self.u8(1);
+                    self.put(&sealed.0);
+                }
+                None => self.u8(0),
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole vPSD (as a checkpoint or a reset holds it).
+    fn vpsd(&mut self, vpsd: &Vpsd) -> Result<(), CodecError> {
+        self.vpsd_head(vpsd)?;
+        self.keys(&vpsd.keys)
+    }
 }
 
 /// The header fields a record implies: kind, subject (its vPSD) and time.
@@ -172,6 +216,10 @@ pub fn header_fields(record: &Record, now_unix: u64) -> (u8, u64, u64) {
             vpsd_id, at_unix, ..
         } => (kind::ROTATE_KEY, *vpsd_id, *at_unix),
         Record::Session(session) => (kind::SESSION, session.vpsd_id, now_unix),
+        Record::Reset { vpsd, at_unix, .. } => (kind::RESET, vpsd.id, *at_unix),
+        Record::Release {
+            vpsd_id, at_unix, ..
+        } => (kind::RELEASE, *vpsd_id, *at_unix),
     }
 }
 
@@ -250,6 +298,29 @@ pub fn encode_record(record: &Record, out: &mut Encoder) -> Result<(), CodecErro
                 out.outcomes(&job.outcomes)?;
             }
         }
+        Record::Reset { vpsd, cause, .. } => {
+            out.u8(cause.code());
+            match cause {
+                ResetCause::Adopted { from, epoch } => {
+                    out.bytes16("reset.from", from.as_bytes(), APPLIANCE_BYTES_MAX)?;
+                    out.u64(epoch.unsigned_abs());
+                }
+                ResetCause::Voided { local_version } | ResetCause::Behind { local_version } => {
+                    out.u64(*local_version);
+                }
+            }
+            out.vpsd(vpsd)?;
+        }
+        Record::Release {
+            owner,
+            version,
+            replicated_version,
+            ..
+        } => {
+            out.u64(*version);
+            out.u64(*replicated_version);
+            out.bytes16("release.owner", owner.as_bytes(), APPLIANCE_BYTES_MAX)?;
+        }
     }
     Ok(())
 }
@@ -274,28 +345,7 @@ pub fn encode_checkpoint(
     out.bytes.clear();
     out.count32("checkpoint.vpsds", checkpoint.vpsds.len())?;
     for vpsd in &checkpoint.vpsds {
-        out.u64(vpsd.id);
-        out.bytes16("owner", vpsd.owner.as_bytes(), OWNER_BYTES_MAX)?;
-        out.u8(vpsd.algorithm.code());
-        out.u32(vpsd.origin_zip.wire());
-        out.registers(&vpsd.registers);
-        out.state(&vpsd.state)?;
-        out.u64(vpsd.last_contact_unix);
-        out.u64(vpsd.provider_sequence);
-        out.u64(vpsd.version);
-        out.count16("vpsd.keys", vpsd.keys.len(), KEYS_MAX)?;
-        for key in vpsd.keys.iter() {
-            out.u32(key.serial);
-            out.u64(key.sealed_version);
-            out.public_key(&key.public)?;
-            match &key.sealed {
-                Some(sealed) => {
-                    out.u8(1);
-                    out.put(&sealed.0);
-                }
-                None => out.u8(0),
-            }
-        }
+        out.vpsd(vpsd)?;
     }
     out.count32("checkpoint.quarantine", checkpoint.quarantine.len())?;
     for (vpsd_id, reason) in &checkpoint.quarantine {
@@ -486,10 +536,180 @@ pub fn decode_record(
                 jobs,
             })
         }
+        kind::RESET => {
+            let offset = r.position();
+            let cause = match r.u8()? {
+                1 => ResetCause::Adopted {
+                    from: r.string16("reset.from", APPLIANCE_BYTES_MAX)?,
+                    epoch: i64::try_from(r.u64()?).map_err(|_| bad("reset.epoch", offset, 0))?,
+                },
+                2 => ResetCause::Voided {
+                    local_version: r.u64()?,
+                },
+                3 => ResetCause::Behind {
+                    local_version: r.u64()?,
+                },
+                other => return Err(bad("reset.cause", offset, u64::from(other))),
+            };
+            let vpsd = vpsd(&mut r)?;
+            if vpsd.id != vpsd_id {
+                return Err(bad("reset.vpsd", offset, vpsd.id));
+            }
+            Record::Reset {
+                vpsd: Box::new(vpsd),
+                cause,
+                at_unix,
+            }
+        }
+        kind::RELEASE => Record::Release {
+            vpsd_id,
+            version: r.u64()?,
+            replicated_version: r.u64()?,
+            owner: r.string16("release.owner", APPLIANCE_BYTES_MAX)?,
+            at_unix,
+        },
         other => return Err(bad("kind", 4, u64::from(other))),
     };
     r.finish()?;
     Ok(record)
+}
+
+/// The format byte of the values the cluster keeps in etcd (docs/CLUSTER.md).
+pub const REPLICA_FORMAT: u8 = 1;
+
+/// Where a replicated state comes from: the appliance, shard and journal record that made
+/// it, with a digest (XXH3-128) of that record's payload.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Origin {
+    pub appliance: String,
+    pub shard: u16,
+    pub sequence: u64,
+    pub digest: [u8; 16],
+}
+
+/// A vPSD's replicated state (etcd's `state` value): the vPSD without its keys, how many
+/// keys it has, and where the state comes from.
+pub fn encode_replica_state(
+    vpsd: &Vpsd,
+    origin: &Origin,
+    out: &mut Encoder,
+) -> Result<(), CodecError> {
+    out.bytes.clear();
+    out.u8(REPLICA_FORMAT);
+    out.vpsd_head(vpsd)?;
+    out.count16("vpsd.keys", vpsd.keys.len(), KEYS_MAX)?;
+    out.bytes16(
+        "origin.appliance",
+        origin.appliance.as_bytes(),
+        APPLIANCE_BYTES_MAX,
+    )?;
+    out.u16(origin.shard);
+    out.u64(origin.sequence);
+    out.put(&origin.digest);
+    Ok(())
+}
+
+/// A vPSD's sealed keys (etcd's `keys` value).
+pub fn encode_replica_keys(vpsd: &Vpsd, out: &mut Encoder) -> Result<(), CodecError> {
+    out.bytes.clear();
+    out.u8(REPLICA_FORMAT);
+    out.u64(vpsd.id);
+    out.u8(vpsd.algorithm.code());
+    out.keys(&vpsd.keys)
+}
+
+/// A vPSD from its replicated state and keys, with the state's origin.
+pub fn decode_replica(state: &[u8], sealed: &[u8]) -> Result<(Vpsd, Origin), DecodeError> {
+    let mut r = Reader::new(state);
+    let format = r.u8()?;
+    if format != REPLICA_FORMAT {
+        return Err(bad("replica.format", 0, u64::from(format)));
+    }
+    let mut vpsd = vpsd_head(&mut r)?;
+    let key_count = r.u16()?;
+    let origin = Origin {
+        appliance: r.string16("origin.appliance", APPLIANCE_BYTES_MAX)?,
+        shard: r.u16()?,
+        sequence: r.u64()?,
+        digest: r.array()?,
+    };
+    r.finish()?;
+    let mut k = Reader::new(sealed);
+    let format = k.u8()?;
+    if format != REPLICA_FORMAT {
+        return Err(bad("replica.keys.format", 0, u64::from(format)));
+    }
+    let id = k.u64()?;
+    if id != vpsd.id {
+        return Err(bad("replica.keys.vpsd", 1, id));
+    }
+    let offset = k.position();
+    if algorithm(&mut k)? != vpsd.algorithm {
+        return Err(bad("replica.keys.algorithm", offset, 0));
+    }
+    let keys = keys(&mut k, vpsd.algorithm)?;
+    k.finish()?;
+    if keys.len() != usize::from(key_count) {
+        return Err(bad("replica.key_count", 0, u64::from(key_count)));
+    }
+    vpsd.keys = keys.into();
+    Ok((vpsd, origin))
+}
+
+/// A vPSD without its keys (which it gets empty).
+fn vpsd_head(r: &mut Reader<'_>) -> Result<Vpsd, DecodeError> {
+    let id = r.u64()?;
+    let owner = r.string16("owner", OWNER_BYTES_MAX)?;
+    let algorithm = algorithm(r)?;
+    let origin_zip = zip(r)?;
+    let registers = registers(r)?;
+    let state = state(r)?;
+    Ok(Vpsd {
+        id,
+        owner,
+        algorithm,
+        origin_zip,
+        keys: Vec::new().into(),
+        registers,
+        state,
+        last_contact_unix: r.u64()?,
+        provider_sequence: r.u64()?,
+        version: r.u64()?,
+    })
+}
+
+/// A vPSD's keys (at least one).
+fn keys(r: &mut Reader<'_>, algorithm: Algorithm) -> Result<Vec<KeyEntry>, DecodeError> {
+    let key_count = r.u16()?;
+    let mut keys = Vec::with_capacity(usize::from(key_count).min(r.remaining() / 16));
+    for _ in 0..key_count {
+        let serial = r.u32()?;
+        let sealed_version = r.u64()?;
+        let public = public_key(r, algorithm)?;
+        let offset = r.position();
+        let sealed = match r.u8()? {
+            0 => None,
+            1 => Some(sealed(r)?),
+            other => return Err(bad("key.sealed", offset, u64::from(other))),
+        };
+        keys.push(KeyEntry {
+            serial,
+            sealed_version,
+            public,
+            sealed,
+        });
+    }
+    if keys.is_empty() {
+        return Err(bad("vpsd.keys", r.position(), 0));
+    }
+    Ok(keys)
+}
+
+/// A whole vPSD.
+fn vpsd(r: &mut Reader<'_>) -> Result<Vpsd, DecodeError> {
+    let mut vpsd = vpsd_head(r)?;
+    vpsd.keys = keys(r, vpsd.algorithm)?.into();
+    Ok(vpsd)
 }
 
 /// Decodes a checkpoint payload.
@@ -500,49 +720,7 @@ pub fn decode_checkpoint(payload: &[u8]) -> Result<StoredCheckpoint, DecodeError
     let count = r.u32()? as usize;
     let mut vpsds = Vec::with_capacity(count.min(r.remaining() / 64));
     for _ in 0..count {
-        let id = r.u64()?;
-        let owner = r.string16("owner", OWNER_BYTES_MAX)?;
-        let algorithm = algorithm(&mut r)?;
-        let origin_zip = zip(&mut r)?;
-        let registers = registers(&mut r)?;
-        let state = state(&mut r)?;
-        let last_contact_unix = r.u64()?;
-        let provider_sequence = r.u64()?;
-        let version = r.u64()?;
-        let key_count = r.u16()?;
-        let mut keys = Vec::with_capacity(usize::from(key_count).min(r.remaining() / 16));
-        for _ in 0..key_count {
-            let serial = r.u32()?;
-            let sealed_version = r.u64()?;
-            let public = public_key(&mut r, algorithm)?;
-            let offset = r.position();
-            let sealed = match r.u8()? {
-                0 => None,
-                1 => Some(sealed(&mut r)?),
-                other => return Err(bad("key.sealed", offset, u64::from(other))),
-            };
-            keys.push(KeyEntry {
-                serial,
-                sealed_version,
-                public,
-                sealed,
-            });
-        }
-        if keys.is_empty() {
-            return Err(bad("vpsd.keys", r.position(), 0));
-        }
-        vpsds.push(Vpsd {
-            id,
-            owner,
-            algorithm,
-            origin_zip,
-            keys: keys.into(),
-            registers,
-            state,
-            last_contact_unix,
-            provider_sequence,
-            version,
-        });
+        vpsds.push(vpsd(&mut r)?);
     }
     let count = r.u32()? as usize;
     let mut quarantine = Vec::with_capacity(count.min(r.remaining() / 10));

@@ -19,19 +19,22 @@ pub mod codec;
 pub mod fuzz;
 pub mod ledger;
 pub mod recovery;
+pub mod replica;
 pub mod window;
 
 use std::path::Path;
 
 use thiserror::Error;
 
-use crate::engine::{ApplyError, Engine, Record};
+use crate::cluster::fence::{Outcome, StateWrite};
+use crate::engine::{ApplyError, Engine, Record, ResetCause, Vpsd};
 use crate::journal::{ChainKey, Journal, JournalConfig};
 /// What one commit round must make durable, and the journal's errors (a failed flush is
 /// fatal): the server's view of durability, through the store.
 pub use crate::journal::{FlushTicket, JournalError};
 use codec::{encode_checkpoint, encode_record, header_fields, CodecError, Encoder};
 pub use recovery::{Finding, RecoveryReport};
+use replica::{Owned, ReplicaBook, Settled};
 
 #[derive(Debug, Error)]
 #[non_exhaustive]
@@ -57,6 +60,8 @@ pub struct Store {
     scratch: Encoder,
     /// Where the idempotency window's records begin (written into every checkpoint).
     window: window::WindowOrigin,
+    /// Cluster mode: what etcd holds of this shard's vPSDs.
+    replica: Option<ReplicaBook>,
 }
 
 impl Store {
@@ -77,6 +82,7 @@ impl Store {
                 journal,
                 scratch: Encoder::default(),
                 window,
+                replica: None,
             },
             report,
         ))
@@ -161,10 +167,109 @@ impl Store {
             other => other?,
         };
         let entered_before = self.engine.window().entered();
+        if let Some(book) = &mut self.replica {
+            if !matches!(record, Record::Reset { .. } | Record::Release { .. }) {
+                let digest = xxhash_rust::xxh3::xxh3_128(&self.scratch.bytes).to_le_bytes();
+                book.appended(&record, sequence, digest);
+            }
+        }
         self.engine.install(&record, next);
         self.window
             .note(sequence, entered_before, self.engine.window());
         Ok(sequence)
+    }
+
+    /// Cluster mode: from now on every commit is also replicated (see [`replica`]).
+    pub fn enable_replica(&mut self, appliance: &str, shard: u16) {
+        self.replica = Some(ReplicaBook::new(appliance, shard));
+    }
+
+    /// What etcd holds of this shard's vPSDs (cluster mode).
+    pub fn replica(&self) -> Option<&ReplicaBook> {
+        self.replica.as_ref()
+    }
+
+    /// Mutable access to the book, for the reconciliation at start.
+    pub fn replica_mut(&mut self) -> Option<&mut ReplicaBook> {
+        self.replica.as_mut()
+    }
+
+    /// The sequence up to which every record is durable here and, in cluster mode, in etcd
+    /// too: what answers wait for.
+    pub fn acknowledged_sequence(&self) -> u64 {
+        let durable = self.durable_sequence();
+        match &self.replica {
+            Some(book) => durable.min(book.replicated_through()),
+            None => durable,
+        }
+    }
+
+    /// The writes of the next replicated round (empty outside cluster mode, while a round
+    /// is in flight, or when etcd holds everything).
+    pub fn replica_round(&mut self) -> Result<Vec<StateWrite>, StoreError> {
+        match &mut self.replica {
+            Some(book) => Ok(book.round(&self.engine)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// Whether the next round has replicated writes to make.
+    pub fn replica_pending(&self) -> bool {
+        self.replica.as_ref().is_some_and(ReplicaBook::has_writes)
+    }
+
+    /// The outcome of the replicated round in flight (`Err(refused)` when it failed as a
+    /// whole). Returns what must be voided.
+    pub fn settle(&mut self, outcomes: Result<Vec<Outcome>, bool>) -> Vec<Settled> {
+        match &mut self.replica {
+            Some(book) => book.settle(outcomes),
+            None => Vec::new(),
+        }
+    }
+
+    /// Sets a vPSD's state from the cluster (a reset record) and records it as owned under
+    /// `owned`, with nothing to write.
+    pub fn commit_reset(
+        &mut self,
+        vpsd: Vpsd,
+        cause: ResetCause,
+        owned: &Owned,
+        now_unix: u64,
+    ) -> Result<u64, StoreError> {
+        let record = Record::Reset {
+            vpsd: Box::new(vpsd.clone()),
+            cause,
+            at_unix: now_unix,
+        };
+        let sequence = self.commit(record, now_unix)?;
+        if let Some(book) = &mut self.replica {
+            book.adopt(&vpsd, owned, sequence);
+        }
+        Ok(sequence)
+    }
+
+    /// Drops a vPSD that left this appliance (a release record), if it has it.
+    pub fn commit_release(
+        &mut self,
+        vpsd_id: u64,
+        owner: &str,
+        replicated_version: u64,
+        now_unix: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        if let Some(book) = &mut self.replica {
+            book.forget(vpsd_id);
+        }
+        let Some(vpsd) = self.engine.vpsd(vpsd_id) else {
+            return Ok(None);
+        };
+        let record = Record::Release {
+            vpsd_id,
+            owner: owner.to_owned(),
+            version: vpsd.version,
+            replicated_version,
+            at_unix: now_unix,
+        };
+        self.commit(record, now_unix).map(Some)
     }
 
     /// Makes everything appended durable, on this thread. Returns the durable sequence.

@@ -64,6 +64,8 @@ pub struct RecoveryReport {
     /// needs are gone (not a finding: no register is in doubt, but retries of the requests
     /// they answered are not recognized).
     pub window_note: Option<String>,
+    /// Cluster mode: what checking the journal against etcd found.
+    pub cluster: Option<super::replica::Reconciled>,
 }
 
 impl RecoveryReport {
@@ -221,7 +223,7 @@ impl<'e> Replay<'e> {
         self.first_before_start.get_or_insert(header.sequence);
         // (Its segment may begin before the window does.)
         if header.sequence < self.window_needed_from
-            || !matches!(header.kind, kind::SESSION | kind::PROVIDER)
+            || !matches!(header.kind, kind::SESSION | kind::PROVIDER | kind::RESET)
             || self.report.locked.contains_key(&header.subject)
         {
             return;

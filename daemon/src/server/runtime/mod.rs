@@ -44,10 +44,12 @@ use indicia_proto::{Request, Response};
 use super::handshake::{ClientDirectory, ClientEntry};
 use super::local::{Outbox, Signal};
 use super::metrics::{Counter, Metrics, Received};
+use super::shard::Round;
 use super::shard::ShardCore;
 use super::{Control, ServerError, ShardReady};
+use crate::cluster::Replicator;
 use crate::config::ServerConfig;
-use crate::store::{FlushTicket, Store};
+use crate::store::Store;
 
 /// Where an answer goes: the shard and connection that received the request; and when,
 /// for its latency.
@@ -110,6 +112,8 @@ pub(super) struct ShardSetup {
     /// Mutual TLS on every connection (None: plaintext, where the config allows it).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub ready: mpsc::Sender<ShardReady>,
+    /// Cluster mode: etcd, the replicated half of every commit round.
+    pub replicator: Option<Arc<dyn Replicator>>,
 }
 
 /// The channels of a full mesh between `shards` shards: `senders[from][to]`,
@@ -198,6 +202,8 @@ pub(super) struct Shard {
     /// Wakes the shutdown sequence when a connection closes.
     connection_closed: Signal,
     flush_in_flight: Cell<bool>,
+    /// Cluster mode: etcd.
+    pub(super) replicator: Option<Arc<dyn Replicator>>,
     stop_accepting: Signal,
     /// Shutdown has begun: connections are being closed.
     stopping: Cell<bool>,
@@ -223,6 +229,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         config,
         tls,
         ready,
+        replicator,
         ..
     } = setup;
     let store = match open_store() {
@@ -276,7 +283,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     tracing::debug!(shard = index, "receivers connected");
     connecting.set(false);
     ticker.await;
-    let core = ShardCore::new(store, config.queued_indicia_max);
+    let core = ShardCore::with_replicator(store, config.queued_indicia_max, replicator.clone());
     let shard = Rc::new(Shard {
         index,
         shards,
@@ -292,6 +299,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         work: Signal::default(),
         connection_closed: Signal::default(),
         flush_in_flight: Cell::new(false),
+        replicator,
         stop_accepting: Signal::default(),
         stopping: Cell::new(false),
         stopped: Cell::new(false),
@@ -437,17 +445,16 @@ async fn final_flush(shard: &Rc<Shard>) {
     while shard.flush_in_flight.get() {
         glommio::timer::sleep(Duration::from_millis(1)).await;
     }
-    let ready = {
-        let mut core = shard.core.borrow_mut();
-        if let Some(ticket) = core.flush_ticket() {
-            let result = ticket.execute();
-            if let Err(fatal) = core.complete(&ticket, result) {
-                fail_stop(&fatal);
-            }
-        }
-        core.take_ready()
-    };
-    deliver(shard, ready);
+    // A round, and in cluster mode a second one for the void records of the first.
+    for _ in 0..2 {
+        let round = match shard.core.borrow_mut().round() {
+            Ok(Some(round)) => round,
+            Ok(None) => break,
+            Err(fatal) => fail_stop(&fatal),
+        };
+        let ready = run_round(shard, round).await;
+        deliver(shard, ready);
+    }
     // Everything is durable and answered: mark the journal closed cleanly, so that damage
     // to its last records is found as corruption at the next start, not cut as a torn tail.
     match shard.core.borrow_mut().close_journal() {
@@ -468,6 +475,19 @@ async fn watch(shard: Rc<Shard>) {
         for (vpsd_id, reason) in shard.control.take_integrity(shard.index) {
             tracing::error!(shard = shard.index, vpsd = vpsd_id, "locked: {reason}");
             shard.core.borrow_mut().lock_integrity(vpsd_id, &reason);
+        }
+        publish_cluster(&shard, &shard.core.borrow());
+        let adoptions = shard.control.take_adoptions(shard.index);
+        if !adoptions.is_empty() {
+            let now = unix_now();
+            let mut core = shard.core.borrow_mut();
+            for adoption in adoptions {
+                if let Err(fatal) = core.adopt(now, adoption) {
+                    fail_stop(&fatal);
+                }
+            }
+            drop(core);
+            shard.work.notify();
         }
         if !stopping && shard.control.shutdown.load(Ordering::Acquire) {
             stopping = true;
@@ -536,49 +556,108 @@ async fn drive(shard: Rc<Shard>) {
     }
 }
 
-/// Starts a group commit of everything appended so far, unless one is running (the next
-/// starts when it completes).
+/// Starts a commit round of everything appended so far (the group commit, and in cluster
+/// mode the replicated writes), unless one is running (the next starts when it completes).
 fn start_flush(shard: &Rc<Shard>) {
     if shard.flush_in_flight.get() {
         return;
     }
-    let Some(ticket) = shard.core.borrow_mut().flush_ticket() else {
-        return;
+    let round = match shard.core.borrow_mut().round() {
+        Ok(Some(round)) => round,
+        Ok(None) => return,
+        Err(fatal) => fail_stop(&fatal),
     };
     shard.flush_in_flight.set(true);
-    glommio::spawn_local(flush(Rc::clone(shard), ticket)).detach();
+    glommio::spawn_local(flush(Rc::clone(shard), round)).detach();
 }
 
-async fn flush(shard: Rc<Shard>, ticket: FlushTicket) {
-    let started = Instant::now();
-    let (ticket, result) = glommio::executor()
-        .spawn_blocking(move || {
-            let result = ticket.execute();
-            (ticket, result)
-        })
-        .await;
-    let metrics = &shard.metrics.shards[usize::from(shard.index)];
-    metrics.record_commit(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-    let ready = {
-        let mut core = shard.core.borrow_mut();
-        if let Err(fatal) = core.complete(&ticket, result) {
-            fail_stop(&fatal);
-        }
+/// Copies the shard's cluster counters into the metrics (cluster mode).
+fn publish_cluster(shard: &Shard, core: &ShardCore<ReplyTo>) {
+    shard.metrics.shards[usize::from(shard.index)].publish_cluster(
+        core.stats(),
+        core.store().replica().map(|book| book.owned()),
         shard
-            .control
-            .set_durable(shard.index, ticket.up_to_sequence);
-        metrics.set(Counter::AwaitingDurable, core.awaiting() as u64);
-        metrics.set(Counter::Flushes, core.stats().flushes);
-        if core.has_sessions() {
-            // Sessions that ended with this flush freed their vPSDs for the next ones.
-            shard.work.notify();
-        }
-        core.take_ready()
-    };
+            .replicator
+            .as_ref()
+            .map(|replicator| replicator.may_commit()),
+    );
+}
+
+/// How long a round waits before the next one when etcd's outcome was unknown.
+const REPLICA_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+async fn flush(shard: Rc<Shard>, round: Round) {
+    let ready = run_round(&shard, round).await;
     shard.flush_in_flight.set(false);
     deliver(&shard, ready);
-    // Records appended while this flush ran need the next one.
+    // Records appended while this round ran need the next one.
     start_flush(&shard);
+}
+
+/// One commit round: the fdatasync on the executor's blocking pool and the replicated
+/// writes on etcd's thread, at the same time; answers leave once both are done. Returns
+/// the answers that may leave.
+async fn run_round(shard: &Rc<Shard>, round: Round) -> Vec<(ReplyTo, Response)> {
+    let started = Instant::now();
+    let Round { ticket, writes } = round;
+    let local = async {
+        match ticket {
+            Some(ticket) => {
+                let (ticket, result) = glommio::executor()
+                    .spawn_blocking(move || {
+                        let result = ticket.execute();
+                        (ticket, result)
+                    })
+                    .await;
+                (Some(ticket), result)
+            }
+            None => (None, Ok(())),
+        }
+    };
+    let replicated = async {
+        match (&shard.replicator, writes.is_empty()) {
+            (Some(replicator), false) => {
+                let replicated_started = Instant::now();
+                let outcome = replicator.commit(writes).await;
+                let metrics = &shard.metrics.shards[usize::from(shard.index)];
+                metrics.record_replica(
+                    u64::try_from(replicated_started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                );
+                Some(outcome)
+            }
+            _ => None,
+        }
+    };
+    let ((ticket, result), replicated) = futures_lite::future::zip(local, replicated).await;
+    let metrics = &shard.metrics.shards[usize::from(shard.index)];
+    if ticket.is_some() {
+        metrics.record_commit(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+    }
+    let (ready, unknown) = {
+        let mut core = shard.core.borrow_mut();
+        let unknown = match core.complete_round(unix_now(), ticket.as_ref(), result, replicated) {
+            Ok(unknown) => unknown,
+            Err(fatal) => fail_stop(&fatal),
+        };
+        if let Some(ticket) = &ticket {
+            shard
+                .control
+                .set_durable(shard.index, ticket.up_to_sequence);
+        }
+        metrics.set(Counter::AwaitingDurable, core.awaiting() as u64);
+        metrics.set(Counter::Flushes, core.stats().flushes);
+        publish_cluster(shard, &core);
+        if core.has_sessions() {
+            // Sessions that ended with this round freed their vPSDs for the next ones.
+            shard.work.notify();
+        }
+        (core.take_ready(), unknown)
+    };
+    if unknown {
+        // etcd did not say: give it a moment before the writes go again.
+        glommio::timer::sleep(REPLICA_RETRY_PAUSE).await;
+    }
+    ready
 }
 
 /// Hands answers to their connections, here or on the shard that received the request.

@@ -241,6 +241,52 @@ pub(super) async fn read_requests(
     }
 }
 
+/// Answers cluster-status and cluster-takeover from etcd, without holding up the shard.
+fn cluster_report(shard: &Rc<Shard>, request: Request, reply: ReplyTo) {
+    let Some(replicator) = &shard.replicator else {
+        deliver_local(
+            shard,
+            vec![(
+                reply,
+                Response::error(
+                    indicia_proto::ErrorCode::InvalidArgument,
+                    "this appliance is not in cluster mode (its configuration has no [cluster] \
+                     section)",
+                ),
+            )],
+        );
+        return;
+    };
+    let take_over_from = match request {
+        Request::ClusterTakeover { from } => Some(from),
+        _ => None,
+    };
+    let report = replicator.report(take_over_from);
+    let shard = Rc::clone(shard);
+    glommio::spawn_local(async move {
+        let response = match report.await {
+            Ok((taken, members)) => Response::Cluster {
+                taken,
+                appliances: members
+                    .into_iter()
+                    .map(|member| indicia_proto::ApplianceEntry {
+                        id: member.id,
+                        address: member.address,
+                        alive: member.alive,
+                        vpsds: member.vpsds,
+                    })
+                    .collect(),
+            },
+            Err(err) => Response::error(
+                indicia_proto::ErrorCode::ClusterUnavailable,
+                format!("cluster: {err}"),
+            ),
+        };
+        deliver_local(&shard, vec![(reply, response)]);
+    })
+    .detach();
+}
+
 /// Takes a request in flight for the frame at hand, waiting while the connection has its
 /// fill; requests held in the forwarder would never be answered meanwhile, so they go
 /// first.
@@ -263,6 +309,10 @@ fn dispatch(
         Request::Stats => {
             let report = shard.metrics.report();
             deliver_local(shard, vec![(reply, Response::Stats { entries: report })]);
+            return None;
+        }
+        Request::ClusterStatus | Request::ClusterTakeover { .. } => {
+            cluster_report(shard, request, reply);
             return None;
         }
         // A malformed indicium names no vPSD; any shard can say so.

@@ -1,0 +1,391 @@
+//! Cluster mode end to end: real `indiciad` appliances replicating to a real 3-member etcd
+//! on loopback (the Debian binary), all started and stopped by the test, bounded in time.
+//!
+//! - The owner is killed with SIGKILL: the survivor takes its vPSDs over and goes on from
+//!   the state in etcd; no piece number is issued twice and the registers account for
+//!   every acknowledged indicium.
+//! - A stopped owner (SIGSTOP past its lease) comes back as a zombie: it first refuses
+//!   (its lease may have expired), then, with a new lease, its commits are refused by the
+//!   fence; nothing it did after the takeover is acknowledged or charged.
+//! - The last acknowledged record of a killed owner is damaged, so that recovery cuts it
+//!   as a torn tail: the appliance notices that etcd is ahead and goes on from etcd's
+//!   piece count instead of issuing those piece numbers again.
+//! - A data directory lost whole: the appliance comes back empty and continues every vPSD
+//!   it owns from etcd.
+#![cfg(feature = "cluster")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use indicia_client::Client;
+use indicia_proto::{Algorithm, ErrorCode, Indicium, Request, Response};
+use support::etcd::EtcdCluster;
+use support::{item, write_config, Daemon};
+
+/// The lease's TTL in these tests: a dead appliance is taken over within about twice that.
+const LEASE_TTL_S: u64 = 2;
+/// How long anything the tests wait for may take.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One appliance of the test cluster: its directory, id, port and, while it runs, its
+/// process.
+struct Appliance {
+    dir: PathBuf,
+    port: u16,
+    config: PathBuf,
+    daemon: Option<Daemon>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Appliance {
+    fn new(root: &Path, id: &'static str, etcd: &EtcdCluster) -> Self {
+        let dir = root.join(id);
+        let port = free_port();
+        let extra = format!(
+            "[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\n\
+             lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n",
+            etcd.endpoints()
+        );
+        let config = write_config(&dir, &extra, &[]);
+        Self {
+            dir,
+            port,
+            config,
+            daemon: None,
+        }
+    }
+
+    /// A member of the same cluster as `seed`: the same master key, provider key and admin
+    /// credential (docs/CLUSTER.md), its own journals.
+    fn joining(root: &Path, id: &'static str, etcd: &EtcdCluster, seed: &Appliance) -> Self {
+        let appliance = Self::new(root, id, etcd);
+        appliance.copy_keys_from(seed);
+        appliance
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn copy_keys_from(&self, seed: &Appliance) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(self.data()).unwrap();
+        std::fs::set_permissions(self.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        for name in [
+            "master.key",
+            "provider.key",
+            "provider.pub",
+            "admin.credential",
+        ] {
+            let to = self.data().join(name);
+            std::fs::copy(seed.data().join(name), &to).unwrap();
+        }
+    }
+
+    fn start(&mut self) -> &Daemon {
+        assert!(self.daemon.is_none());
+        self.daemon = Some(Daemon::start_on(
+            &self.dir,
+            Some(&self.config),
+            &format!("127.0.0.1:{}", self.port),
+        ));
+        self.daemon()
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    fn kill(&mut self) {
+        self.daemon.take().unwrap().kill();
+    }
+
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.daemon().child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    fn stat(&self, name: &str) -> u64 {
+        let mut admin = self.daemon().admin();
+        admin
+            .stats()
+            .unwrap()
+            .into_iter()
+            .find(|entry| entry.name == name)
+            .map_or(0, |entry| entry.value)
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(daemon) = &self.daemon {
+            // A stopped process must be able to die.
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.child.id()).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
+
+/// Every indicium acknowledged so far, by (vPSD, piece number).
+#[derive(Default)]
+struct Acknowledged {
+    pieces: BTreeMap<(u64, u64), Indicium>,
+}
+
+impl Acknowledged {
+    fn record(&mut self, indicium: Indicium) {
+        let key = (indicium.payload.vpsd_id, indicium.payload.piece_number);
+        if let Some(earlier) = self.pieces.insert(key, indicium) {
+            assert_eq!(
+                earlier, indicium,
+                "piece {key:?} was acknowledged twice with different content"
+            );
+            panic!("piece {key:?} was acknowledged twice");
+        }
+    }
+
+    fn postage(&self, vpsd_id: u64) -> u64 {
+        self.pieces
+            .range((vpsd_id, 0)..=(vpsd_id, u64::MAX))
+            .map(|(_, indicium)| indicium.payload.postage_mills)
+            .sum()
+    }
+
+    fn last_piece(&self, vpsd_id: u64) -> u64 {
+        self.pieces
+            .range((vpsd_id, 0)..=(vpsd_id, u64::MAX))
+            .next_back()
+            .map_or(0, |((_, piece), _)| *piece)
+    }
+
+    /// The registers account for every acknowledged indicium, and for nothing else: no
+    /// session charged without being acknowledged (the tests sign one request at a time,
+    /// so nothing is in flight when they check).
+    fn check(&self, client: &mut Client, vpsd_id: u64, funded: u64) {
+        let status = client.status(vpsd_id).unwrap();
+        assert_eq!(
+            status.ascending_mills + status.descending_mills,
+            status.control_total_mills,
+            "AR + DR = CS"
+        );
+        assert_eq!(status.control_total_mills, funded);
+        assert_eq!(
+            status.ascending_mills,
+            self.postage(vpsd_id),
+            "AR is the postage of every acknowledged indicium of vPSD {vpsd_id}"
+        );
+        assert_eq!(status.piece_count, self.last_piece(vpsd_id));
+    }
+}
+
+fn sign(client: &mut Client, vpsd_id: u64, postage: u64) -> Result<Indicium, ErrorCode> {
+    match client.call(&Request::Sign {
+        vpsd_id,
+        item: item(postage),
+    }) {
+        Ok(Response::Signed { indicium }) => Ok(indicium),
+        Ok(Response::Error(body)) => Err(body.code),
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+/// Signs on `client` until `vpsd_id` answers, through the refusals a moving vPSD gives.
+fn sign_when_served(client: &mut Client, vpsd_id: u64, postage: u64) -> Indicium {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match sign(client, vpsd_id, postage) {
+            Ok(indicium) => return indicium,
+            Err(ErrorCode::UnknownVpsd | ErrorCode::VpsdMoved | ErrorCode::ClusterUnavailable) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "vPSD {vpsd_id} not served within {PATIENCE:?}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(code) => panic!("vPSD {vpsd_id}: {code}"),
+        }
+    }
+}
+
+const FUNDS: u64 = 10_000_000;
+
+#[test]
+fn a_killed_owner_is_taken_over_and_a_zombie_is_fenced() {
+    let etcd = EtcdCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let mut a1 = Appliance::new(root.path(), "a1", &etcd);
+    a1.start();
+    let mut a2 = Appliance::joining(root.path(), "a2", &etcd, &a1);
+    a2.start();
+    let vpsds = [11u64, 12, 13, 14];
+    for vpsd in vpsds {
+        a1.daemon()
+            .provision_funded(vpsd, Algorithm::EcdsaP256, FUNDS);
+    }
+    let mut acked = Acknowledged::default();
+    let mut client = a1.daemon().admin();
+    for round in 0..5u64 {
+        for vpsd in vpsds {
+            acked.record(sign(&mut client, vpsd, 100 + round).unwrap());
+        }
+    }
+    assert!(
+        a1.stat("cluster.writes") >= 20 + 8,
+        "every change went to etcd"
+    );
+    assert_eq!(a1.stat("cluster.vpsds_owned"), 4);
+    // a2 does not own them: it says where they are, or that it does not know them.
+    let mut on_a2 = a2.daemon().admin();
+    assert!(matches!(
+        sign(&mut on_a2, 11, 1),
+        Err(ErrorCode::UnknownVpsd | ErrorCode::VpsdMoved)
+    ));
+
+    // kill -9 the owner: a2 takes over and goes on from etcd's state.
+    a1.kill();
+    let killed = Instant::now();
+    acked.record(sign_when_served(&mut on_a2, 11, 200));
+    let failover = killed.elapsed();
+    eprintln!("failover: {failover:?} from kill -9 to the first acknowledged sign");
+    for vpsd in vpsds {
+        acked.record(sign_when_served(&mut on_a2, vpsd, 201));
+        acked.check(&mut on_a2, vpsd, FUNDS);
+    }
+    assert_eq!(a2.stat("cluster.adopted"), 4);
+
+    // The old owner comes back: its local vPSDs belong to a2 now, and it says so.
+    a1.start();
+    let mut on_a1 = a1.daemon().admin();
+    assert_eq!(sign(&mut on_a1, 12, 1), Err(ErrorCode::VpsdMoved));
+    assert!(a1.daemon().log_text().contains("released"));
+
+    // The zombie: a2 stops past its lease; a1 takes everything over meanwhile.
+    a2.signal(nix::sys::signal::Signal::SIGSTOP);
+    for vpsd in vpsds {
+        acked.record(sign_when_served(&mut on_a1, vpsd, 300));
+    }
+    a2.signal(nix::sys::signal::Signal::SIGCONT);
+    // On waking, a2 believes it owns the vPSDs. It refuses while its lease may have
+    // expired; once it has a new lease, its commit is refused by the fence, and the
+    // session it signed is void: nothing acknowledged, nothing charged.
+    let deadline = Instant::now() + PATIENCE;
+    let mut refusals = BTreeSet::new();
+    loop {
+        match sign(&mut on_a2, 13, 7) {
+            Err(ErrorCode::VpsdMoved) => break,
+            Err(code @ (ErrorCode::ClusterUnavailable | ErrorCode::UnknownVpsd)) => {
+                refusals.insert(code.name());
+            }
+            Ok(indicium) => panic!("the zombie signed and acknowledged {indicium:?}"),
+            Err(code) => panic!("{code}"),
+        }
+        assert!(Instant::now() < deadline, "the zombie was never fenced");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("the zombie refused with {refusals:?} before it was fenced");
+    assert!(
+        a2.stat("cluster.fenced") >= 1,
+        "the fence refused a stale commit"
+    );
+    assert_eq!(sign(&mut on_a2, 13, 7), Err(ErrorCode::VpsdMoved));
+    for vpsd in vpsds {
+        acked.record(sign(&mut on_a1, vpsd, 400).unwrap());
+        acked.check(&mut on_a1, vpsd, FUNDS);
+    }
+}
+
+/// The offset of the last record in a journal segment (its header's magic).
+fn last_record(segment: &[u8]) -> usize {
+    segment
+        .windows(4)
+        .rposition(|window| window == b"IREC")
+        .unwrap()
+}
+
+#[test]
+fn etcd_ahead_of_a_damaged_or_lost_journal_is_where_the_vpsd_goes_on() {
+    let etcd = EtcdCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let mut a1 = Appliance::new(root.path(), "a1", &etcd);
+    a1.start();
+    let vpsd = 21u64;
+    a1.daemon()
+        .provision_funded(vpsd, Algorithm::Ed25519, FUNDS);
+    let mut acked = Acknowledged::default();
+    let mut client = a1.daemon().admin();
+    for postage in 1..=10 {
+        acked.record(sign(&mut client, vpsd, postage).unwrap());
+    }
+    drop(client);
+
+    // kill -9, then damage the last acknowledged record (a session of the vPSD): recovery
+    // cuts it as a torn tail, and the local history ends one session early.
+    a1.kill();
+    let shard = indiciad::server::shard_of(vpsd, 2);
+    let shard_dir = a1.data().join(format!("shard-{shard:03}"));
+    let mut segments: Vec<PathBuf> = std::fs::read_dir(&shard_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "idj"))
+        .collect();
+    segments.sort();
+    let newest = segments.last().unwrap();
+    let mut bytes = std::fs::read(newest).unwrap();
+    let at = last_record(&bytes);
+    bytes[at + 48] ^= 0xff;
+    std::fs::write(newest, &bytes).unwrap();
+
+    a1.start();
+    let log = a1.daemon().log_text();
+    assert!(log.contains("torn tail"), "{log}");
+    assert!(log.contains("etcd is ahead"), "{log}");
+    let mut client = a1.daemon().admin();
+    acked.check(&mut client, vpsd, FUNDS);
+    let next = sign(&mut client, vpsd, 50).unwrap();
+    assert_eq!(
+        next.payload.piece_number, 11,
+        "no acknowledged piece number again"
+    );
+    acked.record(next);
+    drop(client);
+
+    // The whole data directory lost (the keys restored, as an operator would): the
+    // appliance comes back empty and goes on from etcd.
+    a1.kill();
+    for entry in std::fs::read_dir(a1.data()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            std::fs::remove_dir_all(&path).unwrap();
+        } else if ![
+            "master.key",
+            "provider.key",
+            "provider.pub",
+            "admin.credential",
+        ]
+        .iter()
+        .any(|keep| path.ends_with(keep))
+        {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    a1.start();
+    assert!(a1.daemon().log_text().contains("etcd is ahead"));
+    let mut client = a1.daemon().admin();
+    acked.check(&mut client, vpsd, FUNDS);
+    let next = sign(&mut client, vpsd, 60).unwrap();
+    assert_eq!(next.payload.piece_number, 12);
+    acked.record(next);
+    acked.check(&mut client, vpsd, FUNDS);
+}
