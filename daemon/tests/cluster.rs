@@ -253,6 +253,17 @@ fn a_killed_owner_is_taken_over_and_a_zombie_is_fenced() {
         Err(ErrorCode::UnknownVpsd | ErrorCode::VpsdMoved)
     ));
 
+    // The last request before the crash: its answer may never reach the client, which
+    // retries it at the next owner.
+    let last = Request::Sign {
+        vpsd_id: 11,
+        item: item(150),
+    };
+    let Ok(Response::Signed { indicium: original }) = client.call_with_id(4242, &last) else {
+        panic!("not signed")
+    };
+    acked.record(original);
+
     // kill -9 the owner: a2 takes over and goes on from etcd's state.
     a1.kill();
     let killed = Instant::now();
@@ -264,6 +275,15 @@ fn a_killed_owner_is_taken_over_and_a_zombie_is_fenced() {
         acked.check(&mut on_a2, vpsd, FUNDS);
     }
     assert_eq!(a2.stat("cluster.adopted"), 4);
+    // The retry, at the new owner: the original indicium's payload (ECDSA signs again, so
+    // only the signature differs, and it verifies), charged once (`check` above and below).
+    let Ok(Response::Signed { indicium: again }) = on_a2.call_with_id(4242, &last) else {
+        panic!("the retry was not answered with an indicium")
+    };
+    assert_eq!(again.payload, original.payload);
+    let (_, _, spki) = on_a2.public_key(11).unwrap();
+    assert!(support::verifies(&again, &spki));
+    acked.check(&mut on_a2, 11, FUNDS);
 
     // The old owner comes back: its local vPSDs belong to a2 now, and it says so.
     a1.start();

@@ -8,7 +8,9 @@ mod common;
 use common::{open, Workload, NOW};
 use indicia_proto::{Algorithm, AuthorizationKind};
 use indiciad::cluster::fence::Outcome;
+use indiciad::engine::SignJob;
 use indiciad::engine::{ClientTag, Record, ResetCause};
+use indiciad::store::codec::decode_replica;
 use indiciad::store::replica::{Owned, Settled};
 use indiciad::store::Store;
 
@@ -156,6 +158,7 @@ fn a_refused_first_attempt_voids_the_records_and_their_answers() {
             ResetCause::Voided {
                 local_version: before.version + 1,
             },
+            Vec::new(),
             &owned,
             NOW,
         )
@@ -206,4 +209,80 @@ fn a_fenced_write_moves_the_vpsd_and_a_refused_import_is_kept() {
     assert!(store.replica().unwrap().owns(1), "an import is sent again");
     assert!(!store.replica().unwrap().owns(2));
     assert_eq!(store.replica_round().unwrap().len(), 1);
+}
+
+/// A retry after a takeover: the new owner knows the request from the state etcd holds
+/// (without its indicia) and answers it with the original payloads, signed again (Ed25519:
+/// the very same bytes), charging nothing.
+#[test]
+fn the_next_owner_answers_a_retry_with_the_original_indicia_and_charges_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut owner, _) = open(dir.path(), 1 << 20);
+    owner.enable_replica("a1", 0);
+    let mut workload = Workload::new(5, 1);
+    provision(&mut owner, 1);
+    refill(&mut owner, 1, 1, 500_000);
+    let mut jobs: Vec<SignJob> = (0..3).map(|id| workload.sign_job(100 + id, 1)).collect();
+    let extra = jobs[0].items[0];
+    jobs[1].items.push(extra);
+    jobs[1].items[1].postage_mills = 999_999_999; // refused: above the postage limit
+    let prepared = owner.engine.prepare_session(NOW, 1, &jobs);
+    let original = prepared.answers.clone();
+    owner
+        .commit(Record::Session(prepared.record.unwrap()), NOW)
+        .unwrap();
+    let writes = owner.replica_round().unwrap();
+    let replicated = decode_replica(&writes[0].state, writes[0].keys.as_ref().unwrap()).unwrap();
+    assert_eq!(replicated.vpsd, *owner.engine.vpsd(1).unwrap());
+    assert_eq!(
+        replicated.recent.len(),
+        4,
+        "the refill and the three signs are remembered with the state"
+    );
+
+    let other = tempfile::tempdir().unwrap();
+    let (mut next, _) = open(other.path(), 1 << 20);
+    next.enable_replica("a2", 0);
+    next.commit_reset(
+        replicated.vpsd.clone(),
+        ResetCause::Adopted {
+            from: "a1".into(),
+            epoch: 10,
+        },
+        replicated.recent,
+        &Owned {
+            epoch: 20,
+            last: 21,
+        },
+        NOW,
+    )
+    .unwrap();
+    let retried = next.engine.prepare_session(NOW, 1, &jobs);
+    assert!(retried.record.is_none(), "nothing is charged again");
+    for (first, again) in original.iter().zip(&retried.answers) {
+        let (first, again) = (first.as_ref().unwrap(), again.as_ref().unwrap());
+        assert_eq!(first.len(), again.len());
+        for (first, again) in first.iter().zip(again) {
+            match (first, again) {
+                (Ok(first), Ok(again)) => assert_eq!(first, again, "Ed25519: the same bytes"),
+                (Err(first), Err(again)) => assert_eq!(first.code, again.code),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // Another request id with the same items is a new request; a reused id with other
+    // items is refused.
+    let mut reused = jobs[0].clone();
+    reused.items[0].postage_mills += 1;
+    let answers = next.engine.prepare_session(NOW, 1, &[reused]).answers;
+    assert!(matches!(
+        answers[0],
+        Err(indiciad::engine::EngineError::RequestIdReused { .. })
+    ));
+    drop(next);
+    // Recovery remembers them the same way.
+    let (next, _) = open(other.path(), 1 << 20);
+    let retried_again = next.engine.prepare_session(NOW, 1, &jobs);
+    assert!(retried_again.record.is_none());
+    assert_eq!(retried_again.answers, retried.answers);
 }

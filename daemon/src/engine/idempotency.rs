@@ -37,6 +37,13 @@ pub enum RememberedAnswer {
     Items(Arc<[ItemOutcome]>),
     /// A provider authorization that was applied (its registers are in the record).
     Provider,
+    /// A sign remembered by the cluster without its indicia (a vPSD taken over): the
+    /// retry's items give the same payloads again, to be signed again.
+    Resign {
+        key_serial: u32,
+        before: crate::engine::Registers,
+        outcomes: Arc<[Option<indicia_proto::ErrorCode>]>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +60,7 @@ impl Remembered {
     fn weight(&self) -> usize {
         match &self.answer {
             RememberedAnswer::Items(items) => items.len().max(1),
+            RememberedAnswer::Resign { outcomes, .. } => outcomes.len().max(1),
             RememberedAnswer::Provider => 1,
         }
     }

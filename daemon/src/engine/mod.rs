@@ -29,7 +29,8 @@ pub use error::{ApplyError, EngineError};
 pub use idempotency::{IdempotencyWindow, Remembered, RememberedAnswer, WindowSnapshot};
 pub use keys::{KeyBinding, MasterKey, PublicKey, SealedKey};
 pub use record::{
-    ClientTag, Fingerprint, ItemOutcome, JobRecord, Record, ResetCause, SessionRecord,
+    ClientTag, Fingerprint, ItemOutcome, JobRecord, RecentAnswer, RecentRequest, Record,
+    ResetCause, SessionRecord,
 };
 pub use registers::Registers;
 pub use session::{JobAnswer, PreparedSession, SessionMismatch, SignJob};
@@ -765,8 +766,35 @@ impl Engine {
                     answer: RememberedAnswer::Provider,
                 },
             ),
-            // The records after the state set here are void, and so are their answers.
-            Record::Reset { vpsd, .. } => self.window.forget_after(vpsd_id, vpsd.version),
+            // The records after the state set here are void, and so are their answers; the
+            // requests the cluster remembers are answered from here on.
+            Record::Reset { vpsd, recent, .. } => {
+                self.window.forget_after(vpsd_id, vpsd.version);
+                for request in recent {
+                    let answer = match &request.answer {
+                        RecentAnswer::Signed {
+                            key_serial,
+                            before,
+                            outcomes,
+                        } => RememberedAnswer::Resign {
+                            key_serial: *key_serial,
+                            before: *before,
+                            outcomes: outcomes.clone().into(),
+                        },
+                        RecentAnswer::Provider => RememberedAnswer::Provider,
+                    };
+                    self.window.insert(
+                        request.client,
+                        request.request_id,
+                        Remembered {
+                            vpsd_id,
+                            version: request.version,
+                            fingerprint: request.fingerprint,
+                            answer,
+                        },
+                    );
+                }
+            }
             _ => {}
         }
         self.window.end_record();

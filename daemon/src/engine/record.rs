@@ -124,6 +124,9 @@ pub enum Record {
         vpsd: Box<Vpsd>,
         cause: ResetCause,
         at_unix: u64,
+        /// The vPSD's most recent requests as the cluster holds them: their answers enter
+        /// the idempotency window (a retry after a takeover gets the original answer).
+        recent: Vec<RecentRequest>,
     },
     /// The vPSD left this appliance (cluster mode): another one owns it now, or it was
     /// never replicated. Its local state is dropped.
@@ -138,6 +141,91 @@ pub enum Record {
         replicated_version: u64,
         at_unix: u64,
     },
+}
+
+/// A request the cluster remembers with a vPSD's state, so that whichever appliance owns
+/// the vPSD next answers its retry as the original was answered, and charges it once.
+/// A sign is remembered without its indicia: the retry carries the same items (its
+/// fingerprint says so), so the same payloads follow from the registers before it, and
+/// they are signed again (docs/PROTOCOL.md section 5.3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecentRequest {
+    pub client: ClientTag,
+    pub request_id: u64,
+    pub fingerprint: Fingerprint,
+    /// The vPSD version of the record that carried it.
+    pub version: u64,
+    pub answer: RecentAnswer,
+}
+
+/// What a remembered request answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecentAnswer {
+    /// A sign or batch: the key that signed, the registers before its first item, and
+    /// each item's outcome (None: signed).
+    Signed {
+        key_serial: u32,
+        before: Registers,
+        outcomes: Vec<Option<ErrorCode>>,
+    },
+    /// An applied provider authorization.
+    Provider,
+}
+
+impl RecentRequest {
+    /// The requests a record answered, as the cluster remembers them.
+    pub fn of_record(record: &Record) -> Vec<Self> {
+        match record {
+            Record::Session(session) => {
+                let mut registers = session.before;
+                session
+                    .jobs
+                    .iter()
+                    .map(|job| {
+                        let before = registers;
+                        let outcomes = job
+                            .outcomes
+                            .iter()
+                            .map(|outcome| match outcome {
+                                ItemOutcome::Signed(indicium) => {
+                                    registers.ascending_mills = indicium.payload.ascending_mills;
+                                    registers.descending_mills = indicium.payload.descending_mills;
+                                    registers.piece_count = indicium.payload.piece_number;
+                                    None
+                                }
+                                ItemOutcome::Failed(code) => Some(*code),
+                            })
+                            .collect();
+                        Self {
+                            client: job.client,
+                            request_id: job.request_id,
+                            fingerprint: job.fingerprint,
+                            version: session.version,
+                            answer: RecentAnswer::Signed {
+                                key_serial: session.key_serial,
+                                before,
+                                outcomes,
+                            },
+                        }
+                    })
+                    .collect()
+            }
+            Record::Provider {
+                client,
+                request_id,
+                fingerprint,
+                version,
+                ..
+            } => vec![Self {
+                client: *client,
+                request_id: *request_id,
+                fingerprint: *fingerprint,
+                version: *version,
+                answer: RecentAnswer::Provider,
+            }],
+            _ => Vec::new(),
+        }
+    }
 }
 
 /// Why a vPSD's state was set from the cluster.

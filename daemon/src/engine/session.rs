@@ -10,7 +10,7 @@ use aws_lc_rs::rand::SystemRandom;
 use indicia_proto::{ErrorBody, Indicium, IndiciumPayload, MailingDate, SignItem};
 
 use super::idempotency::IdempotencyWindow;
-use super::keys::MasterKey;
+use super::keys::{MasterKey, SigningKey};
 use super::record::{ClientTag, Fingerprint, ItemOutcome, JobRecord, SessionRecord};
 use super::registers::{RegisterError, Registers};
 use super::vpsd::Vpsd;
@@ -175,6 +175,90 @@ fn build_payload(
     }
 }
 
+/// The vPSD's current signing key: the one the session loaded already, or unsealed now.
+fn current_key(
+    context: &SessionContext<'_>,
+    vpsd: &Vpsd,
+    loaded: &mut Option<SigningKey>,
+) -> Result<SigningKey, EngineError> {
+    if let Some(key) = loaded.take() {
+        return Ok(key);
+    }
+    let current = vpsd.current_key();
+    let Some(sealed) = &current.sealed else {
+        return Err(EngineError::Integrity(format!(
+            "vPSD {} has no sealed key",
+            vpsd.id
+        )));
+    };
+    Ok(context
+        .master
+        .load(vpsd.key_binding(current), sealed, &current.public)?)
+}
+
+/// What the cluster remembers of a sign: see [`RememberedAnswer::Resign`].
+struct Resign<'a> {
+    key_serial: u32,
+    before: Registers,
+    outcomes: &'a [Option<indicia_proto::ErrorCode>],
+}
+
+/// The answer to the retry of a sign the cluster remembers without its indicia (the vPSD
+/// was taken over): the same payloads, from the registers before it and the retry's own
+/// items (the fingerprint matched), signed again. Ed25519 gives the very same bytes; an
+/// ECDSA signature is randomized, so only the signature differs. Nothing is charged.
+fn resign(
+    context: &SessionContext<'_>,
+    vpsd: &Vpsd,
+    job: &SignJob,
+    remembered: Resign<'_>,
+    loaded: &mut Option<SigningKey>,
+) -> JobAnswer {
+    if remembered.outcomes.len() != job.items.len() {
+        return Err(EngineError::RequestIdReused {
+            request_id: job.request_id,
+        });
+    }
+    if remembered.key_serial != vpsd.current_key().serial {
+        return Err(EngineError::InvalidArgument(format!(
+            "request {} was signed with key {} of vPSD {}, rotated since: its indicia cannot \
+             be issued again",
+            job.request_id, remembered.key_serial, vpsd.id
+        )));
+    }
+    let key = current_key(context, vpsd, loaded)?;
+    let mut registers = remembered.before;
+    let mut answers = Vec::with_capacity(job.items.len());
+    let mut failure = None;
+    for (item, outcome) in job.items.iter().zip(remembered.outcomes) {
+        if let Some(code) = outcome {
+            answers.push(Err(ErrorBody::new(*code, "refused when first requested")));
+            continue;
+        }
+        let Ok(after) = registers.debit(item.postage_mills) else {
+            failure = Some(EngineError::InvalidArgument(format!(
+                "request {} as the cluster remembers it does not reconcile",
+                job.request_id
+            )));
+            break;
+        };
+        let payload = build_payload(context.config, vpsd, remembered.key_serial, item, &after);
+        match key.sign(context.rng, payload.signed_bytes().as_ref()) {
+            Ok(signature) => answers.push(Ok(Indicium { payload, signature })),
+            Err(err) => {
+                failure = Some(EngineError::from(err));
+                break;
+            }
+        }
+        registers = after;
+    }
+    *loaded = Some(key);
+    match failure {
+        Some(err) => Err(err),
+        None => Ok(answers),
+    }
+}
+
 /// Prepares one signing session for `vpsd` over `jobs`, changing nothing. The key is
 /// unsealed once (only if something is to be signed) and dropped, zeroized, on return.
 pub(super) fn prepare(
@@ -210,6 +294,21 @@ pub(super) fn prepare(
                 RememberedAnswer::Items(outcomes) if remembered.fingerprint == fingerprint => {
                     Ok(remembered_answer(outcomes))
                 }
+                RememberedAnswer::Resign {
+                    key_serial,
+                    before,
+                    outcomes,
+                } if remembered.fingerprint == fingerprint => resign(
+                    context,
+                    vpsd,
+                    job,
+                    Resign {
+                        key_serial: *key_serial,
+                        before: *before,
+                        outcomes,
+                    },
+                    &mut signing_key,
+                ),
                 _ => Err(EngineError::RequestIdReused {
                     request_id: job.request_id,
                 }),
@@ -245,24 +344,9 @@ pub(super) fn prepare(
                 }
             };
             // Loaded at the first item to sign, kept for the rest of the session.
-            let key = match signing_key.take() {
-                Some(key) => key,
-                None => {
-                    let Some(sealed) = &current.sealed else {
-                        let err =
-                            EngineError::Integrity(format!("vPSD {vpsd_id} has no sealed key"));
-                        return PreparedSession::refuse_all(jobs, &err);
-                    };
-                    match context
-                        .master
-                        .load(vpsd.key_binding(current), sealed, &current.public)
-                    {
-                        Ok(key) => key,
-                        Err(err) => {
-                            return PreparedSession::refuse_all(jobs, &EngineError::from(err))
-                        }
-                    }
-                }
+            let key = match current_key(context, vpsd, &mut signing_key) {
+                Ok(key) => key,
+                Err(err) => return PreparedSession::refuse_all(jobs, &err),
             };
             let payload = build_payload(context.config, vpsd, current.serial, item, &after);
             let signature = match key.sign(context.rng, payload.signed_bytes().as_ref()) {

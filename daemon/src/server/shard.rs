@@ -24,7 +24,7 @@ use super::handshake::ClientEntry;
 use crate::cluster::fence::{Outcome, StateWrite};
 use crate::cluster::{Adoption, ClusterError, Replicator};
 use crate::engine::{EngineError, JobAnswer, Record, ResetCause, SignJob};
-use crate::store::codec::decode_replica;
+use crate::store::codec::{decode_replica, Replicated};
 use crate::store::replica::{Owned, Settled};
 use crate::store::{FlushTicket, JournalError, Store, StoreError};
 
@@ -682,6 +682,7 @@ impl<R> ShardCore<R> {
                     .commit_reset(
                         *replicated,
                         ResetCause::Voided { local_version },
+                        Vec::new(),
                         &owned,
                         now_unix,
                     )
@@ -715,7 +716,11 @@ impl<R> ShardCore<R> {
 
     /// A vPSD this appliance took over: its state from etcd, journaled as a reset.
     pub fn adopt(&mut self, now_unix: u64, adoption: Adoption) -> Result<(), Fatal> {
-        let (vpsd, origin) = match decode_replica(&adoption.state.0, &adoption.keys) {
+        let Replicated {
+            vpsd,
+            origin,
+            recent,
+        } = match decode_replica(&adoption.state.0, &adoption.keys) {
             Ok(decoded) => decoded,
             Err(err) => {
                 tracing::error!(
@@ -749,6 +754,7 @@ impl<R> ShardCore<R> {
                 from: adoption.from,
                 epoch: adoption.epoch,
             },
+            recent,
             &owned,
             now_unix,
         ) {

@@ -14,8 +14,8 @@ use indicia_proto::{
 
 use crate::engine::keys::SEALED_KEY_BYTES;
 use crate::engine::{
-    Checkpoint, ClientTag, ItemOutcome, JobRecord, KeyEntry, PublicKey, Record, Registers,
-    ResetCause, SealedKey, SessionRecord, StoredState, Vpsd,
+    Checkpoint, ClientTag, ItemOutcome, JobRecord, KeyEntry, PublicKey, RecentAnswer,
+    RecentRequest, Record, Registers, ResetCause, SealedKey, SessionRecord, StoredState, Vpsd,
 };
 
 /// What the record kinds (the header's kind byte) mean; 7 is the journal's checkpoint.
@@ -45,6 +45,8 @@ pub const PUBLIC_KEY_BYTES_MAX: usize = 128;
 pub const INDICIUM_BYTES_MAX: usize = 160;
 /// Most keys of one vPSD in a checkpoint (a u16 count).
 pub const KEYS_MAX: usize = u16::MAX as usize;
+/// Most requests remembered with one vPSD's replicated state or reset (a u16 count).
+pub const RECENT_MAX: usize = u16::MAX as usize;
 /// Most item outcomes of one job (a u16 count).
 pub const OUTCOMES_MAX: usize = u16::MAX as usize;
 /// Most entries of any other list (a u32 count).
@@ -195,6 +197,34 @@ impl Encoder {
         self.vpsd_head(vpsd)?;
         self.keys(&vpsd.keys)
     }
+
+    /// The requests the cluster remembers with a vPSD (a reset, a replicated state).
+    fn recent(&mut self, recent: &[RecentRequest]) -> Result<(), CodecError> {
+        self.count16("recent", recent.len(), RECENT_MAX)?;
+        for request in recent {
+            self.u64(request.client.0);
+            self.u64(request.request_id);
+            self.put(&request.fingerprint);
+            self.u64(request.version);
+            match &request.answer {
+                RecentAnswer::Signed {
+                    key_serial,
+                    before,
+                    outcomes,
+                } => {
+                    self.u8(1);
+                    self.u32(*key_serial);
+                    self.registers(before);
+                    self.count16("recent.outcomes", outcomes.len(), OUTCOMES_MAX)?;
+                    for outcome in outcomes {
+                        self.u16(outcome.map_or(0, ErrorCode::wire));
+                    }
+                }
+                RecentAnswer::Provider => self.u8(2),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The header fields a record implies: kind, subject (its vPSD) and time.
@@ -298,7 +328,12 @@ pub fn encode_record(record: &Record, out: &mut Encoder) -> Result<(), CodecErro
                 out.outcomes(&job.outcomes)?;
             }
         }
-        Record::Reset { vpsd, cause, .. } => {
+        Record::Reset {
+            vpsd,
+            cause,
+            recent,
+            ..
+        } => {
             out.u8(cause.code());
             match cause {
                 ResetCause::Adopted { from, epoch } => {
@@ -310,6 +345,7 @@ pub fn encode_record(record: &Record, out: &mut Encoder) -> Result<(), CodecErro
                 }
             }
             out.vpsd(vpsd)?;
+            out.recent(recent)?;
         }
         Record::Release {
             owner,
@@ -559,6 +595,7 @@ pub fn decode_record(
                 vpsd: Box::new(vpsd),
                 cause,
                 at_unix,
+                recent: recent(&mut r)?,
             }
         }
         kind::RELEASE => Record::Release {
@@ -592,6 +629,7 @@ pub struct Origin {
 pub fn encode_replica_state(
     vpsd: &Vpsd,
     origin: &Origin,
+    recent: &[RecentRequest],
     out: &mut Encoder,
 ) -> Result<(), CodecError> {
     out.bytes.clear();
@@ -606,7 +644,7 @@ pub fn encode_replica_state(
     out.u16(origin.shard);
     out.u64(origin.sequence);
     out.put(&origin.digest);
-    Ok(())
+    out.recent(recent)
 }
 
 /// A vPSD's sealed keys (etcd's `keys` value).
@@ -618,8 +656,17 @@ pub fn encode_replica_keys(vpsd: &Vpsd, out: &mut Encoder) -> Result<(), CodecEr
     out.keys(&vpsd.keys)
 }
 
-/// A vPSD from its replicated state and keys, with the state's origin.
-pub fn decode_replica(state: &[u8], sealed: &[u8]) -> Result<(Vpsd, Origin), DecodeError> {
+/// A vPSD's replicated state, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replicated {
+    pub vpsd: Vpsd,
+    pub origin: Origin,
+    pub recent: Vec<RecentRequest>,
+}
+
+/// A vPSD from its replicated state and keys, with the state's origin and the requests
+/// remembered with it.
+pub fn decode_replica(state: &[u8], sealed: &[u8]) -> Result<Replicated, DecodeError> {
     let mut r = Reader::new(state);
     let format = r.u8()?;
     if format != REPLICA_FORMAT {
@@ -633,6 +680,7 @@ pub fn decode_replica(state: &[u8], sealed: &[u8]) -> Result<(Vpsd, Origin), Dec
         sequence: r.u64()?,
         digest: r.array()?,
     };
+    let recent = recent(&mut r)?;
     r.finish()?;
     let mut k = Reader::new(sealed);
     let format = k.u8()?;
@@ -653,7 +701,53 @@ pub fn decode_replica(state: &[u8], sealed: &[u8]) -> Result<(Vpsd, Origin), Dec
         return Err(bad("replica.key_count", 0, u64::from(key_count)));
     }
     vpsd.keys = keys.into();
-    Ok((vpsd, origin))
+    Ok(Replicated {
+        vpsd,
+        origin,
+        recent,
+    })
+}
+
+/// The requests remembered with a vPSD.
+fn recent(r: &mut Reader<'_>) -> Result<Vec<RecentRequest>, DecodeError> {
+    let count = usize::from(r.u16()?);
+    let mut out = Vec::with_capacity(count.min(r.remaining() / 41));
+    for _ in 0..count {
+        let client = ClientTag(r.u64()?);
+        let request_id = r.u64()?;
+        let fingerprint = r.array()?;
+        let version = r.u64()?;
+        let offset = r.position();
+        let answer = match r.u8()? {
+            1 => {
+                let key_serial = r.u32()?;
+                let before = registers(r)?;
+                let items = usize::from(r.u16()?);
+                let mut outcomes = Vec::with_capacity(items.min(r.remaining() / 2));
+                for _ in 0..items {
+                    outcomes.push(match r.u16()? {
+                        0 => None,
+                        code => Some(ErrorCode::from_wire(code)),
+                    });
+                }
+                RecentAnswer::Signed {
+                    key_serial,
+                    before,
+                    outcomes,
+                }
+            }
+            2 => RecentAnswer::Provider,
+            other => return Err(bad("recent.kind", offset, u64::from(other))),
+        };
+        out.push(RecentRequest {
+            client,
+            request_id,
+            fingerprint,
+            version,
+            answer,
+        });
+    }
+    Ok(out)
 }
 
 /// A vPSD without its keys (which it gets empty).

@@ -27,7 +27,7 @@ use std::path::Path;
 use thiserror::Error;
 
 use crate::cluster::fence::{Outcome, StateWrite};
-use crate::engine::{ApplyError, Engine, Record, ResetCause, Vpsd};
+use crate::engine::{ApplyError, Engine, RecentRequest, Record, ResetCause, Vpsd};
 use crate::journal::{ChainKey, Journal, JournalConfig};
 /// What one commit round must make durable, and the journal's errors (a failed flush is
 /// fatal): the server's view of durability, through the store.
@@ -227,23 +227,26 @@ impl Store {
         }
     }
 
-    /// Sets a vPSD's state from the cluster (a reset record) and records it as owned under
-    /// `owned`, with nothing to write.
+    /// Sets a vPSD's state from the cluster (a reset record, with the requests the cluster
+    /// remembers of it) and records it as owned under `owned`, with nothing to write.
     pub fn commit_reset(
         &mut self,
         vpsd: Vpsd,
         cause: ResetCause,
+        recent: Vec<RecentRequest>,
         owned: &Owned,
         now_unix: u64,
     ) -> Result<u64, StoreError> {
+        let remembered = recent.clone();
         let record = Record::Reset {
             vpsd: Box::new(vpsd.clone()),
             cause,
             at_unix: now_unix,
+            recent,
         };
         let sequence = self.commit(record, now_unix)?;
         if let Some(book) = &mut self.replica {
-            book.adopt(&vpsd, owned, sequence);
+            book.adopt(&vpsd, owned, remembered, sequence);
         }
         Ok(sequence)
     }

@@ -16,14 +16,20 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::cluster::fence::{Outcome, StateWrite};
-use crate::engine::{Engine, Record, Vpsd};
+use crate::engine::{Engine, RecentRequest, Record, Vpsd};
 
 use super::codec::{encode_replica_keys, encode_replica_state, CodecError, Encoder, Origin};
+
+/// The most requests a replicated state remembers: those of the vPSD's last two writes, at
+/// most this many (the newest).
+pub const RECENT_REQUESTS_MAX: usize = 1024;
 
 /// A write sent to etcd whose outcome is not known yet.
 #[derive(Debug, Clone)]
 struct Sent {
     vpsd: Vpsd,
+    /// The requests of the records it covers (remembered with the next write too).
+    recent: Vec<RecentRequest>,
     state: Vec<u8>,
     keys: Option<Vec<u8>>,
     /// Attempts so far (more than one: an earlier one's outcome was unknown).
@@ -54,6 +60,9 @@ struct Entry {
     /// A vPSD of the appliance's single-node past, written to etcd at its first cluster
     /// start: a refusal does not void it, it is sent again.
     imported: bool,
+    /// The requests of the last write etcd holds, and of the records since.
+    recent_written: Vec<RecentRequest>,
+    recent_new: Vec<RecentRequest>,
 }
 
 /// How a write ended, for the shard.
@@ -167,18 +176,21 @@ impl ReplicaBook {
             sent: None,
             after_sent: None,
             imported: false,
+            recent_written: Vec::new(),
+            recent_new: Vec::new(),
         }
     }
 
     /// A vPSD whose state etcd holds as `replicated`, owned under `owned` (at start, or
     /// taken over): nothing to write.
-    pub fn adopt(&mut self, vpsd: &Vpsd, owned: &Owned, sequence: u64) {
+    pub fn adopt(&mut self, vpsd: &Vpsd, owned: &Owned, recent: Vec<RecentRequest>, sequence: u64) {
         self.forget(vpsd.id);
         let mut entry = Self::fresh(&self.appliance, self.shard, sequence);
         entry.epoch = owned.epoch;
         entry.last = owned.last;
         entry.replicated = Some(vpsd.clone());
         entry.keys_dirty = false;
+        entry.recent_written = recent;
         self.vpsds.insert(vpsd.id, entry);
     }
 
@@ -212,6 +224,9 @@ impl ReplicaBook {
         if matches!(record, Record::Provision { .. }) && !self.vpsds.contains_key(&vpsd_id) {
             self.vpsds
                 .insert(vpsd_id, Self::fresh(&self.appliance, self.shard, sequence));
+        }
+        if let Some(entry) = self.vpsds.get_mut(&vpsd_id) {
+            entry.recent_new.extend(RecentRequest::of_record(record));
         }
         self.mark(vpsd_id, sequence, keys, digest);
     }
@@ -250,7 +265,17 @@ impl ReplicaBook {
                     let Some(vpsd) = engine.vpsd(vpsd_id) else {
                         continue;
                     };
-                    encode_replica_state(vpsd, &entry.origin, &mut self.scratch)?;
+                    let covered = std::mem::take(&mut entry.recent_new);
+                    let mut recent: Vec<RecentRequest> = entry
+                        .recent_written
+                        .iter()
+                        .chain(&covered)
+                        .cloned()
+                        .collect();
+                    if recent.len() > RECENT_REQUESTS_MAX {
+                        recent.drain(..recent.len() - RECENT_REQUESTS_MAX);
+                    }
+                    encode_replica_state(vpsd, &entry.origin, &recent, &mut self.scratch)?;
                     let state = self.scratch.bytes.clone();
                     let keys = if entry.keys_dirty {
                         encode_replica_keys(vpsd, &mut self.scratch)?;
@@ -262,6 +287,7 @@ impl ReplicaBook {
                     entry.after_sent = None;
                     Sent {
                         vpsd: vpsd.clone(),
+                        recent: covered,
                         state,
                         keys,
                         attempts: 0,
@@ -312,6 +338,7 @@ impl ReplicaBook {
                     entry.epoch = epoch;
                     entry.last = revision;
                     entry.replicated = Some(sent.vpsd);
+                    entry.recent_written = sent.recent;
                     entry.imported = false;
                     self.pending.remove(&(since, vpsd_id));
                     entry.pending_since = entry.after_sent.take();
@@ -375,6 +402,7 @@ impl ReplicaBook {
             entry.sent = None;
             entry.after_sent = None;
             entry.keys_dirty = false;
+            entry.recent_new.clear();
         }
     }
 }
@@ -443,7 +471,11 @@ pub fn reconcile(
         let local_version = store.engine.vpsd(vpsd_id).map_or(0, |vpsd| vpsd.version);
         match (stored.owner, stored.state, stored.keys) {
             (Some((owner, epoch)), Some((state, revision)), Some(keys)) if owner == me => {
-                let (replicated, _) = super::codec::decode_replica(&state, &keys)
+                let super::codec::Replicated {
+                    vpsd: replicated,
+                    recent,
+                    ..
+                } = super::codec::decode_replica(&state, &keys)
                     .map_err(|source| ReconcileError::Decode { vpsd_id, source })?;
                 let owned = Owned {
                     epoch,
@@ -464,13 +496,14 @@ pub fn reconcile(
                         }
                         let sequence = store.journal.last_sequence();
                         if let Some(book) = store.replica_mut() {
-                            book.adopt(&replicated, &owned, sequence);
+                            book.adopt(&replicated, &owned, recent, sequence);
                         }
                     }
                     Some(mine) if mine.version > theirs => {
                         store.commit_reset(
                             replicated,
                             ResetCause::Voided { local_version },
+                            recent,
                             &owned,
                             now_unix,
                         )?;
@@ -480,6 +513,7 @@ pub fn reconcile(
                         store.commit_reset(
                             replicated,
                             ResetCause::Behind { local_version },
+                            recent,
                             &owned,
                             now_unix,
                         )?;
