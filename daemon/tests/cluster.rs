@@ -18,125 +18,17 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indicia_client::Client;
 use indicia_proto::{Algorithm, ErrorCode, Indicium, Request, Response};
+use support::cluster::Appliance;
 use support::etcd::EtcdCluster;
-use support::{item, write_config, Daemon};
+use support::item;
 
-/// The lease's TTL in these tests: a dead appliance is taken over within about twice that.
-const LEASE_TTL_S: u64 = 2;
 /// How long anything the tests wait for may take.
 const PATIENCE: Duration = Duration::from_secs(60);
-
-/// One appliance of the test cluster: its directory, id, port and, while it runs, its
-/// process.
-struct Appliance {
-    dir: PathBuf,
-    port: u16,
-    config: PathBuf,
-    daemon: Option<Daemon>,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Appliance {
-    fn new(root: &Path, id: &'static str, etcd: &EtcdCluster) -> Self {
-        let dir = root.join(id);
-        let port = free_port();
-        let extra = format!(
-            "[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\n\
-             lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n",
-            etcd.endpoints()
-        );
-        let config = write_config(&dir, &extra, &[]);
-        Self {
-            dir,
-            port,
-            config,
-            daemon: None,
-        }
-    }
-
-    /// A member of the same cluster as `seed`: the same master key, provider key and admin
-    /// credential (docs/CLUSTER.md), its own journals.
-    fn joining(root: &Path, id: &'static str, etcd: &EtcdCluster, seed: &Appliance) -> Self {
-        let appliance = Self::new(root, id, etcd);
-        appliance.copy_keys_from(seed);
-        appliance
-    }
-
-    fn data(&self) -> PathBuf {
-        self.dir.join("data")
-    }
-
-    fn copy_keys_from(&self, seed: &Appliance) {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(self.data()).unwrap();
-        std::fs::set_permissions(self.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        for name in [
-            "master.key",
-            "provider.key",
-            "provider.pub",
-            "admin.credential",
-        ] {
-            let to = self.data().join(name);
-            std::fs::copy(seed.data().join(name), &to).unwrap();
-        }
-    }
-
-    fn start(&mut self) -> &Daemon {
-        assert!(self.daemon.is_none());
-        self.daemon = Some(Daemon::start_on(
-            &self.dir,
-            Some(&self.config),
-            &format!("127.0.0.1:{}", self.port),
-        ));
-        self.daemon()
-    }
-
-    fn daemon(&self) -> &Daemon {
-        self.daemon.as_ref().unwrap()
-    }
-
-    fn kill(&mut self) {
-        self.daemon.take().unwrap().kill();
-    }
-
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.daemon().child.id()).unwrap());
-        nix::sys::signal::kill(pid, signal).unwrap();
-    }
-
-    fn stat(&self, name: &str) -> u64 {
-        let mut admin = self.daemon().admin();
-        admin
-            .stats()
-            .unwrap()
-            .into_iter()
-            .find(|entry| entry.name == name)
-            .map_or(0, |entry| entry.value)
-    }
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        if let Some(daemon) = &self.daemon {
-            // A stopped process must be able to die.
-            let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.child.id()).unwrap());
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
-        }
-    }
-}
 
 /// Every indicium acknowledged so far, by (vPSD, piece number).
 #[derive(Default)]

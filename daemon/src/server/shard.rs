@@ -92,6 +92,8 @@ pub struct ShardCore<R> {
     replicator: Option<Arc<dyn Replicator>>,
     /// vPSDs that left this appliance, and where they went (for `vpsd-moved`).
     moved: HashMap<u64, String>,
+    /// The last replicated round's failure, logged once while it repeats.
+    last_replica_error: Option<String>,
     /// Sessions whose record is journaled but not yet durable: (sequence, vPSD). Their
     /// vPSD takes no new session until then.
     committing: VecDeque<(u64, u64)>,
@@ -138,6 +140,7 @@ impl<R> ShardCore<R> {
             awaiting: VecDeque::new(),
             replicator,
             moved,
+            last_replica_error: None,
             committing: VecDeque::new(),
             ready: Vec::new(),
             stats: ShardStats::default(),
@@ -587,8 +590,8 @@ impl<R> ShardCore<R> {
 
     /// Records a round's outcome: the local flush's (a failure is fatal) and etcd's. Writes
     /// the fence refused void their vPSD's records and answers; writes whose outcome is
-    /// unknown are sent again next round. Returns whether etcd's outcome was unknown (the
-    /// caller waits a little before the next round).
+    /// unknown are sent again next round. Returns whether etcd's outcome was unknown or a
+    /// refusal (the caller waits a little before the next round).
     pub fn complete_round(
         &mut self,
         now_unix: u64,
@@ -605,6 +608,7 @@ impl<R> ShardCore<R> {
             self.stats.replica_rounds += 1;
             let outcomes = match replicated {
                 Ok(outcomes) => {
+                    self.last_replica_error = None;
                     self.stats.replica_writes += outcomes.len() as u64;
                     unknown = outcomes
                         .iter()
@@ -612,8 +616,12 @@ impl<R> ShardCore<R> {
                     Ok(outcomes)
                 }
                 Err(err) => {
-                    tracing::warn!("replicated commit failed: {err}");
-                    unknown = !err.refused();
+                    let text = err.to_string();
+                    if self.last_replica_error.as_deref() != Some(text.as_str()) {
+                        tracing::warn!("replicated commit failed: {text}");
+                        self.last_replica_error = Some(text);
+                    }
+                    unknown = true;
                     Err(err.refused())
                 }
             };

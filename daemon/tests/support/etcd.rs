@@ -138,6 +138,56 @@ impl EtcdCluster {
         std::fs::read_to_string(self.dir.path().join(format!("{name}.log"))).unwrap_or_default()
     }
 
+    /// The index of the member that is the leader now, if one says so: each member's
+    /// status (the v3 JSON gateway, `POST /v3/maintenance/status`) names the leader's id
+    /// and its own.
+    pub fn leader(&self) -> Option<usize> {
+        for (index, member) in self.members.iter().enumerate() {
+            if member.child.is_none() {
+                continue;
+            }
+            let Ok(mut stream) =
+                TcpStream::connect_timeout(&member.client, Duration::from_millis(500))
+            else {
+                continue;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let request = "POST /v3/maintenance/status HTTP/1.0\r\nHost: localhost\r\n\
+                           Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}";
+            if stream.write_all(request.as_bytes()).is_err() {
+                continue;
+            }
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer);
+            let Some(body) = answer.split("\r\n\r\n").nth(1) else {
+                continue;
+            };
+            let Ok(status) = serde_json::from_str::<serde_json::Value>(body) else {
+                continue;
+            };
+            let own = status["header"]["member_id"].as_str();
+            if own.is_some() && own == status["leader"].as_str() {
+                return Some(index);
+            }
+        }
+        None
+    }
+
+    /// kill -9 of one member (its data stays).
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts a killed member again on its data.
+    pub fn restart(&mut self, index: usize) {
+        if self.members[index].child.is_none() {
+            self.spawn(index);
+        }
+    }
+
     /// Sends `signal` to every member (SIGSTOP: etcd stops answering; SIGCONT: it goes on).
     pub fn signal_all(&self, signal: nix::sys::signal::Signal) {
         for member in &self.members {

@@ -2,6 +2,7 @@
 //! loopback on a port the kernel picks, and the real client.
 #![allow(dead_code, clippy::unwrap_used, clippy::print_stderr)] // each test binary uses part of this
 
+pub mod cluster;
 pub mod etcd;
 
 use std::io::{BufRead, BufReader};
@@ -135,14 +136,36 @@ impl Daemon {
 
     /// [`Daemon::start`] on the address `listen`.
     pub fn start_on(dir: &Path, config: Option<&Path>, listen: &str) -> Self {
-        let mut command = Command::new(BIN);
+        let mut command = match std::env::var_os("INDICIA_TEST_GDB") {
+            Some(log) => {
+                let mut gdb = Command::new("gdb");
+                gdb.args([
+                    "-batch",
+                    "-ex",
+                    "run",
+                    "-ex",
+                    "thread apply all bt 30",
+                    "-ex",
+                    "quit",
+                ])
+                .arg("--args")
+                .arg(BIN)
+                .env("GDB_LOG", log);
+                gdb
+            }
+            None => Command::new(BIN),
+        };
         command
             .arg("--data-dir")
             .arg(dir.join("data"))
             .args(["--listen", listen, "--shards", "2"])
             .env("INDICIA_LOG", "info")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if std::env::var_os("INDICIA_TEST_GDB").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::piped());
         if let Some(config) = config {
             command.arg("--config").arg(config);

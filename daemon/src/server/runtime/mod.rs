@@ -583,13 +583,18 @@ fn publish_cluster(shard: &Shard, core: &ShardCore<ReplyTo>) {
     );
 }
 
-/// How long a round waits before the next one when etcd's outcome was unknown.
+/// How long a round waits before the next one when etcd's outcome was unknown or etcd
+/// refused it.
 const REPLICA_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 async fn flush(shard: Rc<Shard>, round: Round) {
     let ready = run_round(&shard, round).await;
     shard.flush_in_flight.set(false);
     deliver(&shard, ready);
+    // glommio runs a spawned task at once, inside `spawn_local`: a round that completes
+    // without waiting (etcd refused it on the spot) would start the next one inside this
+    // one, deeper and deeper. Yielding first ends this task before the next begins.
+    futures_lite::future::yield_now().await;
     // Records appended while this round ran need the next one.
     start_flush(&shard);
 }
@@ -654,7 +659,7 @@ async fn run_round(shard: &Rc<Shard>, round: Round) -> Vec<(ReplyTo, Response)> 
         (core.take_ready(), unknown)
     };
     if unknown {
-        // etcd did not say: give it a moment before the writes go again.
+        // etcd did not say, or refused: give it a moment before the writes go again.
         glommio::timer::sleep(REPLICA_RETRY_PAUSE).await;
     }
     ready

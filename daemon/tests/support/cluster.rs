@@ -1,0 +1,147 @@
+//! Appliances of a test cluster: `indiciad` processes with a `[cluster]` section, sharing
+//! one master key, replicating to the test's etcd members.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+use super::etcd::EtcdCluster;
+use super::{write_config, Daemon};
+
+/// The lease's TTL in these tests: a dead appliance is taken over within about twice that.
+pub const LEASE_TTL_S: u64 = 2;
+
+/// What every member of a cluster shares, and an operator restores after a data loss.
+pub const KEY_FILES: [&str; 4] = [
+    "master.key",
+    "provider.key",
+    "provider.pub",
+    "admin.credential",
+];
+
+/// One appliance of the test cluster: its directory, id, port and, while it runs, its
+/// process.
+pub struct Appliance {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub config: PathBuf,
+    pub daemon: Option<Daemon>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Appliance {
+    pub fn new(root: &Path, id: &'static str, etcd: &EtcdCluster) -> Self {
+        let dir = root.join(id);
+        let port = free_port();
+        let extra = format!(
+            "[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\n\
+             lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n",
+            etcd.endpoints()
+        );
+        let config = write_config(&dir, &extra, &[]);
+        Self {
+            dir,
+            port,
+            config,
+            daemon: None,
+        }
+    }
+
+    /// A member of the same cluster as `seed`: the same master key, provider key and admin
+    /// credential (docs/CLUSTER.md), its own journals.
+    pub fn joining(root: &Path, id: &'static str, etcd: &EtcdCluster, seed: &Appliance) -> Self {
+        let appliance = Self::new(root, id, etcd);
+        appliance.copy_keys_from(seed);
+        appliance
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn copy_keys_from(&self, seed: &Appliance) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::create_dir_all(self.data()).unwrap();
+        std::fs::set_permissions(self.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        for name in KEY_FILES {
+            let to = self.data().join(name);
+            std::fs::copy(seed.data().join(name), &to).unwrap();
+        }
+    }
+
+    pub fn start(&mut self) -> &Daemon {
+        assert!(self.daemon.is_none());
+        self.daemon = Some(Daemon::start_on(
+            &self.dir,
+            Some(&self.config),
+            &format!("127.0.0.1:{}", self.port),
+        ));
+        self.daemon()
+    }
+
+    pub fn daemon(&self) -> &Daemon {
+        self.daemon.as_ref().unwrap()
+    }
+
+    pub fn kill(&mut self) {
+        self.daemon.take().unwrap().kill();
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.daemon.is_some()
+    }
+
+    /// The data directory lost, all but the keys an operator restores (the appliance must
+    /// not run).
+    pub fn lose_data(&self) {
+        assert!(self.daemon.is_none());
+        for entry in std::fs::read_dir(self.data()).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path).unwrap();
+            } else if !KEY_FILES.iter().any(|keep| path.ends_with(keep)) {
+                std::fs::remove_file(&path).unwrap();
+            }
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.daemon().child.id()).unwrap());
+        nix::sys::signal::kill(pid, signal).unwrap();
+    }
+
+    /// One entry of the appliance's stats (0 when it is not there).
+    pub fn stat(&self, name: &str) -> u64 {
+        let daemon = self.daemon();
+        let mut admin = indicia_client::Client::connect(daemon.addr, &daemon.admin_credential())
+            .unwrap_or_else(|err| {
+                panic!(
+                    "appliance at {} does not answer ({err}); its log:\n{}",
+                    daemon.addr,
+                    daemon.log_text()
+                )
+            });
+        admin
+            .stats()
+            .unwrap()
+            .into_iter()
+            .find(|entry| entry.name == name)
+            .map_or(0, |entry| entry.value)
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        if let Some(daemon) = &self.daemon {
+            // A stopped process must be able to die.
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.child.id()).unwrap());
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+}
