@@ -42,7 +42,8 @@ use support::etcd::EtcdCluster;
 use support::{item, now_unix};
 
 const VPSDS: [u64; 6] = [101, 102, 103, 104, 105, 106];
-const FUNDS: u64 = 50_000_000;
+/// Enough for every sign of a long run (postage up to 10 000 mills each).
+const FUNDS: u64 = 1_000_000_000_000;
 const APPLIANCES: usize = 3;
 
 /// What happened to one operation.
@@ -95,9 +96,10 @@ fn signer(
     while !stop.load(Ordering::Relaxed) {
         let vpsd = VPSDS[rng.below(VPSDS.len() as u64) as usize];
         let items = 1 + rng.below(2) as usize;
-        // Unique amounts, so that the checker can tell which unknown operations count.
+        // Amounts that differ from one request to the next (the checker looks for the set of
+        // unknown operations that makes up the registers).
         let postages: Vec<u64> = (0..items)
-            .map(|_| 1 + postage.fetch_add(1, Ordering::Relaxed) % 99_999)
+            .map(|_| 1 + postage.fetch_add(1, Ordering::Relaxed) % 9_999)
             .collect();
         let request = if items == 1 {
             Request::Sign {

@@ -35,12 +35,22 @@ impl Appliance {
         data_dir: &Path,
         config: Option<&Path>,
     ) -> Result<Self, LoadError> {
+        Self::spawn_on(exe, data_dir, config, "127.0.0.1:0")
+    }
+
+    /// Like [`Appliance::spawn_with`], listening on `listen`.
+    pub fn spawn_on(
+        exe: &Path,
+        data_dir: &Path,
+        config: Option<&Path>,
+        listen: &str,
+    ) -> Result<Self, LoadError> {
         let mut command = Command::new(exe);
         command
             .arg("appliance")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -109,6 +119,12 @@ impl Appliance {
 
     pub fn provider_key(&self) -> PathBuf {
         self.data_dir.join("provider.key")
+    }
+
+    /// kill -9, and the wait for it to be gone.
+    pub fn kill(mut self) -> Result<ExitStatus, LoadError> {
+        self.child.kill()?;
+        Ok(self.child.wait()?)
     }
 
     /// SIGTERM, and the exit status once it has drained and stopped.

@@ -15,6 +15,8 @@
 //!   same run.
 
 pub mod appliance;
+#[cfg(feature = "cluster")]
+pub mod cluster_demo;
 pub mod funding;
 pub mod pacing;
 #[cfg(feature = "softhsm")]

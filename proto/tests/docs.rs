@@ -51,6 +51,8 @@ fn every_opcode_is_documented_once() {
         (opcode::WITHDRAW, "withdraw"),
         (opcode::ROTATE_KEY, "rotate-key"),
         (opcode::STATS, "stats"),
+        (opcode::CLUSTER_STATUS, "cluster-status"),
+        (opcode::CLUSTER_TAKEOVER, "cluster-takeover"),
         (opcode::CHALLENGE, "challenge"),
         (opcode::WELCOME, "welcome"),
         (opcode::SIGNED, "signed"),
@@ -60,6 +62,7 @@ fn every_opcode_is_documented_once() {
         (opcode::VERIFIED, "verified"),
         (opcode::WITHDRAWN, "withdrawn"),
         (opcode::STATS_REPORT, "stats-report"),
+        (opcode::CLUSTER_REPORT, "cluster-report"),
         (opcode::ERROR, "error"),
     ]
     .into_iter()

@@ -126,6 +126,17 @@ pub enum Command {
     },
 }
 
+/// An appliance id as the protocol carries it: 1 to 64 bytes.
+fn appliance_id(text: &str) -> Result<String, String> {
+    if text.is_empty() || text.len() > indicia_proto::message::APPLIANCE_ID_BYTES_MAX {
+        return Err(format!(
+            "an appliance id has 1 to {} bytes",
+            indicia_proto::message::APPLIANCE_ID_BYTES_MAX
+        ));
+    }
+    Ok(text.to_owned())
+}
+
 #[derive(Debug, Subcommand)]
 pub enum ClusterCommand {
     /// Every appliance that joined: id, address, whether it is alive, how many vPSDs it
@@ -135,7 +146,7 @@ pub enum ClusterCommand {
     /// retired; a dead one is taken over by itself once its lease expires).
     Takeover {
         /// The appliance whose vPSDs move.
-        #[arg(long, value_name = "ID")]
+        #[arg(long, value_name = "ID", value_parser = appliance_id)]
         from: String,
     },
 }

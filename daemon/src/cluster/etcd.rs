@@ -55,6 +55,11 @@ pub struct EtcdConfig {
 /// Where the vPSDs this appliance takes over go.
 pub type Adopter = Box<dyn Fn(Vec<Adoption>) + Send>;
 
+/// The most members, and the longest address, one cluster report holds (the protocol's
+/// `cluster-report` bounds).
+const MEMBERS_REPORTED_MAX: usize = 1024;
+const ADDRESS_REPORTED_MAX: usize = 128;
+
 /// The most keys one range read returns (the sweep and the loads page through larger sets).
 const PAGE: i64 = 1000;
 
@@ -448,8 +453,16 @@ fn run(
                 _ = sweep.tick(), if adopter.is_some() && lease.may_commit() => {
                     if let Some(adopter) = &adopter {
                         match sweep_dead(&mut client, &keys, me).await {
-                            Ok(adopted) if !adopted.is_empty() => adopter(adopted),
-                            Ok(_) => {}
+                            Ok((adopted, more)) => {
+                                if !adopted.is_empty() {
+                                    adopter(adopted);
+                                }
+                                if more {
+                                    // The next step soon, after the lease's renewal had
+                                    // its chance.
+                                    sweep.reset_after(ttl / 10);
+                                }
+                            }
                             Err(err) => tracing::warn!("etcd: takeover sweep failed: {err}"),
                         }
                     }
@@ -459,13 +472,19 @@ fn run(
                     match command {
                         Command::StartTakeover { adopter: new } => adopter = Some(new),
                         Command::Takeover { from, reply } => {
-                            let taken = by_hand(&mut client, &keys, me, &from, adopter.as_ref()).await;
+                            let renewal = Renewal { session: &mut session, lease: &lease, ttl };
+                            let taken =
+                                by_hand(&mut client, &keys, me, &from, adopter.as_ref(), renewal)
+                                    .await;
                             let _ = reply.send(taken);
                         }
                         Command::Report { take_over_from, reply } => {
                             let mut taken = 0;
                             if let Some(from) = take_over_from {
-                                match by_hand(&mut client, &keys, me, &from, adopter.as_ref()).await {
+                                let renewal = Renewal { session: &mut session, lease: &lease, ttl };
+                                match by_hand(&mut client, &keys, me, &from, adopter.as_ref(), renewal)
+                                    .await
+                                {
                                     Ok(count) => taken = u32::try_from(count).unwrap_or(u32::MAX),
                                     Err(err) => {
                                         let _ = reply.send(Err(err));
@@ -966,23 +985,42 @@ async fn release(
     Ok(response.succeeded())
 }
 
-/// Takes over the vPSDs of `from` (those whose successor among `live` is this appliance,
-/// or all of them without `live`): claims each, and returns those claimed with their state.
+/// The most vPSDs one step of a takeover claims: between steps the lease is renewed, so
+/// that taking over thousands of vPSDs never makes the successor lose its own lease.
+const TAKEOVER_STEP: usize = 256;
+
+/// Takes over at most `limit` vPSDs of `from` (those whose successor among `live` is this
+/// appliance, or all of them without `live`): claims each, and returns those claimed with
+/// their state, and whether some are left. A claim that fails ends the step with what it
+/// has (the rest stay in the index for the next one).
 async fn take_over(
     client: &mut Client,
     keys: &Keys,
     me: &str,
     from: &str,
     live: Option<&[String]>,
-) -> Result<Vec<Adoption>, ClusterError> {
+    limit: usize,
+) -> Result<(Vec<Adoption>, bool), ClusterError> {
     let mut adopted = Vec::new();
+    let mut claimed = 0;
     for vpsd_id in owned_by(client, keys, from).await? {
         if let Some(live) = live {
             if successor(vpsd_id, live) != Some(me) {
                 continue;
             }
         }
-        match claim(client, keys, me, vpsd_id, Some(from)).await? {
+        if claimed == limit {
+            return Ok((adopted, true));
+        }
+        claimed += 1;
+        let claim = match claim(client, keys, me, vpsd_id, Some(from)).await {
+            Ok(claim) => claim,
+            Err(err) => {
+                tracing::warn!(vpsd = vpsd_id, "takeover from {from} stopped: {err}");
+                return Ok((adopted, true));
+            }
+        };
+        match claim {
             Claim::Owned {
                 epoch,
                 state: Some(state),
@@ -1003,28 +1041,57 @@ async fn take_over(
             }
         }
     }
-    Ok(adopted)
+    Ok((adopted, false))
 }
 
-/// A takeover by hand: every vPSD of `from`, alive or not, handed to the adopter.
+/// What renews the lease between the steps of a long takeover.
+struct Renewal<'a> {
+    session: &'a mut Session,
+    lease: &'a LeaseClock,
+    ttl: Duration,
+}
+
+/// A takeover by hand: every vPSD of `from`, alive or not, handed to the adopter step by
+/// step, with the lease renewed between steps.
 async fn by_hand(
     client: &mut Client,
     keys: &Keys,
     me: &str,
     from: &str,
     adopter: Option<&Adopter>,
+    renewal: Renewal<'_>,
 ) -> Result<usize, ClusterError> {
+    let Renewal {
+        session,
+        lease,
+        ttl,
+    } = renewal;
+    let Some(adopter) = adopter else {
+        return Err(ClusterError::NotServing);
+    };
     if from == me {
         return Ok(0);
     }
-    let taken = take_over(client, keys, me, from, None).await?;
-    let count = taken.len();
-    tracing::warn!("takeover by hand: {count} vPSDs of {from} are now this appliance's");
-    if let Some(adopter) = adopter {
+    let mut count = 0;
+    loop {
+        if !lease.may_commit() {
+            return Err(ClusterError::LeaseLost {
+                silent_ms: lease.silent_ms(),
+            });
+        }
+        let (taken, more) = take_over(client, keys, me, from, None, TAKEOVER_STEP).await?;
+        count += taken.len();
         if !taken.is_empty() {
             adopter(taken);
         }
+        if !more {
+            break;
+        }
+        if u128::from(lease.silent_ms()) > (ttl / 3).as_millis() {
+            session.renew(lease, ttl).await?;
+        }
     }
+    tracing::warn!("takeover by hand: {count} vPSDs of {from} are now this appliance's");
     Ok(count)
 }
 
@@ -1058,6 +1125,13 @@ async fn members(client: &mut Client, keys: &Keys) -> Result<Vec<Member>, Cluste
         });
     }
     out.sort_by(|a, b| a.id.cmp(&b.id));
+    // What one cluster report holds (the protocol's bounds).
+    out.truncate(MEMBERS_REPORTED_MAX);
+    for member in &mut out {
+        if member.address.len() > ADDRESS_REPORTED_MAX {
+            member.address = "(address too long)".into();
+        }
+    }
     Ok(out)
 }
 
@@ -1067,14 +1141,14 @@ async fn sweep_dead(
     client: &mut Client,
     keys: &Keys,
     me: &str,
-) -> Result<Vec<Adoption>, ClusterError> {
+) -> Result<(Vec<Adoption>, bool), ClusterError> {
     let live: Vec<String> = appliances(client, keys)
         .await?
         .into_iter()
         .map(|(id, _)| id)
         .collect();
     if !live.iter().any(|id| id == me) {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), false));
     }
     let members_prefix = keys.members();
     let members: Vec<String> = keys_under(client, &members_prefix)
@@ -1083,8 +1157,15 @@ async fn sweep_dead(
         .filter_map(|key| key.strip_prefix(&members_prefix).map(str::to_owned))
         .collect();
     let mut adopted = Vec::new();
+    let mut more = false;
     for dead in members.iter().filter(|member| !live.contains(member)) {
-        let taken = take_over(client, keys, me, dead, Some(&live)).await?;
+        let left = TAKEOVER_STEP.saturating_sub(adopted.len());
+        if left == 0 {
+            more = true;
+            break;
+        }
+        let (taken, rest) = take_over(client, keys, me, dead, Some(&live), left).await?;
+        more |= rest;
         if !taken.is_empty() {
             tracing::warn!(
                 "takeover: {} vPSDs of {dead} (its lease expired) are now this appliance's",
@@ -1093,7 +1174,7 @@ async fn sweep_dead(
         }
         adopted.extend(taken);
     }
-    Ok(adopted)
+    Ok((adopted, more))
 }
 
 async fn appliances(

@@ -12,6 +12,8 @@
 //!   runs on tokio; nothing outside that module sees tokio): the lease and its keep-alive,
 //!   self-fencing, fenced commits, the takeover of dead appliances' vPSDs.
 //! - [`Replicator`]: what a shard's commit round sees of all this: a future per round.
+//! - [`local`]: a local etcd cluster on loopback (the Debian binary), for the cluster demo
+//!   and the tests.
 //!
 //! Safety never rests on timing: a stale owner is refused by the transaction's compare on
 //! the owner key's revision. The lease only tells the others when an appliance is gone.
@@ -20,6 +22,7 @@
 pub mod etcd;
 pub mod fence;
 pub mod keys;
+pub mod local;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,6 +50,8 @@ pub enum ClusterError {
     TooLarge(String),
     #[error("this appliance's master key is not the cluster's (etcd holds another check value under {key}): copy master.key from a member of the cluster (docs/CLUSTER.md)")]
     MasterKeyMismatch { key: String },
+    #[error("the appliance does not serve yet: it takes nothing over before it serves")]
+    NotServing,
     #[error("appliance id {0:?} is already alive in the cluster: each appliance needs its own id")]
     DuplicateAppliance(String),
 }

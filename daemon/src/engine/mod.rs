@@ -766,6 +766,9 @@ impl Engine {
                     answer: RememberedAnswer::Provider,
                 },
             ),
+            // The vPSD left: none of its answers may be given here again (if it comes back,
+            // its state and remembered requests come from the cluster).
+            Record::Release { .. } => self.window.forget_after(vpsd_id, 0),
             // The records after the state set here are void, and so are their answers; the
             // requests the cluster remembers are answered from here on.
             Record::Reset { vpsd, recent, .. } => {

@@ -219,6 +219,10 @@ fn resign(
             request_id: job.request_id,
         });
     }
+    if vpsd.current_key().sealed.is_none() {
+        // Withdrawn since: its key is gone, and so are its indicia.
+        return Err(EngineError::Withdrawn { vpsd_id: vpsd.id });
+    }
     if remembered.key_serial != vpsd.current_key().serial {
         return Err(EngineError::InvalidArgument(format!(
             "request {} was signed with key {} of vPSD {}, rotated since: its indicia cannot \

@@ -686,11 +686,16 @@ impl<R> ShardCore<R> {
                     .and_then(|book| book.ownership(vpsd_id))
                     .unwrap_or(Owned { epoch: 0, last: 0 });
                 let replicated_version = replicated.version;
+                let recent = self
+                    .store
+                    .replica()
+                    .map(|book| book.recent_written(vpsd_id))
+                    .unwrap_or_default();
                 self.store
                     .commit_reset(
                         *replicated,
                         ResetCause::Voided { local_version },
-                        Vec::new(),
+                        recent,
                         &owned,
                         now_unix,
                     )

@@ -223,7 +223,10 @@ impl<'e> Replay<'e> {
         self.first_before_start.get_or_insert(header.sequence);
         // (Its segment may begin before the window does.)
         if header.sequence < self.window_needed_from
-            || !matches!(header.kind, kind::SESSION | kind::PROVIDER | kind::RESET)
+            || !matches!(
+                header.kind,
+                kind::SESSION | kind::PROVIDER | kind::RESET | kind::RELEASE
+            )
             || self.report.locked.contains_key(&header.subject)
         {
             return;

@@ -143,6 +143,13 @@ impl ReplicaBook {
         })
     }
 
+    /// The requests remembered with the state etcd holds of the vPSD.
+    pub fn recent_written(&self, vpsd_id: u64) -> Vec<RecentRequest> {
+        self.vpsds
+            .get(&vpsd_id)
+            .map_or_else(Vec::new, |entry| entry.recent_written.clone())
+    }
+
     /// Whether this shard owns the vPSD in the cluster (or is creating it).
     pub fn owns(&self, vpsd_id: u64) -> bool {
         self.vpsds.contains_key(&vpsd_id)
