@@ -97,6 +97,29 @@ enum Command {
         #[arg(long, default_value = "tls-cost.json")]
         out: PathBuf,
     },
+    /// What cluster mode costs, in one run: the same loads (saturation, then an open loop
+    /// at half the rate it reached) against a fresh single-node appliance and a fresh
+    /// cluster appliance replicating to a local 3-member etcd, alternately; the
+    /// appliance's CPU per indicium against the raw signature, etcd's CPU per indicium,
+    /// the local commit's and etcd's latency, and the client's. Needs etcd-server.
+    #[cfg(feature = "cluster")]
+    ClusterCost {
+        /// Seconds per load.
+        #[arg(long, default_value_t = 4.0)]
+        duration: f64,
+        /// Requests in flight in total at saturation, over 8 connections.
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        /// Rounds (each: single node, then cluster).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// vPSDs signed for.
+        #[arg(long, default_value_t = 8)]
+        vpsds: u64,
+        /// Where to write the JSON of every load.
+        #[arg(long, default_value = "cluster-cost.json")]
+        out: PathBuf,
+    },
     /// Draw the plot again from a sweep's JSON, without measuring.
     Plot {
         #[arg(long, default_value = "sweep.json")]
@@ -815,6 +838,301 @@ fn tls_cost(
     ))
 }
 
+/// Appliance CPU per indicium over the raw signature, and etcd's CPU per indicium in µs.
+#[cfg(feature = "cluster")]
+type CostRatio = (f64, Option<f64>);
+
+/// One load of the cluster-cost experiment, with etcd's CPU time during it.
+#[cfg(feature = "cluster")]
+struct CostLoad {
+    report: indicia_loadgen::report::Report,
+    etcd_cpu: Option<Duration>,
+    /// The appliance's own etcd thread (the client's gRPC on tokio).
+    client_cpu: Option<Duration>,
+}
+
+/// Measures one load, with the CPU time the etcd members used meanwhile.
+#[cfg(feature = "cluster")]
+fn cost_load(
+    label: &str,
+    config: &RunConfig,
+    credential: &Credential,
+    appliance: &Appliance,
+    etcd: &indiciad::cluster::local::LocalEtcd,
+) -> Result<CostLoad, Box<dyn std::error::Error>> {
+    let etcd_cpu = || -> Option<Duration> {
+        etcd.pids()
+            .into_iter()
+            .map(report::process_cpu)
+            .sum::<Option<Duration>>()
+    };
+    let client_cpu = || report::threads_cpu(appliance.pid(), "indicia-etcd");
+    let before = etcd_cpu();
+    let client_before = client_cpu();
+    let report = indicia_loadgen::measure(
+        label,
+        config,
+        credential,
+        Algorithm::EcdsaP256,
+        Some(appliance.pid()),
+    )?;
+    let after = etcd_cpu();
+    let client_after = client_cpu();
+    Ok(CostLoad {
+        report,
+        etcd_cpu: before
+            .zip(after)
+            .map(|(before, after)| after.saturating_sub(before)),
+        client_cpu: client_before
+            .zip(client_after)
+            .map(|(before, after)| after.saturating_sub(before)),
+    })
+}
+
+/// A fresh appliance (in cluster mode with `cluster`), saturated, then loaded at half the
+/// rate it reached.
+#[cfg(feature = "cluster")]
+fn cost_point(
+    etcd: &indiciad::cluster::local::LocalEtcd,
+    cluster: Option<usize>,
+    in_flight: usize,
+    vpsds: u64,
+    duration: f64,
+) -> Result<[CostLoad; 2], Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut text = "shards = 0\n".to_owned();
+    if let Some(n) = cluster {
+        text.push_str(&format!(
+            "\n[cluster]\netcd = {:?}\nappliance = \"cost-{n}\"\nadvertise = \"{listen}\"\n\
+             prefix = \"/cost-{n}\"\n",
+            etcd.endpoints()
+        ));
+    }
+    let config_path = dir.path().join("indiciad.toml");
+    std::fs::write(&config_path, text)?;
+    let appliance = Appliance::spawn_on(
+        &std::env::current_exe()?,
+        &dir.path().join("data"),
+        Some(&config_path),
+        &listen.to_string(),
+    )?;
+    let (credential, picker, mut admin) = provisioned(&appliance, vpsds, None)?;
+    let mode_name = if cluster.is_some() {
+        "cluster"
+    } else {
+        "single node"
+    };
+    let mut config = RunConfig {
+        addr: appliance.addr,
+        credential: credential.clone(),
+        tls: None,
+        connections: in_flight.clamp(1, 8),
+        mode: Mode::Closed {
+            window: in_flight.div_ceil(in_flight.clamp(1, 8)),
+        },
+        duration: Duration::from_secs_f64(duration),
+        picker,
+        batch: 1,
+        frames_per_write: FRAMES_PER_WRITE,
+        postage_mills: 730,
+        verify_every: 100,
+        seed: 1,
+        expected_errors: Vec::new(),
+    };
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::EcdsaP256,
+        &appliance.provider_key(),
+    )?;
+    let saturated = cost_load(
+        &format!("{mode_name}, {in_flight} in flight"),
+        &config,
+        &credential,
+        &appliance,
+        etcd,
+    )?;
+    let rate_per_s = (saturated.report.indicia_per_s() / 2.0).max(1.0);
+    config.mode = Mode::Open { rate_per_s };
+    indicia_loadgen::fund(
+        &mut admin,
+        &config,
+        Algorithm::EcdsaP256,
+        &appliance.provider_key(),
+    )?;
+    drop(admin);
+    let half = cost_load(
+        &format!("{mode_name}, open loop at {rate_per_s:.0}/s"),
+        &config,
+        &credential,
+        &appliance,
+        etcd,
+    )?;
+    appliance.stop()?;
+    Ok([saturated, half])
+}
+
+#[cfg(feature = "cluster")]
+fn cluster_cost(
+    duration: f64,
+    in_flight: usize,
+    rounds: usize,
+    vpsds: u64,
+    out_path: &std::path::Path,
+) -> Result<Outcome, Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let etcd = indiciad::cluster::local::LocalEtcd::start(
+        &dir.path().join("etcd"),
+        3,
+        Duration::from_secs(60),
+    )?;
+    let mut table = report::row_header(&format!("{:>5} {:>11} {:>10}", "round", "mode", "load"));
+    let mut extra = format!(
+        "\n{:>5} {:>11} {:>10} {:>14} {:>15} {:>12} {:>18} {:>18}\n",
+        "round",
+        "mode",
+        "load",
+        "etcd CPU/ind.",
+        "client CPU/ind.",
+        "etcd writes",
+        "fdatasync p50/p99",
+        "etcd txn p50/p99"
+    );
+    let mut points = Vec::new();
+    let mut invalid = Vec::new();
+    // (cluster, load) -> appliance CPU per indicium over raw, and etcd CPU per indicium.
+    let mut ratios: std::collections::BTreeMap<(bool, usize), Vec<CostRatio>> = Default::default();
+    let mut run = 0;
+    for round in 1..=rounds.max(1) {
+        for cluster in [false, true] {
+            run += 1;
+            let loads = cost_point(&etcd, cluster.then_some(run), in_flight, vpsds, duration)?;
+            let mode = if cluster { "cluster" } else { "single" };
+            for (index, load) in loads.iter().enumerate() {
+                let which = if index == 0 { "saturated" } else { "half" };
+                let report = &load.report;
+                table.push_str(&format!(
+                    "{round:>5} {mode:>11} {which:>10} {}\n",
+                    report.to_row()
+                ));
+                let ms = |name: &str| {
+                    report
+                        .after
+                        .get(name)
+                        .map_or("n/a".to_owned(), |us| format!("{:.2}", *us as f64 / 1000.0))
+                };
+                let per_indicium = |cpu: Option<Duration>| {
+                    cpu.filter(|_| cluster && report.tally.indicia > 0)
+                        .map(|cpu| cpu.as_secs_f64() * 1e6 / report.tally.indicia as f64)
+                };
+                let etcd_per = per_indicium(load.etcd_cpu);
+                let client_per = per_indicium(load.client_cpu);
+                let delta = |name: &str| {
+                    report
+                        .after
+                        .get(name)
+                        .copied()
+                        .unwrap_or(0)
+                        .saturating_sub(report.before.get(name).copied().unwrap_or(0))
+                };
+                let writes = delta("cluster.writes");
+                let rounds_done = delta("cluster.rounds");
+                extra.push_str(&format!(
+                    "{round:>5} {mode:>11} {which:>10} {:>14} {:>15} {:>12} {:>18} {:>18}\n",
+                    etcd_per.map_or("-".to_owned(), |us| format!("{us:.1} us")),
+                    client_per.map_or("-".to_owned(), |us| format!("{us:.1} us")),
+                    if cluster {
+                        format!("{:.1}/round", writes as f64 / rounds_done.max(1) as f64)
+                    } else {
+                        "-".to_owned()
+                    },
+                    format!(
+                        "{}/{} ms",
+                        ms("commit_latency_us.p50"),
+                        ms("commit_latency_us.p99")
+                    ),
+                    if cluster {
+                        format!(
+                            "{}/{} ms",
+                            ms("cluster.commit_latency_us.p50"),
+                            ms("cluster.commit_latency_us.p99")
+                        )
+                    } else {
+                        "-".to_owned()
+                    },
+                ));
+                let validity = report.validity();
+                if !validity.is_valid() {
+                    invalid.push(report::invalid_banner(
+                        &format!("round {round}, {mode}, {which}"),
+                        &validity,
+                    ));
+                } else if let Some(cpu) = report.cpu_per_indicium_us() {
+                    ratios
+                        .entry((cluster, index))
+                        .or_default()
+                        .push((cpu / report.raw_sign_us, etcd_per));
+                }
+                let mut point = report.to_json();
+                point["cluster"] = cluster.into();
+                point["load"] = which.into();
+                point["round"] = round.into();
+                point["etcd_cpu_s"] = load.etcd_cpu.map(|cpu| cpu.as_secs_f64()).into();
+                point["etcd_cpu_per_indicium_us"] = etcd_per.into();
+                point["etcd_client_thread_cpu_per_indicium_us"] = client_per.into();
+                point["cluster_writes"] = writes.into();
+                point["cluster_rounds"] = rounds_done.into();
+                points.push(point);
+            }
+        }
+    }
+    table.push_str(&extra);
+    table.push_str(
+        "\n(commit latencies: the appliance's histograms since it started; etcd CPU: the 3 \
+         members together, during the load)\n\nmean appliance CPU per indicium over the raw \
+         signature (same runs, valid loads):\n",
+    );
+    for (index, which) in ["saturated", "half"].iter().enumerate() {
+        let mean = |cluster: bool| {
+            ratios
+                .get(&(cluster, index))
+                .filter(|v| !v.is_empty())
+                .map(|values| {
+                    let n = values.len() as f64;
+                    let etcd: Vec<f64> = values.iter().filter_map(|(_, etcd)| *etcd).collect();
+                    (
+                        values.iter().map(|(ratio, _)| ratio).sum::<f64>() / n,
+                        (!etcd.is_empty()).then(|| etcd.iter().sum::<f64>() / etcd.len() as f64),
+                        values.len(),
+                    )
+                })
+        };
+        match (mean(false), mean(true)) {
+            (Some((single, _, n1)), Some((cluster, etcd, n2))) => table.push_str(&format!(
+                "  {which:>9}: single node {single:.2}x ({n1} loads), cluster {cluster:.2}x \
+                 ({n2} loads): the cluster adds {:+.1}% on the appliance; etcd used {} per \
+                 indicium\n",
+                (cluster / single - 1.0) * 100.0,
+                etcd.map_or("n/a".to_owned(), |us| format!("{us:.1} us of CPU"))
+            )),
+            _ => table.push_str(&format!("  {which:>9}: n/a (no valid load of one mode)\n")),
+        }
+    }
+    std::fs::write(
+        out_path,
+        format!("{:#}\n", serde_json::json!({ "points": points })),
+    )?;
+    table.push_str(&format!("every load's JSON: {}\n", out_path.display()));
+    drop(etcd);
+    Ok(Outcome::with_invalid(
+        table,
+        &invalid,
+        points.len(),
+        "loads INVALID: left out of the means",
+    ))
+}
+
 fn main() -> ExitCode {
     let Args { command } = Args::parse();
     let result = match command {
@@ -852,6 +1170,14 @@ fn main() -> ExitCode {
         } => tls_cost(duration, &in_flight, rounds, &out),
         #[cfg(feature = "softhsm")]
         Command::Peer { module, seconds } => peer(&module, seconds),
+        #[cfg(feature = "cluster")]
+        Command::ClusterCost {
+            duration,
+            in_flight,
+            rounds,
+            vpsds,
+            out,
+        } => cluster_cost(duration, in_flight, rounds, vpsds, &out),
         Command::Appliance { args } => {
             return indiciad::service::main_with(
                 std::iter::once(std::ffi::OsString::from("indiciad")).chain(args),

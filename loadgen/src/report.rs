@@ -109,7 +109,25 @@ impl ApplianceLatency {
 
 /// CPU seconds (user + system) a process has used, from /proc.
 pub fn process_cpu(pid: u32) -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_of(&format!("/proc/{pid}/stat"))
+}
+
+/// CPU seconds (user + system) the threads of a process whose name starts with `name`
+/// have used, from /proc (for example the appliance's etcd thread, `indicia-etcd`).
+pub fn threads_cpu(pid: u32, name: &str) -> Option<Duration> {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if comm.trim_end().starts_with(name) {
+            total += cpu_of(&path.join("stat").to_string_lossy())?;
+        }
+    }
+    Some(total)
+}
+
+fn cpu_of(stat_path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
     // Fields after the parenthesized command name: state is field 3, utime 14, stime 15.
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;

@@ -60,6 +60,11 @@ pub type Adopter = Box<dyn Fn(Vec<Adoption>) + Send>;
 const MEMBERS_REPORTED_MAX: usize = 1024;
 const ADDRESS_REPORTED_MAX: usize = 128;
 
+/// How long a shard's round waits on the etcd thread for another shard's, to share its
+/// transactions; and how many rounds go without waiting after a wait that found none.
+const SHARED_ROUND_WAIT: Duration = Duration::from_micros(500);
+const ROUNDS_ALONE_AFTER_A_WAIT: u32 = 8;
+
 /// The most keys one range read returns (the sweep and the loads page through larger sets).
 const PAGE: i64 = 1000;
 
@@ -426,6 +431,8 @@ fn run(
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut adopter: Option<Adopter> = None;
         let me = config.appliance.as_str();
+        // Rounds to commit without waiting for another shard's (see `SHARED_ROUND_WAIT`).
+        let mut alone_for = 0u32;
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -495,6 +502,39 @@ fn run(
                             let _ = reply.send(
                                 members(&mut client, &keys).await.map(|members| (taken, members)),
                             );
+                        }
+                        Command::Commit { writes, reply } => {
+                            // The rounds of other shards that queued meanwhile go in the
+                            // same transactions (group commit across shards): etcd's cost
+                            // is per transaction more than per write.
+                            let mut rounds = vec![(writes, reply)];
+                            let mut others = Vec::new();
+                            while let Ok(next) = commands.try_recv() {
+                                match next {
+                                    Command::Commit { writes, reply } => rounds.push((writes, reply)),
+                                    other => others.push(other),
+                                }
+                            }
+                            if rounds.len() == 1 && others.is_empty() && alone_for == 0 {
+                                // Alone: another shard's round is often on its way (the
+                                // shards' rounds alternate otherwise); wait for it briefly.
+                                // Not when waiting did not pay lately (one shard busy).
+                                match tokio::time::timeout(SHARED_ROUND_WAIT, commands.recv()).await
+                                {
+                                    Ok(Some(Command::Commit { writes, reply })) => {
+                                        rounds.push((writes, reply));
+                                    }
+                                    Ok(Some(other)) => others.push(other),
+                                    Ok(None) => {}
+                                    Err(_) => alone_for = ROUNDS_ALONE_AFTER_A_WAIT,
+                                }
+                            } else {
+                                alone_for = alone_for.saturating_sub(1);
+                            }
+                            commit_rounds(&mut client, &keys, me, rounds).await;
+                            for other in others {
+                                handle(&mut client, &keys, me, other).await;
+                            }
                         }
                         command => handle(&mut client, &keys, me, command).await,
                     }
@@ -673,6 +713,42 @@ async fn handle(client: &mut Client, keys: &Keys, appliance: &str, command: Comm
             let _ = reply.send(Err(ClusterError::Stopped));
         }
         Command::StartTakeover { .. } => {}
+    }
+}
+
+/// Commits the rounds of several shards together, and answers each with its outcomes.
+async fn commit_rounds(
+    client: &mut Client,
+    keys: &Keys,
+    appliance: &str,
+    rounds: Vec<(Vec<StateWrite>, Reply<Vec<Outcome>>)>,
+) {
+    if rounds.len() == 1 {
+        for (writes, reply) in rounds {
+            let _ = reply.send(commit(client, keys, appliance, &writes).await);
+        }
+        return;
+    }
+    let mut all = Vec::new();
+    let mut replies = Vec::with_capacity(rounds.len());
+    for (writes, reply) in rounds {
+        replies.push((writes.len(), reply));
+        all.extend(writes);
+    }
+    match commit(client, keys, appliance, &all).await {
+        Ok(outcomes) => {
+            let mut outcomes = outcomes.into_iter();
+            for (count, reply) in replies {
+                let _ = reply.send(Ok(outcomes.by_ref().take(count).collect()));
+            }
+        }
+        Err(err) => {
+            // (commit refuses per write; an error of its own leaves every outcome unknown.)
+            let text = err.to_string();
+            for (_, reply) in replies {
+                let _ = reply.send(Err(ClusterError::Shared(text.clone())));
+            }
+        }
     }
 }
 

@@ -170,6 +170,14 @@ impl LocalEtcd {
         Ok(())
     }
 
+    /// The process ids of the running members (for their CPU time).
+    pub fn pids(&self) -> Vec<u32> {
+        self.members
+            .iter()
+            .filter_map(|member| member.child.as_ref().map(Child::id))
+            .collect()
+    }
+
     /// A member's log.
     pub fn log(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()

@@ -40,6 +40,10 @@ pub enum ClusterError {
     Thread(std::io::Error),
     #[error("the etcd thread has stopped")]
     Stopped,
+    /// A failure of a transaction this round shared with other shards' (its outcome is
+    /// unknown).
+    #[error("{0}")]
+    Shared(String),
     #[error("etcd answered a transaction of {sent} operations with {received} responses")]
     Answer { sent: usize, received: usize },
     #[error("this appliance's lease is lost (keep-alive failed for {silent_ms} ms): it commits nothing until it has a lease again")]
