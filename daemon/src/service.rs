@@ -395,9 +395,12 @@ fn run(args: &Args) -> Result<(), ServiceError> {
             import: *import,
         }),
     )?;
-    if let (Some(cluster), Some((_, true))) = (&config.cluster, &joined) {
-        record_membership(&data, cluster)?;
-    }
+    // The data directory is recorded as a member once every vPSD it imported (its first
+    // start in cluster mode) is in etcd: a restart before that imports them again.
+    let mut membership_pending = match (&config.cluster, &joined) {
+        (Some(cluster), Some((_, true))) => Some(cluster),
+        _ => None,
+    };
     #[cfg(feature = "cluster")]
     if let Some((etcd, _)) = &joined {
         let control = Arc::clone(server.control());
@@ -517,7 +520,23 @@ fn run(args: &Args) -> Result<(), ServiceError> {
     let watchdog = sd_notify::watchdog_enabled().map(|interval| interval / 2);
     let mut beats = server.control().heartbeats();
     while !stop.load(Ordering::Acquire) {
-        std::thread::park_timeout(watchdog.unwrap_or(Duration::from_secs(1)));
+        if let Some(cluster) = membership_pending {
+            if server.control().imports_done() {
+                record_membership(&data, cluster)?;
+                tracing::info!(
+                    "cluster: every local vPSD is in etcd; {} records the membership",
+                    data.path.join(CLUSTER_MEMBER_FILE).display()
+                );
+                membership_pending = None;
+            }
+        }
+        std::thread::park_timeout(watchdog.unwrap_or(Duration::from_secs(1)).min(
+            if membership_pending.is_some() {
+                Duration::from_millis(200)
+            } else {
+                Duration::from_secs(3600)
+            },
+        ));
         if watchdog.is_some() {
             let now = server.control().heartbeats();
             if now.iter().zip(&beats).all(|(now, before)| now > before) {

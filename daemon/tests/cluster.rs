@@ -301,3 +301,55 @@ fn etcd_ahead_of_a_damaged_or_lost_journal_is_where_the_vpsd_goes_on() {
     acked.record(next);
     acked.check(&mut client, vpsd, FUNDS);
 }
+
+/// A single appliance turned into a cluster member: its first start in cluster mode writes
+/// its vPSDs to etcd (an import) and records the membership once they are there; another
+/// appliance can then take them over and go on from their registers.
+#[test]
+fn a_single_node_joins_the_cluster_with_its_vpsds() {
+    let etcd = EtcdCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let mut a1 = Appliance::new(root.path(), "a1", &etcd);
+    let single = support::write_config(&root.path().join("single"), "", &[]);
+    let daemon =
+        support::Daemon::start_on(&a1.dir, Some(&single), &format!("127.0.0.1:{}", a1.port));
+    let vpsd = 31u64;
+    daemon.provision_funded(vpsd, Algorithm::Ed25519, FUNDS);
+    let mut acked = Acknowledged::default();
+    let mut client = daemon.admin();
+    for postage in 1..=5 {
+        acked.record(sign(&mut client, vpsd, postage).unwrap());
+    }
+    drop(client);
+    assert!(daemon.terminate().success());
+    let member = a1.data().join("cluster-member");
+    assert!(!member.exists());
+
+    a1.start();
+    let deadline = Instant::now() + PATIENCE;
+    while !member.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the membership was never recorded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        a1.daemon().log_text().contains("1 imported"),
+        "{}",
+        a1.daemon().log_text()
+    );
+    let mut client = a1.daemon().admin();
+    acked.check(&mut client, vpsd, FUNDS);
+    acked.record(sign(&mut client, vpsd, 6).unwrap());
+    drop(client);
+
+    let mut a2 = Appliance::joining(root.path(), "a2", &etcd, &a1);
+    a2.start();
+    a1.kill();
+    let mut on_a2 = a2.daemon().admin();
+    let next = sign_when_served(&mut on_a2, vpsd, 7);
+    assert_eq!(next.payload.piece_number, 7);
+    acked.record(next);
+    acked.check(&mut on_a2, vpsd, FUNDS);
+}

@@ -232,7 +232,7 @@ fn the_next_owner_answers_a_retry_with_the_original_indicia_and_charges_once() {
         .commit(Record::Session(prepared.record.unwrap()), NOW)
         .unwrap();
     let writes = owner.replica_round().unwrap();
-    let replicated = decode_replica(&writes[0].state, writes[0].keys.as_ref().unwrap()).unwrap();
+    let replicated = decode_replica(1, &writes[0].state, writes[0].keys.as_ref().unwrap()).unwrap();
     assert_eq!(replicated.vpsd, *owner.engine.vpsd(1).unwrap());
     assert_eq!(
         replicated.recent.len(),

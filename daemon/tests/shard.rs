@@ -387,3 +387,161 @@ fn a_signing_key_that_does_not_unseal_locks_its_vpsd() {
     );
     assert_eq!(status.piece_count, 0, "nothing was charged");
 }
+
+/// One commit round in cluster mode (sans-io): the local flush, and etcd's outcomes as
+/// given (None: the writes stay in flight, as if etcd had not answered yet).
+fn cluster_round(
+    shard: &mut ShardCore<u64>,
+    outcomes: Option<Vec<indiciad::cluster::fence::Outcome>>,
+) -> Vec<indiciad::cluster::fence::StateWrite> {
+    let round = shard.round().unwrap().unwrap();
+    let writes = round.writes.clone();
+    let result = round
+        .ticket
+        .as_ref()
+        .map_or(Ok(()), |ticket| ticket.execute());
+    if let Some(outcomes) = outcomes {
+        shard
+            .complete_round(NOW, round.ticket.as_ref(), result, Some(Ok(outcomes)))
+            .unwrap();
+    } else if let Some(ticket) = &round.ticket {
+        shard.complete(ticket, result).unwrap();
+    }
+    writes
+}
+
+/// A vPSD taken back from another appliance while this shard still held records of it that
+/// etcd never got (it lost etcd, and was taken over meanwhile): those records are void, and
+/// the answers waiting on them leave as `vpsd-moved`, never as the indicia they carried;
+/// the vPSD goes on from the other appliance's state.
+#[test]
+fn a_takeover_voids_what_the_shard_held_of_the_vpsd_and_etcd_never_got() {
+    use indiciad::cluster::fence::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut store, _) = open(dir.path(), 1 << 20);
+    store.enable_replica("a1", 0);
+    let mut shard: ShardCore<u64> = ShardCore::with_replicator(store, 10_000, None);
+    let provision = Request::Provision {
+        vpsd_id: 1,
+        owner: "acme".into(),
+        algorithm: Algorithm::Ed25519,
+        origin_zip: "02134".parse().unwrap(),
+    };
+    shard.handle(NOW, &admin(), 1, provision, 0).unwrap();
+    let first = cluster_round(
+        &mut shard,
+        Some(vec![Outcome::Written {
+            revision: 10,
+            epoch: 10,
+        }]),
+    );
+    assert_eq!(first.len(), 1);
+    assert!(matches!(
+        &shard.take_ready()[..],
+        [(0, Response::VpsdStatus(_))]
+    ));
+    let authorization = authorize(
+        &common::provider(),
+        AuthorizationKind::Refill,
+        1,
+        1_000_000,
+        1,
+        NOW + 600,
+    );
+    let refill = Request::Refill {
+        vpsd_id: 1,
+        authorization,
+    };
+    shard.handle(NOW, &admin(), 2, refill, 0).unwrap();
+    let funded = cluster_round(
+        &mut shard,
+        Some(vec![Outcome::Written {
+            revision: 11,
+            epoch: 10,
+        }]),
+    );
+    shard.take_ready();
+
+    // A session whose write never gets an answer: its indicium waits.
+    shard
+        .handle(
+            NOW,
+            &user("u1"),
+            7,
+            Request::Sign {
+                vpsd_id: 1,
+                item: item(500),
+            },
+            70,
+        )
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    cluster_round(&mut shard, None);
+    assert!(shard.take_ready().is_empty(), "answered before etcd had it");
+
+    // Taken back from a2, which held it at the funded state (version 2, no piece yet).
+    let adoption = indiciad::cluster::Adoption {
+        vpsd_id: 1,
+        epoch: 30,
+        state: (funded[0].state.clone(), 31),
+        keys: first[0].keys.clone().unwrap(),
+        from: "a2".into(),
+    };
+    shard.adopt(NOW, adoption).unwrap();
+    // etcd's late answer to the stale write: fenced (the owner key moved twice since).
+    shard
+        .complete_round(
+            NOW,
+            None,
+            Ok(()),
+            Some(Ok(vec![Outcome::Fenced {
+                owner: Some("a2".into()),
+            }])),
+        )
+        .unwrap();
+    let round = shard.round().unwrap().unwrap();
+    let result = round.ticket.as_ref().unwrap().execute();
+    shard
+        .complete_round(NOW, round.ticket.as_ref(), result, None)
+        .unwrap();
+    let ready = shard.take_ready();
+    assert!(
+        matches!(&ready[..], [(70, Response::Error(body))] if body.code == ErrorCode::VpsdMoved),
+        "{ready:?} awaiting {} durable {} acknowledged {} last {}",
+        shard.awaiting(),
+        shard.store().durable_sequence(),
+        shard.store().acknowledged_sequence(),
+        shard.store().last_sequence()
+    );
+    assert_eq!(
+        shard.store().engine.vpsd(1).unwrap().registers.piece_count,
+        0
+    );
+    // Served again from a2's state: the next piece is 1, and the retry of the voided
+    // request is carried out afresh, once.
+    shard
+        .handle(
+            NOW,
+            &user("u1"),
+            7,
+            Request::Sign {
+                vpsd_id: 1,
+                item: item(500),
+            },
+            71,
+        )
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    cluster_round(
+        &mut shard,
+        Some(vec![Outcome::Written {
+            revision: 32,
+            epoch: 30,
+        }]),
+    );
+    let ready = shard.take_ready();
+    let [(71, Response::Signed { indicium })] = &ready[..] else {
+        panic!("{ready:?}")
+    };
+    assert_eq!(indicium.payload.piece_number, 1);
+}

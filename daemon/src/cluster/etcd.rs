@@ -22,6 +22,7 @@
 //! claimed by compare-and-swap on its owner key, and handed with its state and keys to
 //! whoever adopts them (the shards, [`Etcd::start_takeover`]).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -417,7 +418,7 @@ fn run(
             let _ = ready.send(Err(err));
             return;
         }
-        let mut session = match Session::start(&mut client, &keys, &config, &lease, true).await {
+        let session = match Session::start(&mut client, &keys, &config, &lease, true).await {
             Ok(session) => session,
             Err(err) => {
                 let _ = ready.send(Err(err));
@@ -425,38 +426,27 @@ fn run(
             }
         };
         let _ = ready.send(Ok(()));
-        let mut tick = tokio::time::interval(ttl / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The lease lives in a task of its own, so that nothing the commands do (a long
+        // load at start, a takeover, a slow transaction) holds up its renewal.
+        let (stop_lease, lease_stop) = oneshot::channel::<()>();
+        let lease_task = tokio::spawn(keep_lease(
+            client.clone(),
+            keys.clone(),
+            config.clone(),
+            Arc::clone(&lease),
+            session,
+            lease_stop,
+        ));
         let mut sweep = tokio::time::interval(ttl);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut adopter: Option<Adopter> = None;
         let me = config.appliance.as_str();
         // Rounds to commit without waiting for another shard's (see `SHARED_ROUND_WAIT`).
         let mut alone_for = 0u32;
+        // Commands taken off the channel while gathering rounds, to be handled next.
+        let mut backlog: VecDeque<Command> = VecDeque::new();
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(err) = session.renew(&lease, ttl).await {
-                        lease.failures.fetch_add(1, Ordering::AcqRel);
-                        tracing::warn!(
-                            "etcd: the lease was not renewed ({err}); commits stop {} ms after \
-                             the last renewal",
-                            ttl.saturating_sub(ttl / 5).as_millis()
-                        );
-                        if lease.expired.load(Ordering::Acquire)
-                            || u128::from(lease.silent_ms()) > ttl.as_millis()
-                        {
-                            // Gone: a new lease, and the appliance announced again.
-                            match Session::start(&mut client, &keys, &config, &lease, false).await {
-                                Ok(fresh) => {
-                                    tracing::warn!("etcd: a new lease was granted");
-                                    session = fresh;
-                                }
-                                Err(err) => tracing::warn!("etcd: no new lease yet: {err}"),
-                            }
-                        }
-                    }
-                }
                 _ = sweep.tick(), if adopter.is_some() && lease.may_commit() => {
                     if let Some(adopter) = &adopter {
                         match sweep_dead(&mut client, &keys, me).await {
@@ -465,8 +455,7 @@ fn run(
                                     adopter(adopted);
                                 }
                                 if more {
-                                    // The next step soon, after the lease's renewal had
-                                    // its chance.
+                                    // The next step soon.
                                     sweep.reset_after(ttl / 10);
                                 }
                             }
@@ -474,22 +463,20 @@ fn run(
                         }
                     }
                 }
-                command = commands.recv() => {
+                command = next_command(&mut backlog, &mut commands) => {
                     let Some(command) = command else { break };
                     match command {
                         Command::StartTakeover { adopter: new } => adopter = Some(new),
                         Command::Takeover { from, reply } => {
-                            let renewal = Renewal { session: &mut session, lease: &lease, ttl };
                             let taken =
-                                by_hand(&mut client, &keys, me, &from, adopter.as_ref(), renewal)
+                                by_hand(&mut client, &keys, me, &from, adopter.as_ref(), &lease)
                                     .await;
                             let _ = reply.send(taken);
                         }
                         Command::Report { take_over_from, reply } => {
                             let mut taken = 0;
                             if let Some(from) = take_over_from {
-                                let renewal = Renewal { session: &mut session, lease: &lease, ttl };
-                                match by_hand(&mut client, &keys, me, &from, adopter.as_ref(), renewal)
+                                match by_hand(&mut client, &keys, me, &from, adopter.as_ref(), &lease)
                                     .await
                                 {
                                     Ok(count) => taken = u32::try_from(count).unwrap_or(u32::MAX),
@@ -506,16 +493,16 @@ fn run(
                         Command::Commit { writes, reply } => {
                             // The rounds of other shards that queued meanwhile go in the
                             // same transactions (group commit across shards): etcd's cost
-                            // is per transaction more than per write.
+                            // is per transaction more than per write. Other commands wait
+                            // in the backlog.
                             let mut rounds = vec![(writes, reply)];
-                            let mut others = Vec::new();
                             while let Ok(next) = commands.try_recv() {
                                 match next {
                                     Command::Commit { writes, reply } => rounds.push((writes, reply)),
-                                    other => others.push(other),
+                                    other => backlog.push_back(other),
                                 }
                             }
-                            if rounds.len() == 1 && others.is_empty() && alone_for == 0 {
+                            if rounds.len() == 1 && backlog.is_empty() && alone_for == 0 {
                                 // Alone: another shard's round is often on its way (the
                                 // shards' rounds alternate otherwise); wait for it briefly.
                                 // Not when waiting did not pay lately (one shard busy).
@@ -524,7 +511,7 @@ fn run(
                                     Ok(Some(Command::Commit { writes, reply })) => {
                                         rounds.push((writes, reply));
                                     }
-                                    Ok(Some(other)) => others.push(other),
+                                    Ok(Some(other)) => backlog.push_back(other),
                                     Ok(None) => {}
                                     Err(_) => alone_for = ROUNDS_ALONE_AFTER_A_WAIT,
                                 }
@@ -532,9 +519,6 @@ fn run(
                                 alone_for = alone_for.saturating_sub(1);
                             }
                             commit_rounds(&mut client, &keys, me, rounds).await;
-                            for other in others {
-                                handle(&mut client, &keys, me, other).await;
-                            }
                         }
                         command => handle(&mut client, &keys, me, command).await,
                     }
@@ -542,8 +526,70 @@ fn run(
             }
         }
         // A clean stop: the lease goes now, with the appliance's key.
-        let _ = client.lease_revoke(session.id).await;
+        let _ = stop_lease.send(());
+        let _ = lease_task.await;
     });
+}
+
+/// The next command: one set aside earlier, or the next from the channel.
+async fn next_command(
+    backlog: &mut VecDeque<Command>,
+    commands: &mut tokio::sync::mpsc::UnboundedReceiver<Command>,
+) -> Option<Command> {
+    match backlog.pop_front() {
+        Some(command) => Some(command),
+        None => commands.recv().await,
+    }
+}
+
+/// Keeps the appliance's lease alive (every `lease_ttl / 3`) until told to stop, then
+/// revokes it. A keep-alive stream that breaks is opened again for the same lease; a lease
+/// that expired is granted anew, with the appliance's key put again.
+async fn keep_lease(
+    mut client: Client,
+    keys: Keys,
+    config: EtcdConfig,
+    lease: Arc<LeaseClock>,
+    mut session: Session,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let ttl = config.lease_ttl;
+    let mut tick = tokio::time::interval(ttl / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = tick.tick() => {}
+        }
+        let Err(err) = session.renew(&lease, ttl).await else {
+            continue;
+        };
+        lease.failures.fetch_add(1, Ordering::AcqRel);
+        tracing::warn!(
+            "etcd: the lease was not renewed ({err}); commits stop {} ms after the last \
+             renewal",
+            ttl.saturating_sub(ttl / 5).as_millis()
+        );
+        if lease.expired.load(Ordering::Acquire) || u128::from(lease.silent_ms()) > ttl.as_millis()
+        {
+            // Gone: a new lease, and the appliance announced again.
+            match Session::start(&mut client, &keys, &config, &lease, false).await {
+                Ok(fresh) => {
+                    tracing::warn!("etcd: a new lease was granted");
+                    session = fresh;
+                }
+                Err(err) => tracing::warn!("etcd: no new lease yet: {err}"),
+            }
+        } else if let Ok((keeper, stream)) = client.lease_keep_alive(session.id).await {
+            // The stream may be what broke (its member went away): a new one, at once.
+            session.keeper = keeper;
+            session.stream = stream;
+            if session.renew(&lease, ttl).await.is_ok() {
+                tracing::info!("etcd: the lease was renewed on a new keep-alive stream");
+            }
+        }
+    }
+    let _ = client.lease_revoke(session.id).await;
 }
 
 /// Joins the cluster: checks (or, for the first appliance, sets) the master key's check
@@ -652,6 +698,11 @@ impl Session {
 
     /// One keep-alive round trip.
     async fn renew(&mut self, lease: &LeaseClock, ttl: Duration) -> Result<(), ClusterError> {
+        // A response to an earlier renewal that timed out must not be taken for this one's
+        // (it would extend the commit window from a later send than it answers).
+        while let Ok(Ok(Some(_))) =
+            tokio::time::timeout(Duration::ZERO, self.stream.message()).await
+        {}
         let sent = Instant::now();
         self.keeper.keep_alive().await?;
         match tokio::time::timeout(ttl / 3, self.stream.message()).await {
@@ -1120,28 +1171,16 @@ async fn take_over(
     Ok((adopted, false))
 }
 
-/// What renews the lease between the steps of a long takeover.
-struct Renewal<'a> {
-    session: &'a mut Session,
-    lease: &'a LeaseClock,
-    ttl: Duration,
-}
-
 /// A takeover by hand: every vPSD of `from`, alive or not, handed to the adopter step by
-/// step, with the lease renewed between steps.
+/// step (the lease is renewed meanwhile by its own task).
 async fn by_hand(
     client: &mut Client,
     keys: &Keys,
     me: &str,
     from: &str,
     adopter: Option<&Adopter>,
-    renewal: Renewal<'_>,
+    lease: &LeaseClock,
 ) -> Result<usize, ClusterError> {
-    let Renewal {
-        session,
-        lease,
-        ttl,
-    } = renewal;
     let Some(adopter) = adopter else {
         return Err(ClusterError::NotServing);
     };
@@ -1162,9 +1201,6 @@ async fn by_hand(
         }
         if !more {
             break;
-        }
-        if u128::from(lease.silent_ms()) > (ttl / 3).as_millis() {
-            session.renew(lease, ttl).await?;
         }
     }
     tracing::warn!("takeover by hand: {count} vPSDs of {from} are now this appliance's");

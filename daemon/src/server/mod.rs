@@ -99,6 +99,9 @@ pub struct Control {
     integrity: Vec<std::sync::Mutex<Vec<(u64, String)>>>,
     /// Cluster mode: vPSDs taken over from other appliances, for their shard to adopt.
     adoptions: Vec<std::sync::Mutex<Vec<Adoption>>>,
+    /// Cluster mode: each shard's imported vPSDs not yet in etcd (`usize::MAX` until the
+    /// shard has said).
+    imports_left: Vec<AtomicUsize>,
     /// Every shard serves (or the start failed).
     gate: StartGate,
 }
@@ -149,6 +152,21 @@ impl Control {
                     .push(adoption);
             }
         }
+    }
+
+    /// A shard's imported vPSDs not yet in etcd.
+    fn set_imports_left(&self, shard: u16, left: usize) {
+        if let Some(count) = self.imports_left.get(usize::from(shard)) {
+            count.store(left, Ordering::Release);
+        }
+    }
+
+    /// Whether every shard has every vPSD it imported (a first start in cluster mode) in
+    /// etcd.
+    pub fn imports_done(&self) -> bool {
+        self.imports_left
+            .iter()
+            .all(|left| left.load(Ordering::Acquire) == 0)
     }
 
     /// What this shard is to adopt.
@@ -483,6 +501,7 @@ impl Server {
             adoptions: (0..shards)
                 .map(|_| std::sync::Mutex::new(Vec::new()))
                 .collect(),
+            imports_left: (0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect(),
             gate: StartGate::default(),
         });
         let (senders, receivers) =

@@ -733,7 +733,7 @@ impl<R> ShardCore<R> {
             vpsd,
             origin,
             recent,
-        } = match decode_replica(&adoption.state.0, &adoption.keys) {
+        } = match decode_replica(adoption.vpsd_id, &adoption.state.0, &adoption.keys) {
             Ok(decoded) => decoded,
             Err(err) => {
                 tracing::error!(
@@ -761,6 +761,25 @@ impl<R> ShardCore<R> {
             origin.sequence
         );
         let vpsd_id = vpsd.id;
+        // What this shard still holds of the vPSD (from an earlier time it owned it) is
+        // superseded: records etcd never got are void, and the answers that wait on them
+        // never leave; the old state goes with a release before the new one comes.
+        if self.store.engine.vpsd(vpsd_id).is_some() {
+            let since = self
+                .store
+                .replica()
+                .and_then(|book| book.pending_since(vpsd_id))
+                .unwrap_or(u64::MAX);
+            self.void(
+                now_unix,
+                Settled::Moved {
+                    vpsd_id,
+                    since,
+                    owner: None,
+                },
+            )?;
+            self.stats.fenced = self.stats.fenced.saturating_sub(1);
+        }
         match self.store.commit_reset(
             vpsd,
             ResetCause::Adopted {

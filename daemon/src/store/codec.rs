@@ -665,14 +665,22 @@ pub struct Replicated {
 }
 
 /// A vPSD from its replicated state and keys, with the state's origin and the requests
-/// remembered with it.
-pub fn decode_replica(state: &[u8], sealed: &[u8]) -> Result<Replicated, DecodeError> {
+/// remembered with it. The values must be those of `vpsd_id` (the key they were read
+/// from): a state of another vPSD is refused.
+pub fn decode_replica(
+    vpsd_id: u64,
+    state: &[u8],
+    sealed: &[u8],
+) -> Result<Replicated, DecodeError> {
     let mut r = Reader::new(state);
     let format = r.u8()?;
     if format != REPLICA_FORMAT {
         return Err(bad("replica.format", 0, u64::from(format)));
     }
     let mut vpsd = vpsd_head(&mut r)?;
+    if vpsd.id != vpsd_id {
+        return Err(bad("replica.vpsd", 1, vpsd.id));
+    }
     let key_count = r.u16()?;
     let origin = Origin {
         appliance: r.string16("origin.appliance", APPLIANCE_BYTES_MAX)?,

@@ -99,6 +99,8 @@ pub struct ReplicaBook {
     scratch: Encoder,
     /// vPSDs found owned by another appliance at start, and by whom.
     departed: Vec<(u64, String)>,
+    /// Imported vPSDs not yet in etcd.
+    imports_left: usize,
 }
 
 /// A vPSD's ownership as etcd shows it.
@@ -118,7 +120,14 @@ impl ReplicaBook {
             round: Vec::new(),
             scratch: Encoder::default(),
             departed: Vec::new(),
+            imports_left: 0,
         }
+    }
+
+    /// How many vPSDs of a first cluster start are not in etcd yet: until none is, the
+    /// data directory must not be recorded as a member (a restart then imports them again).
+    pub fn imports_left(&self) -> usize {
+        self.imports_left
     }
 
     /// The vPSDs found owned by another appliance at start (for `vpsd-moved` answers).
@@ -141,6 +150,13 @@ impl ReplicaBook {
             epoch: entry.epoch,
             last: entry.last,
         })
+    }
+
+    /// The sequence of the vPSD's first record etcd is not known to hold, if any.
+    pub fn pending_since(&self, vpsd_id: u64) -> Option<u64> {
+        self.vpsds
+            .get(&vpsd_id)
+            .and_then(|entry| entry.pending_since)
     }
 
     /// The requests remembered with the state etcd holds of the vPSD.
@@ -207,6 +223,7 @@ impl ReplicaBook {
         self.forget(vpsd_id);
         let mut entry = Self::fresh(&self.appliance, self.shard, sequence);
         entry.imported = true;
+        self.imports_left += 1;
         self.vpsds.insert(vpsd_id, entry);
         self.mark(vpsd_id, sequence, true, [0; 16]);
     }
@@ -214,6 +231,9 @@ impl ReplicaBook {
     /// Drops a vPSD (released, or about to be adopted anew).
     pub fn forget(&mut self, vpsd_id: u64) {
         if let Some(entry) = self.vpsds.remove(&vpsd_id) {
+            if entry.imported {
+                self.imports_left = self.imports_left.saturating_sub(1);
+            }
             if let Some(since) = entry.pending_since {
                 self.pending.remove(&(since, vpsd_id));
             }
@@ -346,7 +366,10 @@ impl ReplicaBook {
                     entry.last = revision;
                     entry.replicated = Some(sent.vpsd);
                     entry.recent_written = sent.recent;
-                    entry.imported = false;
+                    if entry.imported {
+                        entry.imported = false;
+                        self.imports_left = self.imports_left.saturating_sub(1);
+                    }
                     self.pending.remove(&(since, vpsd_id));
                     entry.pending_since = entry.after_sent.take();
                     if let Some(later) = entry.pending_since {
@@ -482,7 +505,7 @@ pub fn reconcile(
                     vpsd: replicated,
                     recent,
                     ..
-                } = super::codec::decode_replica(&state, &keys)
+                } = super::codec::decode_replica(vpsd_id, &state, &keys)
                     .map_err(|source| ReconcileError::Decode { vpsd_id, source })?;
                 let owned = Owned {
                     epoch,

@@ -477,6 +477,11 @@ async fn watch(shard: Rc<Shard>) {
             shard.core.borrow_mut().lock_integrity(vpsd_id, &reason);
         }
         publish_cluster(&shard, &shard.core.borrow());
+        // Writes etcd is still to get (a first start's imports, a vPSD taken back) go even
+        // when no request comes to start a round.
+        if !shard.flush_in_flight.get() && shard.core.borrow().round_pending() {
+            start_flush(&shard);
+        }
         let adoptions = shard.control.take_adoptions(shard.index);
         if !adoptions.is_empty() {
             let now = unix_now();
@@ -573,6 +578,10 @@ fn start_flush(shard: &Rc<Shard>) {
 
 /// Copies the shard's cluster counters into the metrics (cluster mode).
 fn publish_cluster(shard: &Shard, core: &ShardCore<ReplyTo>) {
+    shard.control.set_imports_left(
+        shard.index,
+        core.store().replica().map_or(0, |book| book.imports_left()),
+    );
     shard.metrics.shards[usize::from(shard.index)].publish_cluster(
         core.stats(),
         core.store().replica().map(|book| book.owned()),
