@@ -353,3 +353,75 @@ fn a_single_node_joins_the_cluster_with_its_vpsds() {
     acked.record(next);
     acked.check(&mut on_a2, vpsd, FUNDS);
 }
+
+/// etcd at its space quota: the appliance refuses new sessions with `cluster-unavailable`
+/// (the write etcd refused is voided: nothing charged), nothing acknowledged is lost, and
+/// once an operator compacts, defragments and disarms the alarm (docs/CLUSTER.md 9.3),
+/// signing goes on from where it was.
+#[test]
+fn at_etcds_space_quota_sessions_are_refused_and_nothing_acknowledged_is_lost() {
+    let etcd = EtcdCluster::start_with(3, &["--quota-backend-bytes=1048576"]);
+    let root = tempfile::tempdir().unwrap();
+    let mut a1 = Appliance::new(root.path(), "a1", &etcd);
+    a1.start();
+    let vpsd = 41u64;
+    a1.daemon()
+        .provision_funded(vpsd, Algorithm::Ed25519, FUNDS);
+    let mut acked = Acknowledged::default();
+    let mut client = a1.daemon().admin();
+    let mut refused = false;
+    for _ in 0..50_000 {
+        match sign(&mut client, vpsd, 3) {
+            Ok(indicium) => acked.record(indicium),
+            Err(ErrorCode::ClusterUnavailable) => {
+                refused = true;
+                break;
+            }
+            Err(code) => panic!("{code}"),
+        }
+    }
+    assert!(refused, "etcd never reached its quota");
+    assert!(acked.pieces.len() > 100, "{}", acked.pieces.len());
+    assert!(a1.stat("cluster.refused") >= 1);
+    assert!(a1.daemon().log_text().contains("database space exceeded"));
+    acked.check(&mut client, vpsd, FUNDS);
+    assert_eq!(
+        sign(&mut client, vpsd, 3),
+        Err(ErrorCode::ClusterUnavailable)
+    );
+    acked.check(&mut client, vpsd, FUNDS);
+
+    // The operator's way out: compact the history, defragment every member, disarm.
+    let status: serde_json::Value =
+        serde_json::from_str(&etcd.gateway("/v3/kv/range", r#"{"key":"AA=="}"#).unwrap()).unwrap();
+    let revision = status["header"]["revision"].as_str().unwrap().to_owned();
+    etcd.gateway(
+        "/v3/kv/compaction",
+        &format!(r#"{{"revision":"{revision}","physical":true}}"#),
+    )
+    .unwrap();
+    assert!(etcd
+        .gateway_each("/v3/maintenance/defragment", "{}")
+        .iter()
+        .all(Option::is_some));
+    let alarms: serde_json::Value = serde_json::from_str(
+        &etcd
+            .gateway("/v3/maintenance/alarm", r#"{"action":"GET"}"#)
+            .unwrap(),
+    )
+    .unwrap();
+    for alarm in alarms["alarms"].as_array().unwrap() {
+        etcd.gateway(
+            "/v3/maintenance/alarm",
+            &format!(
+                r#"{{"action":"DEACTIVATE","memberID":"{}","alarm":"NOSPACE"}}"#,
+                alarm["memberID"].as_str().unwrap()
+            ),
+        )
+        .unwrap();
+    }
+    let next = sign_when_served(&mut client, vpsd, 3);
+    assert_eq!(next.payload.piece_number, acked.last_piece(vpsd) + 1);
+    acked.record(next);
+    acked.check(&mut client, vpsd, FUNDS);
+}

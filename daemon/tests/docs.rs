@@ -766,3 +766,119 @@ fn the_order_of_the_checks_in_the_protocol_doc_is_the_codes() {
     assert_eq!(codes, &["unsupported-version"]);
     assert!(closes);
 }
+
+fn cluster_md() -> String {
+    std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/CLUSTER.md")).unwrap()
+}
+
+/// The rows of the table of OPERATIONS.md's section `heading`: key -> default cell.
+fn config_rows(heading: &str) -> BTreeMap<String, String> {
+    let text = operations_md();
+    let mut rows = BTreeMap::new();
+    for line in text
+        .lines()
+        .skip_while(|line| line.trim() != heading)
+        .skip_while(|line| !line.starts_with("| key |"))
+        .skip(2)
+        .take_while(|line| line.starts_with('|'))
+    {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        rows.insert(cells[1].trim_matches('`').to_owned(), cells[2].to_owned());
+    }
+    rows
+}
+
+/// The `[cluster]` section's keys and defaults in OPERATIONS.md 4.7 are what a config with
+/// only the required keys gets.
+#[cfg(feature = "cluster")]
+#[test]
+fn the_cluster_defaults_in_the_doc_are_the_codes() {
+    let config = indiciad::config::Config::parse(
+        "[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nappliance = \"a1\"\n\
+         advertise = \"127.0.0.1:7450\"\n",
+        std::path::Path::new("test.toml"),
+    )
+    .unwrap();
+    let cluster = config.cluster.unwrap();
+    let rows = config_rows("### 4.7 `[cluster]`");
+    let keys: Vec<&str> = rows.keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        ["advertise", "appliance", "etcd", "lease_ttl_s", "prefix"]
+    );
+    for key in ["etcd", "appliance", "advertise"] {
+        assert_eq!(rows[key], "required", "{key}");
+    }
+    assert_eq!(rows["lease_ttl_s"], format!("`{}`", cluster.lease_ttl_s));
+    assert_eq!(rows["prefix"], format!("`\"{}\"`", cluster.prefix));
+}
+
+/// The sizes of etcd's values that docs/CLUSTER.md section 8 states are what the encoders
+/// make: an active vPSD with a 10-byte owner written by `a1`, its keys (one P-256 key), and
+/// what each remembered request adds.
+#[test]
+fn the_cluster_value_sizes_in_the_doc_are_the_encoders() {
+    use indiciad::engine::{ClientTag, PublicKey, RecentAnswer, RecentRequest, SealedKey};
+    use indiciad::store::codec::{encode_replica_keys, encode_replica_state, Origin};
+    let vpsd = Vpsd {
+        id: 7,
+        owner: "0123456789".into(),
+        algorithm: Algorithm::EcdsaP256,
+        origin_zip: "02134".parse().unwrap(),
+        keys: vec![KeyEntry {
+            serial: 1,
+            sealed_version: 1,
+            public: PublicKey {
+                algorithm: Algorithm::EcdsaP256,
+                bytes: vec![4; 65],
+            },
+            sealed: Some(SealedKey([0; indiciad::engine::keys::SEALED_KEY_BYTES])),
+        }]
+        .into(),
+        registers: Registers::default(),
+        state: StoredState::Active,
+        last_contact_unix: 0,
+        provider_sequence: 0,
+        version: 1,
+    };
+    let origin = Origin {
+        appliance: "a1".into(),
+        ..Origin::default()
+    };
+    let mut out = Encoder::default();
+    let state_bytes = |recent: &[RecentRequest], out: &mut Encoder| {
+        encode_replica_state(&vpsd, &origin, recent, out).unwrap();
+        out.bytes.len()
+    };
+    let bare = state_bytes(&[], &mut out);
+    encode_replica_keys(&vpsd, &mut out).unwrap();
+    let keys = out.bytes.len();
+    let request = |answer| RecentRequest {
+        client: ClientTag(1),
+        request_id: 1,
+        fingerprint: [0; 16],
+        version: 1,
+        answer,
+    };
+    let sign = state_bytes(
+        &[request(RecentAnswer::Signed {
+            key_serial: 1,
+            before: Registers::default(),
+            outcomes: vec![None],
+        })],
+        &mut out,
+    ) - bare;
+    let refill = state_bytes(&[request(RecentAnswer::Provider)], &mut out) - bare;
+    let text = cluster_md();
+    for needle in [
+        format!("**{bare}** for an active vPSD with a 10-byte owner written by `a1`"),
+        format!("each remembered request adds {sign} bytes for a one-item `sign`"),
+        format!("{refill} for a `refill` or `contact`"),
+        format!("**{keys}** for one P-256 key"),
+    ] {
+        assert!(
+            text.contains(&needle),
+            "docs/CLUSTER.md section 8 should say `{needle}`"
+        );
+    }
+}

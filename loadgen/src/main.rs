@@ -459,6 +459,33 @@ enum Load {
     Rate(f64),
 }
 
+/// The load of one measured point: single-indicium ECDSA requests at 0.73 in `connections`
+/// connections offered as `mode`, every 100th indicium verified.
+fn point_config(
+    appliance: &Appliance,
+    credential: &Credential,
+    tls: Option<TlsSettings>,
+    picker: VpsdPicker,
+    (connections, mode): (usize, Mode),
+    duration: f64,
+) -> RunConfig {
+    RunConfig {
+        addr: appliance.addr,
+        credential: credential.clone(),
+        tls,
+        connections,
+        mode,
+        duration: Duration::from_secs_f64(duration),
+        picker,
+        batch: 1,
+        frames_per_write: FRAMES_PER_WRITE,
+        postage_mills: 730,
+        verify_every: 100,
+        seed: 1,
+        expected_errors: Vec::new(),
+    }
+}
+
 /// One load against a fresh appliance: one ECDSA vPSD, `session_indicia_max` = `cap`,
 /// single-indicium requests; over mutual TLS with `tls`.
 fn fresh_point(
@@ -493,21 +520,14 @@ fn fresh_point(
             format!("cap {cap}, open loop at {rate_per_s:.0} requests/s"),
         ),
     };
-    let config = RunConfig {
-        addr: appliance.addr,
-        credential: credential.clone(),
-        tls: settings,
-        connections,
-        mode,
-        duration: Duration::from_secs_f64(duration),
+    let config = point_config(
+        &appliance,
+        &credential,
+        settings,
         picker,
-        batch: 1,
-        frames_per_write: FRAMES_PER_WRITE,
-        postage_mills: 730,
-        verify_every: 100,
-        seed: 1,
-        expected_errors: Vec::new(),
-    };
+        (connections, mode),
+        duration,
+    );
     indicia_loadgen::fund(
         &mut admin,
         &config,
@@ -923,23 +943,18 @@ fn cost_point(
     } else {
         "single node"
     };
-    let mut config = RunConfig {
-        addr: appliance.addr,
-        credential: credential.clone(),
-        tls: None,
-        connections: in_flight.clamp(1, 8),
-        mode: Mode::Closed {
-            window: in_flight.div_ceil(in_flight.clamp(1, 8)),
-        },
-        duration: Duration::from_secs_f64(duration),
-        picker,
-        batch: 1,
-        frames_per_write: FRAMES_PER_WRITE,
-        postage_mills: 730,
-        verify_every: 100,
-        seed: 1,
-        expected_errors: Vec::new(),
+    let connections = in_flight.clamp(1, 8);
+    let closed = Mode::Closed {
+        window: in_flight.div_ceil(connections),
     };
+    let mut config = point_config(
+        &appliance,
+        &credential,
+        None,
+        picker,
+        (connections, closed),
+        duration,
+    );
     indicia_loadgen::fund(
         &mut admin,
         &config,

@@ -32,6 +32,8 @@ pub enum LocalEtcdError {
 pub struct LocalEtcd {
     dir: PathBuf,
     members: Vec<Member>,
+    /// More flags for every member (a space quota, for a test).
+    extra: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -73,6 +75,16 @@ impl LocalEtcd {
     /// Starts `size` members with their data under `dir` and waits until each reports
     /// itself healthy (a leader is elected), at most `patience`.
     pub fn start(dir: &Path, size: usize, patience: Duration) -> Result<Self, LocalEtcdError> {
+        Self::start_with(dir, size, patience, &[])
+    }
+
+    /// [`LocalEtcd::start`], with more flags for every member (`--quota-backend-bytes=N`).
+    pub fn start_with(
+        dir: &Path,
+        size: usize,
+        patience: Duration,
+        extra: &[&str],
+    ) -> Result<Self, LocalEtcdError> {
         std::fs::create_dir_all(dir).map_err(|source| LocalEtcdError::Io {
             path: dir.to_owned(),
             source,
@@ -88,6 +100,7 @@ impl LocalEtcd {
         let mut cluster = Self {
             dir: dir.to_owned(),
             members,
+            extra: extra.iter().map(|flag| (*flag).to_owned()).collect(),
         };
         for index in 0..size {
             cluster.spawn(index)?;
@@ -128,6 +141,7 @@ impl LocalEtcd {
             .arg(self.dir.to_string_lossy().replace('/', "-"))
             .arg("--initial-cluster-state")
             .arg("new")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))
@@ -168,6 +182,30 @@ impl LocalEtcd {
             }
         }
         Ok(())
+    }
+
+    /// One request to the v3 JSON gateway of the first running member (`POST path` with a
+    /// JSON body): its answer's body, if it answered.
+    pub fn gateway(&self, path: &str, body: &str) -> Option<String> {
+        let member = self.members.iter().find(|member| member.child.is_some())?;
+        http(member.client, &Self::post(path, body))
+    }
+
+    /// The same request to every running member (a defragmentation is per member).
+    pub fn gateway_each(&self, path: &str, body: &str) -> Vec<Option<String>> {
+        self.members
+            .iter()
+            .filter(|member| member.child.is_some())
+            .map(|member| http(member.client, &Self::post(path, body)))
+            .collect()
+    }
+
+    fn post(path: &str, body: &str) -> String {
+        format!(
+            "POST {path} HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
     }
 
     /// The process ids of the running members (for their CPU time).

@@ -106,6 +106,19 @@ pub struct Control {
     gate: StartGate,
 }
 
+/// Empties one shard's queue of a [`Control`] mailbox.
+fn take_queued<T>(queues: &[std::sync::Mutex<Vec<T>>], shard: u16) -> Vec<T> {
+    queues
+        .get(usize::from(shard))
+        .map_or_else(Vec::new, |queue| {
+            std::mem::take(
+                &mut *queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
+            )
+        })
+}
+
 impl Control {
     /// One shard has closed its connections (or never opened any). Saturating: after a
     /// failed start the count is set to zero so that no shard waits for another.
@@ -129,15 +142,7 @@ impl Control {
 
     /// What the background audit asked this shard to lock.
     fn take_integrity(&self, shard: u16) -> Vec<(u64, String)> {
-        self.integrity
-            .get(usize::from(shard))
-            .map_or_else(Vec::new, |queue| {
-                std::mem::take(
-                    &mut *queue
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                )
-            })
+        take_queued(&self.integrity, shard)
     }
 
     /// Hands vPSDs taken over from another appliance to the shards that hold them.
@@ -171,15 +176,7 @@ impl Control {
 
     /// What this shard is to adopt.
     fn take_adoptions(&self, shard: u16) -> Vec<Adoption> {
-        self.adoptions
-            .get(usize::from(shard))
-            .map_or_else(Vec::new, |queue| {
-                std::mem::take(
-                    &mut *queue
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner),
-                )
-            })
+        take_queued(&self.adoptions, shard)
     }
 
     fn set_durable(&self, shard: u16, sequence: u64) {

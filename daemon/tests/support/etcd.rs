@@ -23,6 +23,14 @@ impl EtcdCluster {
         Self { members, dir }
     }
 
+    /// [`EtcdCluster::start`] with more flags for every member.
+    pub fn start_with(size: usize, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let members = LocalEtcd::start_with(dir.path(), size, Duration::from_secs(60), extra)
+            .unwrap_or_else(|err| panic!("{err}"));
+        Self { members, dir }
+    }
+
     /// Restarts a killed member (see [`LocalEtcd::restart`]).
     pub fn restart(&mut self, index: usize) {
         self.members.restart(index).unwrap();
