@@ -354,74 +354,116 @@ fn a_single_node_joins_the_cluster_with_its_vpsds() {
     acked.check(&mut on_a2, vpsd, FUNDS);
 }
 
-/// etcd at its space quota: the appliance refuses new sessions with `cluster-unavailable`
-/// (the write etcd refused is voided: nothing charged), nothing acknowledged is lost, and
-/// once an operator compacts, defragments and disarms the alarm (docs/CLUSTER.md 9.3),
-/// signing goes on from where it was.
+/// etcd at its space quota: the write that crossed it was applied (etcd 3.4 answers it
+/// with the quota error all the same), so its outcome is unknown and it is sent again until
+/// etcd answers; meanwhile the appliance takes no new change (`cluster-unavailable`, a
+/// clear refusal). Once an operator compacts, defragments and disarms the alarm
+/// (docs/CLUSTER.md 9.3), the waiting answer leaves, signing goes on from where it was,
+/// and every acknowledged indicium is in the registers: nothing lost, nothing charged
+/// twice.
 #[test]
-fn at_etcds_space_quota_sessions_are_refused_and_nothing_acknowledged_is_lost() {
+fn at_etcds_space_quota_changes_are_refused_and_nothing_acknowledged_is_lost() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
     let etcd = EtcdCluster::start_with(3, &["--quota-backend-bytes=1048576"]);
     let root = tempfile::tempdir().unwrap();
     let mut a1 = Appliance::new(root.path(), "a1", &etcd);
     a1.start();
-    let vpsd = 41u64;
+    let (busy, idle) = (41u64, 42u64);
     a1.daemon()
-        .provision_funded(vpsd, Algorithm::Ed25519, FUNDS);
-    let mut acked = Acknowledged::default();
-    let mut client = a1.daemon().admin();
-    let mut refused = false;
-    for _ in 0..50_000 {
-        match sign(&mut client, vpsd, 3) {
-            Ok(indicium) => acked.record(indicium),
-            Err(ErrorCode::ClusterUnavailable) => {
-                refused = true;
-                break;
+        .provision_funded(busy, Algorithm::Ed25519, FUNDS);
+    a1.daemon()
+        .provision_funded(idle, Algorithm::Ed25519, FUNDS);
+    let acked = Arc::new(Mutex::new(Acknowledged::default()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let signer = {
+        let (acked, stop) = (Arc::clone(&acked), Arc::clone(&stop));
+        let mut client = a1.daemon().admin();
+        std::thread::spawn(move || {
+            let mut refused = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match sign(&mut client, busy, 3) {
+                    Ok(indicium) => acked.lock().unwrap().record(indicium),
+                    Err(ErrorCode::ClusterUnavailable) => {
+                        refused += 1;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(code) => panic!("{code}"),
+                }
             }
-            Err(code) => panic!("{code}"),
-        }
+            refused
+        })
+    };
+    // etcd fills up: the appliance says so, and takes no change.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while a1.stat("cluster.committing_shards") != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "etcd never reached its quota; the appliance's log:\n{}",
+            a1.daemon().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(refused, "etcd never reached its quota");
-    assert!(acked.pieces.len() > 100, "{}", acked.pieces.len());
-    assert!(a1.stat("cluster.refused") >= 1);
-    assert!(a1.daemon().log_text().contains("database space exceeded"));
-    acked.check(&mut client, vpsd, FUNDS);
+    assert!(a1.daemon().log_text().contains("etcd is out of space"));
+    let mut client = a1.daemon().admin();
     assert_eq!(
-        sign(&mut client, vpsd, 3),
+        sign(&mut client, idle, 5),
         Err(ErrorCode::ClusterUnavailable)
     );
-    acked.check(&mut client, vpsd, FUNDS);
 
-    // The operator's way out: compact the history, defragment every member, disarm.
-    let status: serde_json::Value =
-        serde_json::from_str(&etcd.gateway("/v3/kv/range", r#"{"key":"AA=="}"#).unwrap()).unwrap();
-    let revision = status["header"]["revision"].as_str().unwrap().to_owned();
+    // The operator's way out: compact the history, defragment every member, disarm the
+    // alarms; again until the appliance takes changes (a member may raise the alarm again
+    // before its defragmentation, on a loaded machine).
+    let deadline = Instant::now() + PATIENCE;
+    while a1.stat("cluster.committing_shards") == 0 {
+        recover_from_nospace(&etcd);
+        assert!(
+            Instant::now() < deadline,
+            "still out of space {PATIENCE:?} after the recovery; alarms: {:?}; the \
+             appliance's log:\n{}",
+            etcd.gateway("/v3/maintenance/alarm", r#"{"action":"GET"}"#),
+            a1.daemon().log_text()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut acked_idle = Acknowledged::default();
+    acked_idle.record(sign_when_served(&mut client, idle, 5));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    signer.join().unwrap();
+    let acked = acked.lock().unwrap();
+    assert!(acked.pieces.len() > 100, "{}", acked.pieces.len());
+    acked.check(&mut client, busy, FUNDS);
+    acked_idle.check(&mut client, idle, FUNDS);
+}
+
+/// etcd's own recovery from its space quota: compact the history, defragment every member,
+/// deactivate every alarm (docs/CLUSTER.md 9.3), through its JSON gateway.
+fn recover_from_nospace(etcd: &EtcdCluster) {
+    let Some(range) = etcd.gateway("/v3/kv/range", r#"{"key":"AA=="}"#) else {
+        return;
+    };
+    let status: serde_json::Value = serde_json::from_str(&range).unwrap();
+    let revision = status["header"]["revision"]
+        .as_str()
+        .unwrap_or("0")
+        .to_owned();
     etcd.gateway(
         "/v3/kv/compaction",
         &format!(r#"{{"revision":"{revision}","physical":true}}"#),
-    )
-    .unwrap();
-    assert!(etcd
-        .gateway_each("/v3/maintenance/defragment", "{}")
-        .iter()
-        .all(Option::is_some));
-    let alarms: serde_json::Value = serde_json::from_str(
-        &etcd
-            .gateway("/v3/maintenance/alarm", r#"{"action":"GET"}"#)
-            .unwrap(),
-    )
-    .unwrap();
-    for alarm in alarms["alarms"].as_array().unwrap() {
+    );
+    etcd.gateway_each("/v3/maintenance/defragment", "{}");
+    let Some(alarms) = etcd.gateway("/v3/maintenance/alarm", r#"{"action":"GET"}"#) else {
+        return;
+    };
+    let alarms: serde_json::Value = serde_json::from_str(&alarms).unwrap();
+    for alarm in alarms["alarms"].as_array().into_iter().flatten() {
         etcd.gateway(
             "/v3/maintenance/alarm",
             &format!(
                 r#"{{"action":"DEACTIVATE","memberID":"{}","alarm":"NOSPACE"}}"#,
-                alarm["memberID"].as_str().unwrap()
+                alarm["memberID"].as_str().unwrap_or("0")
             ),
-        )
-        .unwrap();
+        );
     }
-    let next = sign_when_served(&mut client, vpsd, 3);
-    assert_eq!(next.payload.piece_number, acked.last_piece(vpsd) + 1);
-    acked.record(next);
-    acked.check(&mut client, vpsd, FUNDS);
 }

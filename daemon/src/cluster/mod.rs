@@ -48,8 +48,6 @@ pub enum ClusterError {
     Answer { sent: usize, received: usize },
     #[error("this appliance's lease is lost (keep-alive failed for {silent_ms} ms): it commits nothing until it has a lease again")]
     LeaseLost { silent_ms: u64 },
-    #[error("etcd is out of space (its quota is reached): nothing more can be committed until an operator compacts and defragments it (docs/CLUSTER.md)")]
-    NoSpace,
     #[error("etcd refused a transaction as too large ({0}): its vPSDs' writes are refused")]
     TooLarge(String),
     #[error("this appliance's master key is not the cluster's (etcd holds another check value under {key}): copy master.key from a member of the cluster (docs/CLUSTER.md)")]
@@ -64,10 +62,7 @@ impl ClusterError {
     /// Whether the failed writes surely did not reach etcd and never will (a refusal), as
     /// opposed to an outcome that is unknown (a timeout, a lost connection).
     pub fn refused(&self) -> bool {
-        matches!(
-            self,
-            Self::LeaseLost { .. } | Self::NoSpace | Self::TooLarge(_)
-        )
+        matches!(self, Self::LeaseLost { .. } | Self::TooLarge(_))
     }
 }
 
@@ -99,6 +94,9 @@ pub trait Replicator: Send + Sync + std::fmt::Debug {
     fn commit(&self, writes: Vec<StateWrite>) -> CommitFuture;
     /// Whether commits are allowed now (the lease cannot have expired).
     fn may_commit(&self) -> bool;
+    /// Whether new changes are taken now: commits are allowed and etcd is not out of space
+    /// (then only the writes under way are sent, until etcd takes them).
+    fn may_change(&self) -> bool;
     /// This appliance's id.
     fn appliance(&self) -> &str;
     /// What etcd holds of these vPSDs, in order. Blocking: for the start, before the

@@ -61,7 +61,7 @@ pub enum Counter {
     /// Cluster mode: writes the fence refused (the vPSD had moved): their records and
     /// answers were voided.
     ClusterFenced,
-    /// Cluster mode: writes etcd refused as a whole (no lease, no space): voided.
+    /// Cluster mode: writes etcd refused as a whole (no lease, too large): voided.
     ClusterRefused,
     /// Cluster mode: rounds whose outcome was unknown (sent again).
     ClusterRetries,

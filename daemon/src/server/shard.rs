@@ -46,7 +46,7 @@ pub struct ShardStats {
     pub replica_writes: u64,
     /// Writes refused by the fence (the vPSD moved): their sessions were voided.
     pub fenced: u64,
-    /// Writes etcd refused as a whole (no lease, no space): voided too.
+    /// Writes etcd refused as a whole (no lease, too large): voided too.
     pub refused: u64,
     /// Rounds whose outcome was unknown (a timeout, a lost connection): sent again.
     pub replica_retries: u64,
@@ -198,8 +198,15 @@ impl<R> ShardCore<R> {
             }
             _ => {}
         }
+        // A cluster refusal says that nothing was done: it depends on no record, and must
+        // not wait behind a write etcd has not answered (it would wait as long).
+        let refusal = matches!(
+            &response,
+            Response::Error(body)
+                if matches!(body.code, ErrorCode::ClusterUnavailable | ErrorCode::VpsdMoved)
+        );
         let last = self.store.last_sequence();
-        if self.store.acknowledged_sequence() >= last && self.awaiting.is_empty() {
+        if refusal || (self.store.acknowledged_sequence() >= last && self.awaiting.is_empty()) {
             self.ready.push((reply, response));
         } else {
             self.awaiting.push_back(Awaiting {
@@ -216,14 +223,14 @@ impl<R> ShardCore<R> {
     fn may_commit(&self) -> bool {
         self.replicator
             .as_ref()
-            .is_none_or(|replicator| replicator.may_commit())
+            .is_none_or(|replicator| replicator.may_change())
     }
 
     fn unavailable() -> Response {
         Response::error(
             ErrorCode::ClusterUnavailable,
             "this appliance cannot commit to the cluster now (its etcd lease may have \
-             expired); nothing was charged: retry shortly",
+             expired, or etcd is out of space); nothing was charged: retry shortly",
         )
     }
 

@@ -76,7 +76,7 @@ pub enum Settled {
         since: u64,
         owner: Option<String>,
     },
-    /// etcd refused the write (no lease, no space) at its first attempt: the records from
+    /// etcd refused the write (no lease, too large) at its first attempt: the records from
     /// `since` on are void and the vPSD goes back to the state etcd holds (`None`: it never
     /// had one, and the vPSD leaves this appliance).
     Refused {

@@ -13,10 +13,11 @@ pub(super) async fn commit_rounds(
     keys: &Keys,
     appliance: &str,
     rounds: Vec<(Vec<StateWrite>, Reply<Vec<Outcome>>)>,
+    lease: &LeaseClock,
 ) {
     if rounds.len() == 1 {
         for (writes, reply) in rounds {
-            let _ = reply.send(commit(client, keys, appliance, &writes).await);
+            let _ = reply.send(commit(client, keys, appliance, &writes, lease).await);
         }
         return;
     }
@@ -26,7 +27,7 @@ pub(super) async fn commit_rounds(
         replies.push((writes.len(), reply));
         all.extend(writes);
     }
-    match commit(client, keys, appliance, &all).await {
+    match commit(client, keys, appliance, &all, lease).await {
         Ok(outcomes) => {
             let mut outcomes = outcomes.into_iter();
             for (count, reply) in replies {
@@ -43,7 +44,11 @@ pub(super) async fn commit_rounds(
     }
 }
 
-/// etcd refuses writes once its space quota is reached (the NOSPACE alarm).
+/// etcd's space quota is exceeded (the NOSPACE alarm). This is no refusal: the write that
+/// crossed the quota *was* applied (etcd 3.4 applies it, then answers with this error and
+/// raises the alarm), and those after it were not; which one a write was, only its value in
+/// etcd says. So its outcome is unknown: it is sent again, as it was, until etcd takes
+/// writes again and answers.
 pub(super) fn no_space(err: &etcd_client::Error) -> bool {
     err.to_string().contains("database space exceeded")
 }
@@ -59,6 +64,7 @@ pub(super) async fn commit(
     keys: &Keys,
     appliance: &str,
     writes: &[StateWrite],
+    lease: &LeaseClock,
 ) -> Result<Vec<Outcome>, ClusterError> {
     let mut outcomes = vec![Outcome::Retry; writes.len()];
     let mut pending: Vec<usize> = (0..writes.len()).collect();
@@ -103,7 +109,18 @@ pub(super) async fn commit(
                 .await
             {
                 Ok(response) => response,
-                Err(err) if no_space(&err) || too_large(&err) => {
+                Err(err) if no_space(&err) => {
+                    if !lease.no_space.swap(true, Ordering::AcqRel) {
+                        tracing::error!(
+                            "etcd is out of space ({err}): this appliance takes no change \
+                             until etcd takes writes again; the writes under way are sent \
+                             again until then (docs/CLUSTER.md 9.3)"
+                        );
+                    }
+                    // Unknown (see `no_space`): these, and the rest, go again next round.
+                    return Ok(outcomes);
+                }
+                Err(err) if too_large(&err) => {
                     tracing::warn!(
                         "etcd refused a transaction of {} writes: {err}",
                         batch.len()
@@ -121,6 +138,9 @@ pub(super) async fn commit(
                     return Ok(outcomes);
                 }
             };
+            if lease.no_space.swap(false, Ordering::AcqRel) {
+                tracing::warn!("etcd takes writes again: changes are accepted again");
+            }
             if response.succeeded() {
                 let revision = response.header().map_or(0, |header| header.revision());
                 for &index in &batch {

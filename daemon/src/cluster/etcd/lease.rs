@@ -16,6 +16,9 @@ pub(super) struct LeaseClock {
     pub(super) failures: AtomicU64,
     /// Set once the lease has been seen expired.
     pub(super) expired: AtomicBool,
+    /// Set while etcd answers writes with its space quota exceeded (the NOSPACE alarm);
+    /// cleared by the next transaction that succeeds.
+    pub(super) no_space: AtomicBool,
 }
 
 impl LeaseClock {

@@ -163,6 +163,7 @@ impl Etcd {
             id: AtomicI64::new(0),
             failures: AtomicU64::new(0),
             expired: AtomicBool::new(false),
+            no_space: AtomicBool::new(false),
         });
         let (commands, receiver) = tokio::sync::mpsc::unbounded_channel();
         let (ready, started) = mpsc::sync_channel(1);
@@ -302,6 +303,10 @@ impl Replicator for Etcd {
 
     fn may_commit(&self) -> bool {
         Etcd::may_commit(self)
+    }
+
+    fn may_change(&self) -> bool {
+        Etcd::may_commit(self) && !self.lease.no_space.load(Ordering::Acquire)
     }
 
     fn appliance(&self) -> &str {
@@ -475,7 +480,7 @@ fn run(
                             } else {
                                 alone_for = alone_for.saturating_sub(1);
                             }
-                            commit_rounds(&mut client, &keys, me, rounds).await;
+                            commit_rounds(&mut client, &keys, me, rounds, &lease).await;
                         }
                         command => handle(&mut client, &keys, me, command).await,
                     }
@@ -501,8 +506,9 @@ async fn next_command(
 
 async fn handle(client: &mut Client, keys: &Keys, appliance: &str, command: Command) {
     match command {
-        Command::Commit { writes, reply } => {
-            let _ = reply.send(commit(client, keys, appliance, &writes).await);
+        // Handled by the loop, which gathers the rounds of several shards.
+        Command::Commit { reply, .. } => {
+            let _ = reply.send(Err(ClusterError::Stopped));
         }
         Command::Claim {
             vpsd_id,

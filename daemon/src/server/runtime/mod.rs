@@ -588,7 +588,7 @@ fn publish_cluster(shard: &Shard, core: &ShardCore<ReplyTo>) {
         shard
             .replicator
             .as_ref()
-            .map(|replicator| replicator.may_commit()),
+            .map(|replicator| replicator.may_change()),
     );
 }
 
