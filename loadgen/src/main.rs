@@ -790,17 +790,9 @@ fn tls_cost(
                     "{round:>5} {transport:>10} {total:>9} {}\n",
                     report.to_row()
                 ));
-                let validity = report.validity();
-                if !validity.is_valid() {
-                    invalid.push(report::invalid_banner(
-                        &format!("round {round}, {transport}, {total} in flight"),
-                        &validity,
-                    ));
-                } else if let Some(cpu) = report.cpu_per_indicium_us() {
-                    ratios
-                        .entry((total, tls))
-                        .or_default()
-                        .push(cpu / report.raw_sign_us);
+                let label = format!("round {round}, {transport}, {total} in flight");
+                if let Some(ratio) = valid_ratio(&report, &label, &mut invalid) {
+                    ratios.entry((total, tls)).or_default().push(ratio);
                 }
                 let mut point = report.to_json();
                 point["tls"] = tls.into();
@@ -1077,17 +1069,12 @@ fn cluster_cost(
                         "-".to_owned()
                     },
                 ));
-                let validity = report.validity();
-                if !validity.is_valid() {
-                    invalid.push(report::invalid_banner(
-                        &format!("round {round}, {mode}, {which}"),
-                        &validity,
-                    ));
-                } else if let Some(cpu) = report.cpu_per_indicium_us() {
+                let label = format!("round {round}, {mode}, {which}");
+                if let Some(ratio) = valid_ratio(report, &label, &mut invalid) {
                     ratios
                         .entry((cluster, index))
                         .or_default()
-                        .push((cpu / report.raw_sign_us, etcd_per));
+                        .push((ratio, etcd_per));
                 }
                 let mut point = report.to_json();
                 point["cluster"] = cluster.into();
@@ -1146,6 +1133,23 @@ fn cluster_cost(
         points.len(),
         "loads INVALID: left out of the means",
     ))
+}
+
+/// A load's CPU per indicium over the raw signature, if the load is valid; an invalid
+/// one's banner goes to `invalid` (it is left out of the means).
+fn valid_ratio(
+    report: &indicia_loadgen::report::Report,
+    label: &str,
+    invalid: &mut Vec<String>,
+) -> Option<f64> {
+    let validity = report.validity();
+    if !validity.is_valid() {
+        invalid.push(report::invalid_banner(label, &validity));
+        return None;
+    }
+    report
+        .cpu_per_indicium_us()
+        .map(|cpu| cpu / report.raw_sign_us)
 }
 
 fn main() -> ExitCode {

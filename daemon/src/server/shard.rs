@@ -636,7 +636,7 @@ impl<R> ShardCore<R> {
                 self.stats.replica_retries += 1;
             }
             for settled in self.store.settle(outcomes) {
-                self.void(now_unix, settled)?;
+                self.void(now_unix, settled, true)?;
             }
         }
         self.release();
@@ -644,15 +644,17 @@ impl<R> ShardCore<R> {
     }
 
     /// Voids what etcd will not hold: the vPSD's answers from `since` on become errors, and
-    /// the journal records it (a release, or a reset to the state etcd holds).
-    fn void(&mut self, now_unix: u64, settled: Settled) -> Result<(), Fatal> {
+    /// the journal records it (a release, or a reset to the state etcd holds). `counted`:
+    /// etcd's answer to a write caused it (`cluster.fenced`, `cluster.refused`), not a
+    /// takeover that supersedes what the shard held.
+    fn void(&mut self, now_unix: u64, settled: Settled, counted: bool) -> Result<(), Fatal> {
         let (vpsd_id, since, response) = match &settled {
             Settled::Moved {
                 vpsd_id,
                 since,
                 owner,
             } => {
-                self.stats.fenced += 1;
+                self.stats.fenced += u64::from(counted);
                 let whereto = moved_text(*vpsd_id, owner.as_deref());
                 tracing::warn!(vpsd = vpsd_id, "fenced: {whereto}");
                 self.moved.insert(*vpsd_id, whereto.clone());
@@ -777,15 +779,12 @@ impl<R> ShardCore<R> {
                 .replica()
                 .and_then(|book| book.pending_since(vpsd_id))
                 .unwrap_or(u64::MAX);
-            self.void(
-                now_unix,
-                Settled::Moved {
-                    vpsd_id,
-                    since,
-                    owner: None,
-                },
-            )?;
-            self.stats.fenced = self.stats.fenced.saturating_sub(1);
+            let superseded = Settled::Moved {
+                vpsd_id,
+                since,
+                owner: None,
+            };
+            self.void(now_unix, superseded, false)?;
         }
         match self.store.commit_reset(
             vpsd,
