@@ -14,11 +14,13 @@ pub mod barcode;
 pub mod cli;
 pub mod pki;
 pub mod provider;
+pub mod routing;
 pub mod signing;
 pub mod transport;
 pub mod verify;
 
 pub use indicia_files::{Credential, FileError};
+pub use routing::{Placement, RoutingClient};
 pub use transport::{TlsSettings, Transport};
 
 use std::collections::HashMap;
@@ -515,6 +517,65 @@ impl Client {
         match self.call_ok(&request)? {
             Response::Cluster { taken, appliances } => Ok((taken, appliances)),
             other => Err(unexpected("cluster", &other)),
+        }
+    }
+}
+
+impl Client {
+    /// Who owns each of these vPSDs, and where the live appliances are reached (cluster
+    /// mode; a user may ask only about its own vPSDs).
+    pub fn placement(&mut self, vpsd_ids: &[u64]) -> Result<Placement> {
+        let request = Request::ClusterPlacement {
+            vpsd_ids: vpsd_ids.to_vec(),
+        };
+        match self.call_ok(&request)? {
+            Response::Placement { appliances, vpsds } => Ok(Placement { appliances, vpsds }),
+            other => Err(unexpected("cluster-placement", &other)),
+        }
+    }
+
+    /// Moves a vPSD to another appliance of the cluster (admin), under load: returns the
+    /// placement the move left.
+    pub fn cluster_move(&mut self, vpsd_id: u64, to: &str) -> Result<Placement> {
+        let request = Request::ClusterMove {
+            vpsd_id,
+            to: to.into(),
+        };
+        match self.call_ok(&request)? {
+            Response::Placement { appliances, vpsds } => Ok(Placement { appliances, vpsds }),
+            other => Err(unexpected("cluster-move", &other)),
+        }
+    }
+
+    /// Marks an appliance draining (its vPSDs move away), or not with `undo` (admin).
+    pub fn cluster_drain(
+        &mut self,
+        appliance: &str,
+        undo: bool,
+    ) -> Result<Vec<indicia_proto::ApplianceEntry>> {
+        let request = Request::ClusterDrain {
+            appliance: appliance.into(),
+            undo,
+        };
+        match self.call_ok(&request)? {
+            Response::Cluster { appliances, .. } => Ok(appliances),
+            other => Err(unexpected("cluster-drain", &other)),
+        }
+    }
+
+    /// Pins a vPSD or an owner account to an appliance; `None` removes the pin (admin).
+    pub fn cluster_pin(
+        &mut self,
+        subject: indicia_proto::PinSubject,
+        appliance: Option<&str>,
+    ) -> Result<Vec<indicia_proto::ApplianceEntry>> {
+        let request = Request::ClusterPin {
+            subject,
+            appliance: appliance.unwrap_or_default().into(),
+        };
+        match self.call_ok(&request)? {
+            Response::Cluster { appliances, .. } => Ok(appliances),
+            other => Err(unexpected("cluster-pin", &other)),
         }
     }
 }

@@ -50,6 +50,25 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
 }
 
+/// The longest appliance id: it must fit the replicated state's origin, and, as
+/// `appliance:<id>`, a client id (other appliances connect as that client).
+pub fn appliance_id_bytes_max() -> usize {
+    crate::store::codec::APPLIANCE_BYTES_MAX.min(
+        indicia_proto::message::CLIENT_ID_BYTES_MAX
+            - indicia_proto::message::APPLIANCE_CLIENT_PREFIX.len(),
+    )
+}
+
+/// Whether `id` may name an appliance: 1 to [`appliance_id_bytes_max`] letters, digits,
+/// '.', '_' or '-'.
+pub fn is_appliance_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= appliance_id_bytes_max()
+        && id
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+}
+
 /// The `[cluster]` section: which etcd cluster to replicate to, and who this appliance is.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,6 +85,14 @@ pub struct ClusterConfig {
     /// The prefix of every key the cluster keeps in etcd.
     #[serde(default = "ClusterConfig::default_prefix")]
     pub prefix: String,
+    /// Whether vPSDs are placed by rendezvous hashing over the live appliances, and moved
+    /// when that changes (an appliance joins); otherwise a vPSD stays where it was
+    /// provisioned unless pinned, drained or taken over.
+    #[serde(default = "ClusterConfig::default_rebalance")]
+    pub rebalance: bool,
+    /// The time limit of a request forwarded to the vPSD's owner.
+    #[serde(default = "ClusterConfig::default_forward_timeout_ms")]
+    pub forward_timeout_ms: u64,
 }
 
 impl ClusterConfig {
@@ -77,24 +104,25 @@ impl ClusterConfig {
         "/indicia".into()
     }
 
+    fn default_rebalance() -> bool {
+        true
+    }
+
+    fn default_forward_timeout_ms() -> u64 {
+        5_000
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.etcd.is_empty() || self.etcd.iter().any(|url| !url.starts_with("http")) {
             return Err(
                 "cluster.etcd must list the etcd members' client URLs (http://host:port)".into(),
             );
         }
-        let id_ok = |id: &str| {
-            !id.is_empty()
-                && id.len() <= crate::store::codec::APPLIANCE_BYTES_MAX
-                && id
-                    .bytes()
-                    .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
-        };
-        if !id_ok(&self.appliance) {
+        if !is_appliance_id(&self.appliance) {
             return Err(format!(
                 "cluster.appliance = {:?}: 1 to {} letters, digits, '.', '_' or '-'",
                 self.appliance,
-                crate::store::codec::APPLIANCE_BYTES_MAX
+                appliance_id_bytes_max()
             ));
         }
         if self.advertise.parse::<SocketAddr>().is_err() {
@@ -113,6 +141,12 @@ impl ClusterConfig {
             return Err(format!(
                 "cluster.prefix = {:?} must start with '/' (at most 128 bytes)",
                 self.prefix
+            ));
+        }
+        if !(100..=60_000).contains(&self.forward_timeout_ms) {
+            return Err(format!(
+                "cluster.forward_timeout_ms = {} is outside 100..=60000",
+                self.forward_timeout_ms
             ));
         }
         if !cfg!(feature = "cluster") {
@@ -418,6 +452,16 @@ impl Config {
             if client.id.is_empty() || client.id.len() > indicia_proto::message::CLIENT_ID_BYTES_MAX
             {
                 return invalid(format!("client id `{}` must be 1 to 64 bytes", client.id));
+            }
+            if client
+                .id
+                .starts_with(indicia_proto::message::APPLIANCE_CLIENT_PREFIX)
+            {
+                return invalid(format!(
+                    "client id `{}`: ids that start with `{}` are the cluster's appliances",
+                    client.id,
+                    indicia_proto::message::APPLIANCE_CLIENT_PREFIX
+                ));
             }
             if !ids.insert(client.id.as_str()) || client.id == crate::datadir::ADMIN_CLIENT_ID {
                 return invalid(format!(

@@ -165,6 +165,7 @@ fn join_cluster(
         lease_ttl: Duration::from_secs(cluster.lease_ttl_s),
         prefix: cluster.prefix.clone(),
         master_check: master_check(data.master_key()),
+        rebalance: cluster.rebalance,
     })?;
     tracing::info!(
         "cluster: appliance {} joined etcd at {} (lease {} s, prefix {})",

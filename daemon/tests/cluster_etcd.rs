@@ -23,6 +23,7 @@ fn appliance(cluster: &EtcdCluster, id: &str, ttl_s: u64) -> Etcd {
         lease_ttl: Duration::from_secs(ttl_s),
         prefix: "/indicia-test".into(),
         master_check: "check".into(),
+        rebalance: true,
     })
     .unwrap()
 }
@@ -238,6 +239,7 @@ fn first_writes_create_owners_and_the_index_follows_takeovers() {
         lease_ttl: Duration::from_secs(5),
         prefix: "/indicia-test".into(),
         master_check: "another key".into(),
+        rebalance: true,
     });
     assert!(
         matches!(stranger, Err(ClusterError::MasterKeyMismatch { .. })),
@@ -250,6 +252,7 @@ fn first_writes_create_owners_and_the_index_follows_takeovers() {
         lease_ttl: Duration::from_secs(5),
         prefix: "/indicia-test".into(),
         master_check: "check".into(),
+        rebalance: true,
     });
     assert!(
         matches!(twin, Err(ClusterError::DuplicateAppliance(_))),

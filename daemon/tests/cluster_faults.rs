@@ -139,6 +139,10 @@ fn signer(
                     assert_eq!(signed.len(), results.len(), "{results:?}");
                     outcome = Outcome::Signed(signed);
                 }
+                // Forwarded to the owner, whose answer was lost: like a lost connection.
+                Ok(Response::Error(body)) if body.code == ErrorCode::ForwardFailed => {
+                    outcome = Outcome::Unknown;
+                }
                 Ok(Response::Error(body)) => {
                     outcome = Outcome::Refused(body.code);
                     if matches!(
@@ -220,6 +224,9 @@ fn treasurer(
                 Ok(Response::VpsdStatus(_)) => outcome = Some(true),
                 Ok(Response::Error(body)) if body.code == ErrorCode::AuthorizationReplayed => {
                     panic!("refill of vPSD {vpsd} replayed: sequences only increase here")
+                }
+                Ok(Response::Error(body)) if body.code == ErrorCode::ForwardFailed => {
+                    outcome = None;
                 }
                 Ok(Response::Error(_)) => continue,
                 Ok(other) => panic!("unexpected answer {other:?}"),
@@ -400,8 +407,19 @@ fn the_history_under_faults_is_consistent() {
                                 {
                                     continue 'vpsds;
                                 }
-                                // It still owns this one (nobody took it yet): a real
-                                // signature, recorded like any other.
+                                Ok(Response::Error(body))
+                                    if body.code == ErrorCode::ForwardFailed =>
+                                {
+                                    history.lock().unwrap().signs.push((
+                                        vpsd,
+                                        vec![1],
+                                        Outcome::Unknown,
+                                    ));
+                                    continue 'vpsds;
+                                }
+                                // It still owns this one (nobody took it yet), or it
+                                // forwarded the request to the owner: a real signature,
+                                // recorded like any other.
                                 Ok(Response::Signed { indicium }) => {
                                     history.lock().unwrap().signs.push((
                                         vpsd,

@@ -14,7 +14,7 @@ use indicia_proto::{
     Role, SignItem, Verdict,
 };
 use indiciad::server::handshake::ClientEntry;
-use indiciad::server::shard::ShardCore;
+use indiciad::server::shard::{Arrival, ShardCore};
 use zeroize::Zeroizing;
 
 fn admin() -> Arc<ClientEntry> {
@@ -65,7 +65,7 @@ fn round(
     reply: u64,
 ) -> Vec<(u64, Response)> {
     shard
-        .handle(NOW, client, request_id, request, reply)
+        .handle(NOW, client, request_id, request, reply, Arrival::Here)
         .unwrap();
     shard.run_sessions(NOW).unwrap();
     flush(shard)
@@ -81,7 +81,9 @@ fn funded(dir: &std::path::Path) -> ShardCore<u64> {
         algorithm: Algorithm::EcdsaP256,
         origin_zip: "02134".parse().unwrap(),
     };
-    shard.handle(NOW, &admin(), 1, request, 0).unwrap();
+    shard
+        .handle(NOW, &admin(), 1, request, 0, Arrival::Here)
+        .unwrap();
     let authorization = authorize(
         &common::provider(),
         AuthorizationKind::Refill,
@@ -100,6 +102,7 @@ fn funded(dir: &std::path::Path) -> ShardCore<u64> {
                 authorization,
             },
             0,
+            Arrival::Here,
         )
         .unwrap();
     flush(&mut shard);
@@ -117,10 +120,19 @@ fn no_answer_leaves_before_its_record_is_durable() {
         algorithm: Algorithm::Ed25519,
         origin_zip: "02134".parse().unwrap(),
     };
-    shard.handle(NOW, &admin(), 1, request, 77).unwrap();
+    shard
+        .handle(NOW, &admin(), 1, request, 77, Arrival::Here)
+        .unwrap();
     // A read behind it waits too: it would show state that is not durable yet.
     shard
-        .handle(NOW, &admin(), 2, Request::Status { vpsd_id: 5 }, 78)
+        .handle(
+            NOW,
+            &admin(),
+            2,
+            Request::Status { vpsd_id: 5 },
+            78,
+            Arrival::Here,
+        )
         .unwrap();
     assert!(shard.take_ready().is_empty(), "answered before the flush");
     let ready = flush(&mut shard);
@@ -129,7 +141,14 @@ fn no_answer_leaves_before_its_record_is_durable() {
     assert!(matches!(&ready[1], (78, Response::VpsdStatus(_))));
     // Nothing pending: a read is answered at once.
     shard
-        .handle(NOW, &admin(), 3, Request::Status { vpsd_id: 5 }, 79)
+        .handle(
+            NOW,
+            &admin(),
+            3,
+            Request::Status { vpsd_id: 5 },
+            79,
+            Arrival::Here,
+        )
         .unwrap();
     assert_eq!(shard.take_ready().len(), 1);
 }
@@ -145,7 +164,14 @@ fn sign_requests_from_many_users_coalesce_into_one_session() {
             item: item(730),
         };
         shard
-            .handle(NOW, &user(&format!("user-{n}")), 100, request, n)
+            .handle(
+                NOW,
+                &user(&format!("user-{n}")),
+                100,
+                request,
+                n,
+                Arrival::Here,
+            )
             .unwrap();
     }
     assert!(shard.take_ready().is_empty(), "signs wait for a session");
@@ -264,6 +290,7 @@ fn a_full_queue_answers_busy_and_charges_nothing() {
                     item: item(1),
                 },
                 n,
+                Arrival::Here,
             )
             .unwrap();
     }
@@ -287,6 +314,7 @@ fn a_failed_flush_is_fatal_and_releases_nothing() {
                 item: item(10),
             },
             1,
+            Arrival::Here,
         )
         .unwrap();
     shard.run_sessions(NOW).unwrap();
@@ -311,7 +339,14 @@ fn a_vpsd_takes_its_next_session_only_once_the_last_one_is_durable() {
             item: item(100),
         };
         shard
-            .handle(NOW, &user(&format!("user-{n}")), 500 + n, request, n)
+            .handle(
+                NOW,
+                &user(&format!("user-{n}")),
+                500 + n,
+                request,
+                n,
+                Arrival::Here,
+            )
             .unwrap();
     };
     sign(&mut shard, 0);
@@ -427,7 +462,9 @@ fn a_takeover_voids_what_the_shard_held_of_the_vpsd_and_etcd_never_got() {
         algorithm: Algorithm::Ed25519,
         origin_zip: "02134".parse().unwrap(),
     };
-    shard.handle(NOW, &admin(), 1, provision, 0).unwrap();
+    shard
+        .handle(NOW, &admin(), 1, provision, 0, Arrival::Here)
+        .unwrap();
     let first = cluster_round(
         &mut shard,
         Some(vec![Outcome::Written {
@@ -452,7 +489,9 @@ fn a_takeover_voids_what_the_shard_held_of_the_vpsd_and_etcd_never_got() {
         vpsd_id: 1,
         authorization,
     };
-    shard.handle(NOW, &admin(), 2, refill, 0).unwrap();
+    shard
+        .handle(NOW, &admin(), 2, refill, 0, Arrival::Here)
+        .unwrap();
     let funded = cluster_round(
         &mut shard,
         Some(vec![Outcome::Written {
@@ -473,6 +512,7 @@ fn a_takeover_voids_what_the_shard_held_of_the_vpsd_and_etcd_never_got() {
                 item: item(500),
             },
             70,
+            Arrival::Here,
         )
         .unwrap();
     shard.run_sessions(NOW).unwrap();
@@ -529,6 +569,7 @@ fn a_takeover_voids_what_the_shard_held_of_the_vpsd_and_etcd_never_got() {
                 item: item(500),
             },
             71,
+            Arrival::Here,
         )
         .unwrap();
     shard.run_sessions(NOW).unwrap();

@@ -41,6 +41,9 @@ pub enum ErrorCode {
     Internal,
     /// The appliance cannot commit to the cluster now; nothing was applied.
     ClusterUnavailable,
+    /// The request was forwarded to the vPSD's owner, whose answer did not come back in
+    /// time: it may have been carried out there; retry with the same request id.
+    ForwardFailed,
     /// A code from a newer peer.
     Unknown(u16),
 }
@@ -105,6 +108,7 @@ const TABLE: &[(ErrorCode, u16, &str)] = &[
     (ErrorCode::ShuttingDown, 0x0602, "shutting-down"),
     (ErrorCode::Internal, 0x0603, "internal"),
     (ErrorCode::ClusterUnavailable, 0x0604, "cluster-unavailable"),
+    (ErrorCode::ForwardFailed, 0x0605, "forward-failed"),
 ];
 
 impl ErrorCode {

@@ -30,7 +30,7 @@ pub use error_code::ErrorCode;
 pub use frame::{Decoded, Frame, FrameDecoder, FrameHeader};
 pub use indicium::{Indicium, IndiciumPayload};
 pub use message::{
-    ApplianceEntry, ErrorBody, ItemResult, LockReason, Request, Response, Role, SignItem,
-    StatEntry, Verdict, VpsdState, VpsdStatus,
+    ApplianceEntry, ErrorBody, ItemResult, LockReason, PinSubject, Request, Response, Role,
+    SignItem, StatEntry, Verdict, VpsdPlacement, VpsdState, VpsdStatus,
 };
 pub use types::{format_mills, parse_amount_mills, Algorithm, MailingDate, Zip};

@@ -37,6 +37,10 @@ pub const APPLIANCE_ID_BYTES_MAX: usize = 64;
 pub const APPLIANCE_ADDRESS_BYTES_MAX: usize = 128;
 /// Most appliances one cluster report lists.
 pub const CLUSTER_APPLIANCES_MAX: usize = 1024;
+/// Most vPSDs one cluster-placement request asks about (and its answer lists).
+pub const PLACEMENT_VPSDS_MAX: usize = 1024;
+/// The client id prefix of an appliance forwarding requests to another (role appliance).
+pub const APPLIANCE_CLIENT_PREFIX: &str = "appliance:";
 /// Domain-separation labels of the handshake proofs (see docs/PROTOCOL.md, "Handshake").
 pub const CLIENT_PROOF_LABEL: &[u8] = b"indicia client proof v1";
 pub const SERVER_PROOF_LABEL: &[u8] = b"indicia server proof v1";
@@ -61,6 +65,12 @@ pub mod opcode {
     pub const STATS: u8 = 0x30;
     pub const CLUSTER_STATUS: u8 = 0x31;
     pub const CLUSTER_TAKEOVER: u8 = 0x32;
+    pub const FORWARDED: u8 = 0x33;
+    pub const CLUSTER_PLACEMENT: u8 = 0x34;
+    pub const CLUSTER_MOVE: u8 = 0x35;
+    pub const CLUSTER_DRAIN: u8 = 0x36;
+    pub const CLUSTER_PIN: u8 = 0x37;
+    pub const CLUSTER_ADOPT: u8 = 0x38;
 
     pub const CHALLENGE: u8 = 0x81;
     pub const WELCOME: u8 = 0x82;
@@ -72,6 +82,7 @@ pub mod opcode {
     pub const WITHDRAWN: u8 = 0xA5;
     pub const STATS_REPORT: u8 = 0xB0;
     pub const CLUSTER_REPORT: u8 = 0xB1;
+    pub const PLACEMENT: u8 = 0xB2;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -84,6 +95,9 @@ pub enum Role {
     User,
     /// May also provision, lock, unlock, withdraw, rotate keys and read stats.
     Admin,
+    /// Another appliance of the cluster: may only forward its clients' requests
+    /// (`forwarded`) and hand over vPSDs (`cluster-adopt`).
+    Appliance,
 }
 
 impl Role {
@@ -91,6 +105,7 @@ impl Role {
         match self {
             Self::User => 1,
             Self::Admin => 2,
+            Self::Appliance => 3,
         }
     }
 
@@ -98,6 +113,7 @@ impl Role {
         match code {
             1 => Some(Self::User),
             2 => Some(Self::Admin),
+            3 => Some(Self::Appliance),
             _ => None,
         }
     }
@@ -280,6 +296,64 @@ pub enum Request {
     ClusterTakeover {
         from: String,
     },
+    /// A client's request carried by the appliance it reached to the vPSD's owner (cluster
+    /// mode; role appliance only): the owner handles `request` as `client_id`'s, with
+    /// `request_id` as its idempotency key, and never forwards it again.
+    Forwarded {
+        client_id: String,
+        request_id: u64,
+        request: Box<Request>,
+    },
+    /// Which appliance owns each of these vPSDs, and where every live appliance is reached
+    /// (cluster mode).
+    ClusterPlacement {
+        vpsd_ids: Vec<u64>,
+    },
+    /// Moves a vPSD to another appliance, under load (cluster mode; admin).
+    ClusterMove {
+        vpsd_id: u64,
+        to: String,
+    },
+    /// Marks an appliance draining (its vPSDs move away, it takes none) or, with `undo`,
+    /// not (cluster mode; admin).
+    ClusterDrain {
+        appliance: String,
+        undo: bool,
+    },
+    /// Pins a vPSD, or every vPSD of an owner (customer), to an appliance; an empty
+    /// `appliance` removes the pin (cluster mode; admin).
+    ClusterPin {
+        subject: PinSubject,
+        appliance: String,
+    },
+    /// The owner key of this vPSD names the receiving appliance now (a planned move):
+    /// serve it (cluster mode; role appliance only).
+    ClusterAdopt {
+        vpsd_id: u64,
+    },
+}
+
+/// What a pin applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
+pub enum PinSubject {
+    Vpsd(u64),
+    /// Every vPSD provisioned for this owner (customer) account.
+    Owner(String),
+}
+
+/// Who owns one vPSD, as a placement answer lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct VpsdPlacement {
+    pub vpsd_id: u64,
+    /// The appliance that owns it; for one no appliance owns yet, the one a provision
+    /// would go to (empty when no appliance is live).
+    pub appliance: String,
+    /// Whether `appliance` owns it (false: not provisioned, or provisioned and never
+    /// acknowledged).
+    pub owned: bool,
 }
 
 /// A single item's outcome within a batch.
@@ -392,6 +466,8 @@ pub struct ApplianceEntry {
     pub alive: bool,
     /// How many vPSDs it owns.
     pub vpsds: u32,
+    /// Whether it is draining: its vPSDs move away and it is given none.
+    pub draining: bool,
 }
 
 /// One named counter or gauge of the appliance's statistics.
@@ -453,6 +529,12 @@ pub enum Response {
     Cluster {
         taken: u32,
         appliances: Vec<ApplianceEntry>,
+    },
+    /// Answer to cluster-placement and cluster-move: the live appliances (id, address), by
+    /// id, and the owner of each vPSD asked about, in the order asked.
+    Placement {
+        appliances: Vec<(String, String)>,
+        vpsds: Vec<VpsdPlacement>,
     },
     Error(ErrorBody),
 }
@@ -621,6 +703,12 @@ impl Request {
             Self::Stats => opcode::STATS,
             Self::ClusterStatus => opcode::CLUSTER_STATUS,
             Self::ClusterTakeover { .. } => opcode::CLUSTER_TAKEOVER,
+            Self::Forwarded { .. } => opcode::FORWARDED,
+            Self::ClusterPlacement { .. } => opcode::CLUSTER_PLACEMENT,
+            Self::ClusterMove { .. } => opcode::CLUSTER_MOVE,
+            Self::ClusterDrain { .. } => opcode::CLUSTER_DRAIN,
+            Self::ClusterPin { .. } => opcode::CLUSTER_PIN,
+            Self::ClusterAdopt { .. } => opcode::CLUSTER_ADOPT,
         }
     }
 
@@ -637,8 +725,14 @@ impl Request {
             | Self::Lock { vpsd_id, .. }
             | Self::Unlock { vpsd_id }
             | Self::Withdraw { vpsd_id }
-            | Self::RotateKey { vpsd_id } => Some(*vpsd_id),
+            | Self::RotateKey { vpsd_id }
+            | Self::ClusterMove { vpsd_id, .. }
+            | Self::ClusterAdopt { vpsd_id } => Some(*vpsd_id),
+            Self::Forwarded { request, .. } => request.vpsd_id(),
             Self::Hello { .. }
+            | Self::ClusterPlacement { .. }
+            | Self::ClusterDrain { .. }
+            | Self::ClusterPin { .. }
             | Self::Authenticate { .. }
             | Self::Verify { .. }
             | Self::Stats
@@ -718,6 +812,62 @@ impl Request {
             Self::ClusterTakeover { from } => {
                 write_name16(w, "cluster_takeover.from", from, APPLIANCE_ID_BYTES_MAX)
             }
+            Self::Forwarded {
+                client_id,
+                request_id,
+                request,
+            } => {
+                write_name16(w, "forwarded.client_id", client_id, CLIENT_ID_BYTES_MAX)?;
+                w.u64(*request_id)?;
+                if !request.forwardable() {
+                    return Err(EncodeError::InvalidValue {
+                        field: "forwarded.opcode",
+                        reason: "only a client's request about one vPSD is forwarded",
+                    });
+                }
+                w.u8(request.opcode())?;
+                request.encode_body(w)
+            }
+            Self::ClusterPlacement { vpsd_ids } => {
+                write_count16(
+                    w,
+                    "cluster_placement.count",
+                    vpsd_ids.len(),
+                    PLACEMENT_VPSDS_MAX,
+                    true,
+                )?;
+                for vpsd_id in vpsd_ids {
+                    w.u64(*vpsd_id)?;
+                }
+                Ok(())
+            }
+            Self::ClusterMove { vpsd_id, to } => {
+                w.u64(*vpsd_id)?;
+                write_name16(w, "cluster_move.to", to, APPLIANCE_ID_BYTES_MAX)
+            }
+            Self::ClusterDrain { appliance, undo } => {
+                write_name16(
+                    w,
+                    "cluster_drain.appliance",
+                    appliance,
+                    APPLIANCE_ID_BYTES_MAX,
+                )?;
+                w.u8(u8::from(*undo))
+            }
+            Self::ClusterPin { subject, appliance } => {
+                match subject {
+                    PinSubject::Vpsd(vpsd_id) => {
+                        w.u8(1)?;
+                        w.u64(*vpsd_id)?;
+                    }
+                    PinSubject::Owner(owner) => {
+                        w.u8(2)?;
+                        write_name16(w, "cluster_pin.owner", owner, OWNER_BYTES_MAX)?;
+                    }
+                }
+                w.string16("cluster_pin.appliance", appliance, APPLIANCE_ID_BYTES_MAX)
+            }
+            Self::ClusterAdopt { vpsd_id } => w.u64(*vpsd_id),
         }
     }
 
@@ -792,11 +942,68 @@ impl Request {
             opcode::CLUSTER_TAKEOVER => Self::ClusterTakeover {
                 from: name16(&mut r, "cluster_takeover.from", APPLIANCE_ID_BYTES_MAX)?,
             },
+            opcode::FORWARDED => {
+                let client_id = name16(&mut r, "forwarded.client_id", CLIENT_ID_BYTES_MAX)?;
+                let request_id = r.u64()?;
+                let offset = r.position();
+                let inner = r.u8()?;
+                let body = r.take(r.remaining())?;
+                // One level only: the inner opcode is checked before it is decoded.
+                if !forwardable_opcode(inner) {
+                    return Err(bad_value("forwarded.opcode", offset, u64::from(inner)));
+                }
+                Self::Forwarded {
+                    client_id,
+                    request_id,
+                    request: Box::new(Self::decode(inner, body)?),
+                }
+            }
+            opcode::CLUSTER_PLACEMENT => {
+                let count = count16(&mut r, "cluster_placement.count", PLACEMENT_VPSDS_MAX, true)?;
+                let mut vpsd_ids = Vec::with_capacity(count);
+                for _ in 0..count {
+                    vpsd_ids.push(r.u64()?);
+                }
+                Self::ClusterPlacement { vpsd_ids }
+            }
+            opcode::CLUSTER_MOVE => Self::ClusterMove {
+                vpsd_id: r.u64()?,
+                to: name16(&mut r, "cluster_move.to", APPLIANCE_ID_BYTES_MAX)?,
+            },
+            opcode::CLUSTER_DRAIN => {
+                let appliance = name16(&mut r, "cluster_drain.appliance", APPLIANCE_ID_BYTES_MAX)?;
+                let offset = r.position();
+                let undo = match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    other => return Err(bad_value("cluster_drain.undo", offset, u64::from(other))),
+                };
+                Self::ClusterDrain { appliance, undo }
+            }
+            opcode::CLUSTER_PIN => {
+                let offset = r.position();
+                let subject = match r.u8()? {
+                    1 => PinSubject::Vpsd(r.u64()?),
+                    2 => PinSubject::Owner(name16(&mut r, "cluster_pin.owner", OWNER_BYTES_MAX)?),
+                    other => return Err(bad_value("cluster_pin.kind", offset, u64::from(other))),
+                };
+                Self::ClusterPin {
+                    subject,
+                    appliance: r.string16("cluster_pin.appliance", APPLIANCE_ID_BYTES_MAX)?,
+                }
+            }
+            opcode::CLUSTER_ADOPT => Self::ClusterAdopt { vpsd_id: r.u64()? },
             other if other >= 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),
             other => return Err(DecodeError::UnknownOpcode { opcode: other }),
         };
         r.finish()?;
         Ok(request)
+    }
+
+    /// Whether an appliance may forward this request to the vPSD's owner: a client's
+    /// request about one vPSD (not a handshake, not a cluster command, not a forward).
+    pub fn forwardable(&self) -> bool {
+        forwardable_opcode(self.opcode())
     }
 
     /// Encodes a whole request frame into `out`; returns its length.
@@ -810,6 +1017,25 @@ impl Request {
             self.encode_body(w)
         })
     }
+}
+
+/// The requests that `forwarded` may carry: those about one vPSD that a client sends.
+fn forwardable_opcode(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        opcode::SIGN
+            | opcode::SIGN_BATCH
+            | opcode::STATUS
+            | opcode::PUBLIC_KEY
+            | opcode::PROVISION
+            | opcode::REFILL
+            | opcode::CONTACT
+            | opcode::LOCK
+            | opcode::UNLOCK
+            | opcode::WITHDRAW
+            | opcode::ROTATE_KEY
+            | opcode::CLUSTER_MOVE
+    )
 }
 
 fn encode_state(w: &mut Writer<'_>, state: &VpsdState) -> Result<(), EncodeError> {
@@ -918,6 +1144,7 @@ impl Response {
             Self::Withdrawn { .. } => opcode::WITHDRAWN,
             Self::Stats { .. } => opcode::STATS_REPORT,
             Self::Cluster { .. } => opcode::CLUSTER_REPORT,
+            Self::Placement { .. } => opcode::PLACEMENT,
             Self::Error(_) => opcode::ERROR,
         }
     }
@@ -1020,8 +1247,28 @@ impl Response {
                         &appliance.address,
                         APPLIANCE_ADDRESS_BYTES_MAX,
                     )?;
-                    w.u8(u8::from(appliance.alive))?;
+                    w.u8(u8::from(appliance.alive) | u8::from(appliance.draining) << 1)?;
                     w.u32(appliance.vpsds)?;
+                }
+                Ok(())
+            }
+            Self::Placement { appliances, vpsds } => {
+                write_count16(
+                    w,
+                    "placement.appliances",
+                    appliances.len(),
+                    CLUSTER_APPLIANCES_MAX,
+                    true,
+                )?;
+                for (id, address) in appliances {
+                    write_name16(w, "placement.id", id, APPLIANCE_ID_BYTES_MAX)?;
+                    w.string16("placement.address", address, APPLIANCE_ADDRESS_BYTES_MAX)?;
+                }
+                write_count16(w, "placement.vpsds", vpsds.len(), PLACEMENT_VPSDS_MAX, true)?;
+                for vpsd in vpsds {
+                    w.u64(vpsd.vpsd_id)?;
+                    w.string16("placement.owner", &vpsd.appliance, APPLIANCE_ID_BYTES_MAX)?;
+                    w.u8(u8::from(vpsd.owned))?;
                 }
                 Ok(())
             }
@@ -1116,19 +1363,51 @@ impl Response {
                     let id = name16(&mut r, "cluster.id", APPLIANCE_ID_BYTES_MAX)?;
                     let address = r.string16("cluster.address", APPLIANCE_ADDRESS_BYTES_MAX)?;
                     let offset = r.position();
-                    let alive = match r.u8()? {
-                        0 => false,
-                        1 => true,
-                        other => return Err(bad_value("cluster.alive", offset, u64::from(other))),
-                    };
+                    let flags = r.u8()?;
+                    if flags & !0b11 != 0 {
+                        return Err(DecodeError::ReservedNotZero {
+                            field: "cluster.flags",
+                            offset,
+                        });
+                    }
                     appliances.push(ApplianceEntry {
                         id,
                         address,
-                        alive,
+                        alive: flags & 1 != 0,
                         vpsds: r.u32()?,
+                        draining: flags & 2 != 0,
                     });
                 }
                 Self::Cluster { taken, appliances }
+            }
+            opcode::PLACEMENT => {
+                let count = count16(&mut r, "placement.appliances", CLUSTER_APPLIANCES_MAX, true)?;
+                let mut appliances = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let id = name16(&mut r, "placement.id", APPLIANCE_ID_BYTES_MAX)?;
+                    let address = r.string16("placement.address", APPLIANCE_ADDRESS_BYTES_MAX)?;
+                    appliances.push((id, address));
+                }
+                let count = count16(&mut r, "placement.vpsds", PLACEMENT_VPSDS_MAX, true)?;
+                let mut vpsds = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let vpsd_id = r.u64()?;
+                    let appliance = r.string16("placement.owner", APPLIANCE_ID_BYTES_MAX)?;
+                    let offset = r.position();
+                    let owned = match r.u8()? {
+                        0 => false,
+                        1 => true,
+                        other => {
+                            return Err(bad_value("placement.owned", offset, u64::from(other)))
+                        }
+                    };
+                    vpsds.push(VpsdPlacement {
+                        vpsd_id,
+                        appliance,
+                        owned,
+                    });
+                }
+                Self::Placement { appliances, vpsds }
             }
             opcode::ERROR => Self::Error(ErrorBody::decode(&mut r)?),
             other if other < 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),

@@ -53,6 +53,12 @@ fn every_opcode_is_documented_once() {
         (opcode::STATS, "stats"),
         (opcode::CLUSTER_STATUS, "cluster-status"),
         (opcode::CLUSTER_TAKEOVER, "cluster-takeover"),
+        (opcode::FORWARDED, "forwarded"),
+        (opcode::CLUSTER_PLACEMENT, "cluster-placement"),
+        (opcode::CLUSTER_MOVE, "cluster-move"),
+        (opcode::CLUSTER_DRAIN, "cluster-drain"),
+        (opcode::CLUSTER_PIN, "cluster-pin"),
+        (opcode::CLUSTER_ADOPT, "cluster-adopt"),
         (opcode::CHALLENGE, "challenge"),
         (opcode::WELCOME, "welcome"),
         (opcode::SIGNED, "signed"),
@@ -63,6 +69,7 @@ fn every_opcode_is_documented_once() {
         (opcode::WITHDRAWN, "withdrawn"),
         (opcode::STATS_REPORT, "stats-report"),
         (opcode::CLUSTER_REPORT, "cluster-report"),
+        (opcode::PLACEMENT, "placement"),
         (opcode::ERROR, "error"),
     ]
     .into_iter()

@@ -8,8 +8,8 @@ use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX
 use indicia_proto::message::{BATCH_ITEMS_MAX, NONCE_BYTES};
 use indicia_proto::{
     fuzz, Algorithm, ApplianceEntry, ErrorBody, ErrorCode, Indicium, IndiciumPayload, ItemResult,
-    LockReason, MailingDate, Request, Response, Role, SignItem, StatEntry, Verdict, VpsdState,
-    VpsdStatus, Zip,
+    LockReason, MailingDate, PinSubject, Request, Response, Role, SignItem, StatEntry, Verdict,
+    VpsdPlacement, VpsdState, VpsdStatus, Zip,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -139,6 +139,38 @@ fn request() -> impl Strategy<Value = Request> {
         proptest::string::string_regex("[a-z0-9._-]{1,64}")
             .unwrap()
             .prop_map(|from| Request::ClusterTakeover { from }),
+        vec(any::<u64>(), 0..64).prop_map(|vpsd_ids| Request::ClusterPlacement { vpsd_ids }),
+        (
+            any::<u64>(),
+            proptest::string::string_regex("[a-z0-9._-]{1,64}").unwrap()
+        )
+            .prop_map(|(vpsd_id, to)| Request::ClusterMove { vpsd_id, to }),
+        (
+            proptest::string::string_regex("[a-z0-9._-]{1,64}").unwrap(),
+            any::<bool>()
+        )
+            .prop_map(|(appliance, undo)| Request::ClusterDrain { appliance, undo }),
+        (
+            prop_oneof![
+                any::<u64>().prop_map(PinSubject::Vpsd),
+                proptest::string::string_regex("\\PC{1,16}")
+                    .unwrap()
+                    .prop_map(PinSubject::Owner),
+            ],
+            proptest::string::string_regex("[a-z0-9._-]{0,64}").unwrap()
+        )
+            .prop_map(|(subject, appliance)| Request::ClusterPin { subject, appliance }),
+        any::<u64>().prop_map(|vpsd_id| Request::ClusterAdopt { vpsd_id }),
+        (
+            proptest::string::string_regex("[a-z0-9:._-]{1,64}").unwrap(),
+            any::<u64>(),
+            any::<u64>()
+        )
+            .prop_map(|(client_id, request_id, vpsd_id)| Request::Forwarded {
+                client_id,
+                request_id,
+                request: Box::new(Request::Status { vpsd_id }),
+            }),
     ]
 }
 
@@ -265,18 +297,45 @@ fn response() -> impl Strategy<Value = Response> {
                     proptest::string::string_regex("[a-z0-9._-]{1,64}").unwrap(),
                     proptest::string::string_regex("[0-9.:]{0,40}").unwrap(),
                     any::<bool>(),
-                    any::<u32>()
+                    any::<u32>(),
+                    any::<bool>()
                 )
-                    .prop_map(|(id, address, alive, vpsds)| ApplianceEntry {
-                        id,
-                        address,
-                        alive,
-                        vpsds
+                    .prop_map(|(id, address, alive, vpsds, draining)| {
+                        ApplianceEntry {
+                            id,
+                            address,
+                            alive,
+                            vpsds,
+                            draining,
+                        }
                     }),
                 0..8
             )
         )
             .prop_map(|(taken, appliances)| Response::Cluster { taken, appliances }),
+        (
+            vec(
+                (
+                    proptest::string::string_regex("[a-z0-9._-]{1,64}").unwrap(),
+                    proptest::string::string_regex("[0-9.:]{0,40}").unwrap()
+                ),
+                0..8
+            ),
+            vec(
+                (
+                    any::<u64>(),
+                    proptest::string::string_regex("[a-z0-9._-]{0,64}").unwrap(),
+                    any::<bool>()
+                )
+                    .prop_map(|(vpsd_id, appliance, owned)| VpsdPlacement {
+                        vpsd_id,
+                        appliance,
+                        owned
+                    }),
+                0..8
+            )
+        )
+            .prop_map(|(appliances, vpsds)| Response::Placement { appliances, vpsds }),
         error_body().prop_map(Response::Error),
     ]
 }

@@ -16,8 +16,8 @@ use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX
 use indicia_proto::message::opcode;
 use indicia_proto::{
     Algorithm, ApplianceEntry, AuthorizationKind, ErrorBody, ErrorCode, Indicium, IndiciumPayload,
-    ItemResult, LockReason, ProviderAuthorization, Request, Response, Role, SignItem, StatEntry,
-    Verdict, VpsdState, VpsdStatus,
+    ItemResult, LockReason, PinSubject, ProviderAuthorization, Request, Response, Role, SignItem,
+    StatEntry, Verdict, VpsdPlacement, VpsdState, VpsdStatus,
 };
 use serde::{Deserialize, Serialize};
 
@@ -221,6 +221,42 @@ fn request_samples() -> Vec<(&'static str, Request)> {
             "cluster takeover",
             Request::ClusterTakeover { from: "a2".into() },
         ),
+        (
+            "forwarded (a status, for client station-7)",
+            Request::Forwarded {
+                client_id: "station-7".into(),
+                request_id: 41,
+                request: Box::new(Request::Status { vpsd_id: 1001 }),
+            },
+        ),
+        (
+            "cluster placement",
+            Request::ClusterPlacement {
+                vpsd_ids: vec![1001, 1002],
+            },
+        ),
+        (
+            "cluster move",
+            Request::ClusterMove {
+                vpsd_id: 1001,
+                to: "a2".into(),
+            },
+        ),
+        (
+            "cluster drain",
+            Request::ClusterDrain {
+                appliance: "a3".into(),
+                undo: false,
+            },
+        ),
+        (
+            "cluster pin (an owner account)",
+            Request::ClusterPin {
+                subject: PinSubject::Owner("acme".into()),
+                appliance: "a1".into(),
+            },
+        ),
+        ("cluster adopt", Request::ClusterAdopt { vpsd_id: 1001 }),
     ]
 }
 
@@ -339,12 +375,42 @@ fn response_samples() -> Vec<(&'static str, Response)> {
                         address: "10.0.0.1:7450".into(),
                         alive: true,
                         vpsds: 7,
+                        draining: false,
                     },
                     ApplianceEntry {
                         id: "a2".into(),
                         address: "10.0.0.2:7450".into(),
                         alive: false,
                         vpsds: 0,
+                        draining: false,
+                    },
+                    ApplianceEntry {
+                        id: "a3".into(),
+                        address: "10.0.0.3:7450".into(),
+                        alive: true,
+                        vpsds: 2,
+                        draining: true,
+                    },
+                ],
+            },
+        ),
+        (
+            "placement",
+            Response::Placement {
+                appliances: vec![
+                    ("a1".into(), "10.0.0.1:7450".into()),
+                    ("a3".into(), "10.0.0.3:7450".into()),
+                ],
+                vpsds: vec![
+                    VpsdPlacement {
+                        vpsd_id: 1001,
+                        appliance: "a3".into(),
+                        owned: true,
+                    },
+                    VpsdPlacement {
+                        vpsd_id: 1002,
+                        appliance: "a1".into(),
+                        owned: false,
                     },
                 ],
             },
@@ -479,6 +545,12 @@ fn request_vectors_match_the_codec() {
         opcode::STATS,
         opcode::CLUSTER_STATUS,
         opcode::CLUSTER_TAKEOVER,
+        opcode::FORWARDED,
+        opcode::CLUSTER_PLACEMENT,
+        opcode::CLUSTER_MOVE,
+        opcode::CLUSTER_DRAIN,
+        opcode::CLUSTER_PIN,
+        opcode::CLUSTER_ADOPT,
     ]
     .into();
     assert_eq!(opcodes, all, "every request opcode has a vector");
@@ -532,6 +604,7 @@ fn response_vectors_match_the_codec() {
         opcode::WITHDRAWN,
         opcode::STATS_REPORT,
         opcode::CLUSTER_REPORT,
+        opcode::PLACEMENT,
         opcode::ERROR,
     ]
     .into();

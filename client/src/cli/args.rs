@@ -149,6 +149,56 @@ pub enum ClusterCommand {
         #[arg(long, value_name = "ID", value_parser = appliance_id)]
         from: String,
     },
+    /// Which appliance owns each vPSD, and where the live appliances are reached.
+    Placement {
+        /// The vPSDs (repeat the flag, or separate with commas).
+        #[arg(
+            long = "vpsd",
+            value_name = "ID",
+            required = true,
+            value_delimiter = ','
+        )]
+        vpsds: Vec<u64>,
+    },
+    /// Move a vPSD to another appliance now, under load: its running session commits, the
+    /// requests that come meanwhile are forwarded to the new owner.
+    Move {
+        #[arg(long, value_name = "ID")]
+        vpsd: u64,
+        /// The appliance that is to own it.
+        #[arg(long, value_name = "APPLIANCE", value_parser = appliance_id)]
+        to: String,
+    },
+    /// Move every vPSD away from an appliance (which then takes none), so that it can be
+    /// stopped; `--undo` ends the drain.
+    Drain {
+        #[arg(long, value_name = "ID", value_parser = appliance_id)]
+        appliance: String,
+        #[arg(long)]
+        undo: bool,
+    },
+    /// Pin a vPSD, or every vPSD of an owner account, to an appliance (`--unpin` removes
+    /// the pin).
+    Pin {
+        #[command(flatten)]
+        subject: PinArgs,
+        /// The appliance (omit with --unpin).
+        #[arg(long, value_name = "APPLIANCE", value_parser = appliance_id, required_unless_present = "unpin", conflicts_with = "unpin")]
+        to: Option<String>,
+        #[arg(long)]
+        unpin: bool,
+    },
+}
+
+/// What `cluster pin` applies to: one vPSD, or an owner account.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct PinArgs {
+    #[arg(long, value_name = "ID")]
+    pub vpsd: Option<u64>,
+    /// Every vPSD provisioned for this owner account (customer).
+    #[arg(long, value_name = "NAME")]
+    pub owner: Option<String>,
 }
 
 /// `indiciactl provision`'s flags.

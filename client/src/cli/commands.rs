@@ -100,19 +100,58 @@ pub(super) fn run(
             let text = output::stats(&entries, output.json);
             output.print(&text)
         }
-        Command::Cluster { command } => {
-            let from = match &command {
-                ClusterCommand::Status => None,
-                ClusterCommand::Takeover { from } => Some(from.as_str()),
-            };
-            let (taken, appliances) = appliance.client()?.cluster(from)?;
-            let text = output::cluster(from.map(|_| taken), &appliances, output.json);
-            output.print(&text)
-        }
+        Command::Cluster { command } => cluster(command, appliance, output),
         Command::Verify(args) => verify(args.verification()?, appliance, output),
         Command::Provider { command } => provider(command, output),
         Command::Pki { command } => pki(command, output),
     }
+}
+
+fn cluster(
+    command: ClusterCommand,
+    appliance: &Appliance,
+    output: &mut Output<'_>,
+) -> Result<(), CliError> {
+    let text = match command {
+        ClusterCommand::Status => {
+            let (_, appliances) = appliance.client()?.cluster(None)?;
+            output::cluster(None, &appliances, output.json)
+        }
+        ClusterCommand::Takeover { from } => {
+            let (taken, appliances) = appliance.client()?.cluster(Some(&from))?;
+            output::cluster(Some(taken), &appliances, output.json)
+        }
+        ClusterCommand::Placement { vpsds } => {
+            let placement = appliance.client()?.placement(&vpsds)?;
+            output::placement(&placement, output.json)
+        }
+        ClusterCommand::Move { vpsd, to } => {
+            let placement = appliance.client()?.cluster_move(vpsd, &to)?;
+            output::placement(&placement, output.json)
+        }
+        ClusterCommand::Drain {
+            appliance: id,
+            undo,
+        } => {
+            let appliances = appliance.client()?.cluster_drain(&id, undo)?;
+            output::cluster(None, &appliances, output.json)
+        }
+        ClusterCommand::Pin { subject, to, unpin } => {
+            let subject = match (subject.vpsd, subject.owner) {
+                (Some(vpsd), _) => indicia_proto::PinSubject::Vpsd(vpsd),
+                (None, Some(owner)) => indicia_proto::PinSubject::Owner(owner),
+                (None, None) => {
+                    return Err(CliError::Usage(
+                        "cluster pin needs --vpsd or --owner".into(),
+                    ))
+                }
+            };
+            let to = if unpin { None } else { to.as_deref() };
+            let appliances = appliance.client()?.cluster_pin(subject, to)?;
+            output::cluster(None, &appliances, output.json)
+        }
+    };
+    output.print(&text)
 }
 
 fn provision(

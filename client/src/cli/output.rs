@@ -223,6 +223,7 @@ pub fn cluster(
                     "id": appliance.id,
                     "address": appliance.address,
                     "alive": appliance.alive,
+                    "draining": appliance.draining,
                     "vpsds": appliance.vpsds,
                 })
             })
@@ -238,17 +239,51 @@ pub fn cluster(
             text.push_str(&format!("took over {taken} vPSDs\n"));
         }
         text.push_str(&format!(
-            "{:<20} {:<24} {:<6} {}\n",
-            "appliance", "address", "alive", "vpsds"
+            "{:<20} {:<24} {:<6} {:<9} {}\n",
+            "appliance", "address", "alive", "draining", "vpsds"
         ));
         for appliance in appliances {
             text.push_str(&format!(
-                "{:<20} {:<24} {:<6} {}\n",
+                "{:<20} {:<24} {:<6} {:<9} {}\n",
                 appliance.id,
                 appliance.address,
                 if appliance.alive { "yes" } else { "no" },
+                if appliance.draining { "yes" } else { "no" },
                 appliance.vpsds
             ));
+        }
+        text
+    }
+}
+
+/// Who owns which vPSD, and where the live appliances are.
+pub fn placement(placement: &crate::Placement, json: bool) -> String {
+    let (appliances, vpsds) = (&placement.appliances, &placement.vpsds);
+    if json {
+        let live: Vec<Value> = appliances
+            .iter()
+            .map(|(id, address)| json!({"id": id, "address": address}))
+            .collect();
+        let placed: Vec<Value> = vpsds
+            .iter()
+            .map(|vpsd| {
+                json!({"vpsd": vpsd.vpsd_id, "appliance": vpsd.appliance, "owned": vpsd.owned})
+            })
+            .collect();
+        format!("{}\n", json!({"appliances": live, "vpsds": placed}))
+    } else {
+        let mut text = format!("{:<20} {:<20} {}\n", "vpsd", "appliance", "owned");
+        for vpsd in vpsds {
+            text.push_str(&format!(
+                "{:<20} {:<20} {}\n",
+                vpsd.vpsd_id,
+                vpsd.appliance,
+                if vpsd.owned { "yes" } else { "no (placement)" }
+            ));
+        }
+        text.push_str(&format!("\n{:<20} {}\n", "live appliance", "address"));
+        for (id, address) in appliances {
+            text.push_str(&format!("{id:<20} {address}\n"));
         }
         text
     }

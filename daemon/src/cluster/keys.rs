@@ -77,6 +77,44 @@ impl Keys {
     }
 
     /// The check value of the cluster master key.
+    /// An appliance marked draining by an operator (its vPSDs move away).
+    pub fn draining(&self, appliance: &str) -> String {
+        format!("{}/draining/{appliance}", self.prefix)
+    }
+
+    pub fn drainings(&self) -> String {
+        format!("{}/draining/", self.prefix)
+    }
+
+    /// A vPSD pinned to an appliance (the value names it).
+    pub fn pin_vpsd(&self, vpsd_id: u64) -> String {
+        format!("{}/pins/vpsds/{vpsd_id:020}", self.prefix)
+    }
+
+    pub fn pins_vpsd(&self) -> String {
+        format!("{}/pins/vpsds/", self.prefix)
+    }
+
+    /// Every vPSD of an owner (customer) account pinned to an appliance; the account name
+    /// is hex-encoded, so that any name makes one key.
+    pub fn pin_owner(&self, owner: &str) -> String {
+        format!(
+            "{}/pins/owners/{}",
+            self.prefix,
+            hex::encode(owner.as_bytes())
+        )
+    }
+
+    pub fn pins_owner(&self) -> String {
+        format!("{}/pins/owners/", self.prefix)
+    }
+
+    /// The account name of an owner pin's key.
+    pub fn pinned_owner(&self, key: &str) -> Option<String> {
+        let bytes = hex::decode(key.strip_prefix(&self.pins_owner())?).ok()?;
+        String::from_utf8(bytes).ok()
+    }
+
     pub fn master_check(&self) -> String {
         format!("{}/cluster/master-check", self.prefix)
     }
@@ -100,5 +138,11 @@ mod tests {
         assert!(entry.starts_with(&keys.owned_by("a1")));
         assert_eq!(keys.owned_id("a1", &entry), Some(42));
         assert_eq!(keys.owned_id("a2", &entry), None);
+        assert_eq!(keys.draining("a3"), "/indicia/draining/a3");
+        assert!(keys.pin_vpsd(7).starts_with(&keys.pins_vpsd()));
+        let pin = keys.pin_owner("acme/east");
+        assert_eq!(pin, "/indicia/pins/owners/61636d652f65617374");
+        assert_eq!(keys.pinned_owner(&pin).as_deref(), Some("acme/east"));
+        assert_eq!(keys.pinned_owner(&keys.pin_vpsd(7)), None);
     }
 }

@@ -23,11 +23,14 @@ pub mod etcd;
 pub mod fence;
 pub mod keys;
 pub mod local;
+pub mod placement;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use fence::{Outcome, StateWrite};
+use placement::Placement;
 
 /// Why a cluster operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +79,46 @@ pub struct Member {
     pub alive: bool,
     /// How many vPSDs it owns (by the owners' index).
     pub vpsds: u32,
+    /// Whether an operator drains it.
+    pub draining: bool,
+}
+
+/// An etcd answer on its way.
+pub type Pending<T> = Pin<Box<dyn Future<Output = Result<T, ClusterError>> + Send>>;
+
+/// How a handover of a vPSD to another appliance ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandOver {
+    /// The target owns it now, at this epoch.
+    Done { epoch: i64 },
+    /// This appliance did not own it any more (another does; empty: nobody).
+    Fenced { owner: String },
+    /// Its state in etcd is not the one this appliance last wrote (a write is under way).
+    Stale,
+    /// The target is not live.
+    NotLive,
+}
+
+/// What a pin applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PinKey {
+    Vpsd(u64),
+    /// Every vPSD of this owner (customer) account.
+    Owner(String),
+}
+
+/// An operator's change to placement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    Drain {
+        appliance: String,
+        undo: bool,
+    },
+    /// Pins to `appliance`, or removes the pin (None).
+    Pin {
+        key: PinKey,
+        appliance: Option<String>,
+    },
 }
 
 /// A cluster report on its way: (vPSDs taken over, every member by id).
@@ -110,6 +153,17 @@ pub trait Replicator: Send + Sync + std::fmt::Debug {
     /// The cluster's members; with `take_over_from`, after taking over every vPSD that
     /// appliance owns (by hand: `indiciactl cluster takeover`).
     fn report(&self, take_over_from: Option<String>) -> ReportFuture;
+    /// What placement is made of, as last read (every sweep, and after an operator's
+    /// change).
+    fn placement(&self) -> Arc<Placement>;
+    /// The owner key of each vPSD, read now: its owner's id, or None.
+    fn locate(&self, vpsd_ids: Vec<u64>) -> Pending<Vec<Option<String>>>;
+    /// What etcd holds of one vPSD, read now (an adoption on demand).
+    fn fetch(&self, vpsd_id: u64) -> Pending<Stored>;
+    /// Hands a vPSD this appliance owns at `epoch` (its state at revision `last`) to `to`.
+    fn hand_over(&self, vpsd_id: u64, epoch: i64, last: i64, to: String) -> Pending<HandOver>;
+    /// Applies an operator's change to placement, then reports the members.
+    fn operate(&self, operation: Operation) -> ReportFuture;
 }
 
 /// A vPSD this appliance just took over: its owner key now names this appliance at

@@ -109,6 +109,15 @@ impl<R> Coalescer<R> {
     }
 
     /// Marks the session for `vpsd_id` done; what queued meanwhile becomes ready.
+    /// Whether the vPSD has neither queued work nor a running session.
+    pub fn is_idle(&self, vpsd_id: u64) -> bool {
+        !self.running.contains(&vpsd_id)
+            && self
+                .queues
+                .get(&vpsd_id)
+                .is_none_or(|queue| queue.is_empty())
+    }
+
     pub fn finish(&mut self, vpsd_id: u64) {
         self.running.remove(&vpsd_id);
         if self

@@ -54,10 +54,30 @@ impl ClientEntry {
     }
 }
 
-/// Every client, by id.
-#[derive(Debug, Default)]
+/// Every client, by id; and in cluster mode, the other appliances (role appliance).
+#[derive(Default)]
 pub struct ClientDirectory {
     clients: HashMap<String, Arc<ClientEntry>>,
+    /// Cluster mode: the key every appliance's secret derives from (from the cluster's
+    /// master key, which every appliance holds).
+    appliances: Option<Zeroizing<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for ClientDirectory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientDirectory")
+            .field("clients", &self.clients.len())
+            .field("appliances", &self.appliances.is_some())
+            .finish()
+    }
+}
+
+/// HMAC-SHA256 of `message` under `key`.
+fn mac(key: &[u8], message: &[u8]) -> Zeroizing<[u8; 32]> {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, key);
+    let mut out = Zeroizing::new([0u8; 32]);
+    out.copy_from_slice(hmac::sign(&key, message).as_ref());
+    out
 }
 
 impl ClientDirectory {
@@ -65,8 +85,28 @@ impl ClientDirectory {
         self.clients.insert(entry.id.clone(), Arc::new(entry));
     }
 
-    pub fn get(&self, id: &str) -> Option<&Arc<ClientEntry>> {
-        self.clients.get(id)
+    /// Cluster mode: every appliance of the cluster may connect as client
+    /// `appliance:<id>` (role appliance), with a secret derived from the cluster's master
+    /// key: HMAC-SHA256(HMAC-SHA256(master key, "indicia appliance secret v1"), id).
+    pub fn admit_appliances(&mut self, master_key: &[u8; 32]) {
+        self.appliances = Some(mac(master_key, b"indicia appliance secret v1"));
+    }
+
+    /// The secret of appliance `appliance` (cluster mode).
+    pub fn appliance_secret(&self, appliance: &str) -> Option<Zeroizing<[u8; 32]>> {
+        let root = self.appliances.as_ref()?;
+        Some(mac(root.as_ref(), appliance.as_bytes()))
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<ClientEntry>> {
+        if let Some(appliance) = id.strip_prefix(indicia_proto::message::APPLIANCE_CLIENT_PREFIX) {
+            if appliance.is_empty() {
+                return None;
+            }
+            let secret = self.appliance_secret(appliance)?;
+            return Some(Arc::new(ClientEntry::new(id, secret, Role::Appliance, [])));
+        }
+        self.clients.get(id).cloned()
     }
 }
 
@@ -254,6 +294,7 @@ impl Connection {
                     ))
                 };
                 let client = directory.get(client_id);
+                let client = client.as_ref();
                 // An unknown id costs the same HMAC as a known one (under a throwaway key),
                 // so that the time to the refusal does not tell which ids exist.
                 let unknown_id_key = [0u8; 32];
@@ -311,9 +352,27 @@ impl Connection {
 }
 
 /// Whether an authenticated client may make this request.
-fn authorize(client: &ClientEntry, request: &Request) -> Result<(), String> {
-    if client.role == Role::Admin {
-        return Ok(());
+pub fn authorize(client: &ClientEntry, request: &Request) -> Result<(), String> {
+    let between_appliances = matches!(
+        request,
+        Request::Forwarded { .. } | Request::ClusterAdopt { .. }
+    );
+    match client.role {
+        Role::Appliance if between_appliances => return Ok(()),
+        Role::Appliance => {
+            return Err(format!(
+                "client {} (role appliance) may only forward requests and hand over vPSDs",
+                client.id
+            ))
+        }
+        _ if between_appliances => {
+            return Err(format!(
+                "client {} may not do this; only another appliance of the cluster may",
+                client.id
+            ))
+        }
+        Role::Admin => return Ok(()),
+        Role::User => {}
     }
     let vpsd_allowed = |vpsd_id: u64| {
         if client.vpsds.contains(&vpsd_id) {
@@ -334,6 +393,10 @@ fn authorize(client: &ClientEntry, request: &Request) -> Result<(), String> {
         },
         // The provider's signature authorizes these, whoever carries them.
         Request::Refill { .. } | Request::Contact { .. } => Ok(()),
+        // Where its own vPSDs are, so that it can send their requests there.
+        Request::ClusterPlacement { vpsd_ids } => vpsd_ids
+            .iter()
+            .try_for_each(|&vpsd_id| vpsd_allowed(vpsd_id)),
         _ => Err(format!(
             "client {} (role user) may not do this; it needs role admin",
             client.id

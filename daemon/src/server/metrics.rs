@@ -74,9 +74,17 @@ pub enum Counter {
     ClusterOwned,
     /// Cluster mode, gauge: shards that may commit now (0: the appliance is self-fenced).
     ClusterCommitting,
+    /// Cluster mode: requests forwarded to the appliance that owns their vPSD.
+    ClusterForwarded,
+    /// Cluster mode: forwarded requests without an answer (the owner unreachable, or
+    /// silent past `forward_timeout_ms`).
+    ClusterForwardsFailed,
+    /// Cluster mode: vPSDs handed over to another appliance (planned moves, drains,
+    /// rebalancing).
+    ClusterMovedAway,
 }
 
-const COUNTERS: [(Counter, &str); 26] = [
+const COUNTERS: [(Counter, &str); 29] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -103,6 +111,9 @@ const COUNTERS: [(Counter, &str); 26] = [
     (Counter::ClusterUnavailable, "cluster.unavailable"),
     (Counter::ClusterOwned, "cluster.vpsds_owned"),
     (Counter::ClusterCommitting, "cluster.committing_shards"),
+    (Counter::ClusterForwarded, "cluster.forwarded"),
+    (Counter::ClusterForwardsFailed, "cluster.forwards_failed"),
+    (Counter::ClusterMovedAway, "cluster.moved_away"),
 ];
 
 /// What a request asks for, by its opcode: the `<kind>` of the `request_latency_us.<kind>`
@@ -127,11 +138,17 @@ pub enum RequestKind {
     Stats,
     ClusterStatus,
     ClusterTakeover,
+    Forwarded,
+    ClusterPlacement,
+    ClusterMove,
+    ClusterDrain,
+    ClusterPin,
+    ClusterAdopt,
 }
 
 impl RequestKind {
     /// Every kind, in the order of the report.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 23] = [
         Self::Sign,
         Self::SignBatch,
         Self::Status,
@@ -147,6 +164,12 @@ impl RequestKind {
         Self::Stats,
         Self::ClusterStatus,
         Self::ClusterTakeover,
+        Self::Forwarded,
+        Self::ClusterPlacement,
+        Self::ClusterMove,
+        Self::ClusterDrain,
+        Self::ClusterPin,
+        Self::ClusterAdopt,
         Self::Hello,
         Self::Authenticate,
     ];
@@ -171,6 +194,12 @@ impl RequestKind {
             opcode::STATS => Self::Stats,
             opcode::CLUSTER_STATUS => Self::ClusterStatus,
             opcode::CLUSTER_TAKEOVER => Self::ClusterTakeover,
+            opcode::FORWARDED => Self::Forwarded,
+            opcode::CLUSTER_PLACEMENT => Self::ClusterPlacement,
+            opcode::CLUSTER_MOVE => Self::ClusterMove,
+            opcode::CLUSTER_DRAIN => Self::ClusterDrain,
+            opcode::CLUSTER_PIN => Self::ClusterPin,
+            opcode::CLUSTER_ADOPT => Self::ClusterAdopt,
             _ => return None,
         })
     }
@@ -195,6 +224,12 @@ impl RequestKind {
             Self::Stats => "stats",
             Self::ClusterStatus => "cluster_status",
             Self::ClusterTakeover => "cluster_takeover",
+            Self::Forwarded => "forwarded",
+            Self::ClusterPlacement => "cluster_placement",
+            Self::ClusterMove => "cluster_move",
+            Self::ClusterDrain => "cluster_drain",
+            Self::ClusterPin => "cluster_pin",
+            Self::ClusterAdopt => "cluster_adopt",
         }
     }
 }

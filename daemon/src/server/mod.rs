@@ -243,7 +243,27 @@ pub fn client_directory(config: &Config, data: &DataDir) -> Result<ClientDirecto
             client.vpsds.iter().copied(),
         ));
     }
+    if config.cluster.is_some() {
+        directory.admit_appliances(data.master_key());
+    }
     Ok(directory)
+}
+
+/// How shards forward requests to the other appliances (cluster mode without TLS; with
+/// TLS a request for another appliance's vPSD is answered `vpsd-moved`).
+fn forwarding(
+    config: &Config,
+    directory: &ClientDirectory,
+    replicator: Option<&dyn Replicator>,
+    tls: bool,
+) -> Option<runtime::Forwarding> {
+    let replicator = replicator.filter(|_| !tls)?;
+    let cluster = config.cluster.as_ref()?;
+    Some(runtime::Forwarding {
+        appliance: replicator.appliance().to_owned(),
+        secret: directory.appliance_secret(replicator.appliance())?,
+        timeout: Duration::from_millis(cluster.forward_timeout_ms),
+    })
 }
 
 /// A TCP socket bound to `addr`, with SO_REUSEPORT when every shard is to have one on the
@@ -562,6 +582,7 @@ impl Server {
                 config: config.server.clone(),
                 tls: tls.clone(),
                 ready: ready_tx.clone(),
+                forwarding: forwarding(config, &directory, replicator.as_deref(), tls.is_some()),
                 replicator,
             };
             // A failure here leaves the shards already started waiting for their peer's

@@ -61,10 +61,49 @@ pub struct ShardStats {
 #[error("journal failure, stopping: {0}")]
 pub struct Fatal(pub JournalError);
 
+/// How a request reached this shard (cluster mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arrival {
+    /// From a client of this appliance: if another appliance owns its vPSD, it is
+    /// forwarded there.
+    Direct,
+    /// Forwarded by another appliance: never forwarded again (the hop limit is 1).
+    Forwarded,
+    /// Routed here: this appliance handles it whether or not it holds the vPSD (placement
+    /// put a provision here, or no appliance owns the vPSD).
+    Here,
+}
+
+/// A request for a vPSD this shard does not hold (cluster mode), for the runtime to route:
+/// to the vPSD's owner, to an adoption on demand, or back here.
+#[derive(Debug)]
+pub struct Elsewhere<R> {
+    pub reply: R,
+    pub client: Arc<ClientEntry>,
+    /// The client's request id (its idempotency key).
+    pub request_id: u64,
+    pub request: Request,
+    pub arrival: Arrival,
+}
+
+/// A planned move the runtime is to carry out: hand `vpsd_id` over to `to` once it is
+/// quiet (its running session committed, etcd holding all of it).
+#[derive(Debug)]
+pub struct MoveOrder<R> {
+    pub vpsd_id: u64,
+    pub to: String,
+    /// Who asked (None: rebalancing).
+    pub reply: Option<R>,
+}
+
 /// What a sign request needs back.
 struct SignReply<R> {
     reply: R,
     batch: bool,
+    /// Who asked, and how it came: a request whose vPSD left while it queued is routed
+    /// again.
+    client: Arc<ClientEntry>,
+    arrival: Arrival,
 }
 
 /// An answer waiting for its sequence to be acknowledged (durable, and in etcd).
@@ -98,6 +137,14 @@ pub struct ShardCore<R> {
     /// vPSD takes no new session until then.
     committing: VecDeque<(u64, u64)>,
     ready: Vec<(R, Response)>,
+    /// Requests for vPSDs this shard does not hold, for the runtime to route.
+    elsewhere: Vec<Elsewhere<R>>,
+    /// vPSDs on their way to another appliance, with the requests that came meanwhile:
+    /// they are forwarded to the new owner once it owns the vPSD, or handled here if the
+    /// move fails.
+    holding: HashMap<u64, Vec<Elsewhere<R>>>,
+    /// Planned moves for the runtime to carry out.
+    moves: Vec<MoveOrder<R>>,
     stats: ShardStats,
 }
 
@@ -143,6 +190,9 @@ impl<R> ShardCore<R> {
             last_replica_error: None,
             committing: VecDeque::new(),
             ready: Vec::new(),
+            elsewhere: Vec::new(),
+            holding: HashMap::new(),
+            moves: Vec::new(),
             stats: ShardStats::default(),
         }
     }
@@ -264,7 +314,10 @@ impl<R> ShardCore<R> {
     }
 
     /// Handles one authorized request for a vPSD this shard owns (or a verify). Sign
-    /// requests queue for the next session; everything else runs now.
+    /// requests queue for the next session; everything else runs now. In cluster mode a
+    /// request for a vPSD this shard does not hold goes to the runtime to be routed
+    /// ([`ShardCore::take_elsewhere`]), unless it arrived [`Arrival::Here`]; one for a
+    /// vPSD on its way to another appliance waits for the move.
     pub fn handle(
         &mut self,
         now_unix: u64,
@@ -272,9 +325,30 @@ impl<R> ShardCore<R> {
         request_id: u64,
         request: Request,
         reply: R,
+        arrival: Arrival,
     ) -> Result<(), Fatal> {
-        self.stats.requests += 1;
         let vpsd_id = request.vpsd_id();
+        if let Some(id) = vpsd_id {
+            let away = self.replicator.is_some()
+                && arrival != Arrival::Here
+                && self.store.engine.vpsd(id).is_none();
+            let parked = self.holding.get_mut(&id);
+            if away || parked.is_some() {
+                let elsewhere = Elsewhere {
+                    reply,
+                    client: Arc::clone(client),
+                    request_id,
+                    request,
+                    arrival,
+                };
+                match parked {
+                    Some(parked) => parked.push(elsewhere),
+                    None => self.elsewhere.push(elsewhere),
+                }
+                return Ok(());
+            }
+        }
+        self.stats.requests += 1;
         if let Some(moved) = vpsd_id.and_then(|id| {
             self.store
                 .engine
@@ -293,13 +367,47 @@ impl<R> ShardCore<R> {
         };
         let response = match request {
             Request::Sign { vpsd_id, item } => {
-                self.queue(vpsd_id, client, request_id, vec![item], reply, false);
+                let reply = SignReply {
+                    reply,
+                    batch: false,
+                    client: Arc::clone(client),
+                    arrival,
+                };
+                self.queue(vpsd_id, request_id, vec![item], reply);
                 return Ok(());
             }
             Request::SignBatch { vpsd_id, items } => {
-                self.queue(vpsd_id, client, request_id, items, reply, true);
+                let reply = SignReply {
+                    reply,
+                    batch: true,
+                    client: Arc::clone(client),
+                    arrival,
+                };
+                self.queue(vpsd_id, request_id, items, reply);
                 return Ok(());
             }
+            Request::ClusterMove { vpsd_id, to } => {
+                if self.replicator.is_none() {
+                    Response::error(
+                        ErrorCode::InvalidArgument,
+                        "this appliance is not in cluster mode (its configuration has no \
+                         [cluster] section)",
+                    )
+                } else if engine.vpsd(vpsd_id).is_none() {
+                    error_response(&EngineError::UnknownVpsd { vpsd_id })
+                } else {
+                    // Requests from now on wait for the move; the running session ends
+                    // first.
+                    self.holding.insert(vpsd_id, Vec::new());
+                    self.moves.push(MoveOrder {
+                        vpsd_id,
+                        to,
+                        reply: Some(reply),
+                    });
+                    return Ok(());
+                }
+            }
+            Request::ClusterAdopt { vpsd_id } => status(&self.store, vpsd_id),
             Request::Status { vpsd_id } => status(&self.store, vpsd_id),
             Request::PublicKey {
                 vpsd_id,
@@ -423,21 +531,16 @@ impl<R> ShardCore<R> {
     fn queue(
         &mut self,
         vpsd_id: u64,
-        client: &Arc<ClientEntry>,
         request_id: u64,
         items: Vec<indicia_proto::SignItem>,
-        reply: R,
-        batch: bool,
+        reply: SignReply<R>,
     ) {
         let job = SignJob {
-            client: client.tag,
+            client: reply.client.tag,
             request_id,
             items,
         };
-        if let Err(Busy(SignReply { reply, .. })) =
-            self.coalescer
-                .push(vpsd_id, job, SignReply { reply, batch })
-        {
+        if let Err(Busy(SignReply { reply, .. })) = self.coalescer.push(vpsd_id, job, reply) {
             self.stats.busy += 1;
             self.answer(
                 reply,
@@ -471,6 +574,32 @@ impl<R> ShardCore<R> {
                 .map(|pending| (pending.job, pending.reply))
                 .unzip();
             signed += jobs.iter().map(|job| job.items.len()).sum::<usize>();
+            if self.replicator.is_some() && self.store.engine.vpsd(vpsd_id).is_none() {
+                // The vPSD left while these queued (fenced, taken over, moved): nothing
+                // was signed here; they are routed to its owner.
+                self.coalescer.finish(vpsd_id);
+                for (job, reply) in jobs.into_iter().zip(replies) {
+                    let request = if reply.batch {
+                        Request::SignBatch {
+                            vpsd_id,
+                            items: job.items,
+                        }
+                    } else {
+                        match job.items.into_iter().next() {
+                            Some(item) => Request::Sign { vpsd_id, item },
+                            None => continue,
+                        }
+                    };
+                    self.elsewhere.push(Elsewhere {
+                        reply: reply.reply,
+                        client: reply.client,
+                        request_id: job.request_id,
+                        request,
+                        arrival: reply.arrival,
+                    });
+                }
+                continue;
+            }
             if let Some(refusal) = self.refusal(vpsd_id) {
                 // Nothing signed, nothing charged.
                 self.coalescer.finish(vpsd_id);
@@ -738,6 +867,17 @@ impl<R> ShardCore<R> {
 
     /// A vPSD this appliance took over: its state from etcd, journaled as a reset.
     pub fn adopt(&mut self, now_unix: u64, adoption: Adoption) -> Result<(), Fatal> {
+        // Adopted already under this very claim (on demand, by a request that came before
+        // the takeover's hand-off reached the shard): what the shard holds is as new or
+        // newer; adopting again would void it.
+        let same_claim = self
+            .store
+            .replica()
+            .and_then(|book| book.ownership(adoption.vpsd_id))
+            .is_some_and(|owned| owned.epoch == adoption.epoch);
+        if same_claim && self.holds(adoption.vpsd_id) {
+            return Ok(());
+        }
         let Replicated {
             vpsd,
             origin,
@@ -757,6 +897,15 @@ impl<R> ShardCore<R> {
         let owned = Owned {
             epoch: adoption.epoch,
             last: adoption.state.1,
+        };
+        // Adopted on demand (a planned move handed it here): from its last writer.
+        let adoption = Adoption {
+            from: if adoption.from.is_empty() {
+                origin.appliance.clone()
+            } else {
+                adoption.from
+            },
+            ..adoption
         };
         tracing::warn!(
             vpsd = vpsd.id,
@@ -834,10 +983,122 @@ impl<R> ShardCore<R> {
     pub fn take_ready(&mut self) -> Vec<(R, Response)> {
         std::mem::take(&mut self.ready)
     }
+
+    /// Requests for vPSDs this shard does not hold, to be routed (cluster mode).
+    pub fn take_elsewhere(&mut self) -> Vec<Elsewhere<R>> {
+        std::mem::take(&mut self.elsewhere)
+    }
+
+    /// Planned moves to carry out.
+    pub fn take_moves(&mut self) -> Vec<MoveOrder<R>> {
+        std::mem::take(&mut self.moves)
+    }
+
+    /// Starts moving a vPSD to `to` by itself (rebalancing, a drain): requests wait from
+    /// now on. False when it is not here or already moving.
+    pub fn begin_move(&mut self, vpsd_id: u64, to: &str) -> bool {
+        if self.store.engine.vpsd(vpsd_id).is_none() || self.holding.contains_key(&vpsd_id) {
+            return false;
+        }
+        self.holding.insert(vpsd_id, Vec::new());
+        self.moves.push(MoveOrder {
+            vpsd_id,
+            to: to.to_owned(),
+            reply: None,
+        });
+        true
+    }
+
+    /// Whether the shard holds the vPSD (serves it).
+    pub fn holds(&self, vpsd_id: u64) -> bool {
+        self.store.engine.vpsd(vpsd_id).is_some()
+    }
+
+    /// vPSDs moving now.
+    pub fn moving(&self) -> usize {
+        self.holding.len()
+    }
+
+    /// The vPSD's ownership, once it can be handed over as it is: no session queued or
+    /// running, every record of it in etcd, no write of it under way.
+    pub fn quiet(&self, vpsd_id: u64) -> Option<Owned> {
+        if !self.coalescer.is_idle(vpsd_id) || self.committing.iter().any(|&(_, id)| id == vpsd_id)
+        {
+            return None;
+        }
+        self.store.replica()?.settled(vpsd_id)
+    }
+
+    /// The vPSDs that placement puts elsewhere, with where (at most `limit`, none of them
+    /// moving already). `place` gives a vPSD's appliance from its id and owner account.
+    pub fn misplaced<'p>(
+        &self,
+        limit: usize,
+        place: impl Fn(u64, &str) -> Option<&'p str>,
+    ) -> Vec<(u64, String)> {
+        let Some(book) = self.store.replica() else {
+            return Vec::new();
+        };
+        let me = book.appliance();
+        let mut out = Vec::new();
+        for vpsd in self.store.engine.vpsds() {
+            if out.len() == limit {
+                break;
+            }
+            if self.holding.contains_key(&vpsd.id) || !book.owns(vpsd.id) {
+                continue;
+            }
+            if let Some(placed) = place(vpsd.id, &vpsd.owner).filter(|placed| *placed != me) {
+                out.push((vpsd.id, placed.to_owned()));
+            }
+        }
+        out
+    }
+
+    /// The move of `vpsd_id` is done: `to` owns it in etcd. The journal records the
+    /// release, and the requests that waited go to be routed (to the new owner).
+    pub fn depart(&mut self, now_unix: u64, vpsd_id: u64, to: &str) -> Result<(), Fatal> {
+        let version = self
+            .store
+            .engine
+            .vpsd(vpsd_id)
+            .map_or(0, |vpsd| vpsd.version);
+        match self.store.commit_release(vpsd_id, to, version, now_unix) {
+            Ok(_) => {}
+            Err(StoreError::Journal(err)) => return Err(Fatal(err)),
+            Err(err) => {
+                // etcd names `to` the owner: this shard must not serve the vPSD again.
+                let reason = format!("moved to {to}, but the release was not journaled: {err}");
+                tracing::error!(vpsd = vpsd_id, "{reason}");
+                self.store.engine.lock_integrity(vpsd_id, &reason);
+            }
+        }
+        self.moved.insert(vpsd_id, moved_text(vpsd_id, Some(to)));
+        tracing::info!(vpsd = vpsd_id, "moved to {to}");
+        let parked = self.holding.remove(&vpsd_id).unwrap_or_default();
+        self.elsewhere.extend(parked);
+        Ok(())
+    }
+
+    /// The move of `vpsd_id` did not happen: the requests that waited are handled here
+    /// (or routed, if the vPSD is not here any more).
+    pub fn stay(&mut self, now_unix: u64, vpsd_id: u64) -> Result<(), Fatal> {
+        for parked in self.holding.remove(&vpsd_id).unwrap_or_default() {
+            self.handle(
+                now_unix,
+                &parked.client,
+                parked.request_id,
+                parked.request,
+                parked.reply,
+                parked.arrival,
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// The message of a `vpsd-moved` answer.
-fn moved_text(vpsd_id: u64, owner: Option<&str>) -> String {
+pub(crate) fn moved_text(vpsd_id: u64, owner: Option<&str>) -> String {
     match owner {
         Some(owner) => format!(
             "vPSD {vpsd_id} belongs to appliance {owner} of the cluster now; nothing was \

@@ -152,6 +152,20 @@ impl ReplicaBook {
         })
     }
 
+    /// The vPSD's ownership if etcd holds every record of it and no write of it is under
+    /// way or of unknown outcome (it may be handed over as it is).
+    pub fn settled(&self, vpsd_id: u64) -> Option<Owned> {
+        self.vpsds
+            .get(&vpsd_id)
+            .filter(|entry| {
+                entry.epoch != 0 && entry.pending_since.is_none() && entry.sent.is_none()
+            })
+            .map(|entry| Owned {
+                epoch: entry.epoch,
+                last: entry.last,
+            })
+    }
+
     /// The sequence of the vPSD's first record etcd is not known to hold, if any.
     pub fn pending_since(&self, vpsd_id: u64) -> Option<u64> {
         self.vpsds

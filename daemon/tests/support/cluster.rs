@@ -4,6 +4,11 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
+use std::collections::BTreeMap;
+
+use indicia_client::Client;
+use indicia_proto::Indicium;
+
 use super::etcd::EtcdCluster;
 use super::{write_config, Daemon};
 
@@ -36,12 +41,19 @@ fn free_port() -> u16 {
 }
 
 impl Appliance {
+    /// An appliance whose vPSDs stay where they were provisioned (`rebalance = false`),
+    /// as the tests of takeovers need.
     pub fn new(root: &Path, id: &'static str, etcd: &EtcdCluster) -> Self {
+        Self::configured(root, id, etcd, "rebalance = false\n")
+    }
+
+    /// An appliance with more `[cluster]` settings (`extra`: TOML lines).
+    pub fn configured(root: &Path, id: &'static str, etcd: &EtcdCluster, extra: &str) -> Self {
         let dir = root.join(id);
         let port = free_port();
         let extra = format!(
             "[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\n\
-             lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n",
+             lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n{extra}",
             etcd.endpoints()
         );
         let config = write_config(&dir, &extra, &[]);
@@ -57,6 +69,19 @@ impl Appliance {
     /// credential (docs/CLUSTER.md), its own journals.
     pub fn joining(root: &Path, id: &'static str, etcd: &EtcdCluster, seed: &Appliance) -> Self {
         let appliance = Self::new(root, id, etcd);
+        appliance.copy_keys_from(seed);
+        appliance
+    }
+
+    /// [`Appliance::joining`] with more `[cluster]` settings.
+    pub fn joining_configured(
+        root: &Path,
+        id: &'static str,
+        etcd: &EtcdCluster,
+        seed: &Appliance,
+        extra: &str,
+    ) -> Self {
+        let appliance = Self::configured(root, id, etcd, extra);
         appliance.copy_keys_from(seed);
         appliance
     }
@@ -143,5 +168,57 @@ impl Drop for Appliance {
             let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.child.id()).unwrap());
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
         }
+    }
+}
+
+/// Every indicium acknowledged so far, by (vPSD, piece number).
+#[derive(Default)]
+pub struct Acknowledged {
+    pub pieces: BTreeMap<(u64, u64), Indicium>,
+}
+
+impl Acknowledged {
+    pub fn record(&mut self, indicium: Indicium) {
+        let key = (indicium.payload.vpsd_id, indicium.payload.piece_number);
+        if let Some(earlier) = self.pieces.insert(key, indicium) {
+            assert_eq!(
+                earlier, indicium,
+                "piece {key:?} was acknowledged twice with different content"
+            );
+            panic!("piece {key:?} was acknowledged twice");
+        }
+    }
+
+    pub fn postage(&self, vpsd_id: u64) -> u64 {
+        self.pieces
+            .range((vpsd_id, 0)..=(vpsd_id, u64::MAX))
+            .map(|(_, indicium)| indicium.payload.postage_mills)
+            .sum()
+    }
+
+    pub fn last_piece(&self, vpsd_id: u64) -> u64 {
+        self.pieces
+            .range((vpsd_id, 0)..=(vpsd_id, u64::MAX))
+            .next_back()
+            .map_or(0, |((_, piece), _)| *piece)
+    }
+
+    /// The registers account for every acknowledged indicium, and for nothing else: no
+    /// session charged without being acknowledged (the tests sign one request at a time,
+    /// so nothing is in flight when they check).
+    pub fn check(&self, client: &mut Client, vpsd_id: u64, funded: u64) {
+        let status = client.status(vpsd_id).unwrap();
+        assert_eq!(
+            status.ascending_mills + status.descending_mills,
+            status.control_total_mills,
+            "AR + DR = CS"
+        );
+        assert_eq!(status.control_total_mills, funded);
+        assert_eq!(
+            status.ascending_mills,
+            self.postage(vpsd_id),
+            "AR is the postage of every acknowledged indicium of vPSD {vpsd_id}"
+        );
+        assert_eq!(status.piece_count, self.last_piece(vpsd_id));
     }
 }

@@ -38,15 +38,19 @@ use tokio::sync::oneshot;
 
 mod commit;
 mod lease;
+mod moves;
 mod ownership;
 
 use super::fence::{batches, judge, Outcome, Seen, StateWrite};
 use super::keys::Keys;
+use super::placement::Placement;
 use super::{
-    successor, Adoption, ClusterError, CommitFuture, Member, Replicator, ReportFuture, Stored,
+    successor, Adoption, ClusterError, CommitFuture, HandOver, Member, Operation, Pending,
+    Replicator, ReportFuture, Stored,
 };
 use commit::*;
 use lease::*;
+use moves::*;
 use ownership::*;
 
 /// How an appliance joins the cluster (the `[cluster]` section, milestone 2).
@@ -62,7 +66,12 @@ pub struct EtcdConfig {
     pub prefix: String,
     /// A check value of the cluster master key: every appliance must bring the same one.
     pub master_check: String,
+    /// Whether vPSDs are placed, and moved, by rendezvous hashing (`[cluster] rebalance`).
+    pub rebalance: bool,
 }
+
+/// The latest placement, shared by the etcd thread (which reads it) and the shards.
+type SharedPlacement = Arc<std::sync::Mutex<Arc<Placement>>>;
 
 /// Where the vPSDs this appliance takes over go.
 pub type Adopter = Box<dyn Fn(Vec<Adoption>) + Send>;
@@ -125,6 +134,21 @@ enum Command {
     StartTakeover {
         adopter: Adopter,
     },
+    Locate {
+        vpsd_ids: Vec<u64>,
+        reply: Reply<Vec<Option<String>>>,
+    },
+    HandOver {
+        vpsd_id: u64,
+        epoch: i64,
+        last: i64,
+        to: String,
+        reply: Reply<HandOver>,
+    },
+    Operate {
+        operation: Operation,
+        reply: Reply<(u32, Vec<Member>)>,
+    },
 }
 
 /// The connection to etcd: its thread, and the lease.
@@ -134,6 +158,7 @@ pub struct Etcd {
     lease: Arc<LeaseClock>,
     thread: Option<std::thread::JoinHandle<()>>,
     appliance: String,
+    placement: SharedPlacement,
 }
 
 impl std::fmt::Debug for Command {
@@ -148,6 +173,9 @@ impl std::fmt::Debug for Command {
             Self::Takeover { .. } => "Takeover",
             Self::Report { .. } => "Report",
             Self::StartTakeover { .. } => "StartTakeover",
+            Self::Locate { .. } => "Locate",
+            Self::HandOver { .. } => "HandOver",
+            Self::Operate { .. } => "Operate",
         })
     }
 }
@@ -169,9 +197,11 @@ impl Etcd {
         let (ready, started) = mpsc::sync_channel(1);
         let clock = Arc::clone(&lease);
         let appliance = config.appliance.clone();
+        let placement: SharedPlacement = Arc::default();
+        let shared = Arc::clone(&placement);
         let thread = std::thread::Builder::new()
             .name("indicia-etcd".into())
-            .spawn(move || run(config, clock, receiver, ready))
+            .spawn(move || run(config, clock, shared, receiver, ready))
             .map_err(ClusterError::Thread)?;
         match started.recv() {
             Ok(Ok(())) => Ok(Self {
@@ -179,6 +209,7 @@ impl Etcd {
                 lease,
                 thread: Some(thread),
                 appliance,
+                placement,
             }),
             Ok(Err(err)) => {
                 let _ = thread.join();
@@ -283,6 +314,14 @@ impl Etcd {
         })
     }
 
+    /// Sends a command; its answer as a future.
+    fn pending<T: Send + 'static>(&self, command: impl FnOnce(Reply<T>) -> Command) -> Pending<T> {
+        match self.send(command) {
+            Ok(answer) => Box::pin(async move { answer.await.map_err(|_| ClusterError::Stopped)? }),
+            Err(err) => Box::pin(async move { Err(err) }),
+        }
+    }
+
     /// The appliances whose lease is alive: (id, address), by id. Blocking.
     pub fn appliances(&self) -> Result<Vec<(String, String)>, ClusterError> {
         self.call(|reply| Command::Appliances { reply })
@@ -326,13 +365,49 @@ impl Replicator for Etcd {
     }
 
     fn report(&self, take_over_from: Option<String>) -> ReportFuture {
-        match self.send(|reply| Command::Report {
+        self.pending(|reply| Command::Report {
             take_over_from,
             reply,
-        }) {
-            Ok(answer) => Box::pin(async move { answer.await.map_err(|_| ClusterError::Stopped)? }),
-            Err(err) => Box::pin(async move { Err(err) }),
+        })
+    }
+
+    fn placement(&self) -> Arc<Placement> {
+        Arc::clone(
+            &self
+                .placement
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    fn locate(&self, vpsd_ids: Vec<u64>) -> Pending<Vec<Option<String>>> {
+        self.pending(|reply| Command::Locate { vpsd_ids, reply })
+    }
+
+    fn fetch(&self, vpsd_id: u64) -> Pending<Stored> {
+        let stored = self.pending(|reply| Command::Load {
+            vpsd_ids: vec![vpsd_id],
+            reply,
+        });
+        Box::pin(async move { Ok(stored.await?.pop().unwrap_or_default()) })
+    }
+
+    fn hand_over(&self, vpsd_id: u64, epoch: i64, last: i64, to: String) -> Pending<HandOver> {
+        if !self.may_commit() {
+            let silent_ms = self.lease.silent_ms();
+            return Box::pin(async move { Err(ClusterError::LeaseLost { silent_ms }) });
         }
+        self.pending(|reply| Command::HandOver {
+            vpsd_id,
+            epoch,
+            last,
+            to,
+            reply,
+        })
+    }
+
+    fn operate(&self, operation: Operation) -> ReportFuture {
+        self.pending(|reply| Command::Operate { operation, reply })
     }
 }
 
@@ -350,6 +425,7 @@ impl Drop for Etcd {
 fn run(
     config: EtcdConfig,
     lease: Arc<LeaseClock>,
+    placement: SharedPlacement,
     mut commands: tokio::sync::mpsc::UnboundedReceiver<Command>,
     ready: mpsc::SyncSender<Result<(), ClusterError>>,
 ) {
@@ -387,6 +463,7 @@ fn run(
                 return;
             }
         };
+        refresh_placement(&mut client, &keys, &config, &placement).await;
         let _ = ready.send(Ok(()));
         // The lease lives in a task of its own, so that nothing the commands do (a long
         // load at start, a takeover, a slow transaction) holds up its renewal.
@@ -401,6 +478,10 @@ fn run(
         ));
         let mut sweep = tokio::time::interval(ttl);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Placement is read again twice a TTL: a new appliance is given vPSDs within about
+        // one TTL of its start.
+        let mut reread = tokio::time::interval(ttl / 2);
+        reread.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut adopter: Option<Adopter> = None;
         let me = config.appliance.as_str();
         // Rounds to commit without waiting for another shard's (see `SHARED_ROUND_WAIT`).
@@ -424,6 +505,9 @@ fn run(
                             Err(err) => tracing::warn!("etcd: takeover sweep failed: {err}"),
                         }
                     }
+                }
+                _ = reread.tick() => {
+                    refresh_placement(&mut client, &keys, &config, &placement).await;
                 }
                 command = next_command(&mut backlog, &mut commands) => {
                     let Some(command) = command else { break };
@@ -451,6 +535,14 @@ fn run(
                             let _ = reply.send(
                                 members(&mut client, &keys).await.map(|members| (taken, members)),
                             );
+                        }
+                        Command::Operate { operation, reply } => {
+                            let done = operate(&mut client, &keys, &operation).await;
+                            refresh_placement(&mut client, &keys, &config, &placement).await;
+                            let _ = reply.send(match done {
+                                Ok(()) => members(&mut client, &keys).await.map(|members| (0, members)),
+                                Err(err) => Err(err),
+                            });
                         }
                         Command::Commit { writes, reply } => {
                             // The rounds of other shards that queued meanwhile go in the
@@ -491,6 +583,23 @@ fn run(
         let _ = stop_lease.send(());
         let _ = lease_task.await;
     });
+}
+
+/// Reads placement again and shares it; a failure keeps the last one (and says so).
+async fn refresh_placement(
+    client: &mut Client,
+    keys: &Keys,
+    config: &EtcdConfig,
+    shared: &SharedPlacement,
+) {
+    match read_placement(client, keys, config.rebalance).await {
+        Ok(placement) => {
+            *shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(placement);
+        }
+        Err(err) => tracing::debug!("etcd: placement not read: {err}"),
+    }
 }
 
 /// The next command: one set aside earlier, or the next from the channel.
@@ -541,5 +650,21 @@ async fn handle(client: &mut Client, keys: &Keys, appliance: &str, command: Comm
             let _ = reply.send(Err(ClusterError::Stopped));
         }
         Command::StartTakeover { .. } => {}
+        Command::Locate { vpsd_ids, reply } => {
+            let _ = reply.send(locate(client, keys, &vpsd_ids).await);
+        }
+        Command::HandOver {
+            vpsd_id,
+            epoch,
+            last,
+            to,
+            reply,
+        } => {
+            let _ = reply.send(hand_over(client, keys, appliance, vpsd_id, epoch, last, &to).await);
+        }
+        // Handled by the loop, which holds the placement.
+        Command::Operate { reply, .. } => {
+            let _ = reply.send(Err(ClusterError::Stopped));
+        }
     }
 }

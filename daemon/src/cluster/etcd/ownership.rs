@@ -296,6 +296,12 @@ pub(super) async fn by_hand(
 /// Every member that ever joined, with whether it is alive and how many vPSDs it owns.
 pub(super) async fn members(client: &mut Client, keys: &Keys) -> Result<Vec<Member>, ClusterError> {
     let live = appliances(client, keys).await?;
+    let drain_prefix = keys.drainings();
+    let draining: Vec<String> = keys_under(client, &drain_prefix)
+        .await?
+        .into_iter()
+        .filter_map(|key| key.strip_prefix(&drain_prefix).map(str::to_owned))
+        .collect();
     let prefix = keys.members();
     let response = client
         .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
@@ -317,6 +323,7 @@ pub(super) async fn members(client: &mut Client, keys: &Keys) -> Result<Vec<Memb
         );
         out.push(Member {
             alive: live.iter().any(|(live_id, _)| *live_id == id),
+            draining: draining.contains(&id),
             id,
             address,
             vpsds: u32::try_from(owned).unwrap_or(u32::MAX),
@@ -348,6 +355,21 @@ pub(super) async fn sweep_dead(
     if !live.iter().any(|id| id == me) {
         return Ok((Vec::new(), false));
     }
+    // The successors: the live appliances an operator does not drain (all live ones if
+    // every one drains), as placement has them, so that a takeover does not place a vPSD
+    // where it would move away from at once.
+    let drain_prefix = keys.drainings();
+    let draining: Vec<String> = keys_under(client, &drain_prefix)
+        .await?
+        .into_iter()
+        .filter_map(|key| key.strip_prefix(&drain_prefix).map(str::to_owned))
+        .collect();
+    let open: Vec<String> = live
+        .iter()
+        .filter(|id| !draining.contains(id))
+        .cloned()
+        .collect();
+    let successors = if open.is_empty() { live.clone() } else { open };
     let members_prefix = keys.members();
     let members: Vec<String> = keys_under(client, &members_prefix)
         .await?
@@ -362,7 +384,7 @@ pub(super) async fn sweep_dead(
             more = true;
             break;
         }
-        let (taken, rest) = take_over(client, keys, me, dead, Some(&live), left).await?;
+        let (taken, rest) = take_over(client, keys, me, dead, Some(&successors), left).await?;
         more |= rest;
         if !taken.is_empty() {
             tracing::warn!(

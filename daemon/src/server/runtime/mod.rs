@@ -22,7 +22,9 @@
 
 mod connection;
 mod inflight;
+mod peer;
 mod reader;
+mod route;
 mod transport;
 mod writer;
 
@@ -75,7 +77,11 @@ pub(super) enum Cross {
 pub(super) struct Forwarded {
     pub(super) client: Arc<ClientEntry>,
     pub(super) reply: ReplyTo,
+    /// The client's request id (the idempotency key; the frame's, unless another
+    /// appliance forwarded the request).
+    pub(super) request_id: u64,
     pub(super) request: Request,
+    pub(super) arrival: crate::server::shard::Arrival,
 }
 
 /// One frame to write.
@@ -114,6 +120,17 @@ pub(super) struct ShardSetup {
     pub ready: mpsc::Sender<ShardReady>,
     /// Cluster mode: etcd, the replicated half of every commit round.
     pub replicator: Option<Arc<dyn Replicator>>,
+    /// Cluster mode without TLS: forwarding to other appliances, as this appliance.
+    pub forwarding: Option<Forwarding>,
+}
+
+/// How a shard forwards requests to the other appliances of the cluster.
+pub(super) struct Forwarding {
+    /// This appliance's id, and its secret toward the others.
+    pub appliance: String,
+    pub secret: zeroize::Zeroizing<[u8; 32]>,
+    /// The time limit of one forwarded request.
+    pub timeout: Duration,
 }
 
 /// The channels of a full mesh between `shards` shards: `senders[from][to]`,
@@ -213,6 +230,10 @@ pub(super) struct Shard {
     /// together (bounded by `inflight_per_shard`).
     inflight_total: Rc<Cell<usize>>,
     tls: Option<futures_rustls::TlsAcceptor>,
+    /// Cluster mode: links to the other appliances, for forwarding (None with TLS).
+    links: Option<peer::Peers>,
+    /// Cluster mode: the owners of vPSDs this shard routed requests for, as last read.
+    owners: RefCell<HashMap<u64, String>>,
 }
 
 async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
@@ -230,6 +251,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         tls,
         ready,
         replicator,
+        forwarding,
         ..
     } = setup;
     let store = match open_store() {
@@ -305,6 +327,10 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         stopped: Cell::new(false),
         inflight_total: Rc::new(Cell::new(0)),
         tls: tls.map(futures_rustls::TlsAcceptor::from),
+        links: forwarding.map(|forwarding| {
+            peer::Peers::new(&forwarding.appliance, forwarding.secret, forwarding.timeout)
+        }),
+        owners: RefCell::new(HashMap::new()),
     });
     let _ = ready.send(ShardReady::Ready);
     // Dropped now: if another shard fails to start, the main thread sees every sender gone
@@ -470,6 +496,7 @@ async fn final_flush(shard: &Rc<Shard>) {
 async fn watch(shard: Rc<Shard>) {
     let heartbeat = &shard.control.heartbeats[usize::from(shard.index)];
     let mut stopping = false;
+    let mut rebalanced = Instant::now();
     while !shard.stopped.get() {
         heartbeat.fetch_add(1, Ordering::Relaxed);
         for (vpsd_id, reason) in shard.control.take_integrity(shard.index) {
@@ -493,6 +520,11 @@ async fn watch(shard: Rc<Shard>) {
             }
             drop(core);
             shard.work.notify();
+            route::route_pending(&shard);
+        }
+        if !stopping && rebalanced.elapsed() >= route::REBALANCE_EVERY {
+            rebalanced = Instant::now();
+            route::rebalance(&shard);
         }
         if !stopping && shard.control.shutdown.load(Ordering::Acquire) {
             stopping = true;
@@ -512,15 +544,20 @@ async fn receive(shard: Rc<Shard>, receiver: ConnectedReceiver<Cross>) {
                 for Forwarded {
                     client,
                     reply,
+                    request_id,
                     request,
+                    arrival,
                 } in requests
                 {
-                    if let Err(fatal) = core.handle(now, &client, reply.request_id, request, reply)
+                    if let Err(fatal) =
+                        core.handle(now, &client, request_id, request, reply, arrival)
                     {
                         fail_stop(&fatal);
                     }
                 }
+                drop(core);
                 shard.work.notify();
+                route::route_pending(&shard);
             }
             Cross::Answers(answers) => deliver_local(&shard, answers),
         }
@@ -556,6 +593,7 @@ async fn drive(shard: Rc<Shard>) {
         };
         start_flush(&shard);
         deliver(&shard, ready);
+        route::route_pending(&shard);
         // Let readers and receivers queue more before the next turn.
         futures_lite::future::yield_now().await;
     }
@@ -667,6 +705,7 @@ async fn run_round(shard: &Rc<Shard>, round: Round) -> Vec<(ReplyTo, Response)> 
         }
         (core.take_ready(), unknown)
     };
+    route::route_pending(shard);
     if unknown {
         // etcd did not say, or refused: give it a moment before the writes go again.
         glommio::timer::sleep(REPLICA_RETRY_PAUSE).await;
@@ -675,7 +714,7 @@ async fn run_round(shard: &Rc<Shard>, round: Round) -> Vec<(ReplyTo, Response)> 
 }
 
 /// Hands answers to their connections, here or on the shard that received the request.
-fn deliver(shard: &Rc<Shard>, ready: Vec<(ReplyTo, Response)>) {
+pub(super) fn deliver(shard: &Rc<Shard>, ready: Vec<(ReplyTo, Response)>) {
     if ready.is_empty() {
         return;
     }

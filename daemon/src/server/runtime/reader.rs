@@ -9,12 +9,14 @@ use std::time::Instant;
 use indicia_proto::{ErrorCode, Indicium, Request, Response};
 
 use super::inflight::Inflight;
+use super::route;
 use super::transport::SharedStream;
 use super::{deliver_local, fail_stop, unix_now, Cross, Forwarded, Outgoing, ReplyTo, Shard};
 use crate::server::conn_rules::{Action, Answer, ConnectionRules, Next, Timeout};
-use crate::server::handshake::ClientEntry;
+use crate::server::handshake::{authorize, ClientEntry};
 use crate::server::local::Outbox;
 use crate::server::metrics::Counter;
+use crate::server::shard::Arrival;
 use crate::server::shard_of;
 
 /// Requests a connection has read for other shards, sent in one message per shard after
@@ -265,18 +267,7 @@ fn cluster_report(shard: &Rc<Shard>, request: Request, reply: ReplyTo) {
     let shard = Rc::clone(shard);
     glommio::spawn_local(async move {
         let response = match report.await {
-            Ok((taken, members)) => Response::Cluster {
-                taken,
-                appliances: members
-                    .into_iter()
-                    .map(|member| indicia_proto::ApplianceEntry {
-                        id: member.id,
-                        address: member.address,
-                        alive: member.alive,
-                        vpsds: member.vpsds,
-                    })
-                    .collect(),
-            },
+            Ok((taken, members)) => cluster_response(taken, members),
             Err(err) => Response::error(
                 indicia_proto::ErrorCode::ClusterUnavailable,
                 format!("cluster: {err}"),
@@ -285,6 +276,44 @@ fn cluster_report(shard: &Rc<Shard>, request: Request, reply: ReplyTo) {
         deliver_local(&shard, vec![(reply, response)]);
     })
     .detach();
+}
+
+/// The cluster-report answer.
+pub(super) fn cluster_response(taken: u32, members: Vec<crate::cluster::Member>) -> Response {
+    Response::Cluster {
+        taken,
+        appliances: members
+            .into_iter()
+            .map(|member| indicia_proto::ApplianceEntry {
+                id: member.id,
+                address: member.address,
+                alive: member.alive,
+                vpsds: member.vpsds,
+                draining: member.draining,
+            })
+            .collect(),
+    }
+}
+
+/// The client a forwarded request is carried for, once it may make the request: known
+/// here, not another appliance, and authorized as if it had connected here.
+fn forwarded_client(
+    shard: &Shard,
+    client_id: &str,
+    request: &Request,
+) -> Result<Arc<ClientEntry>, String> {
+    let client = shard
+        .directory
+        .get(client_id)
+        .filter(|client| client.role != indicia_proto::Role::Appliance)
+        .ok_or_else(|| {
+            format!(
+                "client {client_id} is not known to this appliance: every appliance of the \
+                 cluster needs the same [[clients]]"
+            )
+        })?;
+    authorize(&client, request)?;
+    Ok(client)
 }
 
 /// Takes a request in flight for the frame at hand, waiting while the connection has its
@@ -305,6 +334,21 @@ fn dispatch(
     request: Request,
     reply: ReplyTo,
 ) -> Option<(u16, Forwarded)> {
+    let (client, request_id, request, arrival) = match request {
+        Request::Forwarded {
+            client_id,
+            request_id,
+            request,
+        } => match forwarded_client(shard, &client_id, &request) {
+            Ok(client) => (client, request_id, *request, Arrival::Forwarded),
+            Err(refusal) => {
+                let refusal = Response::error(ErrorCode::Forbidden, refusal);
+                deliver_local(shard, vec![(reply, refusal)]);
+                return None;
+            }
+        },
+        request => (client, reply.request_id, request, Arrival::Direct),
+    };
     let owner = match &request {
         Request::Stats => {
             let report = shard.metrics.report();
@@ -313,6 +357,12 @@ fn dispatch(
         }
         Request::ClusterStatus | Request::ClusterTakeover { .. } => {
             cluster_report(shard, request, reply);
+            return None;
+        }
+        Request::ClusterPlacement { .. }
+        | Request::ClusterDrain { .. }
+        | Request::ClusterPin { .. } => {
+            route::placement_request(shard, request, reply);
             return None;
         }
         // A malformed indicium names no vPSD; any shard can say so.
@@ -329,7 +379,9 @@ fn dispatch(
             Forwarded {
                 client,
                 reply,
+                request_id,
                 request,
+                arrival,
             },
         ));
     }
@@ -337,10 +389,11 @@ fn dispatch(
         shard
             .core
             .borrow_mut()
-            .handle(unix_now(), &client, reply.request_id, request, reply);
+            .handle(unix_now(), &client, request_id, request, reply, arrival);
     if let Err(fatal) = result {
         fail_stop(&fatal);
     }
     shard.work.notify();
+    route::route_pending(shard);
     None
 }

@@ -1,0 +1,282 @@
+//! Many appliances serving together (milestone 2, step 3): three `indiciad` appliances and
+//! three etcd members on loopback, all started and stopped by the test, bounded in time.
+//!
+//! - vPSDs are placed by rendezvous hashing: a provision sent to any appliance lands on the
+//!   one placement names, and every appliance reports the same owners.
+//! - Clients talk to any appliance: a request for another appliance's vPSD is forwarded
+//!   to the owner and answered as the owner answers it; a retry with the same request id
+//!   through another appliance gets the original indicium (idempotency is the owner's).
+//! - Planned moves under load: `cluster-move`, a drain and its end, a pin; signers keep
+//!   signing through random appliances all the while and see no error at all.
+//! - The checker of step 2: no piece number issued twice, the registers exact.
+#![cfg(feature = "cluster")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use indicia_client::Client;
+use indicia_proto::{Algorithm, PinSubject, Request, Response};
+use support::cluster::{Acknowledged, Appliance};
+use support::etcd::EtcdCluster;
+use support::item;
+
+/// How long anything the test waits for may take.
+const PATIENCE: Duration = Duration::from_secs(60);
+const FUNDS: u64 = 100_000_000;
+const VPSDS: [u64; 9] = [101, 102, 103, 104, 105, 106, 107, 108, 109];
+
+/// Waits until `check` holds, or fails saying `what`.
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The owner of each vPSD, as `client`'s appliance reads it from etcd.
+fn owners(client: &mut Client) -> BTreeMap<u64, String> {
+    client
+        .placement(&VPSDS)
+        .unwrap()
+        .vpsds
+        .into_iter()
+        .map(|vpsd| {
+            assert!(vpsd.owned, "vPSD {} is owned by nobody", vpsd.vpsd_id);
+            (vpsd.vpsd_id, vpsd.appliance)
+        })
+        .collect()
+}
+
+/// Signers that sign on every vPSD, each through appliances picked at random, until told
+/// to stop; every answer must be an indicium.
+struct Load {
+    stop: Arc<AtomicBool>,
+    signed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(appliances: &[&Appliance], acked: &Arc<Mutex<Acknowledged>>, signers: u64) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let signed = Arc::new(AtomicU64::new(0));
+        let threads = (0..signers)
+            .map(|signer| {
+                let mut clients: Vec<Client> = appliances
+                    .iter()
+                    .map(|appliance| appliance.daemon().admin())
+                    .collect();
+                let (stop, signed, acked) =
+                    (Arc::clone(&stop), Arc::clone(&signed), Arc::clone(acked));
+                std::thread::spawn(move || {
+                    let mut turn = signer;
+                    while !stop.load(Ordering::Acquire) {
+                        turn += 1;
+                        let vpsd_id = VPSDS[(turn % VPSDS.len() as u64) as usize];
+                        // A pseudo-random entry appliance, differing between turns.
+                        let entry = (turn * 7 + signer) as usize % clients.len();
+                        let postage = 100 + turn % 50;
+                        let request = Request::Sign {
+                            vpsd_id,
+                            item: item(postage),
+                        };
+                        match clients[entry].call(&request) {
+                            Ok(Response::Signed { indicium }) => {
+                                acked.lock().unwrap().record(indicium);
+                                signed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => panic!(
+                                "signer {signer}: vPSD {vpsd_id} through appliance {entry}: \
+                                 {other:?}"
+                            ),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            signed,
+            threads,
+        }
+    }
+
+    /// Waits until `count` more indicia were signed.
+    fn wait_for(&self, count: u64) {
+        let target = self.signed.load(Ordering::Relaxed) + count;
+        wait_until("signing goes on", || {
+            self.signed.load(Ordering::Relaxed) >= target
+        });
+    }
+
+    fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads {
+            thread.join().expect("a signer failed");
+        }
+        self.signed.load(Ordering::Relaxed)
+    }
+}
+
+/// Requests forwarded by all the appliances together.
+fn forwarded(appliances: &[&Appliance]) -> u64 {
+    appliances
+        .iter()
+        .map(|appliance| appliance.stat("cluster.forwarded"))
+        .sum()
+}
+
+#[test]
+fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
+    let etcd = EtcdCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let mut a1 = Appliance::configured(root.path(), "a1", &etcd, "");
+    a1.start();
+    let mut a2 = Appliance::joining_configured(root.path(), "a2", &etcd, &a1, "");
+    a2.start();
+    let mut a3 = Appliance::joining_configured(root.path(), "a3", &etcd, &a1, "");
+    a3.start();
+    let all = [&a1, &a2, &a3];
+    let mut admin = a1.daemon().admin();
+    wait_until("a1 sees three live appliances", || {
+        admin.placement(&VPSDS).unwrap().appliances.len() == 3
+    });
+
+    // Placement: every provision through a1 lands where rendezvous hashing puts it.
+    let planned = admin.placement(&VPSDS).unwrap().vpsds;
+    for vpsd in VPSDS {
+        a1.daemon()
+            .provision_funded(vpsd, Algorithm::Ed25519, FUNDS);
+    }
+    let placed = owners(&mut admin);
+    for vpsd in &planned {
+        assert!(!vpsd.owned);
+        assert_eq!(placed[&vpsd.vpsd_id], vpsd.appliance, "placed as planned");
+    }
+    let mut spread: Vec<&String> = placed.values().collect();
+    spread.dedup();
+    assert!(
+        spread.len() >= 2,
+        "9 vPSDs all on one appliance: {placed:?}"
+    );
+    for appliance in all {
+        assert_eq!(owners(&mut appliance.daemon().admin()), placed);
+    }
+    let owned: u64 = all
+        .iter()
+        .map(|appliance| appliance.stat("cluster.vpsds_owned"))
+        .sum();
+    assert_eq!(owned, VPSDS.len() as u64);
+
+    // Idempotency is the owner's: a retry through another appliance gets the original.
+    let vpsd = VPSDS[0];
+    let sign = Request::Sign {
+        vpsd_id: vpsd,
+        item: item(321),
+    };
+    let first = a1.daemon().admin().call_with_id(77_001, &sign).unwrap();
+    let again = a2.daemon().admin().call_with_id(77_001, &sign).unwrap();
+    let third = a3.daemon().admin().call_with_id(77_001, &sign).unwrap();
+    assert!(matches!(first, Response::Signed { .. }), "{first:?}");
+    assert_eq!(first, again);
+    assert_eq!(first, third);
+    let acked = Arc::new(Mutex::new(Acknowledged::default()));
+    if let Response::Signed { indicium } = first {
+        acked.lock().unwrap().record(indicium);
+    }
+
+    // The routing client sends each vPSD's requests straight to its owner: nothing is
+    // forwarded.
+    let forwarded_before = forwarded(&all);
+    let seeds = vec![format!("127.0.0.1:{}", a3.port)];
+    let mut routed =
+        indicia_client::RoutingClient::new(&seeds, &a1.daemon().admin_credential(), None).unwrap();
+    for round in 0..3u64 {
+        for vpsd in VPSDS {
+            let answer = routed
+                .call(&Request::Sign {
+                    vpsd_id: vpsd,
+                    item: item(200 + round),
+                })
+                .unwrap();
+            let Response::Signed { indicium } = answer else {
+                panic!("routed sign of vPSD {vpsd}: {answer:?}")
+            };
+            acked.lock().unwrap().record(indicium);
+            assert_eq!(routed.owner_of(vpsd), Some(placed[&vpsd].as_str()));
+        }
+    }
+    assert_eq!(
+        forwarded(&all),
+        forwarded_before,
+        "routed requests were forwarded"
+    );
+
+    // Signing through every appliance, forwarded to the owners.
+    let load = Load::start(&all, &acked, 3);
+    load.wait_for(300);
+    assert!(
+        forwarded(&all) > forwarded_before,
+        "no request was forwarded"
+    );
+
+    // A planned move under load.
+    let moving = VPSDS[1];
+    let from = placed[&moving].clone();
+    let to = ["a1", "a2", "a3"]
+        .into_iter()
+        .find(|id| *id != from)
+        .unwrap();
+    let after = a3.daemon().admin().cluster_move(moving, to).unwrap().vpsds;
+    assert_eq!(after[0].appliance, to);
+    assert!(after[0].owned);
+    load.wait_for(200);
+    // The move pinned it: rebalancing leaves it there until the pin goes.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(owners(&mut admin)[&moving], to);
+    admin.cluster_pin(PinSubject::Vpsd(moving), None).unwrap();
+
+    // A drain moves everything away from a3 while the load goes on; its end lets
+    // rebalancing give a3 vPSDs again.
+    a1.daemon().admin().cluster_drain("a3", false).unwrap();
+    wait_until("a3 drained", || a3.stat("cluster.vpsds_owned") == 0);
+    assert!(owners(&mut admin).values().all(|owner| owner != "a3"));
+    load.wait_for(200);
+    a1.daemon().admin().cluster_drain("a3", true).unwrap();
+    wait_until("a3 given vPSDs again", || {
+        a3.stat("cluster.vpsds_owned") > 0
+    });
+
+    // Pins: one vPSD, and the vPSDs of one owner account, to a1.
+    let (pinned, account) = (VPSDS[4], VPSDS[5]);
+    admin
+        .cluster_pin(PinSubject::Vpsd(pinned), Some("a1"))
+        .unwrap();
+    let owner_pin = PinSubject::Owner(format!("owner-{account}"));
+    admin.cluster_pin(owner_pin.clone(), Some("a1")).unwrap();
+    wait_until("the pinned vPSDs on a1", || {
+        let now = owners(&mut admin);
+        now[&pinned] == "a1" && now[&account] == "a1"
+    });
+    load.wait_for(200);
+    admin.cluster_pin(PinSubject::Vpsd(pinned), None).unwrap();
+    admin.cluster_pin(owner_pin, None).unwrap();
+    let signed = load.stop();
+    eprintln!("signed {signed} indicia through three appliances");
+    let moved: u64 = all
+        .iter()
+        .map(|appliance| appliance.stat("cluster.moved_away"))
+        .sum();
+    assert!(moved > 3, "moves: {moved}");
+
+    // The checker: every acknowledged indicium is in the registers, nothing else is.
+    let acked = acked.lock().unwrap();
+    for vpsd in VPSDS {
+        acked.check(&mut a1.daemon().admin(), vpsd, FUNDS);
+    }
+}
