@@ -85,8 +85,11 @@ impl RoutingClient {
     pub fn refresh(&mut self, vpsd_ids: &[u64]) -> Result<Placement> {
         let mut candidates: Vec<String> = self.addresses.values().cloned().collect();
         candidates.sort();
-        candidates.extend(self.seeds.iter().cloned());
-        candidates.dedup();
+        for seed in &self.seeds {
+            if !candidates.contains(seed) {
+                candidates.push(seed.clone());
+            }
+        }
         let mut last_error = ClientError::Closed;
         for address in candidates {
             let answer = self

@@ -804,13 +804,26 @@ fn the_cluster_defaults_in_the_doc_are_the_codes() {
     let keys: Vec<&str> = rows.keys().map(String::as_str).collect();
     assert_eq!(
         keys,
-        ["advertise", "appliance", "etcd", "lease_ttl_s", "prefix"]
+        [
+            "advertise",
+            "appliance",
+            "etcd",
+            "forward_timeout_ms",
+            "lease_ttl_s",
+            "prefix",
+            "rebalance"
+        ]
     );
     for key in ["etcd", "appliance", "advertise"] {
         assert_eq!(rows[key], "required", "{key}");
     }
     assert_eq!(rows["lease_ttl_s"], format!("`{}`", cluster.lease_ttl_s));
     assert_eq!(rows["prefix"], format!("`\"{}\"`", cluster.prefix));
+    assert_eq!(rows["rebalance"], format!("`{}`", cluster.rebalance));
+    assert_eq!(
+        rows["forward_timeout_ms"],
+        format!("`{}`", cluster.forward_timeout_ms)
+    );
 }
 
 /// The sizes of etcd's values that docs/CLUSTER.md section 8 states are what the encoders

@@ -44,6 +44,9 @@ pub enum ErrorCode {
     /// The request was forwarded to the vPSD's owner, whose answer did not come back in
     /// time: it may have been carried out there; retry with the same request id.
     ForwardFailed,
+    /// The appliance lost etcd while the request's change was on its way there: it may
+    /// have been carried out; retry with the same request id.
+    OutcomeUnknown,
     /// A code from a newer peer.
     Unknown(u16),
 }
@@ -109,6 +112,7 @@ const TABLE: &[(ErrorCode, u16, &str)] = &[
     (ErrorCode::Internal, 0x0603, "internal"),
     (ErrorCode::ClusterUnavailable, 0x0604, "cluster-unavailable"),
     (ErrorCode::ForwardFailed, 0x0605, "forward-failed"),
+    (ErrorCode::OutcomeUnknown, 0x0606, "outcome-unknown"),
 ];
 
 impl ErrorCode {

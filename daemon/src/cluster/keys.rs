@@ -76,7 +76,6 @@ impl Keys {
         key.strip_prefix(&self.owned_by(appliance))?.parse().ok()
     }
 
-    /// The check value of the cluster master key.
     /// An appliance marked draining by an operator (its vPSDs move away).
     pub fn draining(&self, appliance: &str) -> String {
         format!("{}/draining/{appliance}", self.prefix)
@@ -115,6 +114,7 @@ impl Keys {
         String::from_utf8(bytes).ok()
     }
 
+    /// The check value of the cluster master key.
     pub fn master_check(&self) -> String {
         format!("{}/cluster/master-check", self.prefix)
     }

@@ -41,7 +41,16 @@ struct Member {
     name: String,
     client: SocketAddr,
     peer: SocketAddr,
+    /// The network namespace it runs in (`ip netns exec`), if not the caller's.
+    netns: Option<String>,
     child: Option<Child>,
+}
+
+/// Where one member runs: its address and, for a partition test, its network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberHost {
+    pub ip: std::net::IpAddr,
+    pub netns: Option<String>,
 }
 
 /// A loopback port nobody holds now, below the kernel's ephemeral range (32768 and up on
@@ -94,9 +103,45 @@ impl LocalEtcd {
                 name: format!("m{index}"),
                 client: free_port(),
                 peer: free_port(),
+                netns: None,
                 child: None,
             })
             .collect();
+        Self::start_members(dir, members, patience, extra)
+    }
+
+    /// Members on the given hosts, each in its own network namespace (a partition test
+    /// cuts them apart): ports 2379 (clients) and 2380 (peers) on each host's address.
+    pub fn start_on_hosts(
+        dir: &Path,
+        hosts: &[MemberHost],
+        patience: Duration,
+    ) -> Result<Self, LocalEtcdError> {
+        std::fs::create_dir_all(dir).map_err(|source| LocalEtcdError::Io {
+            path: dir.to_owned(),
+            source,
+        })?;
+        let members = hosts
+            .iter()
+            .enumerate()
+            .map(|(index, host)| Member {
+                name: format!("m{index}"),
+                client: SocketAddr::new(host.ip, 2379),
+                peer: SocketAddr::new(host.ip, 2380),
+                netns: host.netns.clone(),
+                child: None,
+            })
+            .collect();
+        Self::start_members(dir, members, patience, &[])
+    }
+
+    fn start_members(
+        dir: &Path,
+        members: Vec<Member>,
+        patience: Duration,
+        extra: &[&str],
+    ) -> Result<Self, LocalEtcdError> {
+        let size = members.len();
         let mut cluster = Self {
             dir: dir.to_owned(),
             members,
@@ -122,7 +167,15 @@ impl LocalEtcd {
             path: log_path,
             source,
         })?;
-        let child = Command::new("etcd")
+        let mut command = match &member.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns.as_str(), "etcd"]);
+                command
+            }
+            None => Command::new("etcd"),
+        };
+        let child = command
             .arg("--name")
             .arg(&member.name)
             .arg("--data-dir")
@@ -141,6 +194,8 @@ impl LocalEtcd {
             .arg(self.dir.to_string_lossy().replace('/', "-"))
             .arg("--initial-cluster-state")
             .arg("new")
+            // The appliances ping every lease_ttl / 4 (0.5 s at the tests' 2 s).
+            .arg("--grpc-keepalive-min-time=200ms")
             .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -108,7 +108,14 @@ impl<R> Coalescer<R> {
         Some((vpsd_id, taken))
     }
 
-    /// Marks the session for `vpsd_id` done; what queued meanwhile becomes ready.
+    /// Takes every queued request out (sessions that run stay running): for a shard that
+    /// must refuse them all.
+    pub fn take_queued(&mut self) -> Vec<Pending<R>> {
+        self.ready.clear();
+        self.queued_indicia = 0;
+        self.queues.drain().flat_map(|(_, queue)| queue).collect()
+    }
+
     /// Whether the vPSD has neither queued work nor a running session.
     pub fn is_idle(&self, vpsd_id: u64) -> bool {
         !self.running.contains(&vpsd_id)
@@ -118,6 +125,7 @@ impl<R> Coalescer<R> {
                 .is_none_or(|queue| queue.is_empty())
     }
 
+    /// Marks the session for `vpsd_id` done; what queued meanwhile becomes ready.
     pub fn finish(&mut self, vpsd_id: u64) {
         self.running.remove(&vpsd_id);
         if self

@@ -82,9 +82,12 @@ pub enum Counter {
     /// Cluster mode: vPSDs handed over to another appliance (planned moves, drains,
     /// rebalancing).
     ClusterMovedAway,
+    /// Cluster mode: answers given up as `outcome-unknown` (the lease lost while their
+    /// writes were on their way to etcd).
+    ClusterOutcomeUnknown,
 }
 
-const COUNTERS: [(Counter, &str); 29] = [
+const COUNTERS: [(Counter, &str); 30] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -114,6 +117,7 @@ const COUNTERS: [(Counter, &str); 29] = [
     (Counter::ClusterForwarded, "cluster.forwarded"),
     (Counter::ClusterForwardsFailed, "cluster.forwards_failed"),
     (Counter::ClusterMovedAway, "cluster.moved_away"),
+    (Counter::ClusterOutcomeUnknown, "cluster.outcome_unknown"),
 ];
 
 /// What a request asks for, by its opcode: the `<kind>` of the `request_latency_us.<kind>`
@@ -372,6 +376,7 @@ impl ShardMetrics {
         self.set(Counter::ClusterRetries, stats.replica_retries);
         self.set(Counter::ClusterAdopted, stats.adopted);
         self.set(Counter::ClusterUnavailable, stats.unavailable);
+        self.set(Counter::ClusterOutcomeUnknown, stats.outcome_unknown);
         self.set(Counter::ClusterOwned, owned as u64);
         self.set(
             Counter::ClusterCommitting,

@@ -54,6 +54,9 @@ pub struct ShardStats {
     pub adopted: u64,
     /// Sessions and changes refused because the appliance may not commit (no lease).
     pub unavailable: u64,
+    /// Answers given up as `outcome-unknown` because the appliance lost its lease while
+    /// their writes were on their way to etcd.
+    pub outcome_unknown: u64,
 }
 
 /// The journal failed: the process must stop (fail-stop) and recover from disk.
@@ -329,9 +332,12 @@ impl<R> ShardCore<R> {
     ) -> Result<(), Fatal> {
         let vpsd_id = request.vpsd_id();
         if let Some(id) = vpsd_id {
+            // A handover notice is checked against etcd even when the vPSD is here: what is
+            // here may be a stale copy (this appliance was cut off and taken over).
+            let notice = matches!(request, Request::ClusterAdopt { .. });
             let away = self.replicator.is_some()
                 && arrival != Arrival::Here
-                && self.store.engine.vpsd(id).is_none();
+                && (notice || self.store.engine.vpsd(id).is_none());
             let parked = self.holding.get_mut(&id);
             if away || parked.is_some() {
                 let elsewhere = Elsewhere {
@@ -535,6 +541,13 @@ impl<R> ShardCore<R> {
         items: Vec<indicia_proto::SignItem>,
         reply: SignReply<R>,
     ) {
+        if !self.may_commit() {
+            // Self-fenced: refused now rather than queued behind a session whose write may
+            // wait for etcd as long as it is out of reach.
+            self.stats.unavailable += 1;
+            self.answer(reply.reply, Self::unavailable());
+            return;
+        }
         let job = SignJob {
             client: reply.client.tag,
             request_id,
@@ -752,10 +765,15 @@ impl<R> ShardCore<R> {
                     Ok(outcomes)
                 }
                 Err(err) => {
+                    // Logged once while it repeats (a lost lease: once, whatever its age).
                     let text = err.to_string();
-                    if self.last_replica_error.as_deref() != Some(text.as_str()) {
+                    let kind = match &err {
+                        ClusterError::LeaseLost { .. } => "lease lost".to_owned(),
+                        _ => text.clone(),
+                    };
+                    if self.last_replica_error.as_deref() != Some(kind.as_str()) {
                         tracing::warn!("replicated commit failed: {text}");
-                        self.last_replica_error = Some(text);
+                        self.last_replica_error = Some(kind);
                     }
                     unknown = true;
                     Err(err.refused())
@@ -982,6 +1000,50 @@ impl<R> ShardCore<R> {
     /// Answers that may leave now.
     pub fn take_ready(&mut self) -> Vec<(R, Response)> {
         std::mem::take(&mut self.ready)
+    }
+
+    /// Cluster mode, once this appliance may no longer commit (its lease may have
+    /// expired): the answers still waiting for etcd leave now as `outcome-unknown`
+    /// instead of waiting for as long as etcd is out of reach. Their writes are still sent
+    /// as they were (never voided), so a retry with the same request id finds the original
+    /// (here, or at the next owner) or is carried out once.
+    pub fn give_up_waiting(&mut self) {
+        if self
+            .replicator
+            .as_ref()
+            .is_none_or(|replicator| replicator.may_commit())
+        {
+            return;
+        }
+        // Requests queued behind a session whose write is on its way: never signed.
+        let queued = self.coalescer.take_queued();
+        let (refused, waiting) = (queued.len(), self.awaiting.len());
+        for pending in queued {
+            self.stats.unavailable += 1;
+            self.answer(pending.reply.reply, Self::unavailable());
+        }
+        if refused + waiting > 0 {
+            tracing::warn!(
+                "this appliance may not commit: {waiting} answers waiting for etcd leave as \
+                 outcome-unknown, {refused} queued requests are refused"
+            );
+        }
+        let acknowledged = self.store.acknowledged_sequence();
+        while let Some(waiting) = self.awaiting.pop_front() {
+            if waiting.sequence <= acknowledged {
+                self.ready.push((waiting.reply, waiting.response));
+                continue;
+            }
+            self.stats.outcome_unknown += 1;
+            self.stats.errors += 1;
+            self.stats.new_errors.push(ErrorCode::OutcomeUnknown.wire());
+            let response = Response::error(
+                ErrorCode::OutcomeUnknown,
+                "this appliance lost etcd while the change was on its way there: it may \
+                 have been carried out; retry with the same request id",
+            );
+            self.ready.push((waiting.reply, response));
+        }
     }
 
     /// Requests for vPSDs this shard does not hold, to be routed (cluster mode).

@@ -30,6 +30,10 @@ pub struct Appliance {
     pub port: u16,
     pub config: PathBuf,
     pub daemon: Option<Daemon>,
+    /// Where it listens (loopback, or its namespace's address).
+    pub host: String,
+    /// The network namespace it runs in (a partition test), if any.
+    pub netns: Option<String>,
 }
 
 fn free_port() -> u16 {
@@ -62,7 +66,43 @@ impl Appliance {
             port,
             config,
             daemon: None,
+            host: "127.0.0.1".into(),
+            netns: None,
         }
+    }
+
+    /// An appliance in its own network namespace, at `host` (port 7450), a member of the
+    /// same cluster as `seed` when given.
+    pub fn in_netns(
+        root: &Path,
+        id: &'static str,
+        etcd: &EtcdCluster,
+        seed: Option<&Appliance>,
+        netns: &str,
+        host: &str,
+        extra: &str,
+    ) -> Self {
+        let dir = root.join(id);
+        let port = 7450;
+        // Plaintext on the namespace's address: the test's network reaches nothing else.
+        let extra = format!(
+            "[tls]\nplaintext = \"anywhere\"\n[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"{host}:{port}\"\n\
+             lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n{extra}",
+            etcd.endpoints()
+        );
+        let config = write_config(&dir, &extra, &[]);
+        let appliance = Self {
+            dir,
+            port,
+            config,
+            daemon: None,
+            host: host.to_owned(),
+            netns: Some(netns.to_owned()),
+        };
+        if let Some(seed) = seed {
+            appliance.copy_keys_from(seed);
+        }
+        appliance
     }
 
     /// A member of the same cluster as `seed`: the same master key, provider key and admin
@@ -102,10 +142,11 @@ impl Appliance {
 
     pub fn start(&mut self) -> &Daemon {
         assert!(self.daemon.is_none());
-        self.daemon = Some(Daemon::start_on(
+        self.daemon = Some(Daemon::start_in(
             &self.dir,
             Some(&self.config),
-            &format!("127.0.0.1:{}", self.port),
+            &format!("{}:{}", self.host, self.port),
+            self.netns.as_deref(),
         ));
         self.daemon()
     }
@@ -167,6 +208,18 @@ impl Drop for Appliance {
             // A stopped process must be able to die.
             let pid = nix::unistd::Pid::from_raw(i32::try_from(daemon.child.id()).unwrap());
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+            // A failed test leaves the appliance's log where it can be read.
+            if std::thread::panicking() {
+                let dir = std::env::temp_dir().join("indicia-test-logs");
+                let _ = std::fs::create_dir_all(&dir);
+                let name = self.dir.file_name().map_or_else(
+                    || "appliance".into(),
+                    |name| name.to_string_lossy().into_owned(),
+                );
+                let path = dir.join(format!("{}-{name}.log", std::process::id()));
+                let _ = std::fs::write(&path, daemon.log_text());
+                eprintln!("the log of {name}: {}", path.display());
+            }
         }
     }
 }

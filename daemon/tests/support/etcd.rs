@@ -31,9 +31,35 @@ impl EtcdCluster {
         Self { members, dir }
     }
 
+    /// Members on the given hosts, each in its network namespace (a partition test).
+    pub fn start_on_hosts(hosts: &[indiciad::cluster::local::MemberHost]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let members = LocalEtcd::start_on_hosts(dir.path(), hosts, Duration::from_secs(60))
+            .unwrap_or_else(|err| panic!("{err}"));
+        Self { members, dir }
+    }
+
     /// Restarts a killed member (see [`LocalEtcd::restart`]).
     pub fn restart(&mut self, index: usize) {
         self.members.restart(index).unwrap();
+    }
+}
+
+impl Drop for EtcdCluster {
+    /// A failed test leaves the members' logs where they can be read.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let dir = std::env::temp_dir().join("indicia-test-logs");
+            let _ = std::fs::create_dir_all(&dir);
+            for index in 0..8 {
+                let name = format!("m{index}");
+                let log = self.members.log(&name);
+                if !log.is_empty() {
+                    let path = dir.join(format!("{}-etcd-{name}.log", std::process::id()));
+                    let _ = std::fs::write(&path, log);
+                }
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod etcd;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -136,7 +137,17 @@ impl Daemon {
 
     /// [`Daemon::start`] on the address `listen`.
     pub fn start_on(dir: &Path, config: Option<&Path>, listen: &str) -> Self {
+        Self::start_in(dir, config, listen, None)
+    }
+
+    /// [`Daemon::start_on`], in the network namespace `netns` if given.
+    pub fn start_in(dir: &Path, config: Option<&Path>, listen: &str, netns: Option<&str>) -> Self {
         let mut command = match std::env::var_os("INDICIA_TEST_GDB") {
+            _ if netns.is_some() => {
+                let mut ip = Command::new("ip");
+                ip.args(["netns", "exec", netns.unwrap_or_default(), BIN]);
+                ip
+            }
             Some(log) => {
                 let mut gdb = Command::new("gdb");
                 gdb.args([

@@ -503,6 +503,12 @@ async fn watch(shard: Rc<Shard>) {
             tracing::error!(shard = shard.index, vpsd = vpsd_id, "locked: {reason}");
             shard.core.borrow_mut().lock_integrity(vpsd_id, &reason);
         }
+        let given_up = {
+            let mut core = shard.core.borrow_mut();
+            core.give_up_waiting();
+            core.take_ready()
+        };
+        deliver(&shard, given_up);
         publish_cluster(&shard, &shard.core.borrow());
         // Writes etcd is still to get (a first start's imports, a vPSD taken back) go even
         // when no request comes to start a round.

@@ -349,6 +349,19 @@ fn dispatch(
         },
         request => (client, reply.request_id, request, Arrival::Direct),
     };
+    let named = match &request {
+        Request::ClusterMove { to: appliance, .. }
+        | Request::ClusterTakeover { from: appliance } => Some(appliance.as_str()),
+        _ => None,
+    };
+    if let Some(bad) = named.filter(|appliance| !crate::config::is_appliance_id(appliance)) {
+        let refusal = Response::error(
+            ErrorCode::InvalidArgument,
+            format!("{bad:?} is not an appliance id (letters, digits, '.', '_' or '-')"),
+        );
+        deliver_local(shard, vec![(reply, refusal)]);
+        return None;
+    }
     let owner = match &request {
         Request::Stats => {
             let report = shard.metrics.report();

@@ -119,16 +119,16 @@ async fn route(shard: Rc<Shard>, item: Elsewhere<ReplyTo>) {
     };
     let me = replicator.appliance().to_owned();
     // Two attempts: the second after an owner that was not the owner any more.
+    let notice = matches!(item.request, Request::ClusterAdopt { .. });
     for attempt in 0..2u8 {
-        if shard.core.borrow().holds(vpsd_id) {
+        if !notice && shard.core.borrow().holds(vpsd_id) {
             // It came here meanwhile (adopted, taken over): the usual path.
             let arrival = item.arrival;
             handle_here(&shard, item, arrival);
             return;
         }
         // A handover notice is about this appliance only: never sent on.
-        let here_only = item.arrival == Arrival::Forwarded
-            || matches!(item.request, Request::ClusterAdopt { .. });
+        let here_only = item.arrival == Arrival::Forwarded || notice;
         let fresh = attempt > 0 || here_only;
         let owner = match owner_of(&shard, &replicator, vpsd_id, fresh).await {
             Ok(owner) => owner,
@@ -280,21 +280,18 @@ async fn adopt_and_handle(
             state: Some(state),
             keys: Some(keys),
         } if owner == me => {
-            let mut core = shard.core.borrow_mut();
-            // Checked again after the read: another request may have adopted it meanwhile.
-            if !core.holds(vpsd_id) {
-                let adoption = Adoption {
-                    vpsd_id,
-                    epoch,
-                    state,
-                    keys,
-                    from: String::new(),
-                };
-                if let Err(fatal) = core.adopt(unix_now(), adoption) {
-                    fail_stop(&fatal);
-                }
+            // Adopting under a claim the shard holds already changes nothing (another
+            // request adopted it meanwhile); under a newer one, it replaces a stale copy.
+            let adoption = Adoption {
+                vpsd_id,
+                epoch,
+                state,
+                keys,
+                from: String::new(),
+            };
+            if let Err(fatal) = shard.core.borrow_mut().adopt(unix_now(), adoption) {
+                fail_stop(&fatal);
             }
-            drop(core);
             handle_here(shard, item, Arrival::Here);
         }
         Stored {
@@ -322,6 +319,16 @@ async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
     let outcome = hand_over(&shard, &replicator, vpsd_id, &to, pin).await;
     let now = unix_now();
     let response = match outcome {
+        Err(MoveRefused::Gone(owner)) => {
+            // Another appliance owns it already (it was taken over while this one was cut
+            // off): the shard lets it go, and what waited goes to the owner.
+            tracing::warn!(vpsd = vpsd_id, "not moved to {to}: {owner} owns it already");
+            remember(&shard, vpsd_id, Some(&owner));
+            if let Err(fatal) = shard.core.borrow_mut().depart(now, vpsd_id, &owner) {
+                fail_stop(&fatal);
+            }
+            Response::error(ErrorCode::VpsdMoved, moved_text(vpsd_id, Some(&owner)))
+        }
         Ok(()) => {
             remember(&shard, vpsd_id, Some(&to));
             if let Err(fatal) = shard.core.borrow_mut().depart(now, vpsd_id, &to) {
@@ -337,7 +344,7 @@ async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
             notify_adopter(&shard, &replicator, vpsd_id, &to);
             placement_of(&replicator, &[vpsd_id], vec![Some(to.clone())])
         }
-        Err(refusal) => {
+        Err(MoveRefused::Stays(refusal)) => {
             tracing::warn!(
                 vpsd = vpsd_id,
                 "not moved to {to}: {}",
@@ -363,32 +370,46 @@ fn error_text(response: &Response) -> String {
     }
 }
 
-/// Waits until the vPSD is quiet and hands it over; the error answer if it did not move.
+/// Why a move did not happen.
+enum MoveRefused {
+    /// The vPSD stays here; the answer says why.
+    Stays(Response),
+    /// Another appliance owns it already.
+    Gone(String),
+}
+
+impl From<Response> for MoveRefused {
+    fn from(response: Response) -> Self {
+        Self::Stays(response)
+    }
+}
+
+/// Waits until the vPSD is quiet and hands it over; why not, if it did not move.
 async fn hand_over(
     shard: &Rc<Shard>,
     replicator: &Arc<dyn Replicator>,
     vpsd_id: u64,
     to: &str,
     pin: bool,
-) -> Result<(), Response> {
+) -> Result<(), MoveRefused> {
     let placement = replicator.placement();
     if to == replicator.appliance() {
-        return Err(Response::error(
+        return Err(MoveRefused::from(Response::error(
             ErrorCode::InvalidArgument,
             format!("vPSD {vpsd_id} is on appliance {to} already"),
-        ));
+        )));
     }
     if !placement.is_live(to) {
-        return Err(Response::error(
+        return Err(MoveRefused::from(Response::error(
             ErrorCode::InvalidArgument,
             format!("appliance {to} is not alive in the cluster: vPSD {vpsd_id} stays"),
-        ));
+        )));
     }
     if !placement.takes_vpsds(to) {
-        return Err(Response::error(
+        return Err(MoveRefused::from(Response::error(
             ErrorCode::InvalidArgument,
             format!("appliance {to} is draining: vPSD {vpsd_id} stays"),
-        ));
+        )));
     }
     // An operator's move pins the vPSD to its new appliance first, so that rebalancing
     // does not move it back (`cluster pin --unpin` gives it back to placement).
@@ -398,9 +419,9 @@ async fn hand_over(
             appliance: Some(to.to_owned()),
         };
         if let Err(err) = replicator.operate(pin).await {
-            return Err(unavailable(format!(
+            return Err(MoveRefused::from(unavailable(format!(
                 "cluster: {err}: vPSD {vpsd_id} not pinned to {to}, not moved"
-            )));
+            ))));
         }
     }
     let deadline = Instant::now() + MOVE_QUIET_WAIT;
@@ -409,17 +430,17 @@ async fn hand_over(
             break owned;
         }
         if !shard.core.borrow().holds(vpsd_id) {
-            return Err(Response::error(
+            return Err(MoveRefused::from(Response::error(
                 ErrorCode::VpsdMoved,
                 moved_text(vpsd_id, None),
-            ));
+            )));
         }
         if Instant::now() > deadline {
-            return Err(unavailable(format!(
+            return Err(MoveRefused::from(unavailable(format!(
                 "vPSD {vpsd_id} did not become quiet (its writes in etcd) within {} s: not \
                  moved",
                 MOVE_QUIET_WAIT.as_secs()
-            )));
+            ))));
         }
         glommio::timer::sleep(Duration::from_millis(1)).await;
     };
@@ -428,25 +449,23 @@ async fn hand_over(
         .await
     {
         Ok(HandOver::Done { .. }) => Ok(()),
-        Ok(HandOver::Fenced { owner }) => Err(Response::error(
+        Ok(HandOver::Fenced { owner }) if !owner.is_empty() => Err(MoveRefused::Gone(owner)),
+        Ok(HandOver::Fenced { .. }) => Err(MoveRefused::from(Response::error(
             ErrorCode::VpsdMoved,
-            moved_text(
-                vpsd_id,
-                Some(owner.as_str()).filter(|owner| !owner.is_empty()),
-            ),
-        )),
-        Ok(HandOver::NotLive) => Err(Response::error(
+            moved_text(vpsd_id, None),
+        ))),
+        Ok(HandOver::NotLive) => Err(MoveRefused::from(Response::error(
             ErrorCode::InvalidArgument,
             format!("appliance {to} is not alive in the cluster: vPSD {vpsd_id} stays"),
-        )),
-        Ok(HandOver::Stale) => Err(unavailable(format!(
-            "vPSD {vpsd_id} changed in etcd during the move: not moved; retry"
         ))),
+        Ok(HandOver::Stale) => Err(MoveRefused::from(unavailable(format!(
+            "vPSD {vpsd_id} changed in etcd during the move: not moved; retry"
+        )))),
         // Whatever etcd did, the fence holds: if the handover was applied after all, this
         // appliance's next write of the vPSD is refused and voided, and the vPSD leaves.
-        Err(err) => Err(unavailable(format!(
+        Err(err) => Err(MoveRefused::from(unavailable(format!(
             "cluster: {err}: vPSD {vpsd_id} not moved"
-        ))),
+        )))),
     }
 }
 
