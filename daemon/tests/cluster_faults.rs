@@ -140,7 +140,12 @@ fn signer(
                     outcome = Outcome::Signed(signed);
                 }
                 // Forwarded to the owner, whose answer was lost: like a lost connection.
-                Ok(Response::Error(body)) if body.code == ErrorCode::ForwardFailed => {
+                Ok(Response::Error(body))
+                    if matches!(
+                        body.code,
+                        ErrorCode::ForwardFailed | ErrorCode::OutcomeUnknown
+                    ) =>
+                {
                     outcome = Outcome::Unknown;
                 }
                 Ok(Response::Error(body)) => {
@@ -225,7 +230,12 @@ fn treasurer(
                 Ok(Response::Error(body)) if body.code == ErrorCode::AuthorizationReplayed => {
                     panic!("refill of vPSD {vpsd} replayed: sequences only increase here")
                 }
-                Ok(Response::Error(body)) if body.code == ErrorCode::ForwardFailed => {
+                Ok(Response::Error(body))
+                    if matches!(
+                        body.code,
+                        ErrorCode::ForwardFailed | ErrorCode::OutcomeUnknown
+                    ) =>
+                {
                     outcome = None;
                 }
                 Ok(Response::Error(_)) => continue,
@@ -408,7 +418,10 @@ fn the_history_under_faults_is_consistent() {
                                     continue 'vpsds;
                                 }
                                 Ok(Response::Error(body))
-                                    if body.code == ErrorCode::ForwardFailed =>
+                                    if matches!(
+                                        body.code,
+                                        ErrorCode::ForwardFailed | ErrorCode::OutcomeUnknown
+                                    ) =>
                                 {
                                     history.lock().unwrap().signs.push((
                                         vpsd,

@@ -1,8 +1,10 @@
 //! `indicia-loadgen cluster-demo` (feature `cluster`): in a temporary directory, 3 etcd
 //! members (the Debian `etcd` binary) and 2 appliances of one cluster; vPSDs provisioned
-//! and funded on the first, signed under load, the first killed with SIGKILL, the second
-//! taking its vPSDs over; then a check that every acknowledged indicium is accounted for
-//! and no piece number was issued twice. Everything is stopped at the end.
+//! and funded on the first, signed under load through both appliances (the second forwards
+//! to the owner), one vPSD moved to the second under load (a planned move), then the first
+//! killed with SIGKILL and the second taking its vPSDs over; then a check that every
+//! acknowledged indicium is accounted for and no piece number was issued twice. Everything
+//! is stopped at the end.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -45,8 +47,8 @@ struct Seen {
     /// Signs without an answer (the connection died), by vPSD: charged wholly or not.
     unknown: BTreeMap<u64, u64>,
     refused: BTreeMap<String, u64>,
-    /// When the first indicium of a vPSD was acknowledged by the survivor.
-    first_on_survivor: Option<Instant>,
+    /// When each indicium was acknowledged, and its vPSD.
+    times: Vec<(Instant, u64)>,
 }
 
 fn free_address() -> Result<SocketAddr, LoadError> {
@@ -62,7 +64,8 @@ fn write_config(
     let path = dir.join(format!("{id}.toml"));
     let text = format!(
         "listen = \"{listen}\"\nshards = 2\n\n[cluster]\netcd = {:?}\nappliance = \"{id}\"\n\
-         advertise = \"{listen}\"\nlease_ttl_s = {LEASE_TTL_S}\n",
+         advertise = \"{listen}\"\nlease_ttl_s = {LEASE_TTL_S}\n\
+         # vPSDs stay where they are provisioned (a1) unless moved\nrebalance = false\n",
         etcd.endpoints()
     );
     std::fs::write(&path, text)?;
@@ -70,7 +73,7 @@ fn write_config(
 }
 
 /// The files every appliance of a cluster shares (docs/CLUSTER.md): copied from the first.
-fn seed_member(from: &Path, to: &Path) -> Result<(), LoadError> {
+pub(crate) fn seed_member(from: &Path, to: &Path) -> Result<(), LoadError> {
     use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(to)?;
     std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))?;
@@ -85,7 +88,7 @@ fn seed_member(from: &Path, to: &Path) -> Result<(), LoadError> {
     Ok(())
 }
 
-fn item() -> SignItem {
+pub(crate) fn item() -> SignItem {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs());
@@ -99,21 +102,21 @@ fn item() -> SignItem {
     }
 }
 
-/// A client thread: signs on the appliance that served last, moving to the other one when
-/// refused or cut off, until told to stop.
+/// A client thread: signs through the two appliances in turn (the one that does not own a
+/// vPSD forwards to the one that does), going to the other one when cut off, until told to
+/// stop.
 fn signer(
     index: usize,
     addresses: [SocketAddr; 2],
-    survivor: usize,
     credential: Credential,
     stop: Arc<AtomicBool>,
     seen: Arc<Mutex<Seen>>,
 ) {
     let mut clients: [Option<Client>; 2] = [None, None];
-    let mut target = 0usize;
     let mut turn = index as u64;
     while !stop.load(Ordering::Relaxed) {
         let vpsd = VPSDS.start + turn % (VPSDS.end - VPSDS.start);
+        let mut target = usize::from((turn / 8) % 2 == 1);
         turn += 1;
         if clients[target].is_none() {
             clients[target] = Client::connect(addresses[target], &credential).ok();
@@ -140,18 +143,19 @@ fn signer(
                 if seen.acknowledged.insert(key, indicium).is_some() {
                     seen.twice.push(key);
                 }
-                if target == survivor && seen.first_on_survivor.is_none() {
-                    seen.first_on_survivor = Some(Instant::now());
-                }
+                seen.times.push((Instant::now(), vpsd));
+            }
+            // Forwarded, or on its way to etcd, and its answer lost: charged or not.
+            Ok(Response::Error(body))
+                if matches!(
+                    body.code,
+                    ErrorCode::ForwardFailed | ErrorCode::OutcomeUnknown
+                ) =>
+            {
+                *seen.unknown.entry(vpsd).or_default() += 1;
             }
             Ok(Response::Error(body)) => {
                 *seen.refused.entry(body.code.name()).or_default() += 1;
-                if matches!(
-                    body.code,
-                    ErrorCode::VpsdMoved | ErrorCode::UnknownVpsd | ErrorCode::ClusterUnavailable
-                ) {
-                    target = 1 - target;
-                }
                 drop(seen);
                 std::thread::sleep(Duration::from_millis(10));
             }
@@ -161,7 +165,6 @@ fn signer(
             Err(_) => {
                 *seen.unknown.entry(vpsd).or_default() += 1;
                 clients[target] = None;
-                target = 1 - target;
             }
         }
     }
@@ -219,18 +222,50 @@ pub fn cluster_demo(seconds: f64) -> Result<DemoOutcome, LoadError> {
         .map(|index| {
             let (credential, stop, seen) =
                 (credential.clone(), Arc::clone(&stop), Arc::clone(&seen));
-            std::thread::spawn(move || signer(index, [addr1, addr2], 1, credential, stop, seen))
+            std::thread::spawn(move || signer(index, [addr1, addr2], credential, stop, seen))
         })
         .collect();
     std::thread::sleep(Duration::from_secs_f64(seconds));
     let before = seen.lock().map_or(0, |seen| seen.acknowledged.len());
+    let stat = |client: &mut Client, name: &str| -> Result<u64, LoadError> {
+        Ok(client
+            .stats()?
+            .into_iter()
+            .find(|entry| entry.name == name)
+            .map_or(0, |entry| entry.value))
+    };
+    let mut on_a2 = Client::connect(a2.addr, &credential)?;
     say(format!(
-        "signing under load on a1: {before} indicia acknowledged in {seconds} s"
+        "signing under load through a1 and a2: {before} indicia acknowledged in {seconds} s; \
+         a2 forwarded {} requests to a1, the owner",
+        stat(&mut on_a2, "cluster.forwarded")?
+    ));
+
+    // A planned move under load: the running session commits, the requests that come
+    // meanwhile wait and are forwarded to a2.
+    let moved = VPSDS.start;
+    let ordered = Instant::now();
+    admin.cluster_move(moved, "a2")?;
+    let handed_over = ordered.elapsed();
+    let first_at_a2 = seen.lock().map(|seen| seen.times.len()).unwrap_or(0);
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    let first_signed = seen.lock().ok().and_then(|seen| {
+        seen.times[first_at_a2..]
+            .iter()
+            .find(|(_, vpsd)| *vpsd == moved)
+            .map(|(at, _)| at.saturating_duration_since(ordered))
+    });
+    say(format!(
+        "cluster move --vpsd {moved} --to a2 under load: handed over in {} ms, first indicium \
+         signed by a2 {} after the command; a1 moved {} vPSD away",
+        handed_over.as_millis(),
+        first_signed.map_or_else(|| "NEVER".into(), |at| format!("{} ms", at.as_millis())),
+        stat(&mut admin, "cluster.moved_away")?
     ));
     drop(admin);
     a1.kill()?;
     let killed = Instant::now();
-    say("kill -9 a1 (the owner of every vPSD)".into());
+    say("kill -9 a1 (the owner of every other vPSD)".into());
     std::thread::sleep(Duration::from_secs_f64(
         seconds.max(LEASE_TTL_S as f64 * 3.0),
     ));
@@ -244,9 +279,12 @@ pub fn cluster_demo(seconds: f64) -> Result<DemoOutcome, LoadError> {
             .unwrap_or_else(|poisoned| poisoned.into_inner()),
         Err(_) => return Err(LoadError::Thread),
     };
+    // The first indicium of a vPSD a1 owned, after the kill: a2 took it over.
     let failover = seen
-        .first_on_survivor
-        .map(|first| first.saturating_duration_since(killed));
+        .times
+        .iter()
+        .find(|(at, vpsd)| *at > killed && *vpsd != moved)
+        .map(|(at, _)| at.saturating_duration_since(killed));
     match failover {
         Some(failover) => say(format!(
             "a2 took over: the first indicium signed by a2 was acknowledged {} ms after the kill",
@@ -254,7 +292,6 @@ pub fn cluster_demo(seconds: f64) -> Result<DemoOutcome, LoadError> {
         )),
         None => say("a2 never signed: no takeover".into()),
     }
-    let mut on_a2 = Client::connect(a2.addr, &credential)?;
     let (_, members) = on_a2.cluster(None)?;
     for member in &members {
         say(format!(
@@ -266,7 +303,7 @@ pub fn cluster_demo(seconds: f64) -> Result<DemoOutcome, LoadError> {
     // The check: every acknowledged indicium is in a2's registers, no piece number twice,
     // and what a2's registers hold beyond the acknowledged indicia is whole requests that
     // got no answer (at most that many).
-    let mut valid = seen.twice.is_empty() && failover.is_some();
+    let mut valid = seen.twice.is_empty() && failover.is_some() && first_signed.is_some();
     for &(vpsd, piece) in &seen.twice {
         say(format!("  vPSD {vpsd}: piece {piece} acknowledged TWICE"));
     }

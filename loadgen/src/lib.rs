@@ -17,6 +17,8 @@
 pub mod appliance;
 #[cfg(feature = "cluster")]
 pub mod cluster_demo;
+#[cfg(feature = "cluster")]
+pub mod cluster_scale;
 pub mod funding;
 pub mod pacing;
 #[cfg(feature = "softhsm")]

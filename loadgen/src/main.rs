@@ -120,6 +120,28 @@ enum Command {
         #[arg(long, default_value = "cluster-cost.json")]
         out: PathBuf,
     },
+    /// Many appliances (step 3 of the cluster), in one run against 3 etcd members and 3
+    /// appliances: a forwarded request against a direct one (CPU and latency), 1, 2 and 3
+    /// appliances loaded at once (indicia/s, CPU per indicium), and a planned move under
+    /// load (time to the new owner's first signature, client latency). Needs etcd-server.
+    #[cfg(feature = "cluster")]
+    ClusterScale {
+        /// Seconds per load.
+        #[arg(long, default_value_t = 4.0)]
+        duration: f64,
+        /// Requests in flight per load, over up to 4 connections.
+        #[arg(long, default_value_t = 32)]
+        in_flight: usize,
+        /// Rounds of the forwarding comparison (each: direct, then forwarded).
+        #[arg(long, default_value_t = 2)]
+        rounds: usize,
+        /// vPSDs per appliance.
+        #[arg(long, default_value_t = 4)]
+        vpsds: u64,
+        /// Where to write the JSON of every load.
+        #[arg(long, default_value = "cluster-scale.json")]
+        out: PathBuf,
+    },
     /// Draw the plot again from a sweep's JSON, without measuring.
     Plot {
         #[arg(long, default_value = "sweep.json")]
@@ -1197,6 +1219,25 @@ fn main() -> ExitCode {
             vpsds,
             out,
         } => cluster_cost(duration, in_flight, rounds, vpsds, &out),
+        #[cfg(feature = "cluster")]
+        Command::ClusterScale {
+            duration,
+            in_flight,
+            rounds,
+            vpsds,
+            out,
+        } => indicia_loadgen::cluster_scale::cluster_scale(duration, in_flight, rounds, vpsds)
+            .and_then(|outcome| {
+                std::fs::write(&out, format!("{:#}\n", outcome.json))?;
+                let text = format!("{}\nevery load's JSON: {}\n", outcome.text, out.display());
+                let total = 2 * rounds + 6;
+                Ok(Outcome::with_invalid(
+                    text,
+                    &outcome.invalid,
+                    total,
+                    "loads INVALID",
+                ))
+            }),
         Command::Appliance { args } => {
             return indiciad::service::main_with(
                 std::iter::once(std::ffi::OsString::from("indiciad")).chain(args),

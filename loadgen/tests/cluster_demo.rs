@@ -1,6 +1,7 @@
 //! `indicia-loadgen cluster-demo` end to end (feature `cluster`; etcd-server installed):
-//! 3 etcd members and 2 appliances, the owner killed under load, the survivor taking over,
-//! and the demo's own checks holding (exit status 0, "checks out").
+//! 3 etcd members and 2 appliances, requests forwarded to the owner, a planned move under
+//! load, the owner killed under load, the survivor taking over, and the demo's own checks
+//! holding (exit status 0, "checks out").
 #![cfg(feature = "cluster")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -22,6 +23,10 @@ fn the_cluster_demo_takes_over_and_accounts_for_every_indicium() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("a2 took over"), "{stdout}");
+    assert!(stdout.contains("requests to a1, the owner"), "{stdout}");
+    assert!(stdout.contains("first indicium signed by a2"), "{stdout}");
+    assert!(!stdout.contains("forwarded 0 requests"), "{stdout}");
+    assert!(!stdout.contains("NEVER"), "{stdout}");
     assert!(
         stdout.contains("no piece number issued twice: yes"),
         "{stdout}"

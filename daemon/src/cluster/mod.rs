@@ -97,6 +97,23 @@ pub enum HandOver {
     Stale,
     /// The target is not live.
     NotLive,
+    /// A rebalancing move that placement, read again, no longer asks for (a snapshot was
+    /// stale): nothing was written.
+    Misplaced,
+}
+
+/// A handover to make.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handover {
+    pub vpsd_id: u64,
+    /// This appliance's epoch and the state's revision it last wrote.
+    pub epoch: i64,
+    pub last: i64,
+    pub to: String,
+    /// For rebalancing: the vPSD's owner account. The move is then made only if placement,
+    /// read again from etcd, puts the vPSD on `to` (two appliances with snapshots of
+    /// different ages would otherwise move it back and forth).
+    pub rebalancing: Option<String>,
 }
 
 /// What a pin applies to.
@@ -160,8 +177,8 @@ pub trait Replicator: Send + Sync + std::fmt::Debug {
     fn locate(&self, vpsd_ids: Vec<u64>) -> Pending<Vec<Option<String>>>;
     /// What etcd holds of one vPSD, read now (an adoption on demand).
     fn fetch(&self, vpsd_id: u64) -> Pending<Stored>;
-    /// Hands a vPSD this appliance owns at `epoch` (its state at revision `last`) to `to`.
-    fn hand_over(&self, vpsd_id: u64, epoch: i64, last: i64, to: String) -> Pending<HandOver>;
+    /// Hands a vPSD this appliance owns over to another appliance.
+    fn hand_over(&self, handover: Handover) -> Pending<HandOver>;
     /// Applies an operator's change to placement, then reports the members.
     fn operate(&self, operation: Operation) -> ReportFuture;
 }

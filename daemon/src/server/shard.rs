@@ -97,6 +97,8 @@ pub struct MoveOrder<R> {
     pub to: String,
     /// Who asked (None: rebalancing).
     pub reply: Option<R>,
+    /// Rebalancing: the vPSD's owner account (placement is checked again before the move).
+    pub account: Option<String>,
 }
 
 /// What a sign request needs back.
@@ -409,6 +411,7 @@ impl<R> ShardCore<R> {
                         vpsd_id,
                         to,
                         reply: Some(reply),
+                        account: None,
                     });
                     return Ok(());
                 }
@@ -1059,7 +1062,15 @@ impl<R> ShardCore<R> {
     /// Starts moving a vPSD to `to` by itself (rebalancing, a drain): requests wait from
     /// now on. False when it is not here or already moving.
     pub fn begin_move(&mut self, vpsd_id: u64, to: &str) -> bool {
-        if self.store.engine.vpsd(vpsd_id).is_none() || self.holding.contains_key(&vpsd_id) {
+        let Some(account) = self
+            .store
+            .engine
+            .vpsd(vpsd_id)
+            .map(|vpsd| vpsd.owner.clone())
+        else {
+            return false;
+        };
+        if self.holding.contains_key(&vpsd_id) {
             return false;
         }
         self.holding.insert(vpsd_id, Vec::new());
@@ -1067,6 +1078,7 @@ impl<R> ShardCore<R> {
             vpsd_id,
             to: to.to_owned(),
             reply: None,
+            account: Some(account),
         });
         true
     }

@@ -45,8 +45,8 @@ use super::fence::{batches, judge, Outcome, Seen, StateWrite};
 use super::keys::Keys;
 use super::placement::Placement;
 use super::{
-    successor, Adoption, ClusterError, CommitFuture, HandOver, Member, Operation, Pending,
-    Replicator, ReportFuture, Stored,
+    successor, Adoption, ClusterError, CommitFuture, HandOver, Handover, Member, Operation,
+    Pending, Replicator, ReportFuture, Stored,
 };
 use commit::*;
 use lease::*;
@@ -139,10 +139,7 @@ enum Command {
         reply: Reply<Vec<Option<String>>>,
     },
     HandOver {
-        vpsd_id: u64,
-        epoch: i64,
-        last: i64,
-        to: String,
+        handover: Handover,
         reply: Reply<HandOver>,
     },
     Operate {
@@ -392,18 +389,12 @@ impl Replicator for Etcd {
         Box::pin(async move { Ok(stored.await?.pop().unwrap_or_default()) })
     }
 
-    fn hand_over(&self, vpsd_id: u64, epoch: i64, last: i64, to: String) -> Pending<HandOver> {
+    fn hand_over(&self, handover: Handover) -> Pending<HandOver> {
         if !self.may_commit() {
             let silent_ms = self.lease.silent_ms();
             return Box::pin(async move { Err(ClusterError::LeaseLost { silent_ms }) });
         }
-        self.pending(|reply| Command::HandOver {
-            vpsd_id,
-            epoch,
-            last,
-            to,
-            reply,
-        })
+        self.pending(|reply| Command::HandOver { handover, reply })
     }
 
     fn operate(&self, operation: Operation) -> ReportFuture {
@@ -543,6 +534,25 @@ fn run(
                                 members(&mut client, &keys).await.map(|members| (taken, members)),
                             );
                         }
+                        Command::HandOver { handover, reply } => {
+                            let mut placed = true;
+                            if let Some(account) = &handover.rebalancing {
+                                refresh_placement(&mut client, &keys, &config, &placement).await;
+                                let now = Arc::clone(
+                                    &placement
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                                );
+                                placed = now.place(handover.vpsd_id, Some(account), me)
+                                    == Some(handover.to.as_str());
+                            }
+                            let done = if placed {
+                                hand_over(&mut client, &keys, me, &handover).await
+                            } else {
+                                Ok(HandOver::Misplaced)
+                            };
+                            let _ = reply.send(done);
+                        }
                         Command::Operate { operation, reply } => {
                             let done = operate(&mut client, &keys, &operation).await;
                             refresh_placement(&mut client, &keys, &config, &placement).await;
@@ -660,14 +670,9 @@ async fn handle(client: &mut Client, keys: &Keys, appliance: &str, command: Comm
         Command::Locate { vpsd_ids, reply } => {
             let _ = reply.send(locate(client, keys, &vpsd_ids).await);
         }
-        Command::HandOver {
-            vpsd_id,
-            epoch,
-            last,
-            to,
-            reply,
-        } => {
-            let _ = reply.send(hand_over(client, keys, appliance, vpsd_id, epoch, last, &to).await);
+        // Handled by the loop, which holds the placement.
+        Command::HandOver { reply, .. } => {
+            let _ = reply.send(Err(ClusterError::Stopped));
         }
         // Handled by the loop, which holds the placement.
         Command::Operate { reply, .. } => {

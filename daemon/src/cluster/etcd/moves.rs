@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::cluster::placement::{Placement, PINS_MAX};
-use crate::cluster::{HandOver, Operation, PinKey};
+use crate::cluster::{HandOver, Handover, Operation, PinKey};
 
 /// Every key and value under `prefix`, at most `limit`.
 async fn values_under(
@@ -145,11 +145,16 @@ pub(super) async fn hand_over(
     client: &mut Client,
     keys: &Keys,
     me: &str,
-    vpsd_id: u64,
-    epoch: i64,
-    last: i64,
-    to: &str,
+    handover: &Handover,
 ) -> Result<HandOver, ClusterError> {
+    let Handover {
+        vpsd_id,
+        epoch,
+        last,
+        ref to,
+        ..
+    } = *handover;
+    let to = to.as_str();
     let owner_key = keys.owner(vpsd_id);
     let target = keys.appliance(to);
     let response = client

@@ -21,7 +21,7 @@ use indicia_proto::{ErrorCode, Request, Response, VpsdPlacement};
 
 use super::peer::CallError;
 use super::{deliver, fail_stop, unix_now, ReplyTo, Shard};
-use crate::cluster::{Adoption, HandOver, Operation, PinKey, Replicator, Stored};
+use crate::cluster::{Adoption, HandOver, Handover, Operation, PinKey, Replicator, Stored};
 use crate::server::shard::{moved_text, Arrival, Elsewhere, MoveOrder};
 
 /// The most vPSDs one shard moves at a time by itself (rebalancing, drains).
@@ -309,14 +309,19 @@ async fn adopt_and_handle(
 
 /// Carries out a planned move.
 async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
-    let MoveOrder { vpsd_id, to, reply } = order;
+    let MoveOrder {
+        vpsd_id,
+        to,
+        reply,
+        account,
+    } = order;
     let Some(replicator) = shard.replicator.clone() else {
         return;
     };
     let started = Instant::now();
     // An operator's move pins the vPSD; rebalancing follows placement and pins nothing.
     let pin = reply.is_some();
-    let outcome = hand_over(&shard, &replicator, vpsd_id, &to, pin).await;
+    let outcome = hand_over(&shard, &replicator, vpsd_id, &to, pin, account).await;
     let now = unix_now();
     let response = match outcome {
         Err(MoveRefused::Gone(owner)) => {
@@ -343,6 +348,19 @@ async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
             metrics.add(crate::server::metrics::Counter::ClusterMovedAway, 1);
             notify_adopter(&shard, &replicator, vpsd_id, &to);
             placement_of(&replicator, &[vpsd_id], vec![Some(to.clone())])
+        }
+        Err(MoveRefused::Unneeded) => {
+            tracing::debug!(
+                vpsd = vpsd_id,
+                "not moved to {to}: placement changed meanwhile"
+            );
+            if let Err(fatal) = shard.core.borrow_mut().stay(now, vpsd_id) {
+                fail_stop(&fatal);
+            }
+            Response::error(
+                ErrorCode::ClusterUnavailable,
+                format!("vPSD {vpsd_id} not moved: placement changed meanwhile"),
+            )
         }
         Err(MoveRefused::Stays(refusal)) => {
             tracing::warn!(
@@ -376,6 +394,8 @@ enum MoveRefused {
     Stays(Response),
     /// Another appliance owns it already.
     Gone(String),
+    /// Rebalancing that placement, read again, does not ask for: it stays, quietly.
+    Unneeded,
 }
 
 impl From<Response> for MoveRefused {
@@ -391,6 +411,7 @@ async fn hand_over(
     vpsd_id: u64,
     to: &str,
     pin: bool,
+    rebalancing: Option<String>,
 ) -> Result<(), MoveRefused> {
     let placement = replicator.placement();
     if to == replicator.appliance() {
@@ -445,7 +466,13 @@ async fn hand_over(
         glommio::timer::sleep(Duration::from_millis(1)).await;
     };
     match replicator
-        .hand_over(vpsd_id, owned.epoch, owned.last, to.to_owned())
+        .hand_over(Handover {
+            vpsd_id,
+            epoch: owned.epoch,
+            last: owned.last,
+            to: to.to_owned(),
+            rebalancing,
+        })
         .await
     {
         Ok(HandOver::Done { .. }) => Ok(()),
@@ -454,6 +481,7 @@ async fn hand_over(
             ErrorCode::VpsdMoved,
             moved_text(vpsd_id, None),
         ))),
+        Ok(HandOver::Misplaced) => Err(MoveRefused::Unneeded),
         Ok(HandOver::NotLive) => Err(MoveRefused::from(Response::error(
             ErrorCode::InvalidArgument,
             format!("appliance {to} is not alive in the cluster: vPSD {vpsd_id} stays"),
