@@ -68,8 +68,25 @@ fn name(common_name: &str) -> DistinguishedName {
     name
 }
 
-/// A client id usable as a certificate name and a file name.
+/// A client id usable as a certificate name and a file name; or an appliance's
+/// (`appliance:<id>`, the peer certificate of a cluster member, docs/CLUSTER.md).
 fn check_client_id(client_id: &str) -> Result<()> {
+    if let Some(appliance) = client_id.strip_prefix(indicia_proto::message::APPLIANCE_CLIENT_PREFIX)
+    {
+        let fine = !appliance.is_empty()
+            && client_id.len() <= indicia_proto::message::CLIENT_ID_BYTES_MAX
+            && appliance
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        return if fine {
+            Ok(())
+        } else {
+            Err(pki_error(format!(
+                "client id `{client_id}`: an appliance's is `appliance:` and its id (A-Z a-z \
+                 0-9 - _ .), at most 64 bytes in all"
+            )))
+        };
+    }
     let fine = !client_id.is_empty()
         && client_id.len() <= indicia_proto::message::CLIENT_ID_BYTES_MAX
         && !client_id.starts_with('.')

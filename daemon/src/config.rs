@@ -93,6 +93,25 @@ pub struct ClusterConfig {
     /// The time limit of a request forwarded to the vPSD's owner.
     #[serde(default = "ClusterConfig::default_forward_timeout_ms")]
     pub forward_timeout_ms: u64,
+    /// With `[tls]`: this appliance's client certificate toward the others (PEM; its
+    /// subject common name `appliance:<id>`, issued by a CA in every appliance's
+    /// `client_ca`), its private key, and the CAs that issue the appliances' server
+    /// certificates. Without them, requests are not forwarded between appliances that use
+    /// TLS.
+    pub peer_certificate: Option<PathBuf>,
+    pub peer_private_key: Option<PathBuf>,
+    pub peer_ca: Option<PathBuf>,
+}
+
+impl ClusterConfig {
+    /// The files of mutual TLS between appliances, when all three are set.
+    pub fn peer_tls(&self) -> Option<(&Path, &Path, &Path)> {
+        Some((
+            self.peer_certificate.as_deref()?,
+            self.peer_private_key.as_deref()?,
+            self.peer_ca.as_deref()?,
+        ))
+    }
 }
 
 impl ClusterConfig {
@@ -320,6 +339,24 @@ impl Config {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
         if let Some(cluster) = &self.cluster {
             cluster.validate().map_err(ConfigError::Invalid)?;
+            let peer_files = [
+                &cluster.peer_certificate,
+                &cluster.peer_private_key,
+                &cluster.peer_ca,
+            ];
+            let set = peer_files.iter().filter(|file| file.is_some()).count();
+            if set != 0 && set != 3 {
+                return invalid(
+                    "cluster.peer_certificate, peer_private_key and peer_ca go together".into(),
+                );
+            }
+            if set == 3 && !self.tls.enabled() {
+                return invalid(
+                    "cluster.peer_certificate and its files are for appliances that use [tls]: \
+                     without it, appliances forward in plaintext"
+                        .into(),
+                );
+            }
         }
         if self.shards > SHARDS_MAX {
             return invalid(format!(

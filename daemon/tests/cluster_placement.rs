@@ -280,3 +280,93 @@ fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
         acked.check(&mut a1.daemon().admin(), vpsd, FUNDS);
     }
 }
+
+/// Writes `text` to `dir/name` (a private key: owner only).
+fn write_pem(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
+
+#[test]
+fn between_appliances_that_use_tls_forwarding_is_mutual_tls_with_peer_certificates() {
+    let etcd = EtcdCluster::start(3);
+    let root = tempfile::tempdir().unwrap();
+    let pki = root.path().join("pki");
+    std::fs::create_dir_all(&pki).unwrap();
+    let authority = indicia_client::pki::Authority::new("cluster CA", 1).unwrap();
+    let ca = write_pem(&pki, "ca.pem", authority.cert_pem());
+    let server = authority.server(&["127.0.0.1".into()]).unwrap();
+    let server_cert = write_pem(&pki, "server.pem", &server.cert_pem);
+    let server_key = write_pem(&pki, "server.key", &server.key_pem);
+    let admin = authority.client("admin").unwrap();
+    let admin_cert = write_pem(&pki, "admin.pem", &admin.cert_pem);
+    let admin_key = write_pem(&pki, "admin.key", &admin.key_pem);
+    let tls_section = format!(
+        "[tls]\ncertificate = {server_cert:?}\nprivate_key = {server_key:?}\nclient_ca = {ca:?}\n"
+    );
+    // a1 and a2 have their peer certificates (`appliance:<id>`); a3 has none.
+    let peer = |id: &str| {
+        let issued = authority.client(&format!("appliance:{id}")).unwrap();
+        let cert = write_pem(&pki, &format!("{id}-peer.pem"), &issued.cert_pem);
+        let key = write_pem(&pki, &format!("{id}-peer.key"), &issued.key_pem);
+        format!("peer_certificate = {cert:?}\npeer_private_key = {key:?}\npeer_ca = {ca:?}\n")
+    };
+    let with_tls = |cluster: String| format!("rebalance = false\n{cluster}{tls_section}");
+    let mut a1 = Appliance::configured(root.path(), "a1", &etcd, &with_tls(peer("a1")));
+    a1.start();
+    let mut a2 =
+        Appliance::joining_configured(root.path(), "a2", &etcd, &a1, &with_tls(peer("a2")));
+    a2.start();
+    let mut a3 =
+        Appliance::joining_configured(root.path(), "a3", &etcd, &a1, &with_tls(String::new()));
+    a3.start();
+    let settings =
+        indicia_client::TlsSettings::load(&ca, &admin_cert, &admin_key, "127.0.0.1").unwrap();
+    let credential = a1.daemon().admin_credential();
+    let connect = |appliance: &Appliance| {
+        let client =
+            Client::connect_with(appliance.daemon().addr, &credential, Some(&settings)).unwrap();
+        assert!(client.is_tls());
+        client
+    };
+    let (mut on_a1, mut on_a2, mut on_a3) = (connect(&a1), connect(&a2), connect(&a3));
+    let vpsd = 301;
+    on_a1
+        .change(&Request::Provision {
+            vpsd_id: vpsd,
+            owner: "tls-customer".into(),
+            algorithm: Algorithm::Ed25519,
+            origin_zip: indicia_proto::Zip::new(20260, None).unwrap(),
+        })
+        .unwrap();
+    a1.daemon().refill(&mut on_a1, vpsd, FUNDS);
+    let sign = Request::Sign {
+        vpsd_id: vpsd,
+        item: item(42),
+    };
+    // Through a2: forwarded to a1 over mutual TLS, a1 authenticating a2 by its certificate.
+    let answer = on_a2.call(&sign).unwrap();
+    assert!(matches!(answer, Response::Signed { .. }), "{answer:?}");
+    let stat = |client: &mut Client, name: &str| {
+        client
+            .stats()
+            .unwrap()
+            .into_iter()
+            .find(|entry| entry.name == name)
+            .map_or(0, |entry| entry.value)
+    };
+    assert_eq!(stat(&mut on_a2, "cluster.forwarded"), 1);
+    // Through a3, which has no peer certificate: not forwarded; the client is sent on.
+    let answer = on_a3.call(&sign).unwrap();
+    let Response::Error(body) = answer else {
+        panic!("a3 without a peer certificate answered {answer:?}")
+    };
+    assert_eq!(body.code, indicia_proto::ErrorCode::VpsdMoved);
+    assert!(body.message.contains("a1"), "{}", body.message);
+    assert_eq!(stat(&mut on_a3, "cluster.forwarded"), 0);
+    let status = on_a1.status(vpsd).unwrap();
+    assert_eq!(status.piece_count, 1, "signed once, through a2");
+}

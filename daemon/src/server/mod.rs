@@ -249,20 +249,26 @@ pub fn client_directory(config: &Config, data: &DataDir) -> Result<ClientDirecto
     Ok(directory)
 }
 
-/// How shards forward requests to the other appliances (cluster mode without TLS; with
-/// TLS a request for another appliance's vPSD is answered `vpsd-moved`).
+/// How shards forward requests to the other appliances (cluster mode): in plaintext, or
+/// over mutual TLS when this appliance uses `[tls]` and has its peer certificate. With
+/// `[tls]` and no peer certificate, nothing is forwarded (a request for another
+/// appliance's vPSD is answered `vpsd-moved`).
 fn forwarding(
     config: &Config,
     directory: &ClientDirectory,
     replicator: Option<&dyn Replicator>,
-    tls: bool,
+    peer_tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Option<runtime::Forwarding> {
-    let replicator = replicator.filter(|_| !tls)?;
+    let replicator = replicator?;
     let cluster = config.cluster.as_ref()?;
+    if config.tls.enabled() && peer_tls.is_none() {
+        return None;
+    }
     Some(runtime::Forwarding {
         appliance: replicator.appliance().to_owned(),
         secret: directory.appliance_secret(replicator.appliance())?,
         timeout: Duration::from_millis(cluster.forward_timeout_ms),
+        tls: peer_tls,
     })
 }
 
@@ -490,6 +496,22 @@ impl Server {
         let shards = layout(data, config)?;
         let directory = Arc::new(client_directory(config, data)?);
         let tls = tls::server_config(&config.tls)?;
+        let peer_tls = match config
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.peer_tls())
+        {
+            Some((certificate, key, ca)) => Some(tls::peer_client_config(certificate, key, ca)?),
+            None => {
+                if config.cluster.is_some() && config.tls.enabled() {
+                    tracing::warn!(
+                        "cluster: [tls] without [cluster] peer_certificate: requests for other \
+                         appliances' vPSDs are answered vpsd-moved, not forwarded"
+                    );
+                }
+                None
+            }
+        };
         let (local_addr, sockets) = sockets(config.listen, shards)?;
         // Each shard gets its own descriptor of its socket; `sockets` keeps one to start
         // listening with once every shard serves.
@@ -582,7 +604,7 @@ impl Server {
                 config: config.server.clone(),
                 tls: tls.clone(),
                 ready: ready_tx.clone(),
-                forwarding: forwarding(config, &directory, replicator.as_deref(), tls.is_some()),
+                forwarding: forwarding(config, &directory, replicator.as_deref(), peer_tls.clone()),
                 replicator,
             };
             // A failure here leaves the shards already started waiting for their peer's

@@ -1038,8 +1038,11 @@ impl<R> ShardCore<R> {
                 continue;
             }
             self.stats.outcome_unknown += 1;
-            self.stats.errors += 1;
-            self.stats.new_errors.push(ErrorCode::OutcomeUnknown.wire());
+            // An error answer was counted when it was made.
+            if !matches!(waiting.response, Response::Error(_)) {
+                self.stats.errors += 1;
+                self.stats.new_errors.push(ErrorCode::OutcomeUnknown.wire());
+            }
             let response = Response::error(
                 ErrorCode::OutcomeUnknown,
                 "this appliance lost etcd while the change was on its way there: it may \
@@ -1129,13 +1132,22 @@ impl<R> ShardCore<R> {
         out
     }
 
-    /// The move of `vpsd_id` is done: `to` owns it in etcd. The journal records the
-    /// release, and the requests that waited go to be routed (to the new owner).
-    pub fn depart(&mut self, now_unix: u64, vpsd_id: u64, to: &str) -> Result<(), Fatal> {
+    /// The vPSD is `to`'s in etcd now: the journal records the release, and the requests
+    /// that waited go to be routed (to the new owner). `handed_over`: this appliance handed
+    /// it over, quiet, so that etcd holds its local version (the release says so);
+    /// otherwise what etcd holds is not known here (0).
+    pub fn depart(
+        &mut self,
+        now_unix: u64,
+        vpsd_id: u64,
+        to: &str,
+        handed_over: bool,
+    ) -> Result<(), Fatal> {
         let version = self
             .store
             .engine
             .vpsd(vpsd_id)
+            .filter(|_| handed_over)
             .map_or(0, |vpsd| vpsd.version);
         match self.store.commit_release(vpsd_id, to, version, now_unix) {
             Ok(_) => {}

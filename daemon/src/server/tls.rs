@@ -101,6 +101,33 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     Ok(Some(Arc::new(config)))
 }
 
+/// The client side of mutual TLS toward the other appliances of the cluster: this
+/// appliance's client certificate (`[cluster] peer_certificate`, its common name
+/// `appliance:<id>`) and the CAs that issue the appliances' server certificates
+/// (`peer_ca`).
+pub fn peer_client_config(
+    certificate: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let chain = certificates("peer_certificate", certificate)?;
+    let key = private_key(key)?;
+    let mut roots = RootCertStore::empty();
+    for authority in certificates("peer_ca", ca)? {
+        roots
+            .add(authority)
+            .map_err(|err| file_error("peer_ca", ca)(err.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|err| TlsError::Setup(err.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|err| file_error("peer_certificate", certificate)(err.to_string()))?;
+    Ok(Arc::new(config))
+}
+
 /// Why a connection's TLS handshake did not give a client id.
 #[derive(Debug, Error)]
 #[non_exhaustive]

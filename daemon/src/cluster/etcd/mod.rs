@@ -433,15 +433,17 @@ fn run(
     runtime.block_on(async move {
         let keys = Keys::new(&config.prefix);
         let ttl = config.lease_ttl;
-        // HTTP/2 pings find a member that went silent (cut off, its host gone) within half a
-        // TTL, so that requests go to the others instead of timing out one after another;
-        // a member without a leader answers at once instead of waiting. etcd must allow
-        // pings this often (`--grpc-keepalive-min-time`, docs/CLUSTER.md section 9.1).
+        // HTTP/2 pings, while requests or the lease's stream are open on a connection, find
+        // a member that went silent (cut off, its host gone) within about half a TTL, so
+        // that requests go to the others instead of timing out one after another; a member
+        // without a leader answers at once instead of waiting. etcd must allow pings this
+        // often (`--grpc-keepalive-min-time`, docs/CLUSTER.md section 9.1); it refuses
+        // pings on a connection without streams whatever that says, so none are sent then.
         let options = ConnectOptions::new()
             .with_connect_timeout(ttl / 3)
             .with_timeout(ttl / 3)
             .with_keep_alive(ttl / 4, ttl / 4)
-            .with_keep_alive_while_idle(true)
+            .with_keep_alive_while_idle(false)
             .with_require_leader(true);
         let mut client = match Client::connect(&config.endpoints, Some(options)).await {
             Ok(client) => client,

@@ -131,6 +131,8 @@ pub(super) struct Forwarding {
     pub secret: zeroize::Zeroizing<[u8; 32]>,
     /// The time limit of one forwarded request.
     pub timeout: Duration,
+    /// Mutual TLS toward the others (appliances that use `[tls]`).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 /// The channels of a full mesh between `shards` shards: `senders[from][to]`,
@@ -328,7 +330,12 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         inflight_total: Rc::new(Cell::new(0)),
         tls: tls.map(futures_rustls::TlsAcceptor::from),
         links: forwarding.map(|forwarding| {
-            peer::Peers::new(&forwarding.appliance, forwarding.secret, forwarding.timeout)
+            peer::Peers::new(
+                &forwarding.appliance,
+                forwarding.secret,
+                forwarding.timeout,
+                forwarding.tls,
+            )
         }),
         owners: RefCell::new(HashMap::new()),
     });

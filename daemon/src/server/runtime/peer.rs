@@ -75,10 +75,17 @@ pub(super) struct Peers {
     /// The time limit of one forwarded request (and of opening a link).
     pub(super) timeout: Duration,
     rng: SystemRandom,
+    /// Mutual TLS toward the others (when this appliance uses `[tls]`).
+    tls: Option<futures_rustls::TlsConnector>,
 }
 
 impl Peers {
-    pub(super) fn new(appliance: &str, secret: Zeroizing<[u8; 32]>, timeout: Duration) -> Self {
+    pub(super) fn new(
+        appliance: &str,
+        secret: Zeroizing<[u8; 32]>,
+        timeout: Duration,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> Self {
         Self {
             client_id: format!("{APPLIANCE_CLIENT_PREFIX}{appliance}"),
             secret,
@@ -86,6 +93,7 @@ impl Peers {
             connecting: RefCell::new(HashMap::new()),
             timeout,
             rng: SystemRandom::new(),
+            tls: tls.map(futures_rustls::TlsConnector::from),
         }
     }
 
@@ -199,7 +207,25 @@ impl Peers {
             .await
             .map_err(|err| not_sent("connect", &err))?;
         let _ = tcp.set_nodelay(true);
-        let stream = SharedStream(Rc::new(RefCell::new(Transport::Plain(tcp))));
+        let transport = match &self.tls {
+            None => Transport::Plain(tcp),
+            Some(connector) => {
+                // The owner's certificate must name the host of its advertised address.
+                let host = address
+                    .rsplit_once(':')
+                    .map_or(address, |(host, _)| host)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+                    .map_err(|err| not_sent("TLS server name", &err))?;
+                let tls = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|err| not_sent("TLS", &err))?;
+                Transport::TlsClient(Box::new(tls))
+            }
+        };
+        let stream = SharedStream(Rc::new(RefCell::new(transport)));
         let mut client_nonce = [0u8; NONCE_BYTES];
         self.rng
             .fill(&mut client_nonce)

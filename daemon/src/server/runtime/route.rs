@@ -209,7 +209,7 @@ async fn forward(
         // Forwarding needs appliances that authenticate each other over TLS when clients
         // must use TLS; not built yet: the client is sent to the owner.
         let text = format!(
-            "{} (requests are not forwarded between appliances with [tls])",
+            "{} (with [tls], requests are forwarded only with [cluster] peer_certificate)",
             moved_text(vpsd_id, Some(to))
         );
         return Forwarded::Answered(Response::error(ErrorCode::VpsdMoved, text));
@@ -329,14 +329,14 @@ async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
             // off): the shard lets it go, and what waited goes to the owner.
             tracing::warn!(vpsd = vpsd_id, "not moved to {to}: {owner} owns it already");
             remember(&shard, vpsd_id, Some(&owner));
-            if let Err(fatal) = shard.core.borrow_mut().depart(now, vpsd_id, &owner) {
+            if let Err(fatal) = shard.core.borrow_mut().depart(now, vpsd_id, &owner, false) {
                 fail_stop(&fatal);
             }
             Response::error(ErrorCode::VpsdMoved, moved_text(vpsd_id, Some(&owner)))
         }
         Ok(()) => {
             remember(&shard, vpsd_id, Some(&to));
-            if let Err(fatal) = shard.core.borrow_mut().depart(now, vpsd_id, &to) {
+            if let Err(fatal) = shard.core.borrow_mut().depart(now, vpsd_id, &to, true) {
                 fail_stop(&fatal);
             }
             tracing::info!(

@@ -14,6 +14,8 @@ use glommio::net::TcpStream;
 pub(super) enum Transport {
     Plain(TcpStream),
     Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    /// This appliance's own connection to another one (forwarding), over mutual TLS.
+    TlsClient(Box<futures_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Transport {
@@ -21,6 +23,7 @@ impl Transport {
         match self {
             Self::Plain(tcp) => tcp,
             Self::Tls(tls) => tls.get_ref().0,
+            Self::TlsClient(tls) => tls.get_ref().0,
         }
     }
 }
@@ -34,6 +37,7 @@ impl AsyncRead for Transport {
         match self.get_mut() {
             Self::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
             Self::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            Self::TlsClient(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -47,6 +51,7 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Self::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
             Self::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            Self::TlsClient(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -57,6 +62,7 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Self::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
             Self::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+            Self::TlsClient(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
         }
     }
 
@@ -68,6 +74,7 @@ impl AsyncWrite for Transport {
         match self.get_mut() {
             Self::Plain(tcp) => Pin::new(tcp).poll_close(cx),
             Self::Tls(tls) => Pin::new(tls.as_mut()).poll_close(cx),
+            Self::TlsClient(tls) => Pin::new(tls.as_mut()).poll_close(cx),
         }
     }
 }
