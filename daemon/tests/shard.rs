@@ -586,3 +586,309 @@ fn a_takeover_voids_what_the_shard_held_of_the_vpsd_and_etcd_never_got() {
     };
     assert_eq!(indicium.payload.piece_number, 1);
 }
+
+/// etcd as a shard sees it, for the sans-io tests of routing and moves: this appliance is
+/// `a1`, and it may commit while the test says so. Nothing here reaches a network; the
+/// futures the runtime would await are never polled by these tests.
+#[derive(Debug)]
+struct FakeEtcd {
+    committing: std::sync::atomic::AtomicBool,
+}
+
+impl FakeEtcd {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            committing: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    fn set_committing(&self, committing: bool) {
+        self.committing
+            .store(committing, std::sync::atomic::Ordering::Release);
+    }
+}
+
+fn refused<T: Send + 'static>() -> indiciad::cluster::Pending<T> {
+    Box::pin(async { Err(indiciad::cluster::ClusterError::Stopped) })
+}
+
+impl indiciad::cluster::Replicator for FakeEtcd {
+    fn commit(
+        &self,
+        _writes: Vec<indiciad::cluster::fence::StateWrite>,
+    ) -> indiciad::cluster::CommitFuture {
+        refused()
+    }
+    fn may_commit(&self) -> bool {
+        self.committing.load(std::sync::atomic::Ordering::Acquire)
+    }
+    fn may_change(&self) -> bool {
+        self.may_commit()
+    }
+    fn appliance(&self) -> &str {
+        "a1"
+    }
+    fn load(
+        &self,
+        vpsd_ids: Vec<u64>,
+    ) -> Result<Vec<indiciad::cluster::Stored>, indiciad::cluster::ClusterError> {
+        Ok(vec![Default::default(); vpsd_ids.len()])
+    }
+    fn owned(&self) -> Result<Vec<u64>, indiciad::cluster::ClusterError> {
+        Ok(Vec::new())
+    }
+    fn release(&self, _vpsd_id: u64, _epoch: i64) -> Result<bool, indiciad::cluster::ClusterError> {
+        Ok(true)
+    }
+    fn report(&self, _take_over_from: Option<String>) -> indiciad::cluster::ReportFuture {
+        refused()
+    }
+    fn placement(&self) -> Arc<indiciad::cluster::placement::Placement> {
+        Arc::default()
+    }
+    fn locate(&self, _vpsd_ids: Vec<u64>) -> indiciad::cluster::Pending<Vec<Option<String>>> {
+        refused()
+    }
+    fn fetch(&self, _vpsd_id: u64) -> indiciad::cluster::Pending<indiciad::cluster::Stored> {
+        refused()
+    }
+    fn hand_over(
+        &self,
+        _handover: indiciad::cluster::Handover,
+    ) -> indiciad::cluster::Pending<indiciad::cluster::HandOver> {
+        refused()
+    }
+    fn operate(&self, _operation: indiciad::cluster::Operation) -> indiciad::cluster::ReportFuture {
+        refused()
+    }
+}
+
+/// A cluster shard (appliance a1) with vPSD 1 provisioned and funded, both in etcd.
+fn cluster_funded(dir: &std::path::Path, etcd: &Arc<FakeEtcd>) -> ShardCore<u64> {
+    use indiciad::cluster::fence::Outcome;
+    let (mut store, _) = open(dir, 1 << 20);
+    store.enable_replica("a1", 0);
+    let replicator: Arc<dyn indiciad::cluster::Replicator> = Arc::clone(etcd) as _;
+    let mut shard: ShardCore<u64> = ShardCore::with_replicator(store, 10_000, Some(replicator));
+    let provision = Request::Provision {
+        vpsd_id: 1,
+        owner: "acme".into(),
+        algorithm: Algorithm::Ed25519,
+        origin_zip: "02134".parse().unwrap(),
+    };
+    shard
+        .handle(NOW, &admin(), 1, provision, 0, Arrival::Here)
+        .unwrap();
+    let written = |revision| {
+        Some(vec![Outcome::Written {
+            revision,
+            epoch: 10,
+        }])
+    };
+    cluster_round(&mut shard, written(10));
+    let authorization = authorize(
+        &common::provider(),
+        AuthorizationKind::Refill,
+        1,
+        1_000_000,
+        1,
+        NOW + 600,
+    );
+    let refill = Request::Refill {
+        vpsd_id: 1,
+        authorization,
+    };
+    shard
+        .handle(NOW, &admin(), 2, refill, 0, Arrival::Here)
+        .unwrap();
+    cluster_round(&mut shard, written(11));
+    assert_eq!(shard.take_ready().len(), 2);
+    shard
+}
+
+fn sign(vpsd_id: u64, postage: u64) -> Request {
+    Request::Sign {
+        vpsd_id,
+        item: item(postage),
+    }
+}
+
+#[test]
+fn in_cluster_mode_a_request_for_a_vpsd_not_here_is_routed_not_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = FakeEtcd::new();
+    let mut shard = cluster_funded(dir.path(), &etcd);
+    shard
+        .handle(NOW, &user("u1"), 40, sign(9, 100), 400, Arrival::Direct)
+        .unwrap();
+    shard
+        .handle(NOW, &user("u2"), 41, sign(9, 100), 401, Arrival::Forwarded)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    assert!(shard.take_ready().is_empty(), "answered instead of routed");
+    let routed = shard.take_elsewhere();
+    let seen: Vec<(u64, u64, Arrival)> = routed
+        .iter()
+        .map(|item| (item.reply, item.request_id, item.arrival))
+        .collect();
+    assert_eq!(
+        seen,
+        [(400, 40, Arrival::Direct), (401, 41, Arrival::Forwarded)],
+        "the client's request id and how it came are kept"
+    );
+    assert_eq!(routed[0].client.id, "u1");
+    // Routed back here (no owner anywhere): the engine answers, and it is not routed again.
+    shard
+        .handle(NOW, &user("u1"), 40, sign(9, 100), 400, Arrival::Here)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    assert!(shard.take_elsewhere().is_empty(), "routed again");
+    let ready = shard.take_ready();
+    assert!(
+        matches!(&ready[..], [(400, Response::Error(body))] if body.code == ErrorCode::UnknownVpsd),
+        "{ready:?}"
+    );
+}
+
+/// A planned move: the running session ends and commits first; a request that comes
+/// meanwhile waits, and leaves for the new owner once the vPSD is handed over; nothing
+/// of it was signed here.
+#[test]
+fn a_move_waits_for_the_running_session_then_sends_what_waited_to_the_new_owner() {
+    use indiciad::cluster::fence::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = FakeEtcd::new();
+    let mut shard = cluster_funded(dir.path(), &etcd);
+    shard
+        .handle(NOW, &user("u1"), 50, sign(1, 100), 500, Arrival::Direct)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    let move_to_a2 = Request::ClusterMove {
+        vpsd_id: 1,
+        to: "a2".into(),
+    };
+    shard
+        .handle(NOW, &admin(), 51, move_to_a2, 510, Arrival::Direct)
+        .unwrap();
+    let moves = shard.take_moves();
+    assert_eq!(moves.len(), 1);
+    assert_eq!(
+        (moves[0].vpsd_id, moves[0].to.as_str(), moves[0].reply),
+        (1, "a2", Some(510))
+    );
+    assert!(shard.quiet(1).is_none(), "its session is not in etcd yet");
+    // Meanwhile: waits, neither signed nor answered.
+    shard
+        .handle(NOW, &user("u1"), 52, sign(1, 100), 520, Arrival::Direct)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    assert!(shard.take_elsewhere().is_empty());
+    let writes = cluster_round(
+        &mut shard,
+        Some(vec![Outcome::Written {
+            revision: 12,
+            epoch: 10,
+        }]),
+    );
+    assert_eq!(writes.len(), 1, "only the running session's state");
+    let ready = shard.take_ready();
+    assert!(
+        matches!(&ready[..], [(500, Response::Signed { indicium })] if indicium.payload.piece_number == 1),
+        "{ready:?}"
+    );
+    let owned = shard.quiet(1).expect("quiet once etcd holds its session");
+    assert_eq!((owned.epoch, owned.last), (10, 12));
+    shard.depart(NOW, 1, "a2", true).unwrap();
+    assert!(!shard.holds(1));
+    let waited = shard.take_elsewhere();
+    assert_eq!(waited.len(), 1);
+    assert_eq!((waited[0].reply, waited[0].request_id), (520, 52));
+    assert_eq!(shard.store().engine.vpsds().count(), 0);
+}
+
+/// A move that does not happen (etcd refused it): what waited is handled here after all.
+#[test]
+fn a_move_that_does_not_happen_handles_here_what_waited() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = FakeEtcd::new();
+    let mut shard = cluster_funded(dir.path(), &etcd);
+    assert!(shard.begin_move(1, "a2"));
+    assert!(!shard.begin_move(1, "a3"), "one move at a time");
+    assert_eq!(shard.take_moves()[0].account.as_deref(), Some("acme"));
+    shard
+        .handle(NOW, &user("u1"), 60, sign(1, 100), 600, Arrival::Direct)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    assert!(shard.round_pending() || shard.take_ready().is_empty());
+    shard.stay(NOW, 1).unwrap();
+    shard.run_sessions(NOW).unwrap();
+    cluster_round(
+        &mut shard,
+        Some(vec![indiciad::cluster::fence::Outcome::Written {
+            revision: 12,
+            epoch: 10,
+        }]),
+    );
+    let ready = shard.take_ready();
+    assert!(
+        matches!(&ready[..], [(600, Response::Signed { .. })]),
+        "{ready:?}"
+    );
+}
+
+/// Cut off from etcd: once it may not commit, the answers waiting for etcd leave as
+/// `outcome-unknown` (their writes are still sent), queued requests and new ones are
+/// refused `cluster-unavailable`, never signed.
+#[test]
+fn once_it_may_not_commit_waiting_answers_leave_and_queued_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = FakeEtcd::new();
+    let mut shard = cluster_funded(dir.path(), &etcd);
+    shard
+        .handle(NOW, &user("u1"), 70, sign(1, 100), 700, Arrival::Direct)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    cluster_round(&mut shard, None);
+    // Queued behind the session whose write etcd has not answered.
+    shard
+        .handle(NOW, &user("u1"), 71, sign(1, 100), 710, Arrival::Direct)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    shard.give_up_waiting();
+    assert!(shard.take_ready().is_empty(), "gave up while it may commit");
+    etcd.set_committing(false);
+    shard.give_up_waiting();
+    let mut ready = shard.take_ready();
+    ready.sort_by_key(|(reply, _)| *reply);
+    let codes: Vec<(u64, ErrorCode)> = ready
+        .iter()
+        .map(|(reply, response)| match response {
+            Response::Error(body) => (*reply, body.code),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            (700, ErrorCode::OutcomeUnknown),
+            (710, ErrorCode::ClusterUnavailable)
+        ]
+    );
+    assert_eq!(shard.stats().outcome_unknown, 1);
+    shard
+        .handle(NOW, &user("u1"), 72, sign(1, 100), 720, Arrival::Direct)
+        .unwrap();
+    let ready = shard.take_ready();
+    assert!(
+        matches!(&ready[..], [(720, Response::Error(body))] if body.code == ErrorCode::ClusterUnavailable),
+        "{ready:?}"
+    );
+    // The write is still there to be sent, as it was.
+    assert!(
+        shard.round_pending()
+            || shard
+                .store()
+                .replica()
+                .is_some_and(|book| book.has_writes() || book.pending_since(1).is_some())
+    );
+}

@@ -590,32 +590,44 @@ impl<R> ShardCore<R> {
                 .map(|pending| (pending.job, pending.reply))
                 .unzip();
             signed += jobs.iter().map(|job| job.items.len()).sum::<usize>();
-            if self.replicator.is_some() && self.store.engine.vpsd(vpsd_id).is_none() {
-                // The vPSD left while these queued (fenced, taken over, moved): nothing
-                // was signed here; they are routed to its owner.
-                self.coalescer.finish(vpsd_id);
-                for (job, reply) in jobs.into_iter().zip(replies) {
-                    let request = if reply.batch {
-                        Request::SignBatch {
-                            vpsd_id,
-                            items: job.items,
-                        }
-                    } else {
-                        match job.items.into_iter().next() {
-                            Some(item) => Request::Sign { vpsd_id, item },
-                            None => continue,
-                        }
-                    };
-                    self.elsewhere.push(Elsewhere {
-                        reply: reply.reply,
-                        client: reply.client,
-                        request_id: job.request_id,
-                        request,
-                        arrival: reply.arrival,
-                    });
-                }
-                continue;
-            }
+            let (jobs, replies) =
+                if self.replicator.is_some() && self.store.engine.vpsd(vpsd_id).is_none() {
+                    // The vPSD left while these queued (fenced, taken over, moved): nothing
+                    // was signed here; they are routed to its owner. Those routed here already
+                    // are answered here (below), never routed again.
+                    let (here, away): (Vec<_>, Vec<_>) = jobs
+                        .into_iter()
+                        .zip(replies)
+                        .partition(|(_, reply)| reply.arrival == Arrival::Here);
+                    for (job, reply) in away {
+                        let request = if reply.batch {
+                            Request::SignBatch {
+                                vpsd_id,
+                                items: job.items,
+                            }
+                        } else {
+                            let mut items = job.items.into_iter();
+                            let (Some(item), None) = (items.next(), items.next()) else {
+                                unreachable!("a sign request queues exactly one item")
+                            };
+                            Request::Sign { vpsd_id, item }
+                        };
+                        self.elsewhere.push(Elsewhere {
+                            reply: reply.reply,
+                            client: reply.client,
+                            request_id: job.request_id,
+                            request,
+                            arrival: reply.arrival,
+                        });
+                    }
+                    if here.is_empty() {
+                        self.coalescer.finish(vpsd_id);
+                        continue;
+                    }
+                    here.into_iter().unzip()
+                } else {
+                    (jobs, replies)
+                };
             if let Some(refusal) = self.refusal(vpsd_id) {
                 // Nothing signed, nothing charged.
                 self.coalescer.finish(vpsd_id);
