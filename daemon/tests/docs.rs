@@ -810,6 +810,9 @@ fn the_cluster_defaults_in_the_doc_are_the_codes() {
             "etcd",
             "forward_timeout_ms",
             "lease_ttl_s",
+            "peer_ca",
+            "peer_certificate",
+            "peer_private_key",
             "prefix",
             "rebalance"
         ]
@@ -820,6 +823,10 @@ fn the_cluster_defaults_in_the_doc_are_the_codes() {
     assert_eq!(rows["lease_ttl_s"], format!("`{}`", cluster.lease_ttl_s));
     assert_eq!(rows["prefix"], format!("`\"{}\"`", cluster.prefix));
     assert_eq!(rows["rebalance"], format!("`{}`", cluster.rebalance));
+    for key in ["peer_certificate", "peer_private_key", "peer_ca"] {
+        assert_eq!(rows[key], "none", "{key}");
+    }
+    assert!(cluster.peer_tls().is_none());
     assert_eq!(
         rows["forward_timeout_ms"],
         format!("`{}`", cluster.forward_timeout_ms)

@@ -37,9 +37,11 @@ enum Command {
         duration: f64,
     },
     /// Cluster mode: in a temporary directory, 3 etcd members and 2 appliances; vPSDs
-    /// signed under load on the first, which is then killed with SIGKILL; the second takes
-    /// its vPSDs over; every acknowledged indicium is checked against the registers, and no
-    /// piece number may have been issued twice. Needs the Debian package etcd-server.
+    /// signed under load through both (forwarded to the owner, or routed to it by the
+    /// client library), one moved to the second under load, then the first killed with
+    /// SIGKILL; the second takes its vPSDs over; every acknowledged indicium is checked
+    /// against the registers, and no piece number may have been issued twice. Needs the
+    /// Debian package etcd-server.
     #[cfg(feature = "cluster")]
     ClusterDemo {
         /// Seconds of load before the kill (and after it, at least three leases).

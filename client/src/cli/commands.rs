@@ -47,6 +47,43 @@ impl Appliance {
     fn client(&self) -> Result<Client, CliError> {
         Ok(self.connect()?.0)
     }
+
+    /// A connection to the appliance that owns `vpsd` (or, for one nobody owns yet, where a
+    /// provision would go), learned from the appliance given (`cluster-placement`); that
+    /// appliance itself when it is not in a cluster or the vPSD is its own. The one given
+    /// would forward the request all the same: this saves the hop.
+    fn client_for(&self, vpsd: u64) -> Result<(Client, Credential), CliError> {
+        let (mut client, credential) = self.connect()?;
+        let owner_addr = match client.placement(&[vpsd]) {
+            Ok(placement) => placement
+                .vpsds
+                .first()
+                .and_then(|placed| {
+                    placement
+                        .appliances
+                        .iter()
+                        .find(|(id, _)| *id == placed.appliance)
+                })
+                .map(|(_, address)| address.clone()),
+            // Not in a cluster (or not allowed to ask): this appliance it is.
+            Err(crate::ClientError::Refused(_)) => None,
+            Err(err) => return Err(err.into()),
+        };
+        let Some(addr) = owner_addr.filter(|addr| *addr != self.addr) else {
+            return Ok((client, credential));
+        };
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|files| files.load(&addr))
+            .transpose()?;
+        let owner = Client::connect_with(addr.as_str(), &credential, tls.as_ref())?;
+        Ok((owner, credential))
+    }
+
+    fn client_of(&self, vpsd: u64) -> Result<Client, CliError> {
+        Ok(self.client_for(vpsd)?.0)
+    }
 }
 
 fn now_unix() -> u64 {
@@ -72,27 +109,27 @@ pub(super) fn run(
             provider_request(AuthorizationKind::Contact, source, appliance, output)
         }
         Command::Sign(args) => sign(args, appliance, output),
-        Command::Status { vpsd } => output.status(&appliance.client()?.status(vpsd)?),
+        Command::Status { vpsd } => output.status(&appliance.client_of(vpsd)?.status(vpsd)?),
         Command::Pubkey(args) => pubkey(args, appliance, output),
         Command::Lock { vpsd, reason } => {
             let request = Request::Lock {
                 vpsd_id: vpsd,
                 reason,
             };
-            output.status(&appliance.client()?.change(&request)?)
+            output.status(&appliance.client_of(vpsd)?.change(&request)?)
         }
         Command::Unlock { vpsd } => output.status(
             &appliance
-                .client()?
+                .client_of(vpsd)?
                 .change(&Request::Unlock { vpsd_id: vpsd })?,
         ),
         Command::RotateKey { vpsd } => output.status(
             &appliance
-                .client()?
+                .client_of(vpsd)?
                 .change(&Request::RotateKey { vpsd_id: vpsd })?,
         ),
         Command::Withdraw { vpsd } => {
-            let (refund_mills, status) = appliance.client()?.withdraw(vpsd)?;
+            let (refund_mills, status) = appliance.client_of(vpsd)?.withdraw(vpsd)?;
             output::withdrawn(output, refund_mills, &status)
         }
         Command::Stats => {
@@ -159,7 +196,7 @@ fn provision(
     appliance: &Appliance,
     output: &mut Output<'_>,
 ) -> Result<(), CliError> {
-    let (mut client, credential) = appliance.connect()?;
+    let (mut client, credential) = appliance.client_for(args.vpsd)?;
     let status = client.change(&Request::Provision {
         vpsd_id: args.vpsd,
         owner: args.owner.unwrap_or(credential.client_id),
@@ -205,7 +242,7 @@ fn provider_request(
     let (mut client, authorization) = match source {
         AuthorizationSource::File { path, vpsd } => {
             let authorization = checked_authorization_file(&path, kind, vpsd)?;
-            (appliance.client()?, authorization)
+            (appliance.client_of(authorization.vpsd_id)?, authorization)
         }
         AuthorizationSource::ProviderKey {
             vpsd,
@@ -213,7 +250,7 @@ fn provider_request(
             provider_key,
         } => {
             let key = load_provider_key(&provider_key)?;
-            let mut client = appliance.client()?;
+            let mut client = appliance.client_of(vpsd)?;
             let sequence = client.status(vpsd)?.provider_sequence + 1;
             let authorization =
                 authorize(&key, kind, vpsd, amount_mills, sequence, now_unix() + 3600);
@@ -261,7 +298,7 @@ fn sign(args: SignArgs, appliance: &Appliance, output: &mut Output<'_>) -> Resul
         data_digest,
     };
     let count = args.count.get();
-    let mut client = appliance.client()?;
+    let mut client = appliance.client_of(args.vpsd)?;
     let Signed {
         indicia: signed,
         refused,
@@ -303,7 +340,9 @@ fn pubkey(
     output: &mut Output<'_>,
 ) -> Result<(), CliError> {
     let vpsd = args.vpsd;
-    let (algorithm, key_serial, der) = appliance.client()?.public_key_of(vpsd, args.serial)?;
+    let (algorithm, key_serial, der) = appliance
+        .client_of(vpsd)?
+        .public_key_of(vpsd, args.serial)?;
     let pem = crate::verify::spki_pem(&der);
     let path = match args.out_dir {
         Some(dir) => Some(dir.join(crate::verify::key_file_name(vpsd, key_serial))),

@@ -21,7 +21,7 @@ use crate::config::TlsConfig;
 #[derive(Debug, Error)]
 #[non_exhaustive]
 pub enum TlsError {
-    #[error("[tls] {what} {path}: {message}")]
+    #[error("{what} {path}: {message}")]
     File {
         what: &'static str,
         path: std::path::PathBuf,
@@ -52,8 +52,8 @@ fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'s
 }
 
 /// The private key file must be readable by its owner only, like the master key.
-fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let fail = file_error("private_key", path);
+fn private_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let fail = file_error(what, path);
     let text = crate::datadir::read_private(path).map_err(|err| match err {
         crate::datadir::DataDirError::Permissions { mode, .. } => {
             format!("may be read by group or others (mode {mode:o}); it must be 0600 or stricter")
@@ -71,13 +71,13 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     else {
         return Ok(None);
     };
-    let chain = certificates("certificate", certificate)?;
-    let key = private_key(key)?;
+    let chain = certificates("[tls] certificate", certificate)?;
+    let key = private_key("[tls] private_key", key)?;
     let mut roots = RootCertStore::empty();
-    for ca in certificates("client_ca", client_ca)? {
+    for ca in certificates("[tls] client_ca", client_ca)? {
         roots
             .add(ca)
-            .map_err(|err| file_error("client_ca", client_ca)(err.to_string()))?;
+            .map_err(|err| file_error("[tls] client_ca", client_ca)(err.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     // Every connection must present a client certificate from these roots.
@@ -90,7 +90,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
         .map_err(|err| TlsError::Setup(err.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|err| file_error("certificate", certificate)(err.to_string()))?;
+        .map_err(|err| file_error("[tls] certificate", certificate)(err.to_string()))?;
     // Clients reconnect rarely and hold connections long: no session tickets to manage.
     config.send_tls13_tickets = 0;
     if cfg!(feature = "fips") && !config.fips() {
@@ -110,13 +110,13 @@ pub fn peer_client_config(
     key: &Path,
     ca: &Path,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let chain = certificates("peer_certificate", certificate)?;
-    let key = private_key(key)?;
+    let chain = certificates("[cluster] peer_certificate", certificate)?;
+    let key = private_key("[cluster] peer_private_key", key)?;
     let mut roots = RootCertStore::empty();
-    for authority in certificates("peer_ca", ca)? {
+    for authority in certificates("[cluster] peer_ca", ca)? {
         roots
             .add(authority)
-            .map_err(|err| file_error("peer_ca", ca)(err.to_string()))?;
+            .map_err(|err| file_error("[cluster] peer_ca", ca)(err.to_string()))?;
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -124,7 +124,14 @@ pub fn peer_client_config(
         .map_err(|err| TlsError::Setup(err.to_string()))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .map_err(|err| file_error("peer_certificate", certificate)(err.to_string()))?;
+        .map_err(|err| file_error("[cluster] peer_certificate", certificate)(err.to_string()))?;
+    if cfg!(feature = "fips") && !config.fips() {
+        return Err(TlsError::Setup(
+            "built for FIPS, but the TLS configuration toward the other appliances is not \
+             FIPS-approved"
+                .into(),
+        ));
+    }
     Ok(Arc::new(config))
 }
 

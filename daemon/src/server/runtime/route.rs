@@ -206,8 +206,8 @@ async fn forward(
 ) -> Forwarded {
     let vpsd_id = item.request.vpsd_id().unwrap_or_default();
     let Some(peers) = &shard.links else {
-        // Forwarding needs appliances that authenticate each other over TLS when clients
-        // must use TLS; not built yet: the client is sent to the owner.
+        // With [tls] and no peer certificate this appliance cannot reach the others as
+        // itself: the client is sent to the owner.
         let text = format!(
             "{} (with [tls], requests are forwarded only with [cluster] peer_certificate)",
             moved_text(vpsd_id, Some(to))
@@ -601,6 +601,23 @@ fn placement_of(
 /// Answers cluster-placement, cluster-drain and cluster-pin from etcd, without holding up
 /// the shard.
 pub(super) fn placement_request(shard: &Rc<Shard>, request: Request, reply: ReplyTo) {
+    if let (None, Request::ClusterPlacement { vpsd_ids }) = (&shard.replicator, &request) {
+        // Alone: no appliance to route to; every vPSD is this one's to ask about.
+        let vpsds = vpsd_ids
+            .iter()
+            .map(|&vpsd_id| VpsdPlacement {
+                vpsd_id,
+                appliance: String::new(),
+                owned: false,
+            })
+            .collect();
+        let alone = Response::Placement {
+            appliances: Vec::new(),
+            vpsds,
+        };
+        answer(shard, reply, alone);
+        return;
+    }
     let Some(replicator) = shard.replicator.clone() else {
         answer(
             shard,
