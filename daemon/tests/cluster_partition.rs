@@ -234,89 +234,98 @@ fn partitions_fence_an_appliance_in_time_and_heal_by_themselves() {
     let load = Load::start(&all, &acked);
     load.wait_for(100);
 
-    // a1 loses etcd, not its clients.
     let ttl = Duration::from_secs(LEASE_TTL_S);
     let mut on_a1 = a1.daemon().admin();
     // Requests whose outcome a1 could not know: settled at the end with their ids.
     let mut unsettled = Vec::new();
-    on_a1.set_timeout(Some(Duration::from_secs(5))).unwrap();
-    net.cut(&ns1, &ETCD_HOSTS, true);
-    let cut = Instant::now();
-    loop {
-        let request_id = on_a1.next_request_id();
-        let probe = Request::Sign {
-            vpsd_id: pinned,
-            item: item(1),
-        };
-        match on_a1.call_with_id(request_id, &probe) {
-            Ok(Response::Signed { indicium }) => {
-                assert!(
-                    cut.elapsed() < ttl,
-                    "a1 signed {:?} after the cut",
-                    cut.elapsed()
-                );
-                acked.lock().unwrap().record(indicium);
+    // INDICIA_PARTITION_ROUNDS (default 1; docs/CLUSTER.md section 11 has a longer run):
+    // both partitions, that many times.
+    let rounds: u32 = std::env::var("INDICIA_PARTITION_ROUNDS")
+        .ok()
+        .and_then(|rounds| rounds.parse().ok())
+        .unwrap_or(1);
+    for round in 1..=rounds {
+        eprintln!("partition round {round} of {rounds}");
+        // a1 loses etcd, not its clients.
+        on_a1.set_timeout(Some(Duration::from_secs(5))).unwrap();
+        net.cut(&ns1, &ETCD_HOSTS, true);
+        let cut = Instant::now();
+        loop {
+            let request_id = on_a1.next_request_id();
+            let probe = Request::Sign {
+                vpsd_id: pinned,
+                item: item(1),
+            };
+            match on_a1.call_with_id(request_id, &probe) {
+                Ok(Response::Signed { indicium }) => {
+                    assert!(
+                        cut.elapsed() < ttl,
+                        "a1 signed {:?} after the cut",
+                        cut.elapsed()
+                    );
+                    acked.lock().unwrap().record(indicium);
+                }
+                Ok(Response::Error(body)) if body.code == ErrorCode::ClusterUnavailable => break,
+                // The request on its way when etcd went: its answer leaves once a1 may not
+                // commit any more, and a retry with its id settles it.
+                Ok(Response::Error(body)) if body.code == ErrorCode::OutcomeUnknown => {
+                    unsettled.push(request_id);
+                }
+                other => {
+                    let stats = a1.daemon().admin().stats().unwrap();
+                    let text: Vec<String> = stats
+                        .iter()
+                        .filter(|entry| entry.value > 0 && !entry.name.contains("latency"))
+                        .map(|entry| format!("{} {}", entry.name, entry.value))
+                        .collect();
+                    panic!("a1, cut off from etcd: {other:?}; {}", text.join(", "))
+                }
             }
-            Ok(Response::Error(body)) if body.code == ErrorCode::ClusterUnavailable => break,
-            // The request on its way when etcd went: its answer leaves once a1 may not
-            // commit any more, and a retry with its id settles it.
-            Ok(Response::Error(body)) if body.code == ErrorCode::OutcomeUnknown => {
-                unsettled.push(request_id);
-            }
-            other => {
-                let stats = a1.daemon().admin().stats().unwrap();
-                let text: Vec<String> = stats
-                    .iter()
-                    .filter(|entry| entry.value > 0 && !entry.name.contains("latency"))
-                    .map(|entry| format!("{} {}", entry.name, entry.value))
-                    .collect();
-                panic!("a1, cut off from etcd: {other:?}; {}", text.join(", "))
-            }
+            assert!(cut.elapsed() < PATIENCE, "a1 kept signing");
+            std::thread::sleep(Duration::from_millis(20));
         }
-        assert!(cut.elapsed() < PATIENCE, "a1 kept signing");
-        std::thread::sleep(Duration::from_millis(20));
+        let fenced_after = cut.elapsed();
+        eprintln!("a1 refused {fenced_after:?} after it lost etcd (lease TTL {ttl:?})");
+        assert!(
+            fenced_after <= ttl,
+            "a1 stopped signing {fenced_after:?} after the cut"
+        );
+        // It still reaches its clients and the other appliances: another's vPSD is forwarded.
+        acked
+            .lock()
+            .unwrap()
+            .record(sign(&mut on_a1, elsewhere).expect("a forward through a1"));
+        // The others take its vPSDs over; the load signs them again through a2 and a3.
+        wait_until("a1's vPSD taken over", || {
+            admin.placement(&[pinned]).unwrap().vpsds[0].appliance != "a1"
+        });
+        load.wait_for(100);
+        assert_eq!(sign(&mut on_a1, pinned), Err(ErrorCode::ClusterUnavailable));
+
+        // The partition heals: a1 rejoins with a new lease, and the vPSD pinned to it comes
+        // back (rebalancing).
+        net.cut(&ns1, &ETCD_HOSTS, false);
+        wait_until("a1 commits again", || {
+            a1.stat("cluster.committing_shards") > 0
+        });
+        wait_until("the pinned vPSD back on a1", || {
+            admin.placement(&[pinned]).unwrap().vpsds[0].appliance == "a1"
+                && a1.stat("cluster.vpsds_owned") > 0
+        });
+        load.wait_for(100);
+
+        // etcd's leader is isolated: the other two elect another and the cluster goes on.
+        let leader = etcd.leader().expect("a leader");
+        net.isolate(&etcd_ns[leader], true);
+        let isolated = Instant::now();
+        load.wait_for(100);
+        eprintln!(
+            "100 indicia signed {:?} after the leader was isolated",
+            isolated.elapsed()
+        );
+        net.isolate(&etcd_ns[leader], false);
+        load.wait_for(100);
     }
-    let fenced_after = cut.elapsed();
-    eprintln!("a1 refused {fenced_after:?} after it lost etcd (lease TTL {ttl:?})");
-    assert!(
-        fenced_after <= ttl,
-        "a1 stopped signing {fenced_after:?} after the cut"
-    );
-    // It still reaches its clients and the other appliances: another's vPSD is forwarded.
-    acked
-        .lock()
-        .unwrap()
-        .record(sign(&mut on_a1, elsewhere).expect("a forward through a1"));
-    // The others take its vPSDs over; the load signs them again through a2 and a3.
-    wait_until("a1's vPSD taken over", || {
-        admin.placement(&[pinned]).unwrap().vpsds[0].appliance != "a1"
-    });
-    load.wait_for(100);
-    assert_eq!(sign(&mut on_a1, pinned), Err(ErrorCode::ClusterUnavailable));
-
-    // The partition heals: a1 rejoins with a new lease, and the vPSD pinned to it comes
-    // back (rebalancing).
-    net.cut(&ns1, &ETCD_HOSTS, false);
-    wait_until("a1 commits again", || {
-        a1.stat("cluster.committing_shards") > 0
-    });
-    wait_until("the pinned vPSD back on a1", || {
-        admin.placement(&[pinned]).unwrap().vpsds[0].appliance == "a1"
-            && a1.stat("cluster.vpsds_owned") > 0
-    });
-    load.wait_for(100);
-
-    // etcd's leader is isolated: the other two elect another and the cluster goes on.
-    let leader = etcd.leader().expect("a leader");
-    net.isolate(&etcd_ns[leader], true);
-    let isolated = Instant::now();
-    load.wait_for(100);
-    eprintln!(
-        "100 indicia signed {:?} after the leader was isolated",
-        isolated.elapsed()
-    );
-    net.isolate(&etcd_ns[leader], false);
-    load.wait_for(100);
     let signed = load.stop();
     eprintln!("signed {signed} indicia through the partitions");
     let addrs: Vec<_> = all
