@@ -16,7 +16,8 @@ use crate::transport::TlsSettings;
 use crate::{Client, ClientError, Credential, RequestIds, Result};
 
 /// The most times one request is sent (to the owner it knows, then after reading the
-/// placement again).
+/// placement again): after `vpsd-moved` or `cluster-unavailable` (not charged), or a lost
+/// connection.
 pub const ROUTES_MAX: usize = 3;
 
 /// Where vPSDs are: the live appliances (id, address), by id, and the owner of each vPSD
@@ -100,7 +101,14 @@ impl RoutingClient {
                     self.learn(&placement);
                     return Ok(placement);
                 }
-                Err(err @ ClientError::Refused(_)) => return Err(err),
+                // Every appliance would say the same.
+                Err(ClientError::Refused(body))
+                    if matches!(body.code, ErrorCode::Forbidden | ErrorCode::InvalidArgument) =>
+                {
+                    return Err(ClientError::Refused(body))
+                }
+                // This one cannot read etcd now (cut off): another may.
+                Err(err @ ClientError::Refused(_)) => last_error = err,
                 Err(err) => {
                     self.connections.remove(&address);
                     last_error = err;
@@ -176,8 +184,27 @@ impl RoutingClient {
                 .connection(&address)
                 .and_then(|client| client.call_with_id(request_id, request));
             match answer {
-                Ok(Response::Error(body)) if body.code == ErrorCode::VpsdMoved => {
+                // Not charged there: send it again to the owner read anew.
+                Ok(Response::Error(body))
+                    if matches!(
+                        body.code,
+                        ErrorCode::VpsdMoved | ErrorCode::ClusterUnavailable
+                    ) =>
+                {
                     last = ClientError::Refused(body);
+                }
+                // May have been carried out: the caller retries it with its id; the owner
+                // is read anew then (the appliance answering this one may be cut off).
+                Ok(Response::Error(body))
+                    if matches!(
+                        body.code,
+                        ErrorCode::OutcomeUnknown | ErrorCode::ForwardFailed
+                    ) =>
+                {
+                    if let Some(vpsd_id) = vpsd_id {
+                        self.owners.remove(&vpsd_id);
+                    }
+                    return Ok(Response::Error(body));
                 }
                 Ok(response) => return Ok(response),
                 Err(err @ (ClientError::Io(_) | ClientError::Closed | ClientError::Tls(_))) => {

@@ -36,6 +36,9 @@ pub struct Placement {
     pub owner_pins: BTreeMap<String, String>,
     /// Whether vPSDs go where rendezvous hashing puts them (`[cluster] rebalance`).
     pub rebalance: bool,
+    /// etcd's revision when it was read (at least): a change made after it (a pin, a
+    /// handover) may be missing from it.
+    pub revision: i64,
 }
 
 impl Placement {

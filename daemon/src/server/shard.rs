@@ -28,6 +28,9 @@ use crate::store::codec::{decode_replica, Replicated};
 use crate::store::replica::{Owned, Settled};
 use crate::store::{FlushTicket, JournalError, Store, StoreError};
 
+/// How long rebalancing leaves a vPSD alone after a move of it failed, in seconds.
+pub const MOVE_RETRY_AFTER_S: u64 = 30;
+
 /// Counters of one shard, for the stats request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShardStats {
@@ -150,6 +153,9 @@ pub struct ShardCore<R> {
     holding: HashMap<u64, Vec<Elsewhere<R>>>,
     /// Planned moves for the runtime to carry out.
     moves: Vec<MoveOrder<R>>,
+    /// vPSDs whose last move failed, and when (unix seconds): rebalancing waits
+    /// [`MOVE_RETRY_AFTER_S`] before it tries again.
+    move_failures: HashMap<u64, u64>,
     stats: ShardStats,
 }
 
@@ -198,6 +204,7 @@ impl<R> ShardCore<R> {
             elsewhere: Vec::new(),
             holding: HashMap::new(),
             moves: Vec::new(),
+            move_failures: HashMap::new(),
             stats: ShardStats::default(),
         }
     }
@@ -285,7 +292,8 @@ impl<R> ShardCore<R> {
         Response::error(
             ErrorCode::ClusterUnavailable,
             "this appliance cannot commit to the cluster now (its etcd lease may have \
-             expired, or etcd is out of space); nothing was charged: retry shortly",
+             expired, or etcd is out of space); this request was not carried out: retry \
+             shortly with the same request id",
         )
     }
 
@@ -903,12 +911,14 @@ impl<R> ShardCore<R> {
         // Adopted already under this very claim (on demand, by a request that came before
         // the takeover's hand-off reached the shard): what the shard holds is as new or
         // newer; adopting again would void it.
-        let same_claim = self
+        // An older claim than the one held (a late hand-off, a stale read) changes nothing
+        // either.
+        let held_claim = self
             .store
             .replica()
             .and_then(|book| book.ownership(adoption.vpsd_id))
-            .is_some_and(|owned| owned.epoch == adoption.epoch);
-        if same_claim && self.holds(adoption.vpsd_id) {
+            .is_some_and(|owned| owned.epoch >= adoption.epoch);
+        if held_claim && self.holds(adoption.vpsd_id) {
             return Ok(());
         }
         let Replicated {
@@ -1045,7 +1055,14 @@ impl<R> ShardCore<R> {
         }
         let acknowledged = self.store.acknowledged_sequence();
         while let Some(waiting) = self.awaiting.pop_front() {
-            if waiting.sequence <= acknowledged {
+            // An answer that depends on no vPSD, or on one whose records are all in etcd
+            // (durable with them: a round completes both), leaves as it was made.
+            let settled = waiting.vpsd_id.is_none_or(|vpsd_id| {
+                self.store
+                    .replica()
+                    .is_some_and(|book| book.settled(vpsd_id).is_some())
+            });
+            if waiting.sequence <= acknowledged || settled {
                 self.ready.push((waiting.reply, waiting.response));
                 continue;
             }
@@ -1103,6 +1120,13 @@ impl<R> ShardCore<R> {
         self.store.engine.vpsd(vpsd_id).is_some()
     }
 
+    /// A move of `vpsd_id` failed: rebalancing leaves it alone a while.
+    pub fn move_failed(&mut self, vpsd_id: u64, now_unix: u64) {
+        self.move_failures
+            .retain(|_, at| now_unix.saturating_sub(*at) < MOVE_RETRY_AFTER_S);
+        self.move_failures.insert(vpsd_id, now_unix);
+    }
+
     /// vPSDs moving now.
     pub fn moving(&self) -> usize {
         self.holding.len()
@@ -1122,6 +1146,7 @@ impl<R> ShardCore<R> {
     /// moving already). `place` gives a vPSD's appliance from its id and owner account.
     pub fn misplaced<'p>(
         &self,
+        now_unix: u64,
         limit: usize,
         place: impl Fn(u64, &str) -> Option<&'p str>,
     ) -> Vec<(u64, String)> {
@@ -1134,7 +1159,21 @@ impl<R> ShardCore<R> {
             if out.len() == limit {
                 break;
             }
-            if self.holding.contains_key(&vpsd.id) || !book.owns(vpsd.id) {
+            let failed_lately = self
+                .move_failures
+                .get(&vpsd.id)
+                .is_some_and(|at| now_unix.saturating_sub(*at) < MOVE_RETRY_AFTER_S);
+            // A vPSD locked by the integrity monitor stays: its lock is this appliance's
+            // (in memory), and another would serve it unlocked.
+            let integrity_locked = matches!(
+                vpsd.state,
+                crate::engine::StoredState::Locked(indicia_proto::LockReason::Integrity(_))
+            );
+            if self.holding.contains_key(&vpsd.id)
+                || !book.owns(vpsd.id)
+                || failed_lately
+                || integrity_locked
+            {
                 continue;
             }
             if let Some(placed) = place(vpsd.id, &vpsd.owner).filter(|placed| *placed != me) {

@@ -539,7 +539,16 @@ fn run(
                         Command::HandOver { handover, reply } => {
                             let mut placed = true;
                             if let Some(account) = &handover.rebalancing {
-                                refresh_placement(&mut client, &keys, &config, &placement).await;
+                                // Read again only if it may miss a change: one made after
+                                // the vPSD became this appliance's (a pin before a move).
+                                let read_at = placement
+                                    .lock()
+                                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                    .revision;
+                                if read_at <= handover.epoch {
+                                    refresh_placement(&mut client, &keys, &config, &placement)
+                                        .await;
+                                }
                                 let now = Arc::clone(
                                     &placement
                                         .lock()

@@ -45,6 +45,12 @@ pub(super) async fn read_placement(
     keys: &Keys,
     rebalance: bool,
 ) -> Result<Placement, ClusterError> {
+    // Every read below sees at least this revision.
+    let revision = client
+        .get(keys.appliances(), Some(GetOptions::new().with_count_only()))
+        .await?
+        .header()
+        .map_or(0, |header| header.revision());
     let live = appliances(client, keys).await?;
     let drain_prefix = keys.drainings();
     let draining: BTreeSet<String> = values_under(client, &drain_prefix, MEMBERS_REPORTED_MAX)
@@ -71,6 +77,7 @@ pub(super) async fn read_placement(
         vpsd_pins,
         owner_pins,
         rebalance,
+        revision,
     })
 }
 

@@ -26,8 +26,11 @@ use zeroize::Zeroizing;
 use super::transport::{SharedStream, Transport};
 use crate::server::handshake::proof;
 
-/// The most forwarded requests in flight on one link.
-pub(super) const CALLS_IN_FLIGHT_MAX: usize = 4096;
+/// The most forwarded requests in flight on one link: the owner's default
+/// `inflight_per_connection` (docs/OPERATIONS.md), so that it never stops reading for them.
+pub(super) const CALLS_IN_FLIGHT_MAX: usize = 1024;
+/// How long a failed open of a link fails the calls that come, before one tries again.
+const OPEN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 /// Why a forwarded request got no answer.
 #[derive(Debug, Clone)]
@@ -72,6 +75,8 @@ pub(super) struct Peers {
     links: RefCell<HashMap<String, Rc<Link>>>,
     /// Addresses being connected to, so that concurrent first calls share one link.
     connecting: RefCell<HashMap<String, Rc<glommio::sync::Semaphore>>>,
+    /// The last failed open to each appliance, when and why.
+    failed: RefCell<HashMap<String, (std::time::Instant, String)>>,
     /// The time limit of one forwarded request (and of opening a link).
     pub(super) timeout: Duration,
     rng: SystemRandom,
@@ -91,6 +96,7 @@ impl Peers {
             secret,
             links: RefCell::new(HashMap::new()),
             connecting: RefCell::new(HashMap::new()),
+            failed: RefCell::new(HashMap::new()),
             timeout,
             rng: SystemRandom::new(),
             tls: tls.map(futures_rustls::TlsConnector::from),
@@ -100,12 +106,33 @@ impl Peers {
     /// Sends `request` to the appliance at `address` and waits for its answer, within the
     /// time limit.
     pub(super) async fn call(&self, appliance: &str, address: &str, request: &Request) -> Answer {
-        let link = self.link(appliance, address).await?;
-        let _room = link
-            .room
-            .acquire_permit(1)
-            .await
-            .map_err(|err| CallError::NotSent(err.to_string()))?;
+        // One time limit over finding a link and room on it: waiting behind other calls
+        // that open one, or fill it, counts too.
+        let link = glommio::timer::timeout(self.timeout, async {
+            let link = self.link(appliance, address).await;
+            Ok(link)
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(CallError::NotSent(format!(
+                "{appliance} at {address}: no connection within {} ms",
+                self.timeout.as_millis()
+            )))
+        })?;
+        let room = glommio::timer::timeout(self.timeout, async {
+            Ok(link.room.acquire_permit(1).await)
+        })
+        .await;
+        let _room = match room {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(err)) => return Err(CallError::NotSent(err.to_string())),
+            Err(_) => {
+                return Err(CallError::NotSent(format!(
+                    "{appliance}: {CALLS_IN_FLIGHT_MAX} requests in flight for {} ms",
+                    self.timeout.as_millis()
+                )))
+            }
+        };
         let id = link.next_id.get();
         link.next_id.set(id.wrapping_add(1));
         let frame = encode(request, id)
@@ -119,6 +146,10 @@ impl Peers {
                 .acquire_permit(1)
                 .await
                 .map_err(|err| std::io::Error::other(err.to_string()))?;
+            // A write that failed meanwhile may have cut a frame short: nothing more on it.
+            if link.closed.get() {
+                return Ok(Err(std::io::Error::other("the link failed")));
+            }
             Ok(link.stream.write_all(&frame).await)
         })
         .await
@@ -144,6 +175,9 @@ impl Peers {
 
     fn drop_link(&self, appliance: &str, link: &Rc<Link>, why: &str) {
         link.fail(why);
+        // Closed, so that the owner and this link's reader let go of it now.
+        let stream = link.stream.clone();
+        glommio::spawn_local(async move { stream.close().await }).detach();
         let mut links = self.links.borrow_mut();
         if links
             .get(appliance)
@@ -171,6 +205,12 @@ impl Peers {
         if let Some(link) = self.usable(appliance) {
             return Ok(link);
         }
+        // An open that failed a moment ago fails the calls that waited for it at once.
+        if let Some((at, why)) = self.failed.borrow().get(appliance) {
+            if at.elapsed() < OPEN_RETRY_AFTER {
+                return Err(CallError::NotSent(why.clone()));
+            }
+        }
         let opened = glommio::timer::timeout(self.timeout, async {
             Ok(self.open(appliance, address).await)
         })
@@ -180,7 +220,22 @@ impl Peers {
                 "{appliance} at {address}: no connection within {} ms",
                 self.timeout.as_millis()
             )))
-        })?;
+        });
+        let opened = match opened {
+            Ok(opened) => {
+                self.failed.borrow_mut().remove(appliance);
+                opened
+            }
+            Err(err) => {
+                let why = match &err {
+                    CallError::NotSent(why) | CallError::Lost(why) => why.clone(),
+                };
+                self.failed
+                    .borrow_mut()
+                    .insert(appliance.to_owned(), (std::time::Instant::now(), why));
+                return Err(err);
+            }
+        };
         let link = Rc::new(opened);
         self.links
             .borrow_mut()

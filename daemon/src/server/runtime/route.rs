@@ -26,8 +26,10 @@ use crate::server::shard::{moved_text, Arrival, Elsewhere, MoveOrder};
 
 /// The most vPSDs one shard moves at a time by itself (rebalancing, drains).
 pub(super) const MOVES_IN_FLIGHT_MAX: usize = 8;
-/// How long a planned move waits for its vPSD to become quiet before it gives up.
-const MOVE_QUIET_WAIT: Duration = Duration::from_secs(10);
+/// How long a planned move waits for its vPSD to become quiet before it gives up: less
+/// than a forward's default time limit, so that the requests that wait for the move are
+/// answered in time.
+const MOVE_QUIET_WAIT: Duration = Duration::from_secs(2);
 /// How often a shard looks for vPSDs that placement puts elsewhere.
 pub(super) const REBALANCE_EVERY: Duration = Duration::from_secs(1);
 /// The most owners a shard remembers; beyond, it forgets them all and reads them again.
@@ -98,8 +100,11 @@ fn remember(shard: &Shard, vpsd_id: u64, owner: Option<&str>) {
     let mut owners = shard.owners.borrow_mut();
     match owner {
         Some(owner) => {
-            if owners.len() >= OWNERS_CACHED_MAX {
-                owners.clear();
+            if owners.len() >= OWNERS_CACHED_MAX && !owners.contains_key(&vpsd_id) {
+                // Full: one goes (whichever the map yields first), not all of them.
+                if let Some(&evicted) = owners.keys().next() {
+                    owners.remove(&evicted);
+                }
             }
             owners.insert(vpsd_id, owner.to_owned());
         }
@@ -289,10 +294,19 @@ async fn adopt_and_handle(
                 keys,
                 from: String::new(),
             };
-            if let Err(fatal) = shard.core.borrow_mut().adopt(unix_now(), adoption) {
+            let mut core = shard.core.borrow_mut();
+            if let Err(fatal) = core.adopt(unix_now(), adoption) {
                 fail_stop(&fatal);
             }
-            handle_here(shard, item, Arrival::Here);
+            // Served here now: handled as it came (a forwarded one stays forwarded, so that
+            // it is never sent on); if it could not be adopted, answered here.
+            let arrival = if core.holds(vpsd_id) {
+                item.arrival
+            } else {
+                Arrival::Here
+            };
+            drop(core);
+            handle_here(shard, item, arrival);
         }
         Stored {
             owner: Some((owner, _)),
@@ -324,6 +338,17 @@ async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
     let outcome = hand_over(&shard, &replicator, vpsd_id, &to, pin, account).await;
     let now = unix_now();
     let response = match outcome {
+        Err(MoveRefused::Gone(owner)) if owner == replicator.appliance() => {
+            // Handed back here under a newer claim while this copy is stale: it stays until
+            // its next write is fenced, or the handover notice replaces it.
+            if let Err(fatal) = shard.core.borrow_mut().stay(now, vpsd_id) {
+                fail_stop(&fatal);
+            }
+            Response::error(
+                ErrorCode::ClusterUnavailable,
+                format!("vPSD {vpsd_id} was handed back here meanwhile: not moved; retry"),
+            )
+        }
         Err(MoveRefused::Gone(owner)) => {
             // Another appliance owns it already (it was taken over while this one was cut
             // off): the shard lets it go, and what waited goes to the owner.
@@ -368,6 +393,8 @@ async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
                 "not moved to {to}: {}",
                 error_text(&refusal)
             );
+            // Rebalancing leaves it alone a while before it tries again.
+            shard.core.borrow_mut().move_failed(vpsd_id, now);
             if let Err(fatal) = shard.core.borrow_mut().stay(now, vpsd_id) {
                 fail_stop(&fatal);
             }
@@ -541,7 +568,7 @@ pub(super) fn rebalance(shard: &Rc<Shard>) {
     if room == 0 {
         return;
     }
-    let misplaced = core.misplaced(room, |vpsd_id, owner| {
+    let misplaced = core.misplaced(unix_now(), room, |vpsd_id, owner| {
         placement.place(vpsd_id, Some(owner), me)
     });
     let mut started = 0;
