@@ -167,8 +167,9 @@ impl RoutingClient {
     }
 
     /// Sends a request to the appliance that owns its vPSD and returns the answer. On
-    /// `vpsd-moved` or a lost connection it reads the placement again and sends the same
-    /// request (same id) once more, at most [`ROUTES_MAX`] times in all.
+    /// `vpsd-moved`, `cluster-unavailable` (not charged) or a lost connection it reads the
+    /// placement again and sends the same request (same id) once more, at most
+    /// [`ROUTES_MAX`] times in all.
     pub fn call(&mut self, request: &Request) -> Result<Response> {
         let request_id = self.ids.next_id();
         self.call_with_id(request_id, request)

@@ -2,7 +2,8 @@
 //! three etcd members on loopback, all started and stopped by the test, bounded in time.
 //!
 //! - vPSDs are placed by rendezvous hashing: a provision sent to any appliance lands on the
-//!   one placement names, and every appliance reports the same owners.
+//!   one placement names, and every appliance reports the same owners. When a third
+//!   appliance joins, rebalancing moves to it the vPSDs hashing now puts there.
 //! - Clients talk to any appliance: a request for another appliance's vPSD is forwarded
 //!   to the owner and answered as the owner answers it; a retry with the same request id
 //!   through another appliance gets the original indicium (idempotency is the owner's).
@@ -139,12 +140,9 @@ fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
     a1.start();
     let mut a2 = Appliance::joining_configured(root.path(), "a2", &etcd, &a1, "");
     a2.start();
-    let mut a3 = Appliance::joining_configured(root.path(), "a3", &etcd, &a1, "");
-    a3.start();
-    let all = [&a1, &a2, &a3];
     let mut admin = a1.daemon().admin();
-    wait_until("a1 sees three live appliances", || {
-        admin.placement(&VPSDS).unwrap().appliances.len() == 3
+    wait_until("a1 sees two live appliances", || {
+        admin.placement(&VPSDS).unwrap().appliances.len() == 2
     });
 
     // Placement: every provision through a1 lands where rendezvous hashing puts it.
@@ -158,6 +156,27 @@ fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
         assert!(!vpsd.owned);
         assert_eq!(placed[&vpsd.vpsd_id], vpsd.appliance, "placed as planned");
     }
+
+    // a3 joins: rebalancing moves to it the vPSDs rendezvous hashing now puts there.
+    let mut a3 = Appliance::joining_configured(root.path(), "a3", &etcd, &a1, "");
+    a3.start();
+    let all = [&a1, &a2, &a3];
+    let three: Vec<String> = ["a1", "a2", "a3"].map(String::from).to_vec();
+    let expected: BTreeMap<u64, String> = VPSDS
+        .iter()
+        .map(|&vpsd| {
+            let owner = indiciad::cluster::successor(vpsd, &three).unwrap();
+            (vpsd, owner.to_owned())
+        })
+        .collect();
+    assert!(
+        expected.values().any(|owner| owner == "a3"),
+        "no vPSD for a3: {expected:?}"
+    );
+    wait_until("rebalancing after a3 joined", || {
+        owners(&mut admin) == expected
+    });
+    let placed = expected;
     let mut spread: Vec<&String> = placed.values().collect();
     spread.dedup();
     assert!(
@@ -172,6 +191,7 @@ fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
         .map(|appliance| appliance.stat("cluster.vpsds_owned"))
         .sum();
     assert_eq!(owned, VPSDS.len() as u64);
+    assert!(a3.stat("cluster.adopted") > 0);
 
     // Idempotency is the owner's: a retry through another appliance gets the original.
     let vpsd = VPSDS[0];
@@ -239,6 +259,15 @@ fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
     // The move pinned it: rebalancing leaves it there until the pin goes.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(owners(&mut admin)[&moving], to);
+    // The old owner's handover notice was answered by the new one (once adopted, the
+    // notice is not checked again and again).
+    let new_owner = all
+        .iter()
+        .find(|appliance| appliance.dir.ends_with(to))
+        .unwrap();
+    wait_until("the handover notice answered", || {
+        new_owner.stat("request_latency_us.cluster_adopt.count") >= 1
+    });
     admin.cluster_pin(PinSubject::Vpsd(moving), None).unwrap();
 
     // A drain moves everything away from a3 while the load goes on; its end lets

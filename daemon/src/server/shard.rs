@@ -1049,8 +1049,9 @@ impl<R> ShardCore<R> {
         }
         if refused + waiting > 0 {
             tracing::warn!(
-                "this appliance may not commit: {waiting} answers waiting for etcd leave as \
-                 outcome-unknown, {refused} queued requests are refused"
+                "this appliance may not commit: {waiting} answers waiting for etcd leave now \
+                 (as outcome-unknown where their vPSD's writes are on their way), {refused} \
+                 queued requests are refused"
             );
         }
         let acknowledged = self.store.acknowledged_sequence();

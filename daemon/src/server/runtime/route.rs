@@ -32,7 +32,7 @@ pub(super) const MOVES_IN_FLIGHT_MAX: usize = 8;
 const MOVE_QUIET_WAIT: Duration = Duration::from_secs(2);
 /// How often a shard looks for vPSDs that placement puts elsewhere.
 pub(super) const REBALANCE_EVERY: Duration = Duration::from_secs(1);
-/// The most owners a shard remembers; beyond, it forgets them all and reads them again.
+/// The most owners a shard remembers; beyond, it forgets one to remember another.
 const OWNERS_CACHED_MAX: usize = 1 << 16;
 
 /// Starts routing what the shard could not handle itself, and the moves it was asked for.
@@ -299,8 +299,10 @@ async fn adopt_and_handle(
                 fail_stop(&fatal);
             }
             // Served here now: handled as it came (a forwarded one stays forwarded, so that
-            // it is never sent on); if it could not be adopted, answered here.
-            let arrival = if core.holds(vpsd_id) {
+            // it is never sent on); if it could not be adopted, or it is the handover notice
+            // (which would be checked against etcd again and again), answered here.
+            let notice = matches!(item.request, Request::ClusterAdopt { .. });
+            let arrival = if core.holds(vpsd_id) && !notice {
                 item.arrival
             } else {
                 Arrival::Here
