@@ -15,30 +15,20 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicia_client::Client;
 use indicia_proto::{Algorithm, ErrorCode, Indicium, Request, Response};
 use indiciad::cluster::local::MemberHost;
-use support::cluster::{Acknowledged, Appliance, LEASE_TTL_S};
+use support::cluster::{wait_until, Acknowledged, Appliance, Signers, LEASE_TTL_S, PATIENCE};
 use support::etcd::EtcdCluster;
 use support::item;
 use support::netns::Net;
 
-const PATIENCE: Duration = Duration::from_secs(60);
 const FUNDS: u64 = 100_000_000;
 const VPSDS: [u64; 6] = [201, 202, 203, 204, 205, 206];
 const ETCD_HOSTS: [u8; 3] = [11, 12, 13];
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Signs once through `clients[entry]`, retrying with the same request id through the
 /// refusals a partition gives (and lost answers) until an indicium comes.
@@ -89,71 +79,28 @@ fn sign_through(
     }
 }
 
-struct Load {
-    stop: Arc<AtomicBool>,
-    signed: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(appliances: &[&Appliance], acked: &Arc<Mutex<Acknowledged>>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let signed = Arc::new(AtomicU64::new(0));
-        let addrs: Vec<_> = appliances.iter().map(|a| a.daemon().addr).collect();
-        let credential = appliances[0].daemon().admin_credential();
-        let threads = (0..3u64)
-            .map(|signer| {
-                let (stop, signed, acked) =
-                    (Arc::clone(&stop), Arc::clone(&signed), Arc::clone(acked));
-                let (addrs, credential) = (addrs.clone(), credential.clone());
-                std::thread::spawn(move || {
-                    let mut clients: Vec<Option<Client>> = addrs.iter().map(|_| None).collect();
-                    let mut turn = signer;
-                    while !stop.load(Ordering::Acquire) {
-                        turn += 1;
-                        let vpsd_id = VPSDS[(turn % VPSDS.len() as u64) as usize];
-                        let entry = (turn * 7 + signer) as usize % addrs.len();
-                        let request_id = (signer + 1) << 40 | turn;
-                        let indicium = sign_through(
-                            &mut clients,
-                            &addrs,
-                            &credential,
-                            entry,
-                            request_id,
-                            vpsd_id,
-                            100 + turn % 50,
-                        );
-                        acked.lock().unwrap().record(indicium);
-                        signed.fetch_add(1, Ordering::Relaxed);
-                    }
-                })
-            })
-            .collect();
-        Self {
-            stop,
-            signed,
-            threads,
+/// Three signers through random appliances, each request retried by its id until signed.
+fn load(appliances: &[&Appliance], acked: &Arc<Mutex<Acknowledged>>) -> Signers {
+    let addrs: Vec<_> = appliances.iter().map(|a| a.daemon().addr).collect();
+    let credential = appliances[0].daemon().admin_credential();
+    Signers::start(3, acked, |signer| {
+        let (addrs, credential) = (addrs.clone(), credential.clone());
+        let mut clients: Vec<Option<Client>> = addrs.iter().map(|_| None).collect();
+        move |turn| {
+            let vpsd_id = VPSDS[(turn % VPSDS.len() as u64) as usize];
+            let entry = (turn * 7 + signer) as usize % addrs.len();
+            let request_id = (signer + 1) << 40 | turn;
+            sign_through(
+                &mut clients,
+                &addrs,
+                &credential,
+                entry,
+                request_id,
+                vpsd_id,
+                100 + turn % 50,
+            )
         }
-    }
-
-    fn wait_for(&self, count: u64) {
-        eprintln!(
-            "{:?}: waiting for {count} more indicia",
-            std::time::SystemTime::now()
-        );
-        let target = self.signed.load(Ordering::Relaxed) + count;
-        wait_until("signing goes on", || {
-            self.signed.load(Ordering::Relaxed) >= target
-        });
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        for thread in self.threads {
-            thread.join().expect("a signer failed");
-        }
-        self.signed.load(Ordering::Relaxed)
-    }
+    })
 }
 
 fn sign(client: &mut Client, vpsd_id: u64) -> Result<Indicium, ErrorCode> {
@@ -231,7 +178,7 @@ fn partitions_fence_an_appliance_in_time_and_heal_by_themselves() {
         .find(|&&vpsd| admin.placement(&[vpsd]).unwrap().vpsds[0].appliance != "a1")
         .expect("every vPSD on a1");
     let acked = Arc::new(Mutex::new(Acknowledged::default()));
-    let load = Load::start(&all, &acked);
+    let load = load(&all, &acked);
     load.wait_for(100);
 
     let ttl = Duration::from_secs(LEASE_TTL_S);

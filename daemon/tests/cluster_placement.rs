@@ -16,29 +16,17 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use indicia_client::Client;
 use indicia_proto::{Algorithm, PinSubject, Request, Response};
-use support::cluster::{Acknowledged, Appliance};
+use support::cluster::{wait_until, Acknowledged, Appliance, Signers};
 use support::etcd::EtcdCluster;
 use support::item;
 
-/// How long anything the test waits for may take.
-const PATIENCE: Duration = Duration::from_secs(60);
 const FUNDS: u64 = 100_000_000;
 const VPSDS: [u64; 9] = [101, 102, 103, 104, 105, 106, 107, 108, 109];
-
-/// Waits until `check` holds, or fails saying `what`.
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within {PATIENCE:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The owner of each vPSD, as `client`'s appliance reads it from etcd.
 fn owners(client: &mut Client) -> BTreeMap<u64, String> {
@@ -56,72 +44,28 @@ fn owners(client: &mut Client) -> BTreeMap<u64, String> {
 
 /// Signers that sign on every vPSD, each through appliances picked at random, until told
 /// to stop; every answer must be an indicium.
-struct Load {
-    stop: Arc<AtomicBool>,
-    signed: Arc<AtomicU64>,
-    threads: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(appliances: &[&Appliance], acked: &Arc<Mutex<Acknowledged>>, signers: u64) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let signed = Arc::new(AtomicU64::new(0));
-        let threads = (0..signers)
-            .map(|signer| {
-                let mut clients: Vec<Client> = appliances
-                    .iter()
-                    .map(|appliance| appliance.daemon().admin())
-                    .collect();
-                let (stop, signed, acked) =
-                    (Arc::clone(&stop), Arc::clone(&signed), Arc::clone(acked));
-                std::thread::spawn(move || {
-                    let mut turn = signer;
-                    while !stop.load(Ordering::Acquire) {
-                        turn += 1;
-                        let vpsd_id = VPSDS[(turn % VPSDS.len() as u64) as usize];
-                        // A pseudo-random entry appliance, differing between turns.
-                        let entry = (turn * 7 + signer) as usize % clients.len();
-                        let postage = 100 + turn % 50;
-                        let request = Request::Sign {
-                            vpsd_id,
-                            item: item(postage),
-                        };
-                        match clients[entry].call(&request) {
-                            Ok(Response::Signed { indicium }) => {
-                                acked.lock().unwrap().record(indicium);
-                                signed.fetch_add(1, Ordering::Relaxed);
-                            }
-                            other => panic!(
-                                "signer {signer}: vPSD {vpsd_id} through appliance {entry}: \
-                                 {other:?}"
-                            ),
-                        }
-                    }
-                })
-            })
+fn load(appliances: &[&Appliance], acked: &Arc<Mutex<Acknowledged>>, signers: u64) -> Signers {
+    Signers::start(signers, acked, |signer| {
+        let mut clients: Vec<Client> = appliances
+            .iter()
+            .map(|appliance| appliance.daemon().admin())
             .collect();
-        Self {
-            stop,
-            signed,
-            threads,
+        move |turn| {
+            let vpsd_id = VPSDS[(turn % VPSDS.len() as u64) as usize];
+            // A pseudo-random entry appliance, differing between turns.
+            let entry = (turn * 7 + signer) as usize % clients.len();
+            let request = Request::Sign {
+                vpsd_id,
+                item: item(100 + turn % 50),
+            };
+            match clients[entry].call(&request) {
+                Ok(Response::Signed { indicium }) => indicium,
+                other => {
+                    panic!("signer {signer}: vPSD {vpsd_id} through appliance {entry}: {other:?}")
+                }
+            }
         }
-    }
-
-    /// Waits until `count` more indicia were signed.
-    fn wait_for(&self, count: u64) {
-        let target = self.signed.load(Ordering::Relaxed) + count;
-        wait_until("signing goes on", || {
-            self.signed.load(Ordering::Relaxed) >= target
-        });
-    }
-
-    fn stop(self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        for thread in self.threads {
-            thread.join().expect("a signer failed");
-        }
-        self.signed.load(Ordering::Relaxed)
-    }
+    })
 }
 
 /// Requests forwarded by all the appliances together.
@@ -238,7 +182,7 @@ fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
     );
 
     // Signing through every appliance, forwarded to the owners.
-    let load = Load::start(&all, &acked, 3);
+    let load = load(&all, &acked, 3);
     load.wait_for(300);
     assert!(
         forwarded(&all) > forwarded_before,

@@ -275,3 +275,84 @@ impl Acknowledged {
         assert_eq!(status.piece_count, self.last_piece(vpsd_id));
     }
 }
+
+/// How long anything a cluster test waits for may take.
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Waits until `check` holds, or fails saying `what`.
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within {PATIENCE:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Signer threads under a test: each signs turn after turn (its `sign` returns the
+/// acknowledged indicium, or fails the test) until stopped; every indicium is recorded.
+pub struct Signers {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    signed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Signers {
+    /// `count` signers; `signer(n)` makes signer n's signing function, called with the
+    /// turn number.
+    pub fn start<F>(
+        count: u64,
+        acked: &std::sync::Arc<std::sync::Mutex<Acknowledged>>,
+        signer: impl Fn(u64) -> F,
+    ) -> Self
+    where
+        F: FnMut(u64) -> Indicium + Send + 'static,
+    {
+        use std::sync::atomic::Ordering;
+        use std::sync::Arc;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let signed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads = (0..count)
+            .map(|n| {
+                let mut sign = signer(n);
+                let (stop, signed, acked) =
+                    (Arc::clone(&stop), Arc::clone(&signed), Arc::clone(acked));
+                std::thread::spawn(move || {
+                    let mut turn = n;
+                    while !stop.load(Ordering::Acquire) {
+                        turn += 1;
+                        let indicium = sign(turn);
+                        acked.lock().unwrap().record(indicium);
+                        signed.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            signed,
+            threads,
+        }
+    }
+
+    /// Waits until `count` more indicia were signed.
+    pub fn wait_for(&self, count: u64) {
+        use std::sync::atomic::Ordering;
+        let target = self.signed.load(Ordering::Relaxed) + count;
+        wait_until("signing goes on", || {
+            self.signed.load(Ordering::Relaxed) >= target
+        });
+    }
+
+    /// Stops the signers; how many indicia they signed.
+    pub fn stop(self) -> u64 {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads {
+            thread.join().expect("a signer failed");
+        }
+        self.signed.load(Ordering::Relaxed)
+    }
+}

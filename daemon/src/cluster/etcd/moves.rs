@@ -52,12 +52,7 @@ pub(super) async fn read_placement(
         .header()
         .map_or(0, |header| header.revision());
     let live = appliances(client, keys).await?;
-    let drain_prefix = keys.drainings();
-    let draining: BTreeSet<String> = values_under(client, &drain_prefix, MEMBERS_REPORTED_MAX)
-        .await?
-        .into_iter()
-        .filter_map(|(key, _)| key.strip_prefix(&drain_prefix).map(str::to_owned))
-        .collect();
+    let drained: BTreeSet<String> = draining(client, keys).await?.into_iter().collect();
     let vpsd_prefix = keys.pins_vpsd();
     let vpsd_pins: BTreeMap<u64, String> = values_under(client, &vpsd_prefix, PINS_MAX)
         .await?
@@ -73,7 +68,7 @@ pub(super) async fn read_placement(
         .collect();
     Ok(Placement {
         live,
-        draining,
+        draining: drained,
         vpsd_pins,
         owner_pins,
         rebalance,

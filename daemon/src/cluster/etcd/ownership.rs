@@ -293,15 +293,23 @@ pub(super) async fn by_hand(
     Ok(count)
 }
 
+/// The appliances an operator drains.
+pub(super) async fn draining(
+    client: &mut Client,
+    keys: &Keys,
+) -> Result<Vec<String>, ClusterError> {
+    let prefix = keys.drainings();
+    Ok(keys_under(client, &prefix)
+        .await?
+        .into_iter()
+        .filter_map(|key| key.strip_prefix(&prefix).map(str::to_owned))
+        .collect())
+}
+
 /// Every member that ever joined, with whether it is alive and how many vPSDs it owns.
 pub(super) async fn members(client: &mut Client, keys: &Keys) -> Result<Vec<Member>, ClusterError> {
     let live = appliances(client, keys).await?;
-    let drain_prefix = keys.drainings();
-    let draining: Vec<String> = keys_under(client, &drain_prefix)
-        .await?
-        .into_iter()
-        .filter_map(|key| key.strip_prefix(&drain_prefix).map(str::to_owned))
-        .collect();
+    let draining = draining(client, keys).await?;
     let prefix = keys.members();
     let response = client
         .get(prefix.clone(), Some(GetOptions::new().with_prefix()))
@@ -358,12 +366,7 @@ pub(super) async fn sweep_dead(
     // The successors: the live appliances an operator does not drain (all live ones if
     // every one drains), as placement has them, so that a takeover does not place a vPSD
     // where it would move away from at once.
-    let drain_prefix = keys.drainings();
-    let draining: Vec<String> = keys_under(client, &drain_prefix)
-        .await?
-        .into_iter()
-        .filter_map(|key| key.strip_prefix(&drain_prefix).map(str::to_owned))
-        .collect();
+    let draining = draining(client, keys).await?;
     let open: Vec<String> = live
         .iter()
         .filter(|id| !draining.contains(id))
