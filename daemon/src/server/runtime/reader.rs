@@ -267,7 +267,7 @@ fn cluster_report(shard: &Rc<Shard>, request: Request, reply: ReplyTo) {
     let shard = Rc::clone(shard);
     glommio::spawn_local(async move {
         let response = match report.await {
-            Ok((taken, members)) => cluster_response(taken, members),
+            Ok((taken, members)) => route::cluster_response(taken, members),
             Err(err) => Response::error(
                 indicia_proto::ErrorCode::ClusterUnavailable,
                 format!("cluster: {err}"),
@@ -276,23 +276,6 @@ fn cluster_report(shard: &Rc<Shard>, request: Request, reply: ReplyTo) {
         deliver_local(&shard, vec![(reply, response)]);
     })
     .detach();
-}
-
-/// The cluster-report answer.
-pub(super) fn cluster_response(taken: u32, members: Vec<crate::cluster::Member>) -> Response {
-    Response::Cluster {
-        taken,
-        appliances: members
-            .into_iter()
-            .map(|member| indicia_proto::ApplianceEntry {
-                id: member.id,
-                address: member.address,
-                alive: member.alive,
-                vpsds: member.vpsds,
-                draining: member.draining,
-            })
-            .collect(),
-    }
 }
 
 /// The client a forwarded request is carried for, once it may make the request: known

@@ -705,7 +705,24 @@ pub(super) fn placement_request(shard: &Rc<Shard>, request: Request, reply: Repl
 
 async fn report(replicator: &Arc<dyn Replicator>, operation: Operation) -> Response {
     match replicator.operate(operation).await {
-        Ok((taken, members)) => super::reader::cluster_response(taken, members),
+        Ok((taken, members)) => cluster_response(taken, members),
         Err(err) => unavailable(format!("cluster: {err}")),
+    }
+}
+
+/// The cluster-report answer.
+pub(super) fn cluster_response(taken: u32, members: Vec<crate::cluster::Member>) -> Response {
+    Response::Cluster {
+        taken,
+        appliances: members
+            .into_iter()
+            .map(|member| indicia_proto::ApplianceEntry {
+                id: member.id,
+                address: member.address,
+                alive: member.alive,
+                vpsds: member.vpsds,
+                draining: member.draining,
+            })
+            .collect(),
     }
 }
