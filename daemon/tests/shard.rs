@@ -892,3 +892,52 @@ fn once_it_may_not_commit_waiting_answers_leave_and_queued_requests_are_refused(
                 .is_some_and(|book| book.has_writes() || book.pending_since(1).is_some())
     );
 }
+
+/// A stale view of who owns a vPSD is harmless: a client's sign that this shard signed
+/// while another appliance had taken the vPSD over is voided by the fence and goes to the
+/// owner with its request id, not answered `vpsd-moved`; a forwarded one is answered
+/// `vpsd-moved` (it is never sent on: the appliance that forwarded it routes it again).
+#[test]
+fn a_fenced_session_sends_its_clients_requests_to_the_owner() {
+    use indiciad::cluster::fence::Outcome;
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = FakeEtcd::new();
+    let mut shard = cluster_funded(dir.path(), &etcd);
+    shard
+        .handle(NOW, &user("u1"), 80, sign(1, 100), 800, Arrival::Direct)
+        .unwrap();
+    shard
+        .handle(NOW, &user("u2"), 81, sign(1, 100), 810, Arrival::Forwarded)
+        .unwrap();
+    shard.run_sessions(NOW).unwrap();
+    cluster_round(
+        &mut shard,
+        Some(vec![Outcome::Fenced {
+            owner: Some("a2".into()),
+        }]),
+    );
+    // The release record of the void is made durable by the next round.
+    while shard.round_pending() {
+        cluster_round(&mut shard, Some(Vec::new()));
+    }
+    let ready = shard.take_ready();
+    assert!(
+        matches!(&ready[..], [(810, Response::Error(body))] if body.code == ErrorCode::VpsdMoved),
+        "{ready:?}"
+    );
+    let rerouted = shard.take_elsewhere();
+    assert_eq!(rerouted.len(), 1);
+    assert_eq!(
+        (
+            rerouted[0].reply,
+            rerouted[0].request_id,
+            rerouted[0].arrival
+        ),
+        (800, 80, Arrival::Direct)
+    );
+    assert!(
+        matches!(&rerouted[0].request, Request::Sign { vpsd_id: 1, item } if item.postage_mills == 100)
+    );
+    assert!(!shard.holds(1), "released");
+    assert_eq!(shard.stats().fenced, 1);
+}

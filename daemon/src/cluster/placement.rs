@@ -42,6 +42,16 @@ pub struct Placement {
 }
 
 impl Placement {
+    /// Whether `other` places every vPSD as this one does (the same live appliances,
+    /// drains, pins and rule; the revision it was read at aside).
+    pub fn same_layout(&self, other: &Self) -> bool {
+        self.live == other.live
+            && self.draining == other.draining
+            && self.vpsd_pins == other.vpsd_pins
+            && self.owner_pins == other.owner_pins
+            && self.rebalance == other.rebalance
+    }
+
     /// Whether `appliance` is live.
     pub fn is_live(&self, appliance: &str) -> bool {
         self.live.iter().any(|(id, _)| id == appliance)

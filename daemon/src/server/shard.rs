@@ -121,6 +121,16 @@ struct Awaiting<R> {
     vpsd_id: Option<u64>,
     reply: R,
     response: Response,
+    /// Cluster mode, a client's own sign: the request, to be routed to the vPSD's owner
+    /// if a fence voids its session (a stale view of who owns the vPSD is then harmless).
+    resend: Option<Resend>,
+}
+
+/// A request to send again elsewhere, as it came.
+struct Resend {
+    client: Arc<ClientEntry>,
+    request_id: u64,
+    request: Request,
 }
 
 /// One commit round: the local flush and the replicated writes, made together.
@@ -245,6 +255,18 @@ impl<R> ShardCore<R> {
     /// Queues an answer that depends on `vpsd_id`'s records behind everything appended so
     /// far: if those records are voided, so is the answer.
     fn answer_for(&mut self, vpsd_id: Option<u64>, reply: R, response: Response) {
+        self.answer_resendable(vpsd_id, reply, response, None);
+    }
+
+    /// [`ShardCore::answer_for`], with the request to route elsewhere if its records are
+    /// voided because the vPSD moved.
+    fn answer_resendable(
+        &mut self,
+        vpsd_id: Option<u64>,
+        reply: R,
+        response: Response,
+        resend: Option<Resend>,
+    ) {
         match &response {
             Response::Error(body) => {
                 self.stats.errors += 1;
@@ -276,6 +298,7 @@ impl<R> ShardCore<R> {
                 vpsd_id,
                 reply,
                 response,
+                resend,
             });
         }
     }
@@ -608,18 +631,7 @@ impl<R> ShardCore<R> {
                         .zip(replies)
                         .partition(|(_, reply)| reply.arrival == Arrival::Here);
                     for (job, reply) in away {
-                        let request = if reply.batch {
-                            Request::SignBatch {
-                                vpsd_id,
-                                items: job.items,
-                            }
-                        } else {
-                            let mut items = job.items.into_iter();
-                            let (Some(item), None) = (items.next(), items.next()) else {
-                                unreachable!("a sign request queues exactly one item")
-                            };
-                            Request::Sign { vpsd_id, item }
-                        };
+                        let request = sign_request(vpsd_id, job.items, reply.batch);
                         self.elsewhere.push(Elsewhere {
                             reply: reply.reply,
                             client: reply.client,
@@ -676,12 +688,21 @@ impl<R> ShardCore<R> {
                 Some(sequence) => self.committing.push_back((sequence, vpsd_id)),
                 None => self.coalescer.finish(vpsd_id),
             }
-            for (reply, answer) in replies.into_iter().zip(prepared.answers) {
+            let cluster = self.replicator.is_some();
+            for ((job, reply), answer) in jobs.into_iter().zip(replies).zip(prepared.answers) {
                 let response = match &failure {
                     Some(response) => response.clone(),
                     None => sign_response(answer, reply.batch),
                 };
-                self.answer_for(Some(vpsd_id), reply.reply, response);
+                // A client's own request (not forwarded here) is routed to the owner if a
+                // fence voids this session.
+                let resend = (cluster && failure.is_none() && reply.arrival == Arrival::Direct)
+                    .then(|| Resend {
+                        request: sign_request(vpsd_id, job.items, reply.batch),
+                        client: reply.client,
+                        request_id: job.request_id,
+                    });
+                self.answer_resendable(Some(vpsd_id), reply.reply, response, resend);
             }
         }
         Ok(())
@@ -839,11 +860,33 @@ impl<R> ShardCore<R> {
                 (*vpsd_id, *since, Self::unavailable())
             }
         };
-        for waiting in self.awaiting.iter_mut() {
-            if waiting.vpsd_id == Some(vpsd_id) && waiting.sequence >= since {
-                waiting.response = response.clone();
+        let reroute = matches!(settled, Settled::Moved { .. });
+        let mut kept = VecDeque::with_capacity(self.awaiting.len());
+        for mut waiting in std::mem::take(&mut self.awaiting) {
+            if waiting.vpsd_id != Some(vpsd_id) || waiting.sequence < since {
+                kept.push_back(waiting);
+                continue;
+            }
+            match waiting.resend.take().filter(|_| reroute) {
+                // Nothing of it stands here: to the owner, with its request id.
+                Some(Resend {
+                    client,
+                    request_id,
+                    request,
+                }) => self.elsewhere.push(Elsewhere {
+                    reply: waiting.reply,
+                    client,
+                    request_id,
+                    request,
+                    arrival: Arrival::Direct,
+                }),
+                None => {
+                    waiting.response = response.clone();
+                    kept.push_back(waiting);
+                }
             }
         }
+        self.awaiting = kept;
         let before = self.committing.len();
         self.committing.retain(|&(_, id)| id != vpsd_id);
         if self.committing.len() != before {
@@ -1245,6 +1288,23 @@ pub(crate) fn moved_text(vpsd_id: u64, owner: Option<&str>) -> String {
         None => {
             format!("vPSD {vpsd_id} no longer belongs to this appliance; nothing was charged here")
         }
+    }
+}
+
+/// A sign (one item) or a batch request, as a queued job holds it.
+fn sign_request(vpsd_id: u64, items: Vec<indicia_proto::SignItem>, batch: bool) -> Request {
+    match (batch, items.len()) {
+        (false, 1) => {
+            let mut items = items.into_iter();
+            match items.next() {
+                Some(item) => Request::Sign { vpsd_id, item },
+                None => Request::SignBatch {
+                    vpsd_id,
+                    items: Vec::new(),
+                },
+            }
+        }
+        _ => Request::SignBatch { vpsd_id, items },
     }
 }
 

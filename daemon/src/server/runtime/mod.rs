@@ -236,6 +236,9 @@ pub(super) struct Shard {
     links: Option<peer::Peers>,
     /// Cluster mode: the owners of vPSDs this shard routed requests for, as last read.
     owners: RefCell<HashMap<u64, String>>,
+    /// Cluster mode: the placement and the number of vPSDs held at the last look for
+    /// misplaced vPSDs that found none, and when.
+    rebalanced: RefCell<Option<(Arc<crate::cluster::placement::Placement>, usize, Instant)>>,
 }
 
 async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
@@ -338,6 +341,7 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
             )
         }),
         owners: RefCell::new(HashMap::new()),
+        rebalanced: RefCell::new(None),
     });
     let _ = ready.send(ShardReady::Ready);
     // Dropped now: if another shard fails to start, the main thread sees every sender gone

@@ -32,6 +32,11 @@ pub(super) const MOVES_IN_FLIGHT_MAX: usize = 8;
 const MOVE_QUIET_WAIT: Duration = Duration::from_secs(2);
 /// How often a shard looks for vPSDs that placement puts elsewhere.
 pub(super) const REBALANCE_EVERY: Duration = Duration::from_secs(1);
+/// How often it looks again when nothing changed since a look that found nothing.
+const REBALANCE_RESCAN: Duration = Duration::from_secs(30);
+/// The most times one request is forwarded (each to the owner read anew after the last
+/// answered `vpsd-moved`).
+const ROUTES_MAX: u8 = 3;
 /// The most owners a shard remembers; beyond, it forgets one to remember another.
 const OWNERS_CACHED_MAX: usize = 1 << 16;
 
@@ -123,9 +128,10 @@ async fn route(shard: Rc<Shard>, item: Elsewhere<ReplyTo>) {
         return;
     };
     let me = replicator.appliance().to_owned();
-    // Two attempts: the second after an owner that was not the owner any more.
+    // At most ROUTES_MAX attempts: the next after an owner that was not the owner any more
+    // (each a single hop).
     let notice = matches!(item.request, Request::ClusterAdopt { .. });
-    for attempt in 0..2u8 {
+    for attempt in 0..ROUTES_MAX {
         if !notice && shard.core.borrow().holds(vpsd_id) {
             // It came here meanwhile (adopted, taken over): the usual path.
             let arrival = item.arrival;
@@ -185,7 +191,7 @@ async fn route(shard: Rc<Shard>, item: Elsewhere<ReplyTo>) {
                 return;
             }
             Forwarded::Moved(response) => {
-                if attempt == 1 {
+                if attempt + 1 == ROUTES_MAX {
                     answer(&shard, item.reply, response);
                     return;
                 }
@@ -518,11 +524,16 @@ async fn hand_over(
         Ok(HandOver::Stale) => Err(MoveRefused::from(unavailable(format!(
             "vPSD {vpsd_id} changed in etcd during the move: not moved; retry"
         )))),
-        // Whatever etcd did, the fence holds: if the handover was applied after all, this
-        // appliance's next write of the vPSD is refused and voided, and the vPSD leaves.
-        Err(err) => Err(MoveRefused::from(unavailable(format!(
-            "cluster: {err}: vPSD {vpsd_id} not moved"
-        )))),
+        // etcd did not say: its owner key does. If the handover was applied, the vPSD is
+        // the target's; if the key cannot be read either, it stays, and the fence holds
+        // (were the handover applied after all, this appliance's next write of the vPSD
+        // is refused and voided, and the vPSD leaves).
+        Err(err) => match replicator.locate(vec![vpsd_id]).await {
+            Ok(owners) if owners.first().and_then(Option::as_deref) == Some(to) => Ok(()),
+            _ => Err(MoveRefused::from(unavailable(format!(
+                "cluster: {err}: vPSD {vpsd_id} not moved"
+            )))),
+        },
     }
 }
 
@@ -570,9 +581,26 @@ pub(super) fn rebalance(shard: &Rc<Shard>) {
     if room == 0 {
         return;
     }
+    // Nothing to look at again while placement and the vPSDs here are as at the last
+    // look, which found nothing (but every REBALANCE_RESCAN: a failed move's back-off
+    // ends).
+    let held = core.store().replica().map_or(0, |book| book.owned());
+    let unchanged = shard
+        .rebalanced
+        .borrow()
+        .as_ref()
+        .is_some_and(|(seen, seen_held, at)| {
+            seen.same_layout(&placement) && *seen_held == held && at.elapsed() < REBALANCE_RESCAN
+        });
+    if unchanged {
+        return;
+    }
     let misplaced = core.misplaced(unix_now(), room, |vpsd_id, owner| {
         placement.place(vpsd_id, Some(owner), me)
     });
+    *shard.rebalanced.borrow_mut() = misplaced
+        .is_empty()
+        .then(|| (Arc::clone(&placement), held, Instant::now()));
     let mut started = 0;
     for (vpsd_id, to) in misplaced {
         started += usize::from(core.begin_move(vpsd_id, &to));
