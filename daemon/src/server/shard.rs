@@ -364,13 +364,12 @@ impl<R> ShardCore<R> {
         arrival: Arrival,
     ) -> Result<(), Fatal> {
         let vpsd_id = request.vpsd_id();
-        if let Some(id) = vpsd_id {
+        // Cluster mode only: a single appliance has nowhere else to send a request.
+        if let Some(id) = vpsd_id.filter(|_| self.replicator.is_some()) {
             // A handover notice is checked against etcd even when the vPSD is here: what is
             // here may be a stale copy (this appliance was cut off and taken over).
             let notice = matches!(request, Request::ClusterAdopt { .. });
-            let away = self.replicator.is_some()
-                && arrival != Arrival::Here
-                && (notice || self.store.engine.vpsd(id).is_none());
+            let away = arrival != Arrival::Here && (notice || self.store.engine.vpsd(id).is_none());
             let parked = self.holding.get_mut(&id);
             if away || parked.is_some() {
                 let elsewhere = Elsewhere {
@@ -1276,6 +1275,11 @@ impl<R> ShardCore<R> {
         }
         Ok(())
     }
+}
+
+/// A `vpsd-moved` answer.
+pub(crate) fn moved_response(vpsd_id: u64, owner: Option<&str>) -> Response {
+    Response::error(ErrorCode::VpsdMoved, moved_text(vpsd_id, owner))
 }
 
 /// The message of a `vpsd-moved` answer.

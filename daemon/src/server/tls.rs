@@ -64,6 +64,17 @@ fn private_key(what: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>
     PrivateKeyDer::from_pem_slice(text.as_bytes()).map_err(|err| fail(err.to_string()))
 }
 
+/// The CA certificates of a PEM file, as the roots a peer's certificate must chain to.
+fn root_store(what: &'static str, path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for authority in certificates(what, path)? {
+        roots
+            .add(authority)
+            .map_err(|err| file_error(what, path)(err.to_string()))?;
+    }
+    Ok(roots)
+}
+
 /// The server side of mutual TLS, from the `[tls]` section (None: plaintext).
 pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsError> {
     let (Some(certificate), Some(key), Some(client_ca)) =
@@ -73,12 +84,7 @@ pub fn server_config(tls: &TlsConfig) -> Result<Option<Arc<ServerConfig>>, TlsEr
     };
     let chain = certificates("[tls] certificate", certificate)?;
     let key = private_key("[tls] private_key", key)?;
-    let mut roots = RootCertStore::empty();
-    for ca in certificates("[tls] client_ca", client_ca)? {
-        roots
-            .add(ca)
-            .map_err(|err| file_error("[tls] client_ca", client_ca)(err.to_string()))?;
-    }
+    let roots = root_store("[tls] client_ca", client_ca)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     // Every connection must present a client certificate from these roots.
     let verifier =
@@ -112,12 +118,7 @@ pub fn peer_client_config(
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
     let chain = certificates("[cluster] peer_certificate", certificate)?;
     let key = private_key("[cluster] peer_private_key", key)?;
-    let mut roots = RootCertStore::empty();
-    for authority in certificates("[cluster] peer_ca", ca)? {
-        roots
-            .add(authority)
-            .map_err(|err| file_error("[cluster] peer_ca", ca)(err.to_string()))?;
-    }
+    let roots = root_store("[cluster] peer_ca", ca)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])

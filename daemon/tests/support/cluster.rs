@@ -53,22 +53,7 @@ impl Appliance {
 
     /// An appliance with more `[cluster]` settings (`extra`: TOML lines).
     pub fn configured(root: &Path, id: &'static str, etcd: &EtcdCluster, extra: &str) -> Self {
-        let dir = root.join(id);
-        let port = free_port();
-        let extra = format!(
-            "[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"127.0.0.1:{port}\"\n\
-             lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n{extra}",
-            etcd.endpoints()
-        );
-        let config = write_config(&dir, &extra, &[]);
-        Self {
-            dir,
-            port,
-            config,
-            daemon: None,
-            host: "127.0.0.1".into(),
-            netns: None,
-        }
+        Self::placed(root, id, etcd, ("127.0.0.1", free_port(), None), "", extra)
     }
 
     /// An appliance in its own network namespace, at `host` (port 7450), a member of the
@@ -82,27 +67,40 @@ impl Appliance {
         host: &str,
         extra: &str,
     ) -> Self {
-        let dir = root.join(id);
-        let port = 7450;
         // Plaintext on the namespace's address: the test's network reaches nothing else.
-        let extra = format!(
-            "[tls]\nplaintext = \"anywhere\"\n[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"{host}:{port}\"\n\
+        let tls = "[tls]\nplaintext = \"anywhere\"\n";
+        let appliance = Self::placed(root, id, etcd, (host, 7450, Some(netns)), tls, extra);
+        if let Some(seed) = seed {
+            appliance.copy_keys_from(seed);
+        }
+        appliance
+    }
+
+    /// An appliance listening on (host, port), in a network namespace if given; `before`:
+    /// sections ahead of `[cluster]`, `extra`: more `[cluster]` lines.
+    fn placed(
+        root: &Path,
+        id: &'static str,
+        etcd: &EtcdCluster,
+        (host, port, netns): (&str, u16, Option<&str>),
+        before: &str,
+        extra: &str,
+    ) -> Self {
+        let dir = root.join(id);
+        let text = format!(
+            "{before}[cluster]\netcd = {:?}\nappliance = \"{id}\"\nadvertise = \"{host}:{port}\"\n\
              lease_ttl_s = {LEASE_TTL_S}\nprefix = \"/indicia-it\"\n{extra}",
             etcd.endpoints()
         );
-        let config = write_config(&dir, &extra, &[]);
-        let appliance = Self {
+        let config = write_config(&dir, &text, &[]);
+        Self {
             dir,
             port,
             config,
             daemon: None,
             host: host.to_owned(),
-            netns: Some(netns.to_owned()),
-        };
-        if let Some(seed) = seed {
-            appliance.copy_keys_from(seed);
+            netns: netns.map(str::to_owned),
         }
-        appliance
     }
 
     /// A member of the same cluster as `seed`: the same master key, provider key and admin

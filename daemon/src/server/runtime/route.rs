@@ -22,7 +22,7 @@ use indicia_proto::{ErrorCode, Request, Response, VpsdPlacement};
 use super::peer::CallError;
 use super::{deliver, fail_stop, unix_now, ReplyTo, Shard};
 use crate::cluster::{Adoption, HandOver, Handover, Operation, PinKey, Replicator, Stored};
-use crate::server::shard::{moved_text, Arrival, Elsewhere, MoveOrder};
+use crate::server::shard::{moved_response, moved_text, Arrival, Elsewhere, MoveOrder};
 
 /// The most vPSDs one shard moves at a time by itself (rebalancing, drains).
 pub(super) const MOVES_IN_FLIGHT_MAX: usize = 8;
@@ -160,8 +160,7 @@ async fn route(shard: Rc<Shard>, item: Elsewhere<ReplyTo>) {
             Some(owner) if !here_only => owner,
             Some(owner) => {
                 // Forwarded here by an appliance whose view is stale: it routes again.
-                let moved =
-                    Response::error(ErrorCode::VpsdMoved, moved_text(vpsd_id, Some(&owner)));
+                let moved = moved_response(vpsd_id, Some(&owner));
                 answer(&shard, item.reply, moved);
                 return;
             }
@@ -321,7 +320,7 @@ async fn adopt_and_handle(
             ..
         } if owner != me => {
             remember(shard, vpsd_id, Some(&owner));
-            let moved = Response::error(ErrorCode::VpsdMoved, moved_text(vpsd_id, Some(&owner)));
+            let moved = moved_response(vpsd_id, Some(&owner));
             answer(shard, item.reply, moved);
         }
         // Nothing to adopt (a provision never acknowledged): handled here as it is.
@@ -365,7 +364,7 @@ async fn carry_out(shard: Rc<Shard>, order: MoveOrder<ReplyTo>) {
             if let Err(fatal) = shard.core.borrow_mut().depart(now, vpsd_id, &owner, false) {
                 fail_stop(&fatal);
             }
-            Response::error(ErrorCode::VpsdMoved, moved_text(vpsd_id, Some(&owner)))
+            moved_response(vpsd_id, Some(&owner))
         }
         Ok(()) => {
             remember(&shard, vpsd_id, Some(&to));
@@ -486,10 +485,7 @@ async fn hand_over(
             break owned;
         }
         if !shard.core.borrow().holds(vpsd_id) {
-            return Err(MoveRefused::from(Response::error(
-                ErrorCode::VpsdMoved,
-                moved_text(vpsd_id, None),
-            )));
+            return Err(MoveRefused::from(moved_response(vpsd_id, None)));
         }
         if Instant::now() > deadline {
             return Err(MoveRefused::from(unavailable(format!(
@@ -512,10 +508,7 @@ async fn hand_over(
     {
         Ok(HandOver::Done { .. }) => Ok(()),
         Ok(HandOver::Fenced { owner }) if !owner.is_empty() => Err(MoveRefused::Gone(owner)),
-        Ok(HandOver::Fenced { .. }) => Err(MoveRefused::from(Response::error(
-            ErrorCode::VpsdMoved,
-            moved_text(vpsd_id, None),
-        ))),
+        Ok(HandOver::Fenced { .. }) => Err(MoveRefused::from(moved_response(vpsd_id, None))),
         Ok(HandOver::Misplaced) => Err(MoveRefused::Unneeded),
         Ok(HandOver::NotLive) => Err(MoveRefused::from(Response::error(
             ErrorCode::InvalidArgument,
