@@ -1,4 +1,13 @@
-//! `indicia-client`: a blocking client of the indicia appliance, and the `indiciactl` CLI.
+//! `indicia-client`: the client library of the indicia appliance, and the `indiciactl` CLI.
+//!
+//! - [`Pool`] is what applications use: one pool shared by any number of threads and async
+//!   tasks, over connections it manages. It batches the `sign` calls that wait together
+//!   for a vPSD into one `sign-batch`, sends each vPSD's requests to the shard (and, in a
+//!   cluster, the appliance) that owns it, and retries with the same request id, so that
+//!   a retry is charged once. See the [`pool`] module.
+//! - [`Client`] is one connection, driven by its caller: the handshake, then requests
+//!   pipelined by hand. The load generator and the tests use it to speak the protocol
+//!   frame by frame.
 //!
 //! [`Client::connect`] opens a TCP connection and runs the handshake (both sides prove
 //! the client's secret; the appliance's proof is checked). Requests can be pipelined:
@@ -13,14 +22,14 @@
 pub mod barcode;
 pub mod cli;
 pub mod pki;
+pub mod pool;
 pub mod provider;
-pub mod routing;
 pub mod signing;
 pub mod transport;
 pub mod verify;
 
 pub use indicia_files::{Credential, FileError};
-pub use routing::{Placement, RoutingClient};
+pub use pool::{Pool, PoolBuilder, PoolStats};
 pub use transport::{TlsSettings, Transport};
 
 use std::collections::HashMap;
@@ -81,6 +90,18 @@ pub enum ClientError {
     Refused(ErrorBody),
     #[error("random number generator failed")]
     Random,
+    /// No answer within the call's time limit. `sent: false`: the request was never
+    /// written, nothing was charged; `sent: true`: it may have been carried out (the
+    /// vPSD's `status` tells: its registers and piece count).
+    #[error("no answer within the time limit (the request was {})", if *sent { "sent: its outcome is unknown" } else { "not sent" })]
+    TimedOut { sent: bool },
+    /// No appliance could be reached for the request, or none owns its vPSD.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The request was written, and then its connection or its appliance failed for good
+    /// (the reason follows): it may have been carried out (the vPSD's `status` tells).
+    #[error("outcome unknown: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl From<std::io::Error> for ClientError {
@@ -106,6 +127,15 @@ impl ClientError {
 }
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Where vPSDs are: the live appliances (id, address), by id, and the owner of each vPSD
+/// asked about (the `placement` answer; an appliance that is not in a cluster lists no
+/// appliances).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub appliances: Vec<(String, String)>,
+    pub vpsds: Vec<indicia_proto::VpsdPlacement>,
+}
 
 /// One authenticated connection to the appliance.
 #[derive(Debug)]
@@ -414,19 +444,13 @@ impl Client {
     }
 
     pub fn status(&mut self, vpsd_id: u64) -> Result<VpsdStatus> {
-        match self.call_ok(&Request::Status { vpsd_id })? {
-            Response::VpsdStatus(status) => Ok(status),
-            other => Err(unexpected("status", &other)),
-        }
+        answer::status(self.call_ok(&Request::Status { vpsd_id })?)
     }
 
     /// Provisions, refills, contacts, locks, unlocks or rotates: every request answered
     /// with the vPSD's status.
     pub fn change(&mut self, request: &Request) -> Result<VpsdStatus> {
-        match self.call_ok(request)? {
-            Response::VpsdStatus(status) => Ok(status),
-            other => Err(unexpected("request", &other)),
-        }
+        answer::status(self.call_ok(request)?)
     }
 
     /// Signs one indicium.
@@ -439,10 +463,7 @@ impl Client {
 
     /// Signs up to 256 indicia in one request; one result per item.
     pub fn sign_batch(&mut self, vpsd_id: u64, items: Vec<SignItem>) -> Result<Vec<ItemResult>> {
-        match self.call_ok(&Request::SignBatch { vpsd_id, items })? {
-            Response::BatchSigned { results } => Ok(results),
-            other => Err(unexpected("sign-batch", &other)),
-        }
+        answer::batch(self.call_ok(&Request::SignBatch { vpsd_id, items })?)
     }
 
     /// The current public key (SubjectPublicKeyInfo, DER), its algorithm and serial.
@@ -456,18 +477,10 @@ impl Client {
         vpsd_id: u64,
         key_serial: Option<u32>,
     ) -> Result<(indicia_proto::Algorithm, u32, Vec<u8>)> {
-        match self.call_ok(&Request::PublicKey {
+        answer::public_key(self.call_ok(&Request::PublicKey {
             vpsd_id,
             key_serial,
-        })? {
-            Response::PublicKeyInfo {
-                algorithm,
-                key_serial,
-                spki_der,
-                ..
-            } => Ok((algorithm, key_serial, spki_der)),
-            other => Err(unexpected("public-key", &other)),
-        }
+        })?)
     }
 
     /// Online verification: the appliance's verdict on an indicium's bytes, with the vPSD
@@ -487,13 +500,7 @@ impl Client {
 
     /// Withdraws a vPSD: its descending register is refunded and it is retired for good.
     pub fn withdraw(&mut self, vpsd_id: u64) -> Result<(u64, VpsdStatus)> {
-        match self.call_ok(&Request::Withdraw { vpsd_id })? {
-            Response::Withdrawn {
-                refund_mills,
-                status,
-            } => Ok((refund_mills, status)),
-            other => Err(unexpected("withdraw", &other)),
-        }
+        answer::withdrawn(self.call_ok(&Request::Withdraw { vpsd_id })?)
     }
 
     pub fn stats(&mut self) -> Result<Vec<StatEntry>> {
@@ -580,7 +587,51 @@ impl Client {
     }
 }
 
-fn unexpected(what: &str, response: &Response) -> ClientError {
+/// The typed content of answers, shared by [`Client`] and [`Pool`]: each takes an answer
+/// that is not an error.
+pub(crate) mod answer {
+    use indicia_proto::{Algorithm, ItemResult, Response, VpsdStatus};
+
+    use super::{unexpected, Result};
+
+    pub fn status(response: Response) -> Result<VpsdStatus> {
+        match response {
+            Response::VpsdStatus(status) => Ok(status),
+            other => Err(unexpected("request", &other)),
+        }
+    }
+
+    pub fn batch(response: Response) -> Result<Vec<ItemResult>> {
+        match response {
+            Response::BatchSigned { results } => Ok(results),
+            other => Err(unexpected("sign-batch", &other)),
+        }
+    }
+
+    pub fn public_key(response: Response) -> Result<(Algorithm, u32, Vec<u8>)> {
+        match response {
+            Response::PublicKeyInfo {
+                algorithm,
+                key_serial,
+                spki_der,
+                ..
+            } => Ok((algorithm, key_serial, spki_der)),
+            other => Err(unexpected("public-key", &other)),
+        }
+    }
+
+    pub fn withdrawn(response: Response) -> Result<(u64, VpsdStatus)> {
+        match response {
+            Response::Withdrawn {
+                refund_mills,
+                status,
+            } => Ok((refund_mills, status)),
+            other => Err(unexpected("withdraw", &other)),
+        }
+    }
+}
+
+pub(crate) fn unexpected(what: &str, response: &Response) -> ClientError {
     match response {
         Response::Error(body) => ClientError::Refused(body.clone()),
         other => ClientError::Protocol(format!(

@@ -1,17 +1,18 @@
 //! Signing many indicia at once: sign-batch requests of up to [`BATCH_ITEMS_MAX`] items,
-//! several in flight on one connection, their answers taken in whatever order they come.
-//! What was signed is charged, so it is returned even when the connection fails midway.
+//! several in flight at once through the [`Pool`], each retried by the pool with its own
+//! request id if a connection fails. What was signed is charged, so it is returned even
+//! when a request fails midway.
 
-use std::collections::HashMap;
+use std::sync::Mutex;
 
 use indicia_proto::message::BATCH_ITEMS_MAX;
 use indicia_proto::{ErrorBody, Indicium, ItemResult, Request, Response, SignItem};
 
-use crate::{Client, ClientError};
+use crate::{ClientError, Pool};
 
 /// What [`sign_many`] got: the indicia signed (in piece order), the refusals with the
 /// number of indicia each covers, and the error that ended it early, if any. Signed
-/// indicia are charged: they are returned even when the connection failed midway.
+/// indicia are charged: they are returned even when a request failed.
 #[derive(Debug, Default)]
 pub struct Signed {
     pub indicia: Vec<Indicium>,
@@ -23,56 +24,57 @@ pub struct Signed {
 /// appliance's sessions full, far below its limit of unanswered requests per connection.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 8;
 
-/// Signs `count` indicia in pipelined batches of up to 256.
-pub fn sign_many(client: &mut Client, vpsd_id: u64, item: SignItem, count: u64) -> Signed {
-    let mut result = Signed::default();
-    let mut left = count;
-    let mut in_flight: HashMap<u64, u64> = HashMap::new();
-    loop {
-        while left > 0 && in_flight.len() < BATCHES_IN_FLIGHT_MAX {
-            let size = left.min(BATCH_ITEMS_MAX as u64);
-            let id = client.next_request_id();
-            // `size` <= 256.
-            let items = vec![item; size as usize];
-            if let Err(err) = client.send(id, &Request::SignBatch { vpsd_id, items }) {
-                result.error = Some(err);
-                break;
-            }
-            left -= size;
-            in_flight.insert(id, size);
-        }
-        if in_flight.is_empty() || result.error.is_some() {
-            break;
-        }
-        let (id, response) = match client.recv() {
-            Ok(answer) => answer,
-            Err(err) => {
-                result.error = Some(err);
-                break;
-            }
-        };
-        let Some(size) = in_flight.remove(&id) else {
-            continue;
-        };
-        match response {
-            Response::BatchSigned { results } => {
-                for item in results {
-                    match item {
-                        ItemResult::Signed(indicium) => result.indicia.push(indicium),
-                        ItemResult::Failed(body) => result.refused.push((body, 1)),
-                    }
+/// Signs `count` indicia in batches of up to 256, [`BATCHES_IN_FLIGHT_MAX`] at a time; no
+/// batch starts after one has failed.
+pub fn sign_many(pool: &Pool, vpsd_id: u64, item: SignItem, count: u64) -> Signed {
+    let sizes: Vec<u64> = (0..count.div_ceil(BATCH_ITEMS_MAX as u64))
+        .map(|batch| (count - batch * BATCH_ITEMS_MAX as u64).min(BATCH_ITEMS_MAX as u64))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let result = Mutex::new(Signed::default());
+    let lock = || {
+        result
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    std::thread::scope(|scope| {
+        for _ in 0..BATCHES_IN_FLIGHT_MAX.min(sizes.len()) {
+            scope.spawn(|| loop {
+                let batch = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(&size) = sizes.get(batch) else {
+                    return;
+                };
+                if lock().error.is_some() {
+                    return;
                 }
-            }
-            Response::Error(body) => result.refused.push((body, size)),
-            other => {
-                result.error = Some(ClientError::Protocol(format!(
-                    "unexpected answer to sign-batch: opcode {:#04x}",
-                    other.opcode()
-                )));
-                break;
-            }
+                // `size` <= 256.
+                let items = vec![item; size as usize];
+                let answer = pool.call(Request::SignBatch { vpsd_id, items });
+                let mut result = lock();
+                match answer {
+                    Ok(Response::BatchSigned { results }) => {
+                        for item in results {
+                            match item {
+                                ItemResult::Signed(indicium) => result.indicia.push(indicium),
+                                ItemResult::Failed(body) => result.refused.push((body, 1)),
+                            }
+                        }
+                    }
+                    Ok(Response::Error(body)) => result.refused.push((body, size)),
+                    Ok(other) => {
+                        result.error = Some(ClientError::Protocol(format!(
+                            "unexpected answer to sign-batch: opcode {:#04x}",
+                            other.opcode()
+                        )));
+                    }
+                    Err(err) => result.error = Some(err),
+                }
+            });
         }
-    }
+    });
+    let mut result = result
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     result
         .indicia
         .sort_by_key(|indicium| indicium.payload.piece_number);

@@ -29,6 +29,9 @@ pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct TlsSettings {
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
+    /// The server name is the host of the address connected to (not a name given): a
+    /// connection to another address checks that address's host ([`TlsSettings::for_address`]).
+    by_address: bool,
 }
 
 impl std::fmt::Debug for TlsSettings {
@@ -97,6 +100,30 @@ impl TlsSettings {
         Ok(Self {
             config: Arc::new(config),
             server_name,
+            by_address: false,
+        })
+    }
+
+    /// These settings with the server name following the address connected to: the host of
+    /// whatever address [`TlsSettings::for_address`] is given.
+    pub fn named_by_address(mut self) -> Self {
+        self.by_address = true;
+        self
+    }
+
+    /// The settings for a connection to `addr`: the same, with the host of `addr` as the
+    /// server name when the name follows the address (one appliance of a cluster reached
+    /// through another's placement, each with its own certificate).
+    pub fn for_address(&self, addr: &str) -> Result<Self, ClientError> {
+        if !self.by_address {
+            return Ok(self.clone());
+        }
+        let host = host_of(addr);
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|err| ClientError::Tls(format!("server name `{host}`: {err}")))?;
+        Ok(Self {
+            server_name,
+            ..self.clone()
         })
     }
 }
@@ -146,11 +173,16 @@ impl TlsFiles {
 
     /// Reads the files, for connections to `addr`.
     pub fn load(&self, addr: &str) -> Result<TlsSettings, ClientError> {
-        let server_name = match &self.server_name {
-            Some(name) => name.clone(),
-            None => host_of(addr),
-        };
-        TlsSettings::load(&self.ca, &self.certificate, &self.private_key, &server_name)
+        match &self.server_name {
+            Some(name) => TlsSettings::load(&self.ca, &self.certificate, &self.private_key, name),
+            None => Ok(TlsSettings::load(
+                &self.ca,
+                &self.certificate,
+                &self.private_key,
+                &host_of(addr),
+            )?
+            .named_by_address()),
+        }
     }
 }
 
@@ -166,6 +198,18 @@ pub fn tls_settings_from(
     TlsFiles::from_flags(ca, certificate, private_key, server_name)?
         .map(|files| files.load(addr))
         .transpose()
+}
+
+/// After decoding what `buf[*begin..*end]` held: empties the buffer when all of it was read,
+/// or moves the unread rest to the front once less than `room` is left after it.
+pub fn compact(buf: &mut [u8], begin: &mut usize, end: &mut usize, room: usize) {
+    if *begin == *end {
+        (*begin, *end) = (0, 0);
+    } else if buf.len() - *end < room {
+        buf.copy_within(*begin..*end, 0);
+        *end -= *begin;
+        *begin = 0;
+    }
 }
 
 /// The host part of `host:port`, `[v6]:port` or a bare host.
@@ -256,6 +300,35 @@ impl Transport {
             addr: format!("{addr:?}"),
             source,
         })?;
+        match tls {
+            None => Self::plain(tcp),
+            Some(settings) => Self::tls(tcp, settings),
+        }
+    }
+
+    /// Like [`Transport::connect`], giving up on TCP's handshake after `timeout` for each
+    /// address `addr` resolves to.
+    pub fn connect_within(
+        addr: &str,
+        tls: Option<&TlsSettings>,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let connect_error = |source| ClientError::Connect {
+            addr: addr.to_owned(),
+            source,
+        };
+        let mut last = io::Error::new(io::ErrorKind::NotFound, "the address resolves to nothing");
+        let mut tcp = None;
+        for resolved in addr.to_socket_addrs().map_err(connect_error)? {
+            match TcpStream::connect_timeout(&resolved, timeout) {
+                Ok(stream) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Err(err) => last = err,
+            }
+        }
+        let tcp = tcp.ok_or_else(|| connect_error(last))?;
         match tls {
             None => Self::plain(tcp),
             Some(settings) => Self::tls(tcp, settings),
@@ -439,6 +512,19 @@ impl WriteHalf {
             }
         }
         self.tcp.write_all(&self.records)
+    }
+}
+
+impl WriteHalf {
+    /// Bounds how long a write may block (None: forever).
+    pub fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        self.tcp.set_write_timeout(timeout)
+    }
+
+    /// Shuts the socket down both ways: a read blocked on the other half returns.
+    pub fn shutdown(&self) {
+        // Already shut down or reset: nothing more to do.
+        let _ = self.tcp.shutdown(std::net::Shutdown::Both);
     }
 }
 

@@ -256,6 +256,13 @@ pub struct ServerConfig {
     /// An authenticated connection with nothing in flight that sends nothing for this long
     /// is closed (0: never).
     pub idle_timeout_ms: u64,
+    /// Whether each shard also listens on a port of its own (on the `listen` address), which
+    /// `topology` reports: a routing client connects there and its requests never cross
+    /// shards.
+    pub shard_ports: bool,
+    /// The first shard port (shard i listens on this + i); 0 lets the system pick free
+    /// ports at each start.
+    pub shard_port_base: u16,
 }
 
 impl Default for ServerConfig {
@@ -275,6 +282,8 @@ impl Default for ServerConfig {
             audit_interval_s: 3_600,
             audit_signatures: false,
             idle_timeout_ms: 300_000,
+            shard_ports: true,
+            shard_port_base: 0,
         }
     }
 }
@@ -394,6 +403,12 @@ impl Config {
                 "engine.keys_per_vpsd_max = {} is outside 1..={}",
                 engine.keys_per_vpsd_max,
                 crate::engine::KEYS_PER_VPSD_LIMIT
+            ));
+        }
+        if engine.key_cache_keys > 1 << 20 {
+            return invalid(format!(
+                "engine.key_cache_keys = {} is outside 0..=1048576",
+                engine.key_cache_keys
             ));
         }
         if self.journal.segment_bytes < (64 << 10) || self.journal.segment_bytes > (1 << 34) {

@@ -478,8 +478,20 @@ fn run(args: &Args) -> Result<(), ServiceError> {
     } else {
         "plaintext, as [tls] plaintext allows"
     };
+    let shard_ports = match server.shard_ports() {
+        [] => String::new(),
+        ports => format!(
+            " (shard ports {})",
+            ports
+                .iter()
+                .map(u16::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     tracing::info!(
-        "indiciad {} listening on {} ({transport}) with {} shards; data in {} (started in {} ms)",
+        "indiciad {} listening on {} ({transport}) with {} shards{shard_ports}; data in {} \
+         (started in {} ms)",
         env!("CARGO_PKG_VERSION"),
         server.local_addr(),
         server.shards(),

@@ -70,9 +70,14 @@ fn load(appliances: &[&Appliance], acked: &Arc<Mutex<Acknowledged>>, signers: u6
 
 /// Requests forwarded by all the appliances together.
 fn forwarded(appliances: &[&Appliance]) -> u64 {
+    counter(appliances, "cluster.forwarded")
+}
+
+/// A statistic summed over appliances.
+fn counter(appliances: &[&Appliance], name: &str) -> u64 {
     appliances
         .iter()
-        .map(|appliance| appliance.stat("cluster.forwarded"))
+        .map(|appliance| appliance.stat(name))
         .sum()
 }
 
@@ -154,31 +159,35 @@ fn any_appliance_serves_every_vpsd_and_planned_moves_lose_nothing() {
         acked.lock().unwrap().record(indicium);
     }
 
-    // The routing client sends each vPSD's requests straight to its owner: nothing is
-    // forwarded.
+    // The client library's pool sends each vPSD's requests straight to its owner, and to
+    // the shard that holds it there: nothing is forwarded, nothing crosses shards.
     let forwarded_before = forwarded(&all);
+    let crossed_before = counter(&all, "cross_shard.requests");
     let seeds = vec![format!("127.0.0.1:{}", a3.port)];
-    let mut routed =
-        indicia_client::RoutingClient::new(&seeds, &a1.daemon().admin_credential(), None).unwrap();
+    let routed = indicia_client::Pool::connect(&seeds, &a1.daemon().admin_credential()).unwrap();
     for round in 0..3u64 {
         for vpsd in VPSDS {
-            let answer = routed
-                .call(&Request::Sign {
-                    vpsd_id: vpsd,
-                    item: item(200 + round),
-                })
-                .unwrap();
-            let Response::Signed { indicium } = answer else {
-                panic!("routed sign of vPSD {vpsd}: {answer:?}")
-            };
+            let indicium = routed.sign(vpsd, item(200 + round)).unwrap();
             acked.lock().unwrap().record(indicium);
-            assert_eq!(routed.owner_of(vpsd), Some(placed[&vpsd].as_str()));
+            let (address, shard) = routed.route_of(vpsd).unwrap();
+            let owner = ["a1", "a2", "a3"]
+                .iter()
+                .position(|id| *id == placed[&vpsd])
+                .map(|index| all[index])
+                .unwrap();
+            assert_eq!(address, format!("127.0.0.1:{}", owner.port));
+            assert_eq!(shard, Some(indicia_proto::shard_of(vpsd, 2)));
         }
     }
     assert_eq!(
         forwarded(&all),
         forwarded_before,
         "routed requests were forwarded"
+    );
+    assert_eq!(
+        counter(&all, "cross_shard.requests"),
+        crossed_before,
+        "routed requests crossed shards"
     );
 
     // Signing through every appliance, forwarded to the owners.

@@ -379,6 +379,7 @@ fn the_engine_defaults_in_the_docs_are_the_codes() {
         ),
         ("vpsds_max", defaults.vpsds_max.to_string()),
         ("keys_per_vpsd_max", defaults.keys_per_vpsd_max.to_string()),
+        ("key_cache_keys", defaults.key_cache_keys.to_string()),
     ];
     let text = operations_md();
     let mut lines = text

@@ -113,11 +113,16 @@ fn signer(
     seen: Arc<Mutex<Seen>>,
 ) {
     let mut clients: [Option<Client>; 2] = [None, None];
-    // Every other signer uses the client library's routing client: each vPSD's requests
-    // go straight to its owner, as the placement says, read again after a move.
+    // Every other signer uses the client library's pool: each vPSD's requests go straight
+    // to its owner, as the placement says, read again after a move.
     let seeds = addresses.map(|address| address.to_string());
-    let mut routing = (index % 2 == 1)
-        .then(|| indicia_client::RoutingClient::new(&seeds, &credential, None).ok())
+    let routing = (index % 2 == 1)
+        .then(|| {
+            indicia_client::Pool::builder(&seeds, &credential)
+                .timeout(Duration::from_secs(5))
+                .build()
+                .ok()
+        })
         .flatten();
     let mut turn = index as u64;
     while !stop.load(Ordering::Relaxed) {
@@ -128,8 +133,8 @@ fn signer(
             vpsd_id: vpsd,
             item: item(),
         };
-        let answer = match routing.as_mut() {
-            Some(routing) => routing.call(&request),
+        let answer = match routing.as_ref() {
+            Some(routing) => routing.call(request),
             None => {
                 if clients[target].is_none() {
                     clients[target] = Client::connect(addresses[target], &credential).ok();
@@ -249,7 +254,7 @@ pub fn cluster_demo(seconds: f64) -> Result<DemoOutcome, LoadError> {
     say(format!(
         "signing under load: {before} indicia acknowledged in {seconds} s; half the clients \
          send through a1 and a2 in turn (a2 forwarded {} requests to a1, the owner), half \
-         route each vPSD's requests to its owner (the client library's routing client)",
+         route each vPSD's requests to its owner (the client library's pool)",
         stat(&mut on_a2, "cluster.forwarded")?
     ));
 

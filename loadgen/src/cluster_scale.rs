@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 use crate::appliance::Appliance;
 use crate::report::{self, Report};
-use crate::run::{LoadError, Mode, RunConfig};
+use crate::run::{ClientKind, LoadError, Mode, RunConfig};
 use crate::tally::Validity;
 use crate::workload::{Distribution, VpsdPicker};
 
@@ -154,6 +154,7 @@ fn config(
         verify_every: 100,
         seed: owner,
         expected_errors: Vec::new(),
+        client: ClientKind::Raw,
     }
 }
 

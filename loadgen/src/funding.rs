@@ -68,6 +68,7 @@ mod tests {
             verify_every: 0,
             seed: 1,
             expected_errors: Vec::new(),
+            client: crate::run::ClientKind::Raw,
         }
     }
 

@@ -20,6 +20,7 @@ pub mod cluster_demo;
 #[cfg(feature = "cluster")]
 pub mod cluster_scale;
 pub mod funding;
+pub mod library;
 pub mod pacing;
 #[cfg(feature = "softhsm")]
 pub mod peer;
@@ -161,7 +162,14 @@ pub fn measure(
     let before = stats(&mut control)?;
     let cpu_before = appliance_pid.and_then(report::process_cpu);
     let started = Instant::now();
-    let tally = run::run(config, &keys)?;
+    let tally = match config.client {
+        run::ClientKind::Raw => run::run(config, &keys)?,
+        run::ClientKind::Library { callers, .. } => {
+            let (mut tally, pool) = library::run(config, &keys, callers)?;
+            tally.library = Some(pool);
+            tally
+        }
+    };
     let seconds = started.elapsed().as_secs_f64();
     let cpu_after = appliance_pid.and_then(report::process_cpu);
     let after = stats(&mut control)?;

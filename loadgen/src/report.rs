@@ -204,7 +204,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn delta(&self, name: &str) -> u64 {
+    pub fn delta(&self, name: &str) -> u64 {
         self.after
             .get(name)
             .copied()
@@ -236,12 +236,30 @@ impl Report {
             .map(|cpu| cpu.as_secs_f64() * 1e6 / indicia as f64)
     }
 
-    /// The appliance's own latency of the run's request kind, since it started.
+    /// The appliance's own latency of the run's request kind, since it started. Through
+    /// the client library the appliance gets `sign` and `sign-batch` frames (single calls
+    /// and calls batched together): the kind it got more of.
     pub fn appliance_latency(&self) -> ApplianceLatency {
-        ApplianceLatency::from_stats(&self.after, self.request_kind)
+        let kind = match self.tally.library {
+            Some(_) => {
+                let count = |kind: &str| {
+                    self.after
+                        .get(&format!("request_latency_us.{kind}.count"))
+                        .copied()
+                        .unwrap_or(0)
+                };
+                if count("sign_batch") > count("sign") {
+                    "sign_batch"
+                } else {
+                    "sign"
+                }
+            }
+            None => self.request_kind,
+        };
+        ApplianceLatency::from_stats(&self.after, kind)
     }
 
-    fn latency(&self, quantile: f64) -> u64 {
+    pub fn latency(&self, quantile: f64) -> u64 {
         self.tally.latency_us.value_at_quantile(quantile)
     }
 
@@ -290,6 +308,16 @@ impl Report {
                 "cpu_per_indicium_us": cpu,
                 "request_latency_us_since_start": self.appliance_latency().to_json(),
             },
+            "client_library": self.tally.library.map(|pool| json!({
+                "calls": pool.calls,
+                "frames_sent": pool.frames_sent,
+                "batches": pool.batches,
+                "batched_calls": pool.batched_calls,
+                "resends": pool.resends,
+                "connections": pool.connections,
+                "busy": pool.busy,
+                "reroutes": pool.reroutes,
+            })),
             "raw_sign_us": self.raw_sign_us,
             "raw_sign_us_before": self.raw_sign_before_after_us.0,
             "raw_sign_us_after": self.raw_sign_before_after_us.1,
@@ -347,6 +375,19 @@ impl Report {
             ms(self.tally.latency_us.max()),
         ));
         out.push_str(&self.appliance_latency().describe());
+        if let Some(pool) = &self.tally.library {
+            out.push_str(&format!(
+                "  client library: {} calls in {} frames ({:.1} calls per frame; {} sign-batch \
+                 frames made of calls), {} connections, {} sent again, {} busy\n",
+                pool.calls,
+                pool.frames_sent,
+                pool.calls as f64 / pool.frames_sent.max(1) as f64,
+                pool.batches,
+                pool.connections,
+                pool.resends,
+                pool.busy,
+            ));
+        }
         out.push_str(&format!(
             "  appliance: {} sessions, {:.1} indicia/session; commit p50 {} us, p99 {} us (since start)\n",
             self.delta("sessions"),

@@ -83,6 +83,19 @@ pub struct RunConfig {
     /// Error codes this experiment provokes on purpose: they do not make the run invalid.
     /// Empty for the standard experiments, where any error, `busy` included, does.
     pub expected_errors: Vec<ErrorCode>,
+    /// Whether the load goes through the client library or raw frames.
+    pub client: ClientKind,
+}
+
+/// How the load reaches the appliance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientKind {
+    /// Frames written by the load generator itself over `connections` connections, each
+    /// standing for a gateway that pipelines (module documentation).
+    Raw,
+    /// Calls of `callers` threads sharing one [`indicia_client::Pool`] ([`crate::library`]),
+    /// each one call at a time; `batching` as the pool's.
+    Library { callers: usize, batching: bool },
 }
 
 impl RunConfig {
@@ -121,7 +134,7 @@ impl InFlight {
     }
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| elapsed.as_secs())
@@ -320,14 +333,7 @@ fn receive(
                 }
             }
         }
-        if begin == end {
-            begin = 0;
-            end = 0;
-        } else if buf.len() - end < FRAME_BYTES_MAX {
-            buf.copy_within(begin..end, 0);
-            end -= begin;
-            begin = 0;
-        }
+        indicia_client::transport::compact(&mut buf, &mut begin, &mut end, FRAME_BYTES_MAX);
         if sending_done.load(Ordering::Acquire) && in_flight.lock().is_empty() {
             return Ok(());
         }

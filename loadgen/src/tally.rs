@@ -44,6 +44,8 @@ pub struct Tally {
     pub unanswered: u64,
     pub verified: u64,
     pub verify_failed: u64,
+    /// Through the client library: what the pool did (calls, frames, batches).
+    pub library: Option<indicia_client::PoolStats>,
 }
 
 impl Default for Tally {
@@ -57,6 +59,7 @@ impl Default for Tally {
             transport_failures: BTreeMap::new(),
             unanswered: 0,
             verified: 0,
+            library: None,
             verify_failed: 0,
         }
     }
@@ -113,6 +116,17 @@ impl Tally {
         self.unanswered += other.unanswered;
         self.verified += other.verified;
         self.verify_failed += other.verify_failed;
+        if let Some(theirs) = other.library {
+            let ours = self.library.get_or_insert_with(Default::default);
+            ours.calls += theirs.calls;
+            ours.frames_sent += theirs.frames_sent;
+            ours.batches += theirs.batches;
+            ours.batched_calls += theirs.batched_calls;
+            ours.resends += theirs.resends;
+            ours.connections += theirs.connections;
+            ours.busy += theirs.busy;
+            ours.reroutes += theirs.reroutes;
+        }
     }
 
     /// One refused request or refused item.

@@ -7,22 +7,32 @@
 use std::path::Path;
 use std::time::Duration;
 
-use indicia_client::Client;
+use indicia_client::{Client, Credential};
 use indicia_loadgen::appliance::Appliance;
-use indicia_loadgen::run::{Mode, RunConfig, Validity};
+use indicia_loadgen::run::{ClientKind, Mode, RunConfig, Validity};
 use indicia_loadgen::workload::{Distribution, VpsdPicker};
 use indicia_proto::Algorithm;
 
 const EXE: &str = env!("CARGO_BIN_EXE_indicia-loadgen");
 
-#[test]
-fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
-    let dir = tempfile::tempdir().unwrap();
-    let appliance = Appliance::spawn_with(Path::new(EXE), &dir.path().join("data"), None).unwrap();
-    let credential = appliance.admin_credential().unwrap();
-    let picker = VpsdPicker::new(700, 4, Distribution::Zipf(1.0));
-    let mut admin = Client::connect(appliance.addr, &credential).unwrap();
-    let mut config = RunConfig {
+/// Funds the run's vPSDs (Ed25519) for all it can spend, then measures it as `label`
+/// (with the appliance's CPU time when `pid` is given).
+fn funded_run(
+    appliance: &Appliance,
+    admin: &mut Client,
+    config: &RunConfig,
+    label: &str,
+    pid: Option<u32>,
+) -> indicia_loadgen::report::Report {
+    indicia_loadgen::fund(admin, config, Algorithm::Ed25519, &appliance.provider_key()).unwrap();
+    indicia_loadgen::measure(label, config, &config.credential, Algorithm::Ed25519, pid).unwrap()
+}
+
+/// A short run of single-indicium signs at 10 mills in closed loop, raw frames over 3
+/// connections with 4 in flight each, every 10th indicium verified; each test changes what
+/// it is about.
+fn config(appliance: &Appliance, credential: &Credential, picker: VpsdPicker) -> RunConfig {
+    RunConfig {
         addr: appliance.addr,
         credential: credential.clone(),
         tls: None,
@@ -36,23 +46,26 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         verify_every: 10,
         seed: 5,
         expected_errors: Vec::new(),
-    };
+        client: ClientKind::Raw,
+    }
+}
+
+#[test]
+fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
+    let dir = tempfile::tempdir().unwrap();
+    let appliance = Appliance::spawn_with(Path::new(EXE), &dir.path().join("data"), None).unwrap();
+    let credential = appliance.admin_credential().unwrap();
+    let picker = VpsdPicker::new(700, 4, Distribution::Zipf(1.0));
+    let mut admin = Client::connect(appliance.addr, &credential).unwrap();
+    let mut config = config(&appliance, &credential, picker);
     // Provisioned and funded for all the run can spend.
-    indicia_loadgen::fund(
+    let closed = funded_run(
+        &appliance,
         &mut admin,
         &config,
-        Algorithm::Ed25519,
-        &appliance.provider_key(),
-    )
-    .unwrap();
-    let closed = indicia_loadgen::measure(
         "closed",
-        &config,
-        &credential,
-        Algorithm::Ed25519,
         Some(appliance.pid()),
-    )
-    .unwrap();
+    );
     assert!(closed.tally.indicia > 50, "{}", closed.to_table());
     assert_eq!(closed.tally.indicia, closed.tally.requests);
     assert!(closed.tally.errors.is_empty(), "{:?}", closed.tally.errors);
@@ -67,15 +80,7 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
 
     config.mode = Mode::Open { rate_per_s: 300.0 };
     config.batch = 8;
-    indicia_loadgen::fund(
-        &mut admin,
-        &config,
-        Algorithm::Ed25519,
-        &appliance.provider_key(),
-    )
-    .unwrap();
-    let open =
-        indicia_loadgen::measure("open", &config, &credential, Algorithm::Ed25519, None).unwrap();
+    let open = funded_run(&appliance, &mut admin, &config, "open", None);
     // 0.7 s at 100 requests/s on each of 3 connections: requests 0..70 are due before the
     // end on each, and every one was sent and answered, however late.
     assert_eq!(open.tally.requests, 210, "{}", open.to_table());
@@ -87,6 +92,59 @@ fn the_load_generator_drives_the_appliance_and_reports_what_it_did() {
         .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
         .sum();
     assert_eq!(total, (closed.tally.indicia + open.tally.indicia) * 10);
+    drop(admin);
+    assert!(appliance.stop().unwrap().success());
+}
+
+/// Through the client library: callers share one pool, which batches their calls into
+/// `sign-batch` frames and sends each vPSD's to its shard; closed and open loop, both
+/// counted exactly against the registers.
+#[test]
+fn the_load_generator_drives_the_appliance_through_the_client_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let appliance = Appliance::spawn_with(Path::new(EXE), &dir.path().join("data"), None).unwrap();
+    let credential = appliance.admin_credential().unwrap();
+    let picker = VpsdPicker::new(800, 3, Distribution::Uniform);
+    let mut admin = Client::connect(appliance.addr, &credential).unwrap();
+    let mut config = RunConfig {
+        seed: 7,
+        client: ClientKind::Library {
+            callers: 24,
+            batching: true,
+        },
+        ..config(&appliance, &credential, picker)
+    };
+    let closed = funded_run(
+        &appliance,
+        &mut admin,
+        &config,
+        "closed, library",
+        Some(appliance.pid()),
+    );
+    assert!(closed.validity().is_valid(), "{}", closed.to_table());
+    assert!(closed.tally.indicia > 50, "{}", closed.to_table());
+    assert_eq!(closed.tally.indicia, closed.tally.requests);
+    assert!(closed.tally.verified > 0 && closed.tally.verify_failed == 0);
+    let pool = closed.tally.library.expect("the pool's figures");
+    assert_eq!(pool.calls, closed.tally.requests);
+    assert!(pool.frames_sent < pool.calls, "{pool:?}");
+    let json = closed.to_json();
+    assert_eq!(json["client_library"]["calls"], pool.calls);
+    assert_eq!(json["appliance"]["indicia"], closed.tally.indicia);
+
+    config.mode = Mode::Open { rate_per_s: 400.0 };
+    let open = funded_run(&appliance, &mut admin, &config, "open, library", None);
+    // 0.7 s at 400 calls/s: calls 0..280 are due before the end, each made, however late.
+    assert_eq!(open.tally.requests, 280, "{}", open.to_table());
+    assert!(open.validity().is_valid(), "{}", open.to_table());
+    let total: u64 = (800..803)
+        .map(|vpsd| admin.status(vpsd).unwrap().ascending_mills)
+        .sum();
+    assert_eq!(total, (closed.tally.indicia + open.tally.indicia) * 10);
+    // The library's calls went to their vPSDs' shards (the admin's plain connection, which
+    // funded them, is another matter).
+    assert_eq!(closed.delta("cross_shard.requests"), 0);
+    assert_eq!(open.delta("cross_shard.requests"), 0);
     drop(admin);
     assert!(appliance.stop().unwrap().success());
 }
@@ -116,19 +174,12 @@ fn the_load_generator_signs_over_mutual_tls() {
     )
     .unwrap();
     let config = RunConfig {
-        addr: appliance.addr,
-        credential: credential.clone(),
         tls: Some(tls),
-        connections: 3,
         mode: Mode::Closed { window: 32 },
-        duration: Duration::from_millis(700),
-        picker,
-        batch: 1,
         frames_per_write: 16,
-        postage_mills: 10,
         verify_every: 5,
         seed: 9,
-        expected_errors: Vec::new(),
+        ..config(&appliance, &credential, picker)
     };
     let report = indicia_loadgen::measure(
         "closed, TLS",
@@ -177,19 +228,15 @@ fn a_run_that_spends_more_than_its_vpsd_holds_is_invalid_and_counts_only_what_wa
     )
     .unwrap();
     let config = RunConfig {
-        addr: appliance.addr,
-        credential: credential.clone(),
-        tls: None,
         connections: 2,
-        mode: Mode::Closed { window: 4 },
         duration: Duration::from_millis(600),
-        picker: VpsdPicker::new(VPSD, 1, Distribution::Uniform),
-        batch: 1,
-        frames_per_write: 4,
         postage_mills: POSTAGE_MILLS,
-        verify_every: 10,
         seed: 3,
-        expected_errors: Vec::new(),
+        ..config(
+            &appliance,
+            &credential,
+            VpsdPicker::new(VPSD, 1, Distribution::Uniform),
+        )
     };
     let report = indicia_loadgen::measure(
         "underfunded",

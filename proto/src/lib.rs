@@ -12,6 +12,15 @@
 //! `proto/tests/vectors/` pin the encoding.
 #![forbid(unsafe_code)]
 
+/// The shard of an appliance with `shards` shards that owns a vPSD: xxh3-64 of the id's 8
+/// little-endian bytes, modulo the shard count (`topology.hash` 1, docs/PROTOCOL.md). Fixed
+/// for the life of a data directory.
+pub fn shard_of(vpsd_id: u64, shards: u16) -> u16 {
+    let hash = xxhash_rust::xxh3::xxh3_64(&vpsd_id.to_le_bytes());
+    // hash % shards < shards <= u16::MAX.
+    (hash % u64::from(shards.max(1))) as u16
+}
+
 pub mod authorization;
 pub mod codec;
 pub mod error;
@@ -29,6 +38,7 @@ pub use error::{DecodeError, EncodeError, FrameError};
 pub use error_code::ErrorCode;
 pub use frame::{Decoded, Frame, FrameDecoder, FrameHeader};
 pub use indicium::{Indicium, IndiciumPayload};
+pub use message::Topology;
 pub use message::{
     ApplianceEntry, ErrorBody, ItemResult, LockReason, PinSubject, Request, Response, Role,
     SignItem, StatEntry, Verdict, VpsdPlacement, VpsdState, VpsdStatus,

@@ -39,6 +39,11 @@ pub const APPLIANCE_ADDRESS_BYTES_MAX: usize = 128;
 pub const CLUSTER_APPLIANCES_MAX: usize = 1024;
 /// Most vPSDs one cluster-placement request asks about (and its answer lists).
 pub const PLACEMENT_VPSDS_MAX: usize = 1024;
+/// Most shards an appliance reports in `topology`.
+pub const SHARDS_MAX: usize = 1024;
+/// `topology.hash`: the shard of a vPSD is xxh3-64 of its id (8 bytes, little-endian)
+/// modulo the shard count ([`crate::shard_of`]).
+pub const SHARD_HASH_XXH3: u8 = 1;
 /// The client id prefix of an appliance forwarding requests to another (role appliance).
 pub const APPLIANCE_CLIENT_PREFIX: &str = "appliance:";
 /// Domain-separation labels of the handshake proofs (see docs/PROTOCOL.md, "Handshake").
@@ -71,6 +76,7 @@ pub mod opcode {
     pub const CLUSTER_DRAIN: u8 = 0x36;
     pub const CLUSTER_PIN: u8 = 0x37;
     pub const CLUSTER_ADOPT: u8 = 0x38;
+    pub const TOPOLOGY: u8 = 0x39;
 
     pub const CHALLENGE: u8 = 0x81;
     pub const WELCOME: u8 = 0x82;
@@ -83,6 +89,7 @@ pub mod opcode {
     pub const STATS_REPORT: u8 = 0xB0;
     pub const CLUSTER_REPORT: u8 = 0xB1;
     pub const PLACEMENT: u8 = 0xB2;
+    pub const TOPOLOGY_REPORT: u8 = 0xB3;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -331,6 +338,9 @@ pub enum Request {
     ClusterAdopt {
         vpsd_id: u64,
     },
+    /// How this appliance is sharded, and the port of each shard (any authenticated role):
+    /// for a client that sends each vPSD's requests straight to the shard that owns it.
+    Topology,
 }
 
 /// What a pin applies to.
@@ -536,7 +546,85 @@ pub enum Response {
         appliances: Vec<(String, String)>,
         vpsds: Vec<VpsdPlacement>,
     },
+    /// Answer to topology.
+    #[cfg_attr(feature = "serde", serde(rename = "topology-report"))]
+    Topology(Topology),
     Error(ErrorBody),
+}
+
+/// How an appliance is sharded (the `topology-report` answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct Topology {
+    /// The shard count, 1..=[`SHARDS_MAX`].
+    pub shards: u16,
+    /// The shard that serves the connection this answer came on.
+    pub shard: u16,
+    /// How a vPSD's shard is computed: [`SHARD_HASH_XXH3`].
+    pub hash: u8,
+    /// The most items this appliance takes in one `sign-batch` (1..=256).
+    pub batch_items_max: u16,
+    /// Each shard's own port, by shard (on the host the client reached): a connection
+    /// there is served by that shard. Empty when the appliance has no shard ports.
+    pub ports: Vec<u16>,
+}
+
+impl Topology {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let offset = r.position();
+        let shards = r.u16()?;
+        if shards == 0 || usize::from(shards) > SHARDS_MAX {
+            return Err(bad_value("topology.shards", offset, u64::from(shards)));
+        }
+        let offset = r.position();
+        let shard = r.u16()?;
+        if shard >= shards {
+            return Err(bad_value("topology.shard", offset, u64::from(shard)));
+        }
+        let offset = r.position();
+        let hash = r.u8()?;
+        if hash != SHARD_HASH_XXH3 {
+            return Err(bad_value("topology.hash", offset, u64::from(hash)));
+        }
+        let offset = r.position();
+        let batch_items_max = r.u16()?;
+        if batch_items_max == 0 || usize::from(batch_items_max) > BATCH_ITEMS_MAX {
+            return Err(bad_value(
+                "topology.batch_items_max",
+                offset,
+                u64::from(batch_items_max),
+            ));
+        }
+        let offset = r.position();
+        let count = count16(r, "topology.ports", SHARDS_MAX, true)?;
+        // Either no shard ports at all, or one per shard.
+        if count != 0 && count != usize::from(shards) {
+            return Err(bad_value("topology.ports", offset, count as u64));
+        }
+        let mut ports = Vec::with_capacity(count);
+        for _ in 0..count {
+            let offset = r.position();
+            let port = r.u16()?;
+            if port == 0 {
+                return Err(bad_value("topology.port", offset, 0));
+            }
+            ports.push(port);
+        }
+        Ok(Self {
+            shards,
+            shard,
+            hash,
+            batch_items_max,
+            ports,
+        })
+    }
+
+    /// The port that reaches the shard owning `vpsd_id`, if there are shard ports.
+    pub fn port_of(&self, vpsd_id: u64) -> Option<u16> {
+        self.ports
+            .get(usize::from(crate::shard_of(vpsd_id, self.shards)))
+            .copied()
+    }
 }
 
 /// The bytes both handshake proofs are computed over (see docs/PROTOCOL.md, "Handshake"):
@@ -709,6 +797,7 @@ impl Request {
             Self::ClusterDrain { .. } => opcode::CLUSTER_DRAIN,
             Self::ClusterPin { .. } => opcode::CLUSTER_PIN,
             Self::ClusterAdopt { .. } => opcode::CLUSTER_ADOPT,
+            Self::Topology => opcode::TOPOLOGY,
         }
     }
 
@@ -736,6 +825,7 @@ impl Request {
             | Self::Authenticate { .. }
             | Self::Verify { .. }
             | Self::Stats
+            | Self::Topology
             | Self::ClusterStatus
             | Self::ClusterTakeover { .. } => None,
         }
@@ -808,7 +898,7 @@ impl Request {
                 w.u64(*vpsd_id)?;
                 w.string16("lock.reason", reason, REASON_BYTES_MAX)
             }
-            Self::Stats | Self::ClusterStatus => Ok(()),
+            Self::Stats | Self::ClusterStatus | Self::Topology => Ok(()),
             Self::ClusterTakeover { from } => {
                 write_name16(w, "cluster_takeover.from", from, APPLIANCE_ID_BYTES_MAX)
             }
@@ -938,6 +1028,7 @@ impl Request {
             opcode::WITHDRAW => Self::Withdraw { vpsd_id: r.u64()? },
             opcode::ROTATE_KEY => Self::RotateKey { vpsd_id: r.u64()? },
             opcode::STATS => Self::Stats,
+            opcode::TOPOLOGY => Self::Topology,
             opcode::CLUSTER_STATUS => Self::ClusterStatus,
             opcode::CLUSTER_TAKEOVER => Self::ClusterTakeover {
                 from: name16(&mut r, "cluster_takeover.from", APPLIANCE_ID_BYTES_MAX)?,
@@ -1145,6 +1236,7 @@ impl Response {
             Self::Stats { .. } => opcode::STATS_REPORT,
             Self::Cluster { .. } => opcode::CLUSTER_REPORT,
             Self::Placement { .. } => opcode::PLACEMENT,
+            Self::Topology(_) => opcode::TOPOLOGY_REPORT,
             Self::Error(_) => opcode::ERROR,
         }
     }
@@ -1269,6 +1361,17 @@ impl Response {
                     w.u64(vpsd.vpsd_id)?;
                     w.string16("placement.owner", &vpsd.appliance, APPLIANCE_ID_BYTES_MAX)?;
                     w.u8(u8::from(vpsd.owned))?;
+                }
+                Ok(())
+            }
+            Self::Topology(topology) => {
+                w.u16(topology.shards)?;
+                w.u16(topology.shard)?;
+                w.u8(topology.hash)?;
+                w.u16(topology.batch_items_max)?;
+                write_count16(w, "topology.ports", topology.ports.len(), SHARDS_MAX, true)?;
+                for port in &topology.ports {
+                    w.u16(*port)?;
                 }
                 Ok(())
             }
@@ -1409,6 +1512,7 @@ impl Response {
                 }
                 Self::Placement { appliances, vpsds }
             }
+            opcode::TOPOLOGY_REPORT => Self::Topology(Topology::decode(&mut r)?),
             opcode::ERROR => Self::Error(ErrorBody::decode(&mut r)?),
             other if other < 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),
             other => return Err(DecodeError::UnknownOpcode { opcode: other }),

@@ -59,6 +59,7 @@ fn every_opcode_is_documented_once() {
         (opcode::CLUSTER_DRAIN, "cluster-drain"),
         (opcode::CLUSTER_PIN, "cluster-pin"),
         (opcode::CLUSTER_ADOPT, "cluster-adopt"),
+        (opcode::TOPOLOGY, "topology"),
         (opcode::CHALLENGE, "challenge"),
         (opcode::WELCOME, "welcome"),
         (opcode::SIGNED, "signed"),
@@ -70,6 +71,7 @@ fn every_opcode_is_documented_once() {
         (opcode::STATS_REPORT, "stats-report"),
         (opcode::CLUSTER_REPORT, "cluster-report"),
         (opcode::PLACEMENT, "placement"),
+        (opcode::TOPOLOGY_REPORT, "topology-report"),
         (opcode::ERROR, "error"),
     ]
     .into_iter()

@@ -8,8 +8,8 @@ use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX
 use indicia_proto::message::{BATCH_ITEMS_MAX, NONCE_BYTES};
 use indicia_proto::{
     fuzz, Algorithm, ApplianceEntry, ErrorBody, ErrorCode, Indicium, IndiciumPayload, ItemResult,
-    LockReason, MailingDate, PinSubject, Request, Response, Role, SignItem, StatEntry, Verdict,
-    VpsdPlacement, VpsdState, VpsdStatus, Zip,
+    LockReason, MailingDate, PinSubject, Request, Response, Role, SignItem, StatEntry, Topology,
+    Verdict, VpsdPlacement, VpsdState, VpsdStatus, Zip,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -161,6 +161,7 @@ fn request() -> impl Strategy<Value = Request> {
         )
             .prop_map(|(subject, appliance)| Request::ClusterPin { subject, appliance }),
         any::<u64>().prop_map(|vpsd_id| Request::ClusterAdopt { vpsd_id }),
+        Just(Request::Topology),
         (
             proptest::string::string_regex("[a-z0-9:._-]{1,64}").unwrap(),
             any::<u64>(),
@@ -336,6 +337,19 @@ fn response() -> impl Strategy<Value = Response> {
             )
         )
             .prop_map(|(appliances, vpsds)| Response::Placement { appliances, vpsds }),
+        (1u16..=64, any::<u16>(), 1u16..=256, any::<bool>()).prop_map(
+            |(shards, shard, batch_items_max, with_ports)| Response::Topology(Topology {
+                shards,
+                shard: shard % shards,
+                hash: 1,
+                batch_items_max,
+                ports: if with_ports {
+                    (0..shards).map(|index| 7451 + index).collect()
+                } else {
+                    Vec::new()
+                },
+            })
+        ),
         error_body().prop_map(Response::Error),
     ]
 }

@@ -17,7 +17,7 @@ use indicia_proto::message::opcode;
 use indicia_proto::{
     Algorithm, ApplianceEntry, AuthorizationKind, ErrorBody, ErrorCode, Indicium, IndiciumPayload,
     ItemResult, LockReason, PinSubject, ProviderAuthorization, Request, Response, Role, SignItem,
-    StatEntry, Verdict, VpsdPlacement, VpsdState, VpsdStatus,
+    StatEntry, Topology, Verdict, VpsdPlacement, VpsdState, VpsdStatus,
 };
 use serde::{Deserialize, Serialize};
 
@@ -257,6 +257,7 @@ fn request_samples() -> Vec<(&'static str, Request)> {
             },
         ),
         ("cluster adopt", Request::ClusterAdopt { vpsd_id: 1001 }),
+        ("topology", Request::Topology),
     ]
 }
 
@@ -416,6 +417,16 @@ fn response_samples() -> Vec<(&'static str, Response)> {
             },
         ),
         (
+            "topology report (2 shards, shard ports)",
+            Response::Topology(Topology {
+                shards: 2,
+                shard: 1,
+                hash: 1,
+                batch_items_max: 256,
+                ports: vec![7451, 7452],
+            }),
+        ),
+        (
             "error",
             Response::error(ErrorCode::VpsdLocked, "vPSD 1001 is locked: audit"),
         ),
@@ -551,6 +562,7 @@ fn request_vectors_match_the_codec() {
         opcode::CLUSTER_DRAIN,
         opcode::CLUSTER_PIN,
         opcode::CLUSTER_ADOPT,
+        opcode::TOPOLOGY,
     ]
     .into();
     assert_eq!(opcodes, all, "every request opcode has a vector");
@@ -605,6 +617,7 @@ fn response_vectors_match_the_codec() {
         opcode::STATS_REPORT,
         opcode::CLUSTER_REPORT,
         opcode::PLACEMENT,
+        opcode::TOPOLOGY_REPORT,
         opcode::ERROR,
     ]
     .into();

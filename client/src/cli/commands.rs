@@ -20,7 +20,10 @@ use crate::provider::{authorize, kind_name, load_provider_key, read_authorizatio
 use crate::signing::{sign_many, Signed};
 use crate::transport::TlsFiles;
 use crate::verify::{check_data, read_hex_lines, signature_holds, Keys, Outcome, Store};
-use crate::{Client, Credential};
+use crate::{Client, Credential, Pool};
+
+/// How long one request of a command may take, from the call to its answer.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The appliance a command talks to, and how: nothing is read or connected until a
 /// command needs it.
@@ -32,14 +35,19 @@ pub(super) struct Appliance {
 }
 
 impl Appliance {
-    /// Reads the TLS files and the credential, connects and authenticates.
-    fn connect(&self) -> Result<(Client, Credential), CliError> {
+    /// Reads the TLS files (if any) and the credential.
+    fn settings(&self) -> Result<(Option<crate::TlsSettings>, Credential), CliError> {
         let tls = self
             .tls
             .as_ref()
             .map(|files| files.load(&self.addr))
             .transpose()?;
-        let credential = Credential::load(&self.credential)?;
+        Ok((tls, Credential::load(&self.credential)?))
+    }
+
+    /// Reads the TLS files and the credential, connects and authenticates.
+    fn connect(&self) -> Result<(Client, Credential), CliError> {
+        let (tls, credential) = self.settings()?;
         let client = Client::connect_with(self.addr.as_str(), &credential, tls.as_ref())?;
         Ok((client, credential))
     }
@@ -48,41 +56,21 @@ impl Appliance {
         Ok(self.connect()?.0)
     }
 
-    /// A connection to the appliance that owns `vpsd` (or, for one nobody owns yet, where a
-    /// provision would go), learned from the appliance given (`cluster-placement`); that
-    /// appliance itself when it is not in a cluster or the vPSD is its own. The one given
-    /// would forward the request all the same: this saves the hop.
-    fn client_for(&self, vpsd: u64) -> Result<(Client, Credential), CliError> {
-        let (mut client, credential) = self.connect()?;
-        let owner_addr = match client.placement(&[vpsd]) {
-            Ok(placement) => placement
-                .vpsds
-                .first()
-                .and_then(|placed| {
-                    placement
-                        .appliances
-                        .iter()
-                        .find(|(id, _)| *id == placed.appliance)
-                })
-                .map(|(_, address)| address.clone()),
-            // Not in a cluster (or not allowed to ask): this appliance it is.
-            Err(crate::ClientError::Refused(_)) => None,
-            Err(err) => return Err(err.into()),
-        };
-        let Some(addr) = owner_addr.filter(|addr| *addr != self.addr) else {
-            return Ok((client, credential));
-        };
-        let tls = self
-            .tls
-            .as_ref()
-            .map(|files| files.load(&addr))
-            .transpose()?;
-        let owner = Client::connect_with(addr.as_str(), &credential, tls.as_ref())?;
-        Ok((owner, credential))
+    /// The client library's pool, seeded with the appliance given: every per-vPSD command
+    /// goes to the appliance that owns the vPSD (or, for one nobody owns yet, where a
+    /// provision would go) and to its shard there. The one given would forward the request
+    /// all the same: this saves the hop.
+    fn pool(&self) -> Result<(Pool, Credential), CliError> {
+        let (tls, credential) = self.settings()?;
+        let pool = Pool::builder(&[self.addr.as_str()], &credential)
+            .tls(tls)
+            .timeout(CALL_TIMEOUT)
+            .build()?;
+        Ok((pool, credential))
     }
 
-    fn client_of(&self, vpsd: u64) -> Result<Client, CliError> {
-        Ok(self.client_for(vpsd)?.0)
+    fn pool_of(&self) -> Result<Pool, CliError> {
+        Ok(self.pool()?.0)
     }
 }
 
@@ -109,27 +97,27 @@ pub(super) fn run(
             provider_request(AuthorizationKind::Contact, source, appliance, output)
         }
         Command::Sign(args) => sign(args, appliance, output),
-        Command::Status { vpsd } => output.status(&appliance.client_of(vpsd)?.status(vpsd)?),
+        Command::Status { vpsd } => output.status(&appliance.pool_of()?.status(vpsd)?),
         Command::Pubkey(args) => pubkey(args, appliance, output),
         Command::Lock { vpsd, reason } => {
             let request = Request::Lock {
                 vpsd_id: vpsd,
                 reason,
             };
-            output.status(&appliance.client_of(vpsd)?.change(&request)?)
+            output.status(&appliance.pool_of()?.change(request)?)
         }
         Command::Unlock { vpsd } => output.status(
             &appliance
-                .client_of(vpsd)?
-                .change(&Request::Unlock { vpsd_id: vpsd })?,
+                .pool_of()?
+                .change(Request::Unlock { vpsd_id: vpsd })?,
         ),
         Command::RotateKey { vpsd } => output.status(
             &appliance
-                .client_of(vpsd)?
-                .change(&Request::RotateKey { vpsd_id: vpsd })?,
+                .pool_of()?
+                .change(Request::RotateKey { vpsd_id: vpsd })?,
         ),
         Command::Withdraw { vpsd } => {
-            let (refund_mills, status) = appliance.client_of(vpsd)?.withdraw(vpsd)?;
+            let (refund_mills, status) = appliance.pool_of()?.withdraw(vpsd)?;
             output::withdrawn(output, refund_mills, &status)
         }
         Command::Stats => {
@@ -196,8 +184,8 @@ fn provision(
     appliance: &Appliance,
     output: &mut Output<'_>,
 ) -> Result<(), CliError> {
-    let (mut client, credential) = appliance.client_for(args.vpsd)?;
-    let status = client.change(&Request::Provision {
+    let (pool, credential) = appliance.pool()?;
+    let status = pool.change(Request::Provision {
         vpsd_id: args.vpsd,
         owner: args.owner.unwrap_or(credential.client_id),
         algorithm: args.algorithm,
@@ -239,10 +227,10 @@ fn provider_request(
     appliance: &Appliance,
     output: &mut Output<'_>,
 ) -> Result<(), CliError> {
-    let (mut client, authorization) = match source {
+    let (pool, authorization) = match source {
         AuthorizationSource::File { path, vpsd } => {
             let authorization = checked_authorization_file(&path, kind, vpsd)?;
-            (appliance.client_of(authorization.vpsd_id)?, authorization)
+            (appliance.pool_of()?, authorization)
         }
         AuthorizationSource::ProviderKey {
             vpsd,
@@ -250,11 +238,11 @@ fn provider_request(
             provider_key,
         } => {
             let key = load_provider_key(&provider_key)?;
-            let mut client = appliance.client_of(vpsd)?;
-            let sequence = client.status(vpsd)?.provider_sequence + 1;
+            let pool = appliance.pool_of()?;
+            let sequence = pool.status(vpsd)?.provider_sequence + 1;
             let authorization =
                 authorize(&key, kind, vpsd, amount_mills, sequence, now_unix() + 3600);
-            (client, authorization)
+            (pool, authorization)
         }
     };
     let vpsd_id = authorization.vpsd_id;
@@ -268,7 +256,7 @@ fn provider_request(
             authorization,
         },
     };
-    output.status(&client.change(&request)?)
+    output.status(&pool.change(request)?)
 }
 
 /// The data a sign or verify command binds: `--data TEXT` or `--data-file FILE`.
@@ -298,12 +286,12 @@ fn sign(args: SignArgs, appliance: &Appliance, output: &mut Output<'_>) -> Resul
         data_digest,
     };
     let count = args.count.get();
-    let mut client = appliance.client_of(args.vpsd)?;
+    let pool = appliance.pool_of()?;
     let Signed {
         indicia: signed,
         refused,
         error,
-    } = sign_many(&mut client, args.vpsd, item, count);
+    } = sign_many(&pool, args.vpsd, item, count);
     // What was signed is charged: it is written out whatever happened after.
     let text = output::indicia(&signed, output.json);
     output.write_to(args.out.as_deref(), &text)?;
@@ -340,9 +328,7 @@ fn pubkey(
     output: &mut Output<'_>,
 ) -> Result<(), CliError> {
     let vpsd = args.vpsd;
-    let (algorithm, key_serial, der) = appliance
-        .client_of(vpsd)?
-        .public_key_of(vpsd, args.serial)?;
+    let (algorithm, key_serial, der) = appliance.pool_of()?.public_key_of(vpsd, args.serial)?;
     let pem = crate::verify::spki_pem(&der);
     let path = match args.out_dir {
         Some(dir) => Some(dir.join(crate::verify::key_file_name(vpsd, key_serial))),

@@ -10,6 +10,7 @@
 
 pub mod error;
 pub mod idempotency;
+mod keycache;
 pub mod keys;
 pub mod record;
 pub mod registers;
@@ -66,6 +67,9 @@ pub struct EngineConfig {
     pub idempotency_indicia_max: usize,
     /// Most vPSDs this shard holds.
     pub vpsds_max: usize,
+    /// Signing keys kept loaded between sessions, for the vPSDs used most recently (0:
+    /// every session loads its vPSD's key and drops it at its end).
+    pub key_cache_keys: usize,
     /// Most key generations one vPSD has: a rotation beyond is refused. Old keys are kept
     /// (indicia they signed still verify), so this bounds a vPSD's size in memory and in
     /// every checkpoint; the journal's encoding holds at most 65 535.
@@ -84,6 +88,7 @@ impl Default for EngineConfig {
             idempotency_indicia_max: 262_144,
             vpsds_max: 100_000,
             keys_per_vpsd_max: 1024,
+            key_cache_keys: 4096,
         }
     }
 }
@@ -121,11 +126,14 @@ pub struct Engine {
     provisioning_blocked: Option<String>,
     window: IdempotencyWindow,
     rng: SystemRandom,
+    /// Signing keys kept loaded between sessions ([`keycache`]).
+    keys: std::cell::RefCell<keycache::KeyCache>,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig, master: MasterKey, provider_public_key: [u8; 32]) -> Self {
         let window = IdempotencyWindow::new(config.idempotency_indicia_max);
+        let keys = std::cell::RefCell::new(keycache::KeyCache::new(config.key_cache_keys));
         Self {
             config,
             master,
@@ -135,6 +143,7 @@ impl Engine {
             provisioning_blocked: None,
             window,
             rng: SystemRandom::new(),
+            keys,
         }
     }
 
@@ -277,6 +286,7 @@ impl Engine {
             master: &self.master,
             rng: &self.rng,
             window: &self.window,
+            keys: &self.keys,
             contact_seconds_max: self.contact_seconds_max(),
         };
         session::prepare(&context, now_unix, vpsd, jobs)
@@ -724,7 +734,16 @@ impl Engine {
         self.remember(record);
         if let Record::Release { vpsd_id, .. } = record {
             self.vpsds.remove(vpsd_id);
+            self.keys.get_mut().forget(*vpsd_id);
         } else {
+            let changed = self
+                .vpsds
+                .get(&next.id)
+                .is_some_and(|before| before.current_key().serial != next.current_key().serial);
+            if changed || next.current_key().sealed.is_none() {
+                // Rotated, or withdrawn: the key loaded for it is not its key any more.
+                self.keys.get_mut().forget(next.id);
+            }
             self.vpsds.insert(record.vpsd_id(), next);
         }
     }

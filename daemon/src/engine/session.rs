@@ -5,6 +5,7 @@
 //! its own error and does not stop the others.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use aws_lc_rs::rand::SystemRandom;
 use indicia_proto::{ErrorBody, Indicium, IndiciumPayload, MailingDate, SignItem};
@@ -25,6 +26,8 @@ pub(super) struct SessionContext<'a> {
     pub master: &'a MasterKey,
     pub rng: &'a SystemRandom,
     pub window: &'a IdempotencyWindow,
+    /// Keys kept loaded between sessions.
+    pub keys: &'a std::cell::RefCell<super::keycache::KeyCache>,
     /// The watchdog's limit on the time since the last provider contact.
     pub contact_seconds_max: u64,
 }
@@ -179,8 +182,8 @@ fn build_payload(
 fn current_key(
     context: &SessionContext<'_>,
     vpsd: &Vpsd,
-    loaded: &mut Option<SigningKey>,
-) -> Result<SigningKey, EngineError> {
+    loaded: &mut Option<Arc<SigningKey>>,
+) -> Result<Arc<SigningKey>, EngineError> {
     if let Some(key) = loaded.take() {
         return Ok(key);
     }
@@ -191,9 +194,17 @@ fn current_key(
             vpsd.id
         )));
     };
-    Ok(context
-        .master
-        .load(vpsd.key_binding(current), sealed, &current.public)?)
+    let mut keys = context.keys.borrow_mut();
+    if let Some(key) = keys.get(vpsd.id, current.serial, &current.public.bytes) {
+        return Ok(key);
+    }
+    let key = Arc::new(
+        context
+            .master
+            .load(vpsd.key_binding(current), sealed, &current.public)?,
+    );
+    keys.put(vpsd.id, current.serial, &current.public.bytes, &key);
+    Ok(key)
 }
 
 /// What the cluster remembers of a sign: see [`RememberedAnswer::Resign`].
@@ -212,7 +223,7 @@ fn resign(
     vpsd: &Vpsd,
     job: &SignJob,
     remembered: Resign<'_>,
-    loaded: &mut Option<SigningKey>,
+    loaded: &mut Option<Arc<SigningKey>>,
 ) -> JobAnswer {
     if remembered.outcomes.len() != job.items.len() {
         return Err(EngineError::RequestIdReused {
@@ -263,8 +274,10 @@ fn resign(
     }
 }
 
-/// Prepares one signing session for `vpsd` over `jobs`, changing nothing. The key is
-/// unsealed once (only if something is to be signed) and dropped, zeroized, on return.
+/// Prepares one signing session for `vpsd` over `jobs`, changing nothing. The key is taken
+/// once, only if something is to be signed: from the engine's loaded keys, or unsealed
+/// and then kept there ([`super::keycache`]; with no room for keys it is dropped, zeroized,
+/// on return).
 pub(super) fn prepare(
     context: &SessionContext<'_>,
     now_unix: u64,
@@ -379,7 +392,7 @@ pub(super) fn prepare(
     for (index, first) in duplicates {
         answers[index] = answers[first].clone();
     }
-    // Unload: the key is dropped here, before anything is journaled or answered.
+    // The session's hold on the key ends here, before anything is journaled or answered.
     drop(signing_key);
     let record = (!records.is_empty()).then(|| {
         let record = SessionRecord {

@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_proto::{
     AuthorizationKind, ErrorCode, Indicium, LockReason, MailingDate, ProviderAuthorization,
@@ -575,4 +577,69 @@ fn provision_refuses_duplicates_and_capacity() {
             .code(),
         ErrorCode::UnknownVpsd
     );
+}
+
+#[test]
+fn loaded_keys_are_kept_between_sessions_and_dropped_when_they_change() {
+    let mut f = funded(Algorithm::EcdsaP256, 10_000);
+    assert_eq!(
+        f.engine.keys.borrow().len(),
+        0,
+        "nothing loaded before a session"
+    );
+    let first = signed(&f.session(NOW, 1, &[job(1, vec![item(100)])])[0])[0];
+    assert_eq!(f.engine.keys.borrow().len(), 1);
+    let public = f.engine.vpsd(1).unwrap().current_key().public.bytes.clone();
+    let cached = f.engine.keys.borrow_mut().get(1, 1, &public).unwrap();
+    // The next session signs with the very key object the first one loaded.
+    let second = signed(&f.session(NOW, 1, &[job(2, vec![item(100)])])[0])[0];
+    let again = f.engine.keys.borrow_mut().get(1, 1, &public).unwrap();
+    assert!(Arc::ptr_eq(&cached, &again));
+    assert_eq!(second.payload.piece_number, first.payload.piece_number + 1);
+    // Another public key for the same serial is not this key (and it is dropped: a
+    // lookup only ever asks for the vPSD's current key).
+    assert!(f.engine.keys.borrow_mut().get(1, 1, &[0u8; 65]).is_none());
+    assert_eq!(f.engine.keys.borrow().len(), 0);
+    let second = signed(&f.session(NOW, 1, &[job(3, vec![item(100)])])[0])[0];
+    assert_eq!(
+        f.engine.verify(second.to_bytes().as_ref()).0,
+        Verdict::Valid
+    );
+
+    // A rotation: the next session loads the new key; the old one is gone.
+    let record = f.engine.prepare_rotate_key(NOW, 1).unwrap();
+    f.engine.commit(record);
+    let rotated = signed(&f.session(NOW, 1, &[job(4, vec![item(100)])])[0])[0];
+    assert_eq!(rotated.payload.key_serial, 2);
+    assert_eq!(
+        f.engine.verify(rotated.to_bytes().as_ref()).0,
+        Verdict::Valid
+    );
+    assert_eq!(f.engine.keys.borrow().len(), 1);
+    let public_2 = f.engine.vpsd(1).unwrap().current_key().public.bytes.clone();
+    assert!(f.engine.keys.borrow_mut().get(1, 2, &public_2).is_some());
+    assert!(f.engine.keys.borrow_mut().get(1, 1, &public).is_none());
+
+    // A withdrawal drops it.
+    let record = f.engine.prepare_withdraw(NOW, 1).unwrap();
+    f.engine.commit(record);
+    assert_eq!(f.engine.keys.borrow().len(), 0);
+
+    // Bounded: with room for 2 keys, 3 vPSDs keep 2 loaded; with 0, none stays.
+    for (capacity, kept) in [(2, 2), (0, 0)] {
+        let mut f = Fixture::new(EngineConfig {
+            key_cache_keys: capacity,
+            ..EngineConfig::default()
+        });
+        for vpsd in 1..=3 {
+            f.provision(vpsd, Algorithm::Ed25519);
+            f.refill(vpsd, 1_000, 9_000 + vpsd).unwrap();
+            let indicium = signed(&f.session(NOW, vpsd, &[job(vpsd, vec![item(100)])])[0])[0];
+            assert_eq!(
+                f.engine.verify(indicium.to_bytes().as_ref()).0,
+                Verdict::Valid
+            );
+        }
+        assert_eq!(f.engine.keys.borrow().len(), kept);
+    }
 }

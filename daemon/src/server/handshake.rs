@@ -393,6 +393,8 @@ pub fn authorize(client: &ClientEntry, request: &Request) -> Result<(), String> 
         },
         // The provider's signature authorizes these, whoever carries them.
         Request::Refill { .. } | Request::Contact { .. } => Ok(()),
+        // How this appliance is sharded: nothing about any vPSD.
+        Request::Topology => Ok(()),
         // Where its own vPSDs are, so that it can send their requests there.
         Request::ClusterPlacement { vpsd_ids } => vpsd_ids
             .iter()

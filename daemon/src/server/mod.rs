@@ -33,7 +33,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use thiserror::Error;
 
 use crate::cluster::{Adoption, Replicator};
-use crate::config::{ClientRole, Config};
+use crate::config::{ClientRole, Config, ServerConfig};
 use crate::datadir::{self, DataDir, DataDirError};
 use crate::engine::{Engine, MasterKey};
 use crate::store::{RecoveryReport, Store, StoreError};
@@ -56,6 +56,9 @@ pub enum ServerError {
     MasterKey(#[from] crate::engine::keys::KeyError),
     #[error("runtime: {0}")]
     Runtime(String),
+    /// A setting that holds alone but not with the rest (the shard count, say).
+    #[error("config: {0}")]
+    Config(String),
     #[error("shard {0} failed to start: {1}")]
     ShardFailed(u16, Box<ServerError>),
     #[error(transparent)]
@@ -80,9 +83,7 @@ pub struct ClusterStart {
 /// The shard that owns a vPSD. Fixed for the life of a data directory: the journals hold
 /// each vPSD in its shard's files, which is why the shard count is recorded there.
 pub fn shard_of(vpsd_id: u64, shards: u16) -> u16 {
-    let hash = xxhash_rust::xxh3::xxh3_64(&vpsd_id.to_le_bytes());
-    // hash % shards < shards <= u16::MAX.
-    (hash % u64::from(shards.max(1))) as u16
+    indicia_proto::shard_of(vpsd_id, shards)
 }
 
 /// State shared by the shards and the thread that controls them.
@@ -212,6 +213,8 @@ enum ShardReady {
 pub struct Server {
     local_addr: SocketAddr,
     shards: u16,
+    /// Each shard's own port (empty without `shard_ports`).
+    shard_ports: Arc<Vec<u16>>,
     control: Arc<Control>,
     metrics: Arc<Metrics>,
     recovery: Vec<RecoveryReport>,
@@ -297,11 +300,26 @@ pub const LISTEN_WAIT: Duration = Duration::from_secs(10);
 /// most: a start right after a crash waits for the dead process's sockets to go, and a
 /// second appliance on the same address still fails to start.
 fn sockets(addr: SocketAddr, shards: u16) -> Result<(SocketAddr, Vec<Socket>), ServerError> {
+    let probe = bound_waiting(addr, false)?;
+    let addr = probe
+        .local_addr()
+        .ok()
+        .and_then(|bound| bound.as_socket())
+        .unwrap_or(addr);
+    drop(probe);
+    let sockets = (0..shards)
+        .map(|_| bound(addr, true))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((addr, sockets))
+}
+
+/// [`bound`], tried again while the address is in use, for [`LISTEN_WAIT`] at most.
+fn bound_waiting(addr: SocketAddr, reuse_port: bool) -> Result<Socket, ServerError> {
     let deadline = std::time::Instant::now() + LISTEN_WAIT;
     let mut logged = false;
-    let probe = loop {
-        match bound(addr, false) {
-            Ok(probe) => break probe,
+    loop {
+        match bound(addr, reuse_port) {
+            Ok(socket) => return Ok(socket),
             Err(ServerError::Listen { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse
                     && std::time::Instant::now() < deadline =>
@@ -318,17 +336,45 @@ fn sockets(addr: SocketAddr, shards: u16) -> Result<(SocketAddr, Vec<Socket>), S
             }
             Err(err) => return Err(err),
         }
-    };
-    let addr = probe
-        .local_addr()
-        .ok()
-        .and_then(|bound| bound.as_socket())
-        .unwrap_or(addr);
-    drop(probe);
-    let sockets = (0..shards)
-        .map(|_| bound(addr, true))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((addr, sockets))
+    }
+}
+
+/// Each shard's own socket, bound, not listening yet (none without `shard_ports`): on the
+/// listen address's IP, at `shard_port_base` + the shard's index, or at a port the system
+/// picks when the base is 0.
+fn shard_sockets(
+    listen: SocketAddr,
+    shards: u16,
+    server: &ServerConfig,
+) -> Result<Vec<(SocketAddr, Socket)>, ServerError> {
+    if !server.shard_ports {
+        return Ok(Vec::new());
+    }
+    let base = server.shard_port_base;
+    if base != 0 {
+        let last = u32::from(base) + u32::from(shards) - 1;
+        if last > u32::from(u16::MAX)
+            || (u32::from(base)..=last).contains(&u32::from(listen.port()))
+        {
+            return Err(ServerError::Config(format!(
+                "server.shard_port_base = {base}: the {shards} shard ports {base}..={last} must \
+                 fit below 65536 and leave out the listen port {}",
+                listen.port()
+            )));
+        }
+    }
+    (0..shards)
+        .map(|index| {
+            let port = if base == 0 { 0 } else { base + index };
+            let socket = bound_waiting(SocketAddr::new(listen.ip(), port), false)?;
+            let addr = socket
+                .local_addr()
+                .ok()
+                .and_then(|bound| bound.as_socket())
+                .unwrap_or(listen);
+            Ok((addr, socket))
+        })
+        .collect()
 }
 
 /// Opened by the main thread once every shard has started (true: their sockets listen,
@@ -512,7 +558,24 @@ impl Server {
                 None
             }
         };
-        let (local_addr, sockets) = sockets(config.listen, shards)?;
+        let (local_addr, mut sockets) = sockets(config.listen, shards)?;
+        let shard_sockets = shard_sockets(local_addr, shards, &config.server)?;
+        let shard_ports: Arc<Vec<u16>> =
+            Arc::new(shard_sockets.iter().map(|(addr, _)| addr.port()).collect());
+        let mut shard_fds = shard_sockets
+            .iter()
+            .map(|(addr, socket)| {
+                socket
+                    .try_clone()
+                    .map(OwnedFd::from)
+                    .map_err(|source| ServerError::Listen {
+                        addr: *addr,
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter();
+        sockets.extend(shard_sockets.into_iter().map(|(_, socket)| socket));
         // Each shard gets its own descriptor of its socket; `sockets` keeps one to start
         // listening with once every shard serves.
         let fds = sockets
@@ -595,6 +658,8 @@ impl Server {
                 // More shards than cores (a test, or an operator's choice) share cores.
                 cpu: cpus.get(usize::from(index) % cpus.len().max(1)).copied(),
                 listener: fd,
+                shard_listener: shard_fds.next(),
+                shard_ports: Arc::clone(&shard_ports),
                 open_store,
                 senders,
                 receivers,
@@ -664,6 +729,7 @@ impl Server {
         let server = Self {
             local_addr,
             shards,
+            shard_ports,
             control,
             metrics,
             recovery: recovery.into_iter().map(|(_, report)| report).collect(),
@@ -682,6 +748,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Each shard's own port, by shard (empty without `[server] shard_ports`).
+    pub fn shard_ports(&self) -> &[u16] {
+        &self.shard_ports
     }
 
     pub fn shards(&self) -> u16 {

@@ -108,6 +108,9 @@ pub(super) struct ShardSetup {
     pub shards: u16,
     pub cpu: Option<usize>,
     pub listener: OwnedFd,
+    /// The shard's own listening socket (`shard_ports`), and every shard's port.
+    pub shard_listener: Option<OwnedFd>,
+    pub shard_ports: Arc<Vec<u16>>,
     pub open_store: Box<dyn FnOnce() -> Result<Store, ServerError> + Send>,
     pub senders: Vec<Option<shared_channel::SharedSender<Cross>>>,
     pub receivers: Vec<shared_channel::SharedReceiver<Cross>>,
@@ -224,6 +227,10 @@ pub(super) struct Shard {
     /// Cluster mode: etcd.
     pub(super) replicator: Option<Arc<dyn Replicator>>,
     stop_accepting: Signal,
+    /// The same, for the shard's own port.
+    stop_accepting_shard_port: Signal,
+    /// Every shard's own port, by shard (empty without `shard_ports`).
+    pub(super) shard_ports: Arc<Vec<u16>>,
     /// Shutdown has begun: connections are being closed.
     stopping: Cell<bool>,
     /// The driver must stop.
@@ -246,6 +253,8 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         index,
         shards,
         listener,
+        shard_listener,
+        shard_ports,
         open_store,
         senders,
         receivers,
@@ -273,6 +282,10 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     // shard; ownership of the descriptor passes to glommio's listener here.
     #[allow(unsafe_code)]
     let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+    // SAFETY: as above, the shard's own listening socket (`shard_ports`).
+    #[allow(unsafe_code)]
+    let shard_listener =
+        shard_listener.map(|fd| unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) });
     // Each end of a channel waits for the other to connect: connect all ends at once, or
     // two shards would wait for each other. glommio notices a peer's connection only on a
     // turn of its reactor, so a ticker keeps the reactor turning until all are connected.
@@ -328,6 +341,8 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         flush_in_flight: Cell::new(false),
         replicator,
         stop_accepting: Signal::default(),
+        stop_accepting_shard_port: Signal::default(),
+        shard_ports,
         stopping: Cell::new(false),
         stopped: Cell::new(false),
         inflight_total: Rc::new(Cell::new(0)),
@@ -361,7 +376,16 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
         .spawn_blocking(move || control.gate.wait())
         .await;
     if serve {
-        accept(&shard, listener).await;
+        match shard_listener {
+            Some(own) => {
+                futures_lite::future::zip(
+                    accept(&shard, listener, &shard.stop_accepting),
+                    accept(&shard, own, &shard.stop_accepting_shard_port),
+                )
+                .await;
+            }
+            None => accept(&shard, listener, &shard.stop_accepting).await,
+        }
     }
     drain(&shard).await;
     // No more sessions: stop the driver, then make everything appended durable and hand
@@ -377,13 +401,13 @@ async fn run_shard(setup: ShardSetup) -> Result<(), ServerError> {
     Ok(())
 }
 
-/// Accepts connections until shutdown.
-async fn accept(shard: &Rc<Shard>, listener: TcpListener) {
+/// Accepts connections on one listener until `stop`.
+async fn accept(shard: &Rc<Shard>, listener: TcpListener, stop: &Signal) {
     loop {
         // The stop signal is polled first: a backlog of connections must not hide it.
         let accepted = futures_lite::future::or(
             async {
-                shard.stop_accepting.wait().await;
+                stop.wait().await;
                 None
             },
             async { Some(listener.accept().await) },
@@ -546,6 +570,7 @@ async fn watch(shard: Rc<Shard>) {
         if !stopping && shard.control.shutdown.load(Ordering::Acquire) {
             stopping = true;
             shard.stop_accepting.notify();
+            shard.stop_accepting_shard_port.notify();
         }
         glommio::timer::sleep(Duration::from_millis(100)).await;
     }

@@ -299,6 +299,22 @@ fn forwarded_client(
     Ok(client)
 }
 
+/// The most items of a `sign-batch` whose frame fits `request_body_bytes_max` with every
+/// item at its largest, also when another appliance carries it (`forwarded`, with the
+/// longest client id).
+fn batch_items_max(request_body_bytes_max: u32) -> u16 {
+    use indicia_proto::message::{BATCH_ITEMS_MAX, CLIENT_ID_BYTES_MAX};
+    /// A `forwarded` body around its request: client id (u16 length and bytes), request
+    /// id, opcode.
+    const FORWARDED_BYTES: usize = 2 + CLIENT_ID_BYTES_MAX + 8 + 1;
+    /// A `sign-batch` body: vPSD id and count, then the items (49 bytes at most each).
+    const SIGN_BATCH_BYTES: usize = 8 + 2;
+    const ITEM_BYTES_MAX: usize = 49;
+    let room = (request_body_bytes_max as usize).saturating_sub(FORWARDED_BYTES + SIGN_BATCH_BYTES);
+    // At most BATCH_ITEMS_MAX (256), so the cast holds.
+    (room / ITEM_BYTES_MAX).clamp(1, BATCH_ITEMS_MAX) as u16
+}
+
 /// Takes a request in flight for the frame at hand, waiting while the connection has its
 /// fill; requests held in the forwarder would never be answered meanwhile, so they go
 /// first.
@@ -349,6 +365,17 @@ fn dispatch(
         Request::Stats => {
             let report = shard.metrics.report();
             deliver_local(shard, vec![(reply, Response::Stats { entries: report })]);
+            return None;
+        }
+        Request::Topology => {
+            let topology = indicia_proto::Topology {
+                shards: shard.shards,
+                shard: shard.index,
+                hash: indicia_proto::message::SHARD_HASH_XXH3,
+                batch_items_max: batch_items_max(shard.config.request_body_bytes_max),
+                ports: shard.shard_ports.to_vec(),
+            };
+            deliver_local(shard, vec![(reply, Response::Topology(topology))]);
             return None;
         }
         Request::ClusterStatus | Request::ClusterTakeover { .. } => {
