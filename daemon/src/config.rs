@@ -48,6 +48,66 @@ pub struct Config {
     /// Cluster mode (milestone 2): the vPSDs' state replicated and fenced on etcd. Without
     /// it the appliance runs alone (docs/CLUSTER.md).
     pub cluster: Option<ClusterConfig>,
+    /// The master key sealed by an AES key inside an HSM (PKCS#11), not a file. Without it
+    /// the master key is `master.key` or its systemd credential (docs/OPERATIONS.md 5.7).
+    pub hsm: Option<HsmConfig>,
+}
+
+/// The `[hsm]` section: which PKCS#11 module, token and key seal the master key, and which
+/// systemd credential holds the token's PIN (never the configuration file).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HsmConfig {
+    /// The HSM vendor's PKCS#11 module (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so).
+    pub module: PathBuf,
+    /// The token's label.
+    pub token: String,
+    /// The label of the AES key that seals the master key.
+    #[serde(default = "HsmConfig::default_key_label")]
+    pub key_label: String,
+    /// The systemd credential with the token's user PIN (`$CREDENTIALS_DIRECTORY/NAME`).
+    #[serde(default = "HsmConfig::default_pin_credential")]
+    pub pin_credential: String,
+}
+
+impl HsmConfig {
+    fn default_key_label() -> String {
+        "indicia-master".into()
+    }
+
+    fn default_pin_credential() -> String {
+        "hsm-pin".into()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if !self.module.is_absolute() {
+            return Err(format!(
+                "hsm.module = {:?} must be an absolute path (the PKCS#11 module)",
+                self.module
+            ));
+        }
+        // PKCS#11 labels are 32 bytes, blank-padded.
+        for (key, value) in [("token", &self.token), ("key_label", &self.key_label)] {
+            if value.is_empty() || value.len() > 32 || value.ends_with(' ') {
+                return Err(format!(
+                    "hsm.{key} = {value:?}: 1 to 32 bytes, not ending in a space"
+                ));
+            }
+        }
+        let name = &self.pin_credential;
+        if name.is_empty()
+            || name.len() > 255
+            || !name
+                .bytes()
+                .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
+            || name.starts_with('.')
+        {
+            return Err(format!(
+                "hsm.pin_credential = {name:?}: a credential name (letters, digits, '.', '_', '-')"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The longest appliance id: it must fit the replicated state's origin, and, as
@@ -321,6 +381,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             clients: Vec::new(),
             cluster: None,
+            hsm: None,
         }
     }
 }
@@ -346,6 +407,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |message: String| Err(ConfigError::Invalid(message));
+        if let Some(hsm) = &self.hsm {
+            hsm.validate().map_err(ConfigError::Invalid)?;
+        }
         if let Some(cluster) = &self.cluster {
             cluster.validate().map_err(ConfigError::Invalid)?;
             let peer_files = [

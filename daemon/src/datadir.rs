@@ -6,6 +6,9 @@
 //! and says where they are. There is never unauthenticated access, not even by default. A
 //! master key file that the group or others may read is refused.
 //!
+//! The master key is `master.key` (or its systemd credential), or, with `[hsm]`,
+//! `master.key.hsm`: the same 32 bytes sealed by a key inside an HSM ([`crate::hsm`]).
+//!
 //! How each file is written and read (private, durable, the credential's TOML) is
 //! `indicia-files`'s, shared with the client; its error type is this module's
 //! [`DataDirError`].
@@ -13,6 +16,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::config::HsmConfig;
+use crate::hsm::{Hsm, HsmError, SealedMasterKey, SEALED_MASTER_KEY_FILE};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_files::{parse_hex32, random32, write_durable, write_private};
 use zeroize::Zeroizing;
@@ -38,6 +43,78 @@ fn create_secret(path: &Path) -> Result<Zeroizing<[u8; 32]>, DataDirError> {
     let text = Zeroizing::new(format!("{}\n", hex::encode(secret.as_ref())));
     write_private(path, text.as_bytes())?;
     Ok(secret)
+}
+
+/// Where the master key comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum KeySource<'a> {
+    /// `master.key` in the data directory, or this file instead (a systemd credential).
+    File(Option<&'a Path>),
+    /// `master.key.hsm` in the data directory, opened by the HSM; the PIN from this file
+    /// (a tool's `--pin-file`) or else from the `[hsm] pin_credential` credential.
+    Hsm {
+        config: &'a HsmConfig,
+        pin_file: Option<&'a Path>,
+    },
+}
+
+/// Why the master key could not be had.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MasterKeyError {
+    #[error(transparent)]
+    File(#[from] DataDirError),
+    #[error("HSM: {0}")]
+    Hsm(#[from] HsmError),
+    #[error(
+        "{path}: the master key is sealed by an HSM here; configure [hsm] (docs/OPERATIONS.md \
+         5.7)"
+    )]
+    SealedByHsm { path: PathBuf },
+    #[error(
+        "{path}: the data directory holds a file master key, but [hsm] is configured; move it \
+         into the HSM with `indiciad rewrap` (docs/OPERATIONS.md 5.7)"
+    )]
+    FileKeyUnderHsm { path: PathBuf },
+}
+
+impl KeySource<'_> {
+    /// Opens the HSM session this source needs (the PIN read first).
+    fn hsm(config: &HsmConfig, pin_file: Option<&Path>) -> Result<Hsm, HsmError> {
+        let pin = crate::hsm::read_pin(config, pin_file)?;
+        let source = match pin_file {
+            Some(file) => file.display().to_string(),
+            None => format!("the credential {:?}", config.pin_credential),
+        };
+        Hsm::open(config, &pin, &source)
+    }
+}
+
+/// The master key of an existing data directory, read-only: nothing is created (the
+/// offline tools, and an audit of a backup's copy).
+pub fn read_master_key(
+    path: &Path,
+    source: KeySource<'_>,
+) -> Result<Zeroizing<[u8; 32]>, MasterKeyError> {
+    let file_path = path.join(MASTER_KEY_FILE);
+    let sealed_path = path.join(SEALED_MASTER_KEY_FILE);
+    match source {
+        KeySource::File(Some(file)) => Ok(load_secret(file)?),
+        KeySource::File(None) => {
+            if !file_path.exists() && sealed_path.exists() {
+                return Err(MasterKeyError::SealedByHsm { path: sealed_path });
+            }
+            Ok(load_secret(&file_path)?)
+        }
+        KeySource::Hsm { config, pin_file } => {
+            if !sealed_path.exists() && file_path.exists() {
+                return Err(MasterKeyError::FileKeyUnderHsm { path: file_path });
+            }
+            let sealed = SealedMasterKey::read(&sealed_path)?;
+            let hsm = KeySource::hsm(config, pin_file)?;
+            Ok(hsm.unseal(&sealed, &sealed_path)?)
+        }
+    }
 }
 
 /// The appliance's secrets and where its journals go.
@@ -67,23 +144,32 @@ fn has_journals(path: &Path) -> Result<bool, DataDirError> {
 
 impl DataDir {
     /// Opens the data directory, creating what is missing on first start.
-    pub fn open_or_init(path: &Path) -> Result<Self, DataDirError> {
-        Self::open_with(path, None)
+    pub fn open_or_init(path: &Path) -> Result<Self, MasterKeyError> {
+        Self::open_with(path, KeySource::File(None))
     }
 
-    /// Like [`DataDir::open_or_init`], but with the master key read from `master_key_file`
-    /// when given (a systemd credential): then none is created in the data directory.
-    pub fn open_with(path: &Path, master_key_file: Option<&Path>) -> Result<Self, DataDirError> {
+    /// Like [`DataDir::open_or_init`], with the master key from `source`: a file in the data
+    /// directory, a systemd credential (then none is created in the data directory), or the
+    /// HSM (a new data directory gets a new master key sealed by it, `master.key.hsm`).
+    pub fn open_with(path: &Path, source: KeySource<'_>) -> Result<Self, MasterKeyError> {
         std::fs::create_dir_all(path).map_err(DataDirError::io(path))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
             .map_err(DataDirError::io(path))?;
         let mut created = Vec::new();
 
-        let master_path = path.join(MASTER_KEY_FILE);
-        let master_key = if let Some(file) = master_key_file {
-            load_secret(file)?
-        } else if master_path.exists() {
-            load_secret(&master_path)?
+        let master_path = match source {
+            KeySource::Hsm { .. } => path.join(SEALED_MASTER_KEY_FILE),
+            KeySource::File(_) => path.join(MASTER_KEY_FILE),
+        };
+        let fresh = match source {
+            KeySource::File(Some(_)) => false,
+            KeySource::File(None) => {
+                !master_path.exists() && !path.join(SEALED_MASTER_KEY_FILE).exists()
+            }
+            KeySource::Hsm { .. } => !master_path.exists() && !path.join(MASTER_KEY_FILE).exists(),
+        };
+        let master_key = if !fresh {
+            read_master_key(path, source)?
         } else if has_journals(path)? {
             // A new key could read none of the journals: never make one for them.
             return Err(DataDirError::Malformed {
@@ -91,7 +177,15 @@ impl DataDir {
                 what: "missing, but the data directory holds journals written under it; \
                        restore the master key (or its systemd credential)"
                     .into(),
-            });
+            }
+            .into());
+        } else if let KeySource::Hsm { config, pin_file } = source {
+            let hsm = KeySource::hsm(config, pin_file)?;
+            let key = random32()?;
+            let sealed = hsm.seal(&key)?;
+            write_private(&master_path, sealed.to_text().as_bytes())?;
+            created.push(master_path);
+            key
         } else {
             let key = create_secret(&master_path)?;
             created.push(master_path);
@@ -191,7 +285,7 @@ mod tests {
         let key_file = dir.path().join("credential-master.key");
         write_private(&key_file, format!("{}\n", "ab".repeat(32)).as_bytes()).unwrap();
         let path = dir.path().join("data");
-        let data = DataDir::open_with(&path, Some(&key_file)).unwrap();
+        let data = DataDir::open_with(&path, KeySource::File(Some(&key_file))).unwrap();
         assert_eq!(data.master_key(), &[0xab; 32]);
         assert!(!path.join(MASTER_KEY_FILE).exists());
         assert_eq!(data.created.len(), 3);
@@ -229,7 +323,10 @@ mod tests {
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
         let err = DataDir::open_or_init(&path).unwrap_err();
         assert!(
-            matches!(err, DataDirError::Permissions { mode: 0o640, .. }),
+            matches!(
+                err,
+                MasterKeyError::File(DataDirError::Permissions { mode: 0o640, .. })
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("master.key"));

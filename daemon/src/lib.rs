@@ -9,6 +9,7 @@
 //!   like the journal. Its connection to etcd is behind the feature `cluster`.
 //! - [`config`]: the TOML configuration and its embedded default.
 //! - [`datadir`]: master key, credentials and provider key in the data directory.
+//! - [`hsm`]: the master key sealed by an AES key inside an HSM (PKCS#11).
 //! - [`server`]: the thread-per-core server: connections, routing, coalescing, stats.
 //! - [`service`]: the `indiciad` program around it: flags, signals, systemd.
 #![deny(unsafe_code)]
@@ -17,6 +18,7 @@ pub mod cluster;
 pub mod config;
 pub mod datadir;
 pub mod engine;
+pub mod hsm;
 pub mod journal;
 pub mod server;
 pub mod service;

@@ -57,6 +57,9 @@ enum Tool {
         /// The master key file, when it is not in the data directory (a credential).
         #[arg(long, value_name = "FILE")]
         master_key: Option<PathBuf>,
+        /// With [hsm]: the token's PIN, when not in the credential `pin_credential`.
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -70,6 +73,29 @@ enum Tool {
         out: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]
         master_key: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
+    },
+    /// Make the AES key that seals the master key on the HSM token of [hsm]: AES-256,
+    /// sensitive, never extractable, labelled `key_label`. Refuses if the label is taken.
+    HsmKeygen {
+        /// The token's PIN, when not in the credential `pin_credential`.
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
+    },
+    /// Move the data directory's master key into the HSM of [hsm]: seal it there
+    /// (`master.key.hsm`), check that it opens to the same key, and remove `master.key`.
+    /// The key itself does not change: journals, sealed vPSD keys and the cluster are as
+    /// they were. Safe while the appliance runs; it uses the HSM from its next start.
+    Rewrap {
+        /// The file master key, when not the data directory's (a credential).
+        #[arg(long, value_name = "FILE")]
+        master_key: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        pin_file: Option<PathBuf>,
+        /// Leave the data directory's `master.key` in place (remove it by hand later).
+        #[arg(long)]
+        keep_file: bool,
     },
 }
 
@@ -92,6 +118,14 @@ pub enum ServiceError {
     Server(#[from] server::ServerError),
     #[error(transparent)]
     Audit(#[from] crate::store::audit::AuditError),
+    #[error(transparent)]
+    MasterKey(#[from] crate::datadir::MasterKeyError),
+    #[error("HSM: {0}")]
+    Hsm(#[from] crate::hsm::HsmError),
+    #[error("this tool needs [hsm] in the configuration: the PKCS#11 module, token and key")]
+    NoHsm,
+    #[error("rewrap: {0}")]
+    Rewrap(String),
     #[error(transparent)]
     Ledger(#[from] crate::store::ledger::LedgerError),
     #[error("{path}: {source}")]
@@ -198,18 +232,31 @@ const EXIT_FINDINGS: u8 = 1;
 /// Exit status of a tool that could not run (unreadable data directory, key, ledger).
 const EXIT_TOOL_FAILED: u8 = 2;
 
+/// The master key of the config's data directory, for an offline tool: `master_key` (a
+/// file) or the `master.key` credential or the directory's own, or with `[hsm]` the HSM.
+fn tool_master_key(
+    config: &Config,
+    master_key: Option<&std::path::Path>,
+    pin_file: Option<&std::path::Path>,
+) -> Result<zeroize::Zeroizing<[u8; 32]>, ServiceError> {
+    let credential = master_key
+        .map(PathBuf::from)
+        .or_else(server::master_key_credential);
+    Ok(crate::datadir::read_master_key(
+        std::path::Path::new(&config.data_dir),
+        server::key_source(config, credential.as_deref(), pin_file),
+    )?)
+}
+
 fn audit_report(
     config: &Config,
     master_key: Option<&std::path::Path>,
+    pin_file: Option<&std::path::Path>,
 ) -> Result<crate::store::audit::AuditReport, ServiceError> {
-    let credential = master_key.map(PathBuf::from).or_else(|| {
-        std::env::var_os("CREDENTIALS_DIRECTORY")
-            .map(|dir| PathBuf::from(dir).join(crate::datadir::MASTER_KEY_FILE))
-            .filter(|path| path.exists())
-    });
+    let key = tool_master_key(config, master_key, pin_file)?;
     Ok(crate::store::audit::audit_data_dir(
         std::path::Path::new(&config.data_dir),
-        credential.as_deref(),
+        &key,
         &config.engine_config(),
     )?)
 }
@@ -227,9 +274,10 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
         Tool::Audit {
             ledger,
             master_key,
+            pin_file,
             json,
         } => {
-            let report = audit_report(config, master_key.as_deref())?;
+            let report = audit_report(config, master_key.as_deref(), pin_file.as_deref())?;
             let reconciliation = match &ledger {
                 Some(path) => {
                     let lines = crate::store::ledger::read_ledger(path)?;
@@ -258,8 +306,9 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
             format,
             out,
             master_key,
+            pin_file,
         } => {
-            let report = audit_report(config, master_key.as_deref())?;
+            let report = audit_report(config, master_key.as_deref(), pin_file.as_deref())?;
             let mut text = String::new();
             if format == LedgerFormat::Csv {
                 text.push_str(&crate::store::ledger::LEDGER_COLUMNS.join(","));
@@ -291,7 +340,105 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
             }
             Ok(0)
         }
+        Tool::HsmKeygen { pin_file } => {
+            let hsm = config.hsm.as_ref().ok_or(ServiceError::NoHsm)?;
+            let pin = crate::hsm::read_pin(hsm, pin_file.as_deref())?;
+            crate::hsm::Hsm::generate_key(hsm, &pin, &pin_source(hsm, pin_file.as_deref()))?;
+            print(&format!(
+                "made AES-256 key {:?} on token {:?} (sensitive, never extractable)\n",
+                hsm.key_label, hsm.token
+            ))?;
+            Ok(0)
+        }
+        Tool::Rewrap {
+            master_key,
+            pin_file,
+            keep_file,
+        } => {
+            print(&rewrap(
+                config,
+                master_key.as_deref(),
+                pin_file.as_deref(),
+                keep_file,
+            )?)?;
+            Ok(0)
+        }
     }
+}
+
+/// How the PIN's source is named in errors.
+fn pin_source(hsm: &crate::config::HsmConfig, pin_file: Option<&std::path::Path>) -> String {
+    match pin_file {
+        Some(file) => file.display().to_string(),
+        None => format!("the credential {:?}", hsm.pin_credential),
+    }
+}
+
+/// `indiciad rewrap`: seals the file master key by the HSM key, checks the sealed copy
+/// opens to the same key (from disk), and removes the data directory's `master.key`.
+fn rewrap(
+    config: &Config,
+    master_key: Option<&std::path::Path>,
+    pin_file: Option<&std::path::Path>,
+    keep_file: bool,
+) -> Result<String, ServiceError> {
+    use crate::hsm::{Hsm, SealedMasterKey, SEALED_MASTER_KEY_FILE};
+    let hsm_config = config.hsm.as_ref().ok_or(ServiceError::NoHsm)?;
+    let dir = std::path::Path::new(&config.data_dir);
+    let sealed_path = dir.join(SEALED_MASTER_KEY_FILE);
+    if sealed_path.exists() {
+        return Err(ServiceError::Rewrap(format!(
+            "{} exists: this data directory's master key is sealed by an HSM already",
+            sealed_path.display()
+        )));
+    }
+    let credential = master_key
+        .map(PathBuf::from)
+        .or_else(server::master_key_credential);
+    let key = crate::datadir::read_master_key(
+        dir,
+        crate::datadir::KeySource::File(credential.as_deref()),
+    )?;
+    let pin = crate::hsm::read_pin(hsm_config, pin_file)?;
+    let hsm = Hsm::open(hsm_config, &pin, &pin_source(hsm_config, pin_file))?;
+    let sealed = hsm.seal(&key)?;
+    indicia_files::write_private(&sealed_path, sealed.to_text().as_bytes())
+        .map_err(crate::datadir::MasterKeyError::from)?;
+    // Read back from the disk and opened by the HSM: only then may the file key go.
+    let opened = SealedMasterKey::read(&sealed_path)
+        .map_err(crate::datadir::MasterKeyError::from)
+        .and_then(|sealed| Ok(hsm.unseal(&sealed, &sealed_path)?));
+    if !matches!(&opened, Ok(opened) if **opened == *key) {
+        let _ = std::fs::remove_file(&sealed_path);
+        return Err(ServiceError::Rewrap(format!(
+            "{} did not open to the same master key ({}); it was removed and nothing changed",
+            sealed_path.display(),
+            opened
+                .err()
+                .map_or("another key".into(), |err| err.to_string())
+        )));
+    }
+    let mut text = format!(
+        "sealed the master key (check value {}) by key {:?} on token {:?}: {}\n",
+        &master_check(&key)[..16],
+        hsm_config.key_label,
+        hsm_config.token,
+        sealed_path.display()
+    );
+    let in_dir = dir.join(crate::datadir::MASTER_KEY_FILE);
+    if in_dir.exists() && !keep_file {
+        std::fs::remove_file(&in_dir).map_err(|source| ServiceError::Write {
+            path: in_dir.clone(),
+            source,
+        })?;
+        indicia_files::sync_dir(dir).map_err(crate::datadir::MasterKeyError::from)?;
+        text.push_str(&format!("removed {}\n", in_dir.display()));
+    }
+    text.push_str(
+        "the appliance opens the master key with the HSM from its next start; destroy every \
+         other copy of the file master key (backups, credentials, LoadCredential= lines)\n",
+    );
+    Ok(text)
 }
 
 fn init_logging() {

@@ -98,6 +98,17 @@ enum Command {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// What the master key's hierarchy costs with an HSM (SoftHSM2): opening a key in the
+    /// HSM per session against in memory, a vPSD key load, a signature, and the one open at
+    /// start; per session and per indicium at several session sizes.
+    #[cfg(feature = "softhsm")]
+    HsmCost {
+        #[arg(long, default_value = "/usr/lib/softhsm/libsofthsm2.so")]
+        module: PathBuf,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
     /// What mutual TLS costs: the same loads against a fresh plaintext appliance and a
     /// fresh mutual-TLS one, alternately, with the appliance's CPU per indicium against
     /// the raw signature in each; and the time to open a connection (TCP, TLS, the
@@ -1015,6 +1026,42 @@ fn replot(
 }
 
 #[cfg(feature = "softhsm")]
+fn hsm_cost(module: &std::path::Path, seconds: f64) -> Result<Outcome, Box<dyn std::error::Error>> {
+    let costs = indicia_loadgen::peer::hsm_costs(module, seconds)?;
+    let starts: Vec<String> = costs.start_ms.iter().map(|ms| format!("{ms:.1}")).collect();
+    let mut text = format!(
+        "microseconds of CPU per operation (this run, this machine, one thread):\n\
+         {:<62} {:>8.2}\n{:<62} {:>8.2}\n{:<62} {:>8.2}\n{:<62} {:>8.2}\n\
+         start-up (load module, log in, find key, open the master key), ms wall: {}\n\n\
+         added to a signing session's CPU by opening its vPSD key in the HSM instead of in \
+         memory, per session and per indicium ({} us per signature):\n",
+        "HSM (SoftHSM2) opens a sealed 32-byte key, CKM_AES_GCM",
+        costs.hsm_unseal_us,
+        "the same in memory, aws-lc-rs AES-256-GCM",
+        costs.memory_unseal_us,
+        "a vPSD key load in the engine (open + P-256 key pair)",
+        costs.key_load_us,
+        "one ECDSA P-256 signature (aws-lc-rs)",
+        costs.sign_us,
+        starts.join(" / "),
+        format_args!("{:.1}", costs.sign_us),
+    );
+    let extra = costs.hsm_unseal_us - costs.memory_unseal_us;
+    text.push_str(&format!(
+        "{:>13} {:>14} {:>22}\n",
+        "session size", "us per session", "per indicium vs sign"
+    ));
+    for size in [1u32, 4, 16, 64] {
+        let per_indicium = extra / f64::from(size);
+        text.push_str(&format!(
+            "{size:>13} {extra:>14.2} {:>21.1}%\n",
+            100.0 * per_indicium / costs.sign_us
+        ));
+    }
+    Ok(Outcome::valid(text))
+}
+
+#[cfg(feature = "softhsm")]
 fn peer(module: &std::path::Path, seconds: f64) -> Result<Outcome, Box<dyn std::error::Error>> {
     use indicia_loadgen::peer;
     let aws_lc = peer::aws_lc_rate(seconds)?;
@@ -1515,6 +1562,8 @@ fn main() -> ExitCode {
         } => tls_cost(duration, &in_flight, rounds, &out),
         #[cfg(feature = "softhsm")]
         Command::Peer { module, seconds } => peer(&module, seconds),
+        #[cfg(feature = "softhsm")]
+        Command::HsmCost { module, seconds } => hsm_cost(&module, seconds),
         #[cfg(feature = "cluster")]
         Command::ClusterCost {
             duration,

@@ -131,3 +131,130 @@ pub fn softhsm_rate(module: &Path, seconds: f64) -> Result<f64, Error> {
         Ok(())
     })
 }
+
+/// What each place of the master key's hierarchy costs (`hsm-cost`): the HSM (SoftHSM2
+/// here) opening a 32-byte key sealed by its AES key (CKM_AES_GCM), as a per-session
+/// hierarchy would for every vPSD key it loads; the same opening in memory (aws-lc-rs
+/// AES-256-GCM); a whole vPSD key load as the engine does it (open and build the key pair);
+/// one ECDSA P-256 signature; and the start-up cost of the hierarchy chosen (load the module,
+/// log in, find the key, open the master key once), in milliseconds of wall time.
+#[derive(Debug)]
+pub struct HsmCosts {
+    /// Microseconds of this thread's CPU per operation.
+    pub hsm_unseal_us: f64,
+    pub memory_unseal_us: f64,
+    pub key_load_us: f64,
+    pub sign_us: f64,
+    /// Wall milliseconds of each start-up open (5 of them, in order).
+    pub start_ms: Vec<f64>,
+}
+
+/// Measures [`HsmCosts`] against a token made in a temporary directory.
+pub fn hsm_costs(module: &Path, seconds: f64) -> Result<HsmCosts, Error> {
+    use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    use indicia_proto::Algorithm;
+    use indiciad::config::HsmConfig;
+    use indiciad::engine::{KeyBinding, MasterKey};
+    use indiciad::hsm::Hsm;
+
+    let dir = tempfile::tempdir()?;
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens)?;
+    let conf = dir.path().join("softhsm2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
+            tokens.display()
+        ),
+    )?;
+    // Read by SoftHSM2 when it initializes, below; nothing else in this process uses it.
+    std::env::set_var("SOFTHSM2_CONF", &conf);
+    let pin = zeroize::Zeroizing::new(String::from("indicia-user-pin"));
+    {
+        let pkcs11 = Pkcs11::new(module)?;
+        pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
+        let slot = *pkcs11
+            .get_slots_with_token()?
+            .first()
+            .ok_or("SoftHSM2 offers no slot")?;
+        let so_pin = AuthPin::new("indicia-so-pin".into());
+        pkcs11.init_token(slot, &so_pin, "indicia-cost")?;
+        let session = pkcs11.open_rw_session(slot)?;
+        session.login(UserType::So, Some(&so_pin))?;
+        session.init_pin(&AuthPin::new(pin.as_str().into()))?;
+    }
+    let config = HsmConfig {
+        module: module.to_owned(),
+        token: "indicia-cost".into(),
+        key_label: "indicia-master".into(),
+        pin_credential: "hsm-pin".into(),
+    };
+    Hsm::generate_key(&config, &pin, "hsm-cost")?;
+
+    let mut master = [0u8; 32];
+    aws_lc_rs::rand::SecureRandom::fill(&SystemRandom::new(), &mut master)
+        .map_err(|_| "random number generator failed")?;
+    let mut start_ms = Vec::new();
+    let mut sealed = None;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let hsm = Hsm::open(&config, &pin, "hsm-cost")?;
+        let sealed_key = match &sealed {
+            Some(sealed) => sealed,
+            None => sealed.insert(hsm.seal(&master)?),
+        };
+        let opened = hsm.unseal(sealed_key, Path::new("master.key.hsm"))?;
+        drop(hsm);
+        start_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        if *opened != master {
+            return Err("the HSM opened another key".into());
+        }
+    }
+    let sealed = sealed.ok_or("nothing sealed")?;
+
+    let hsm = Hsm::open(&config, &pin, "hsm-cost")?;
+    let per_op = |rate: f64| 1e6 / rate;
+    let hsm_unseal_us = per_op(rate(seconds, || {
+        std::hint::black_box(hsm.unseal(&sealed, Path::new("master.key.hsm"))?);
+        Ok(())
+    })?);
+
+    let memory = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &master)?);
+    let nonce = [7u8; 12];
+    let mut sealed_in_memory = master.to_vec();
+    memory.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(b"indicia vpsd key v1"),
+        &mut sealed_in_memory,
+    )?;
+    let memory_unseal_us = per_op(rate(seconds, || {
+        let mut buf = sealed_in_memory.clone();
+        std::hint::black_box(memory.open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(b"indicia vpsd key v1"),
+            &mut buf,
+        )?);
+        Ok(())
+    })?);
+
+    let engine_key = MasterKey::new(&master)?;
+    let binding = KeyBinding {
+        vpsd_id: 1,
+        key_serial: 1,
+        sealed_version: 1,
+    };
+    let (vpsd_sealed, public) = engine_key.generate(Algorithm::EcdsaP256, binding)?;
+    let key_load_us = per_op(rate(seconds, || {
+        std::hint::black_box(engine_key.load(binding, &vpsd_sealed, &public)?);
+        Ok(())
+    })?);
+    let sign_us = per_op(aws_lc_rate(seconds)?);
+    Ok(HsmCosts {
+        hsm_unseal_us,
+        memory_unseal_us,
+        key_load_us,
+        sign_us,
+        start_ms,
+    })
+}

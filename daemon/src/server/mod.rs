@@ -53,6 +53,8 @@ pub enum ServerError {
     #[error(transparent)]
     DataDir(#[from] DataDirError),
     #[error("master key: {0}")]
+    MasterKeySource(#[from] datadir::MasterKeyError),
+    #[error("master key: {0}")]
     MasterKey(#[from] crate::engine::keys::KeyError),
     #[error("runtime: {0}")]
     Runtime(String),
@@ -902,15 +904,37 @@ fn allowed_cpus() -> Vec<usize> {
     }
 }
 
-/// The data directory named by the config, opened (and initialized on first start). Under
-/// systemd, a `master.key` credential (`LoadCredential=`) takes the place of the data
-/// directory's master key.
+/// The data directory named by the config, opened (and initialized on first start). With
+/// `[hsm]` the master key is `master.key.hsm`, opened by the HSM with the PIN credential.
+/// Else, under systemd, a `master.key` credential (`LoadCredential=`) takes the place of
+/// the data directory's master key.
 pub fn open_data_dir(config: &Config) -> Result<DataDir, ServerError> {
-    let credential = std::env::var_os("CREDENTIALS_DIRECTORY")
-        .map(|dir| Path::new(&dir).join(datadir::MASTER_KEY_FILE))
-        .filter(|path| path.exists());
+    let credential = master_key_credential();
     Ok(DataDir::open_with(
         Path::new(&config.data_dir),
-        credential.as_deref(),
+        key_source(config, credential.as_deref(), None),
     )?)
+}
+
+/// `$CREDENTIALS_DIRECTORY/master.key`, when systemd passed it.
+pub fn master_key_credential() -> Option<std::path::PathBuf> {
+    std::env::var_os("CREDENTIALS_DIRECTORY")
+        .map(|dir| Path::new(&dir).join(datadir::MASTER_KEY_FILE))
+        .filter(|path| path.exists())
+}
+
+/// Where the config's master key comes from: the HSM with `[hsm]` (its PIN from `pin_file`
+/// or the credential), else `master_key_file` or the data directory's `master.key`.
+pub fn key_source<'a>(
+    config: &'a Config,
+    master_key_file: Option<&'a Path>,
+    pin_file: Option<&'a Path>,
+) -> datadir::KeySource<'a> {
+    match &config.hsm {
+        Some(hsm) => datadir::KeySource::Hsm {
+            config: hsm,
+            pin_file,
+        },
+        None => datadir::KeySource::File(master_key_file),
+    }
 }

@@ -316,23 +316,19 @@ pub fn shard_dirs(data_dir: &Path) -> Result<Vec<(u16, PathBuf)>, AuditError> {
     Ok(shards)
 }
 
-/// Audits every shard of a data directory, read-only. The master key comes from
-/// `master_key_file` when given (a systemd credential), else from the directory.
+/// Audits every shard of a data directory, read-only, under its master key
+/// ([`crate::datadir::read_master_key`]).
 pub fn audit_data_dir(
     data_dir: &Path,
-    master_key_file: Option<&Path>,
+    master_key: &[u8; 32],
     engine_config: &EngineConfig,
 ) -> Result<AuditReport, AuditError> {
-    let key_path = master_key_file
-        .map(Path::to_owned)
-        .unwrap_or_else(|| data_dir.join(crate::datadir::MASTER_KEY_FILE));
-    let master_key = crate::datadir::load_secret(&key_path)?;
     let mut shards = Vec::new();
     for (shard, dir) in shard_dirs(data_dir)? {
         shards.push(audit_shard(
             &dir,
             shard,
-            &master_key,
+            master_key,
             engine_config.clone(),
             None,
         )?);

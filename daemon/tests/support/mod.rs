@@ -142,6 +142,18 @@ impl Daemon {
 
     /// [`Daemon::start_on`], in the network namespace `netns` if given.
     pub fn start_in(dir: &Path, config: Option<&Path>, listen: &str, netns: Option<&str>) -> Self {
+        Self::start_with_env(dir, config, listen, netns, &[])
+    }
+
+    /// [`Daemon::start_in`] with these environment variables added (a credentials
+    /// directory, SoftHSM2's configuration).
+    pub fn start_with_env(
+        dir: &Path,
+        config: Option<&Path>,
+        listen: &str,
+        netns: Option<&str>,
+        env: &[(&str, &Path)],
+    ) -> Self {
         let mut command = match std::env::var_os("INDICIA_TEST_GDB") {
             _ if netns.is_some() => {
                 let mut ip = Command::new("ip");
@@ -180,6 +192,9 @@ impl Daemon {
             .stderr(Stdio::piped());
         if let Some(config) = config {
             command.arg("--config").arg(config);
+        }
+        for (name, value) in env {
+            command.env(name, value);
         }
         let mut child = command.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
