@@ -503,6 +503,17 @@ impl Client {
         answer::withdrawn(self.call_ok(&Request::Withdraw { vpsd_id })?)
     }
 
+    /// A hot backup (admin): the appliance copies every shard's journal up to its durable
+    /// point into `out`, a new or empty directory on the appliance's host (an absolute
+    /// path), audits the copy and says what it holds. It takes as long as copying the
+    /// journals does: give the client a time limit to match.
+    pub fn backup(&mut self, out: &str) -> Result<indicia_proto::BackupReport> {
+        match self.call_ok(&Request::Backup { out: out.into() })? {
+            Response::Backup(report) => Ok(report),
+            other => Err(unexpected("backup", &other)),
+        }
+    }
+
     pub fn stats(&mut self) -> Result<Vec<StatEntry>> {
         match self.call_ok(&Request::Stats)? {
             Response::Stats { entries } => Ok(entries),

@@ -51,6 +51,16 @@ pub struct Config {
     /// The master key sealed by an AES key inside an HSM (PKCS#11), not a file. Without it
     /// the master key is `master.key` or its systemd credential (docs/OPERATIONS.md 5.7).
     pub hsm: Option<HsmConfig>,
+    /// The Prometheus endpoint; off unless configured (docs/OPERATIONS.md 7.1).
+    pub metrics: Option<MetricsConfig>,
+}
+
+/// The `[metrics]` section: where the Prometheus endpoint listens (HTTP, `/metrics`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint, e.g. "127.0.0.1:9750" (port 0: one the kernel picks).
+    pub listen: SocketAddr,
 }
 
 /// The `[hsm]` section: which PKCS#11 module, token and key seal the master key, and which
@@ -86,11 +96,16 @@ impl HsmConfig {
                 self.module
             ));
         }
-        // PKCS#11 labels are 32 bytes, blank-padded.
+        // PKCS#11 labels are 32 bytes, blank-padded; printable ASCII without quotes or
+        // backslashes keeps them as they are in master.key.hsm's TOML.
         for (key, value) in [("token", &self.token), ("key_label", &self.key_label)] {
-            if value.is_empty() || value.len() > 32 || value.ends_with(' ') {
+            let printable = value
+                .bytes()
+                .all(|byte| (0x20..0x7f).contains(&byte) && byte != b'"' && byte != b'\\');
+            if value.is_empty() || value.len() > 32 || value.ends_with(' ') || !printable {
                 return Err(format!(
-                    "hsm.{key} = {value:?}: 1 to 32 bytes, not ending in a space"
+                    "hsm.{key} = {value:?}: 1 to 32 printable ASCII bytes (no quotes or \
+                     backslashes), not ending in a space"
                 ));
             }
         }
@@ -382,6 +397,7 @@ impl Default for Config {
             clients: Vec::new(),
             cluster: None,
             hsm: None,
+            metrics: None,
         }
     }
 }

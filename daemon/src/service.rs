@@ -127,6 +127,8 @@ pub enum ServiceError {
     #[error("rewrap: {0}")]
     Rewrap(String),
     #[error(transparent)]
+    Exporter(#[from] server::exporter::ExporterError),
+    #[error(transparent)]
     Ledger(#[from] crate::store::ledger::LedgerError),
     #[error("{path}: {source}")]
     Write {
@@ -620,6 +622,23 @@ fn run(args: &Args) -> Result<(), ServiceError> {
             }
         }
     }
+    // The Prometheus endpoint, for as long as the appliance runs; logged before "listening
+    // on", so that whoever waits for that line finds its address.
+    let _exporter = match &config.metrics {
+        Some(metrics) => {
+            let exporter = server::exporter::Exporter::start(
+                metrics.listen,
+                Arc::clone(server.metrics()),
+                config.cluster.is_some(),
+            )?;
+            tracing::info!(
+                "metrics: Prometheus endpoint on http://{}/metrics",
+                exporter.addr
+            );
+            Some(exporter)
+        }
+        None => None,
+    };
     let transport = if config.tls.enabled() {
         "mutual TLS 1.3"
     } else {

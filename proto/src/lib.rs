@@ -38,9 +38,9 @@ pub use error::{DecodeError, EncodeError, FrameError};
 pub use error_code::ErrorCode;
 pub use frame::{Decoded, Frame, FrameDecoder, FrameHeader};
 pub use indicium::{Indicium, IndiciumPayload};
-pub use message::Topology;
 pub use message::{
     ApplianceEntry, ErrorBody, ItemResult, LockReason, PinSubject, Request, Response, Role,
     SignItem, StatEntry, Verdict, VpsdPlacement, VpsdState, VpsdStatus,
 };
+pub use message::{BackupReport, ShardCopy, Topology};
 pub use types::{format_mills, parse_amount_mills, Algorithm, MailingDate, Zip};

@@ -39,6 +39,8 @@ pub const APPLIANCE_ADDRESS_BYTES_MAX: usize = 128;
 pub const CLUSTER_APPLIANCES_MAX: usize = 1024;
 /// Most vPSDs one cluster-placement request asks about (and its answer lists).
 pub const PLACEMENT_VPSDS_MAX: usize = 1024;
+/// The longest directory path a `backup` request names.
+pub const BACKUP_PATH_BYTES_MAX: usize = 4096;
 /// Most shards an appliance reports in `topology`.
 pub const SHARDS_MAX: usize = 1024;
 /// `topology.hash`: the shard of a vPSD is xxh3-64 of its id (8 bytes, little-endian)
@@ -77,6 +79,7 @@ pub mod opcode {
     pub const CLUSTER_PIN: u8 = 0x37;
     pub const CLUSTER_ADOPT: u8 = 0x38;
     pub const TOPOLOGY: u8 = 0x39;
+    pub const BACKUP: u8 = 0x3A;
 
     pub const CHALLENGE: u8 = 0x81;
     pub const WELCOME: u8 = 0x82;
@@ -90,6 +93,7 @@ pub mod opcode {
     pub const CLUSTER_REPORT: u8 = 0xB1;
     pub const PLACEMENT: u8 = 0xB2;
     pub const TOPOLOGY_REPORT: u8 = 0xB3;
+    pub const BACKUP_REPORT: u8 = 0xB4;
     pub const ERROR: u8 = 0xFF;
 }
 
@@ -341,6 +345,12 @@ pub enum Request {
     /// How this appliance is sharded, and the port of each shard (any authenticated role):
     /// for a client that sends each vPSD's requests straight to the shard that owns it.
     Topology,
+    /// A hot backup (admin): the appliance copies every shard's journal up to its durable
+    /// point into `out`, a new directory on the appliance's host (an absolute path), and
+    /// audits the copy.
+    Backup {
+        out: String,
+    },
 }
 
 /// What a pin applies to.
@@ -549,9 +559,61 @@ pub enum Response {
     /// Answer to topology.
     #[cfg_attr(feature = "serde", serde(rename = "topology-report"))]
     Topology(Topology),
+    /// Answer to backup: what the copy holds.
+    #[cfg_attr(feature = "serde", serde(rename = "backup-report"))]
+    Backup(BackupReport),
     Error(ErrorBody),
 }
 
+/// What a hot backup copied (the `backup-report` answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct BackupReport {
+    /// When the durable points were taken, Unix seconds.
+    pub taken_unix: u64,
+    /// Whether the audit of the copy found nothing.
+    pub clean: bool,
+    /// By shard, 1..=[`SHARDS_MAX`] of them.
+    pub shards: Vec<ShardCopy>,
+}
+
+/// One shard's journal in a hot backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
+pub struct ShardCopy {
+    /// The last record copied: the shard's durable sequence when the backup began.
+    pub sequence: u64,
+    /// Segment files copied.
+    pub segments: u32,
+    /// Bytes of those files.
+    pub bytes: u64,
+}
+
+impl BackupReport {
+    fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
+        let taken_unix = r.u64()?;
+        let offset = r.position();
+        let clean = match r.u8()? {
+            0 => false,
+            1 => true,
+            other => return Err(bad_value("backup_report.clean", offset, u64::from(other))),
+        };
+        let count = count16(r, "backup_report.shards", SHARDS_MAX, false)?;
+        let mut shards = Vec::with_capacity(count);
+        for _ in 0..count {
+            shards.push(ShardCopy {
+                sequence: r.u64()?,
+                segments: r.u32()?,
+                bytes: r.u64()?,
+            });
+        }
+        Ok(Self {
+            taken_unix,
+            clean,
+            shards,
+        })
+    }
+}
 /// How an appliance is sharded (the `topology-report` answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(Serialize, Deserialize))]
@@ -798,6 +860,7 @@ impl Request {
             Self::ClusterPin { .. } => opcode::CLUSTER_PIN,
             Self::ClusterAdopt { .. } => opcode::CLUSTER_ADOPT,
             Self::Topology => opcode::TOPOLOGY,
+            Self::Backup { .. } => opcode::BACKUP,
         }
     }
 
@@ -826,6 +889,7 @@ impl Request {
             | Self::Verify { .. }
             | Self::Stats
             | Self::Topology
+            | Self::Backup { .. }
             | Self::ClusterStatus
             | Self::ClusterTakeover { .. } => None,
         }
@@ -899,6 +963,7 @@ impl Request {
                 w.string16("lock.reason", reason, REASON_BYTES_MAX)
             }
             Self::Stats | Self::ClusterStatus | Self::Topology => Ok(()),
+            Self::Backup { out } => w.string16("backup.out", out, BACKUP_PATH_BYTES_MAX),
             Self::ClusterTakeover { from } => {
                 write_name16(w, "cluster_takeover.from", from, APPLIANCE_ID_BYTES_MAX)
             }
@@ -1029,6 +1094,9 @@ impl Request {
             opcode::ROTATE_KEY => Self::RotateKey { vpsd_id: r.u64()? },
             opcode::STATS => Self::Stats,
             opcode::TOPOLOGY => Self::Topology,
+            opcode::BACKUP => Self::Backup {
+                out: r.string16("backup.out", BACKUP_PATH_BYTES_MAX)?,
+            },
             opcode::CLUSTER_STATUS => Self::ClusterStatus,
             opcode::CLUSTER_TAKEOVER => Self::ClusterTakeover {
                 from: name16(&mut r, "cluster_takeover.from", APPLIANCE_ID_BYTES_MAX)?,
@@ -1237,6 +1305,7 @@ impl Response {
             Self::Cluster { .. } => opcode::CLUSTER_REPORT,
             Self::Placement { .. } => opcode::PLACEMENT,
             Self::Topology(_) => opcode::TOPOLOGY_REPORT,
+            Self::Backup(_) => opcode::BACKUP_REPORT,
             Self::Error(_) => opcode::ERROR,
         }
     }
@@ -1361,6 +1430,23 @@ impl Response {
                     w.u64(vpsd.vpsd_id)?;
                     w.string16("placement.owner", &vpsd.appliance, APPLIANCE_ID_BYTES_MAX)?;
                     w.u8(u8::from(vpsd.owned))?;
+                }
+                Ok(())
+            }
+            Self::Backup(report) => {
+                w.u64(report.taken_unix)?;
+                w.u8(u8::from(report.clean))?;
+                write_count16(
+                    w,
+                    "backup_report.shards",
+                    report.shards.len(),
+                    SHARDS_MAX,
+                    false,
+                )?;
+                for shard in &report.shards {
+                    w.u64(shard.sequence)?;
+                    w.u32(shard.segments)?;
+                    w.u64(shard.bytes)?;
                 }
                 Ok(())
             }
@@ -1513,6 +1599,7 @@ impl Response {
                 Self::Placement { appliances, vpsds }
             }
             opcode::TOPOLOGY_REPORT => Self::Topology(Topology::decode(&mut r)?),
+            opcode::BACKUP_REPORT => Self::Backup(BackupReport::decode(&mut r)?),
             opcode::ERROR => Self::Error(ErrorBody::decode(&mut r)?),
             other if other < 0x80 => return Err(DecodeError::WrongDirection { opcode: other }),
             other => return Err(DecodeError::UnknownOpcode { opcode: other }),

@@ -60,6 +60,7 @@ fn every_opcode_is_documented_once() {
         (opcode::CLUSTER_PIN, "cluster-pin"),
         (opcode::CLUSTER_ADOPT, "cluster-adopt"),
         (opcode::TOPOLOGY, "topology"),
+        (opcode::BACKUP, "backup"),
         (opcode::CHALLENGE, "challenge"),
         (opcode::WELCOME, "welcome"),
         (opcode::SIGNED, "signed"),
@@ -72,6 +73,7 @@ fn every_opcode_is_documented_once() {
         (opcode::CLUSTER_REPORT, "cluster-report"),
         (opcode::PLACEMENT, "placement"),
         (opcode::TOPOLOGY_REPORT, "topology-report"),
+        (opcode::BACKUP_REPORT, "backup-report"),
         (opcode::ERROR, "error"),
     ]
     .into_iter()

@@ -7,9 +7,9 @@ use indicia_proto::authorization::{AuthorizationKind, ProviderAuthorization};
 use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX, HEADER_BYTES};
 use indicia_proto::message::{BATCH_ITEMS_MAX, NONCE_BYTES};
 use indicia_proto::{
-    fuzz, Algorithm, ApplianceEntry, ErrorBody, ErrorCode, Indicium, IndiciumPayload, ItemResult,
-    LockReason, MailingDate, PinSubject, Request, Response, Role, SignItem, StatEntry, Topology,
-    Verdict, VpsdPlacement, VpsdState, VpsdStatus, Zip,
+    fuzz, Algorithm, ApplianceEntry, BackupReport, ErrorBody, ErrorCode, Indicium, IndiciumPayload,
+    ItemResult, LockReason, MailingDate, PinSubject, Request, Response, Role, ShardCopy, SignItem,
+    StatEntry, Topology, Verdict, VpsdPlacement, VpsdState, VpsdStatus, Zip,
 };
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -162,6 +162,9 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(subject, appliance)| Request::ClusterPin { subject, appliance }),
         any::<u64>().prop_map(|vpsd_id| Request::ClusterAdopt { vpsd_id }),
         Just(Request::Topology),
+        proptest::string::string_regex("/[a-z0-9/._-]{0,200}")
+            .unwrap()
+            .prop_map(|out| Request::Backup { out }),
         (
             proptest::string::string_regex("[a-z0-9:._-]{1,64}").unwrap(),
             any::<u64>(),
@@ -350,6 +353,25 @@ fn response() -> impl Strategy<Value = Response> {
                 },
             })
         ),
+        (
+            any::<u64>(),
+            any::<bool>(),
+            vec((any::<u64>(), any::<u32>(), any::<u64>()), 1..8)
+        )
+            .prop_map(
+                |(taken_unix, clean, shards)| Response::Backup(BackupReport {
+                    taken_unix,
+                    clean,
+                    shards: shards
+                        .into_iter()
+                        .map(|(sequence, segments, bytes)| ShardCopy {
+                            sequence,
+                            segments,
+                            bytes,
+                        })
+                        .collect(),
+                })
+            ),
         error_body().prop_map(Response::Error),
     ]
 }

@@ -15,9 +15,9 @@ use aws_lc_rs::signature::{self, EcdsaKeyPair, Ed25519KeyPair, KeyPair, Unparsed
 use indicia_proto::frame::{Decoded, FrameDecoder, FLAG_RESPONSE, FRAME_BYTES_MAX};
 use indicia_proto::message::opcode;
 use indicia_proto::{
-    Algorithm, ApplianceEntry, AuthorizationKind, ErrorBody, ErrorCode, Indicium, IndiciumPayload,
-    ItemResult, LockReason, PinSubject, ProviderAuthorization, Request, Response, Role, SignItem,
-    StatEntry, Topology, Verdict, VpsdPlacement, VpsdState, VpsdStatus,
+    Algorithm, ApplianceEntry, AuthorizationKind, BackupReport, ErrorBody, ErrorCode, Indicium,
+    IndiciumPayload, ItemResult, LockReason, PinSubject, ProviderAuthorization, Request, Response,
+    Role, ShardCopy, SignItem, StatEntry, Topology, Verdict, VpsdPlacement, VpsdState, VpsdStatus,
 };
 use serde::{Deserialize, Serialize};
 
@@ -258,6 +258,12 @@ fn request_samples() -> Vec<(&'static str, Request)> {
         ),
         ("cluster adopt", Request::ClusterAdopt { vpsd_id: 1001 }),
         ("topology", Request::Topology),
+        (
+            "backup",
+            Request::Backup {
+                out: "/var/backups/indicia/2026-12-06".into(),
+            },
+        ),
     ]
 }
 
@@ -427,6 +433,25 @@ fn response_samples() -> Vec<(&'static str, Response)> {
             }),
         ),
         (
+            "backup report (2 shards, clean)",
+            Response::Backup(BackupReport {
+                taken_unix: 1_796_515_200,
+                clean: true,
+                shards: vec![
+                    ShardCopy {
+                        sequence: 1_204,
+                        segments: 1,
+                        bytes: 67_108_864,
+                    },
+                    ShardCopy {
+                        sequence: 977,
+                        segments: 2,
+                        bytes: 134_217_728,
+                    },
+                ],
+            }),
+        ),
+        (
             "error",
             Response::error(ErrorCode::VpsdLocked, "vPSD 1001 is locked: audit"),
         ),
@@ -563,6 +588,7 @@ fn request_vectors_match_the_codec() {
         opcode::CLUSTER_PIN,
         opcode::CLUSTER_ADOPT,
         opcode::TOPOLOGY,
+        opcode::BACKUP,
     ]
     .into();
     assert_eq!(opcodes, all, "every request opcode has a vector");
@@ -618,6 +644,7 @@ fn response_vectors_match_the_codec() {
         opcode::CLUSTER_REPORT,
         opcode::PLACEMENT,
         opcode::TOPOLOGY_REPORT,
+        opcode::BACKUP_REPORT,
         opcode::ERROR,
     ]
     .into();

@@ -119,6 +119,16 @@ pub enum Command {
     },
     /// The appliance's counters and histograms (admin).
     Stats,
+    /// A hot backup (admin): the appliance copies every shard's journal up to its durable
+    /// point into DIR on its own host (absolute; new or empty), audits the copy, and
+    /// writes what it covers into DIR/backup.toml. It serves meanwhile.
+    Backup {
+        #[arg(long, value_name = "DIR")]
+        out: String,
+        /// How long to wait for the copy, in seconds.
+        #[arg(long, value_name = "S", default_value_t = 3600)]
+        timeout: u64,
+    },
     /// The cluster the appliance belongs to (admin, cluster mode).
     Cluster {
         #[command(subcommand)]

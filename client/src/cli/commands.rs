@@ -125,6 +125,20 @@ pub(super) fn run(
             let text = output::stats(&entries, output.json);
             output.print(&text)
         }
+        Command::Backup { out, timeout } => {
+            let mut client = appliance.client()?;
+            client.set_timeout(Some(std::time::Duration::from_secs(timeout.max(1))))?;
+            let report = client.backup(&out)?;
+            let text = output::backup(&out, &report, output.json);
+            output.print(&text)?;
+            if report.clean {
+                Ok(())
+            } else {
+                Err(CliError::Findings(
+                    "the audit of the copy found something: run `indiciad audit` on it".into(),
+                ))
+            }
+        }
         Command::Cluster { command } => cluster(command, appliance, output),
         Command::Verify(args) => verify(args.verification()?, appliance, output),
         Command::Provider { command } => provider(command, output),

@@ -81,6 +81,9 @@ pub enum CliError {
     },
     #[error("{failed} of {count} indicia did not verify")]
     NotVerified { failed: u64, count: u64 },
+    /// A backup was taken, but the audit of its copy found something.
+    #[error("{0}")]
+    Findings(String),
     #[error(transparent)]
     Verify(#[from] crate::verify::VerifyError),
     #[error(transparent)]

@@ -193,6 +193,44 @@ pub fn indicia(signed: &[Indicium], json: bool) -> String {
     }
 }
 
+/// What a hot backup copied: a JSON object, or a line per shard.
+pub fn backup(out: &str, report: &indicia_proto::BackupReport, json: bool) -> String {
+    if json {
+        let shards: Vec<serde_json::Value> = report
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(shard, copy)| {
+                serde_json::json!({
+                    "shard": shard,
+                    "sequence": copy.sequence,
+                    "segments": copy.segments,
+                    "bytes": copy.bytes,
+                })
+            })
+            .collect();
+        let value = serde_json::json!({
+            "out": out,
+            "taken_unix": report.taken_unix,
+            "audit_clean": report.clean,
+            "shards": shards,
+        });
+        return format!("{value}\n");
+    }
+    let mut text = format!(
+        "backup in {out}, taken at unix {}; audit of the copy: {}\n",
+        report.taken_unix,
+        if report.clean { "clean" } else { "FINDINGS" }
+    );
+    for (shard, copy) in report.shards.iter().enumerate() {
+        text.push_str(&format!(
+            "  shard {shard}: up to sequence {}, {} segment(s), {} bytes\n",
+            copy.sequence, copy.segments, copy.bytes
+        ));
+    }
+    text
+}
+
 /// The appliance's counters: a JSON object, or one aligned line each.
 pub fn stats(entries: &[StatEntry], json: bool) -> String {
     if json {

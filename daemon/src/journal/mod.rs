@@ -18,6 +18,7 @@
 //! docs/JOURNAL.md describes the bytes and the recovery rules.
 
 pub mod chain;
+pub mod copy;
 pub mod format;
 pub mod history;
 mod marker;
@@ -93,6 +94,8 @@ pub enum JournalError {
     Marker { path: PathBuf, what: String },
     #[error("journal of shard {found} found where shard {expected} was expected")]
     WrongShard { expected: u16, found: u16 },
+    #[error("the copy in {dir} does not hold the journal up to its durable point: {what}")]
+    CopyIncomplete { dir: PathBuf, what: String },
 }
 
 /// What one flush must make durable: the files written since the last flush, up to a

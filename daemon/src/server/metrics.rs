@@ -85,9 +85,14 @@ pub enum Counter {
     /// Cluster mode: answers given up as `outcome-unknown` (the lease lost while their
     /// writes were on their way to etcd).
     ClusterOutcomeUnknown,
+    /// vPSDs the integrity monitor had this shard lock (their history did not reconcile).
+    IntegrityLocks,
+    /// Findings of the integrity monitor in this shard's journal (each counted once per run
+    /// of the process).
+    IntegrityFindings,
 }
 
-const COUNTERS: [(Counter, &str); 30] = [
+const COUNTERS: [(Counter, &str); 32] = [
     (Counter::Requests, "requests"),
     (Counter::Errors, "errors"),
     (Counter::Sessions, "sessions"),
@@ -118,7 +123,260 @@ const COUNTERS: [(Counter, &str); 30] = [
     (Counter::ClusterForwardsFailed, "cluster.forwards_failed"),
     (Counter::ClusterMovedAway, "cluster.moved_away"),
     (Counter::ClusterOutcomeUnknown, "cluster.outcome_unknown"),
+    (Counter::IntegrityLocks, "integrity.locks"),
+    (Counter::IntegrityFindings, "integrity.findings"),
 ];
+
+/// How Prometheus reads a counter of [`COUNTERS`]: its metric name (without the `indicia_`
+/// prefix and, for counters, the `_total` suffix that the exposition adds), whether it is a
+/// gauge, and its help text. Every counter is exported per shard (label `shard`); `errors`
+/// is exported by code instead ([`ErrorsByCode`]).
+pub const PROMETHEUS_COUNTERS: [(Counter, &str, bool, &str); 31] = [
+    (
+        Counter::Requests,
+        "requests",
+        false,
+        "Requests handled by the shard that owns their vPSD.",
+    ),
+    (
+        Counter::Sessions,
+        "sessions",
+        false,
+        "Signing sessions committed.",
+    ),
+    (
+        Counter::Indicia,
+        "indicia_signed",
+        false,
+        "Indicia signed and committed.",
+    ),
+    (
+        Counter::Busy,
+        "busy",
+        false,
+        "Sign requests refused busy (the shard's queue was full).",
+    ),
+    (
+        Counter::Flushes,
+        "flushes",
+        false,
+        "Group commits of the journal (one fdatasync round each).",
+    ),
+    (
+        Counter::ConnectionsAccepted,
+        "connections_accepted",
+        false,
+        "Client connections accepted.",
+    ),
+    (
+        Counter::ConnectionsOpen,
+        "connections_open",
+        true,
+        "Client connections open now.",
+    ),
+    (
+        Counter::CrossShardRequests,
+        "cross_shard_requests",
+        false,
+        "Requests sent to the shard owning their vPSD.",
+    ),
+    (
+        Counter::QueuedIndicia,
+        "queued_indicia",
+        true,
+        "Indicia queued for a signing session now.",
+    ),
+    (
+        Counter::AwaitingDurable,
+        "answers_awaiting_durable",
+        true,
+        "Answers waiting for the journal to become durable now.",
+    ),
+    (
+        Counter::ConnectionErrors,
+        "connection_errors",
+        false,
+        "Frames refused before they reached a shard.",
+    ),
+    (
+        Counter::ConnectionsIdleClosed,
+        "connections_idle_closed",
+        false,
+        "Connections closed after idle_timeout_ms.",
+    ),
+    (
+        Counter::ConnectionsRefused,
+        "connections_refused",
+        false,
+        "Connections refused at accept (connections_max open).",
+    ),
+    (
+        Counter::WriteTimeouts,
+        "connection_write_timeouts",
+        false,
+        "Connections cut off because a write blocked past write_timeout_ms.",
+    ),
+    (
+        Counter::TlsFailed,
+        "connections_tls_failed",
+        false,
+        "Connections that ended in the TLS handshake.",
+    ),
+    (
+        Counter::AnswersUndelivered,
+        "answers_undelivered",
+        false,
+        "Answers whose connection could no longer take them.",
+    ),
+    (
+        Counter::ClusterRounds,
+        "cluster_rounds",
+        false,
+        "Cluster mode: replicated rounds to etcd.",
+    ),
+    (
+        Counter::ClusterWrites,
+        "cluster_writes",
+        false,
+        "Cluster mode: vPSD states written to etcd (or tried).",
+    ),
+    (
+        Counter::ClusterFenced,
+        "cluster_fenced",
+        false,
+        "Cluster mode: writes the fence refused (the vPSD had moved); voided.",
+    ),
+    (
+        Counter::ClusterRefused,
+        "cluster_refused",
+        false,
+        "Cluster mode: writes etcd refused as a whole; voided.",
+    ),
+    (
+        Counter::ClusterRetries,
+        "cluster_retries",
+        false,
+        "Cluster mode: rounds whose outcome was unknown, sent again.",
+    ),
+    (
+        Counter::ClusterAdopted,
+        "cluster_adopted",
+        false,
+        "Cluster mode: vPSDs taken over from other appliances.",
+    ),
+    (
+        Counter::ClusterUnavailable,
+        "cluster_unavailable",
+        false,
+        "Cluster mode: changes refused because this appliance may not commit (lease).",
+    ),
+    (
+        Counter::ClusterOwned,
+        "cluster_vpsds_owned",
+        true,
+        "Cluster mode: vPSDs this shard owns now.",
+    ),
+    (
+        Counter::ClusterCommitting,
+        "cluster_committing",
+        true,
+        "Cluster mode: 1 when the shard may commit, 0 when self-fenced (lease lost).",
+    ),
+    (
+        Counter::ClusterForwarded,
+        "cluster_forwarded",
+        false,
+        "Cluster mode: requests forwarded to their vPSD's owner.",
+    ),
+    (
+        Counter::ClusterForwardsFailed,
+        "cluster_forwards_failed",
+        false,
+        "Cluster mode: forwarded requests without an answer.",
+    ),
+    (
+        Counter::ClusterMovedAway,
+        "cluster_moved_away",
+        false,
+        "Cluster mode: vPSDs handed over to another appliance.",
+    ),
+    (
+        Counter::ClusterOutcomeUnknown,
+        "cluster_outcome_unknown",
+        false,
+        "Cluster mode: answers given up as outcome-unknown.",
+    ),
+    (
+        Counter::IntegrityLocks,
+        "integrity_locks",
+        false,
+        "vPSDs the integrity monitor locked (history did not reconcile).",
+    ),
+    (
+        Counter::IntegrityFindings,
+        "integrity_findings",
+        false,
+        "Findings of the integrity monitor in the shard's journal.",
+    ),
+];
+
+/// The fixed buckets of the Prometheus latency histograms, in microseconds (exported in
+/// seconds): 50 us to 10 s.
+pub const LATENCY_BUCKETS_US: [u64; 17] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000,
+];
+
+/// The fixed buckets of the Prometheus session-size histogram, in indicia.
+pub const SESSION_SIZE_BUCKETS: [u64; 12] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_024, 4_096];
+
+/// A histogram as both readers need it: HDR for the percentiles of `stats`, and for
+/// Prometheus the exact sum and the counts in fixed buckets.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub hdr: Histogram<u64>,
+    /// The sum of every value recorded (after clamping to the HDR bounds).
+    pub sum: u64,
+    /// Values at most `bounds[i]` and above `bounds[i - 1]`, per bucket; values above the
+    /// last bound are the count less all of these.
+    pub buckets: Vec<u64>,
+    pub bounds: &'static [u64],
+}
+
+impl Recorded {
+    fn new(high: u64, bounds: &'static [u64]) -> Self {
+        Self {
+            hdr: histogram(high),
+            sum: 0,
+            buckets: vec![0; bounds.len()],
+            bounds,
+        }
+    }
+
+    fn record(&mut self, value: u64) {
+        let value = value.clamp(1, self.hdr.high());
+        self.hdr.saturating_record(value);
+        self.sum = self.sum.saturating_add(value);
+        let index = self.bounds.partition_point(|bound| *bound < value);
+        if let Some(bucket) = self.buckets.get_mut(index) {
+            *bucket += 1;
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.hdr.len()
+    }
+}
+
+/// What Prometheus reads of one shard's histograms ([`ShardMetrics::prometheus`]).
+#[derive(Debug, Clone)]
+pub struct ShardHistograms {
+    pub session_size: Recorded,
+    pub commit_latency_us: Recorded,
+    pub replica_latency_us: Recorded,
+    pub errors_by_code: BTreeMap<u16, u64>,
+    pub request_latency_us: Vec<(RequestKind, Recorded)>,
+}
 
 /// What a request asks for, by its opcode: the `<kind>` of the `request_latency_us.<kind>`
 /// entries.
@@ -148,11 +406,13 @@ pub enum RequestKind {
     ClusterDrain,
     ClusterPin,
     ClusterAdopt,
+    Topology,
+    Backup,
 }
 
 impl RequestKind {
     /// Every kind, in the order of the report.
-    pub const ALL: [Self; 23] = [
+    pub const ALL: [Self; 25] = [
         Self::Sign,
         Self::SignBatch,
         Self::Status,
@@ -174,6 +434,8 @@ impl RequestKind {
         Self::ClusterDrain,
         Self::ClusterPin,
         Self::ClusterAdopt,
+        Self::Topology,
+        Self::Backup,
         Self::Hello,
         Self::Authenticate,
     ];
@@ -204,6 +466,8 @@ impl RequestKind {
             opcode::CLUSTER_DRAIN => Self::ClusterDrain,
             opcode::CLUSTER_PIN => Self::ClusterPin,
             opcode::CLUSTER_ADOPT => Self::ClusterAdopt,
+            opcode::TOPOLOGY => Self::Topology,
+            opcode::BACKUP => Self::Backup,
             _ => return None,
         })
     }
@@ -234,6 +498,8 @@ impl RequestKind {
             Self::ClusterDrain => "cluster_drain",
             Self::ClusterPin => "cluster_pin",
             Self::ClusterAdopt => "cluster_adopt",
+            Self::Topology => "topology",
+            Self::Backup => "backup",
         }
     }
 }
@@ -248,17 +514,23 @@ pub struct Received {
 
 /// Upper bound of the latency histograms, in microseconds (one minute).
 const LATENCY_US_MAX: u64 = 60_000_000;
+/// Upper bound of the session-size histogram.
+const SESSION_SIZE_MAX: u64 = 1 << 16;
 
 #[derive(Debug)]
 struct Histograms {
-    session_size: Histogram<u64>,
-    commit_latency_us: Histogram<u64>,
+    session_size: Recorded,
+    commit_latency_us: Recorded,
     /// Cluster mode: how long etcd took to answer a round's writes.
-    replica_latency_us: Histogram<u64>,
+    replica_latency_us: Recorded,
     errors_by_code: BTreeMap<u16, u64>,
     /// By [`RequestKind`]; made at the first request of the kind (a histogram is about
     /// 20 KiB, and most kinds are rare).
-    request_latency_us: [Option<Histogram<u64>>; RequestKind::ALL.len()],
+    request_latency_us: [Option<Recorded>; RequestKind::ALL.len()],
+}
+
+fn latency() -> Recorded {
+    Recorded::new(LATENCY_US_MAX, &LATENCY_BUCKETS_US)
 }
 
 /// One shard's metrics.
@@ -279,9 +551,9 @@ impl Default for ShardMetrics {
         Self {
             counters: std::array::from_fn(|_| AtomicU64::new(0)),
             histograms: Mutex::new(Histograms {
-                session_size: histogram(1 << 16),
-                commit_latency_us: histogram(LATENCY_US_MAX),
-                replica_latency_us: histogram(LATENCY_US_MAX),
+                session_size: Recorded::new(SESSION_SIZE_MAX, &SESSION_SIZE_BUCKETS),
+                commit_latency_us: latency(),
+                replica_latency_us: latency(),
                 errors_by_code: BTreeMap::new(),
                 request_latency_us: std::array::from_fn(|_| None),
             }),
@@ -329,7 +601,7 @@ impl ShardMetrics {
         }
         let mut histograms = self.histograms();
         for size in stats.session_sizes.drain(..) {
-            histograms.session_size.saturating_record(u64::from(size));
+            histograms.session_size.record(u64::from(size));
         }
         for code in stats.new_errors.drain(..) {
             *histograms.errors_by_code.entry(code).or_default() += 1;
@@ -347,16 +619,31 @@ impl ShardMetrics {
     }
 
     pub fn record_commit(&self, latency_us: u64) {
-        self.histograms()
-            .commit_latency_us
-            .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+        self.histograms().commit_latency_us.record(latency_us);
     }
 
     /// How long etcd took to answer one round's writes.
     pub fn record_replica(&self, latency_us: u64) {
-        self.histograms()
-            .replica_latency_us
-            .saturating_record(latency_us.clamp(1, LATENCY_US_MAX));
+        self.histograms().replica_latency_us.record(latency_us);
+    }
+
+    /// A copy of the histograms, for the Prometheus exposition (one lock, a few KiB each).
+    pub fn prometheus(&self) -> ShardHistograms {
+        let histograms = self.histograms();
+        ShardHistograms {
+            session_size: histograms.session_size.clone(),
+            commit_latency_us: histograms.commit_latency_us.clone(),
+            replica_latency_us: histograms.replica_latency_us.clone(),
+            errors_by_code: histograms.errors_by_code.clone(),
+            request_latency_us: RequestKind::ALL
+                .iter()
+                .filter_map(|&kind| {
+                    histograms.request_latency_us[kind as usize]
+                        .as_ref()
+                        .map(|recorded| (kind, recorded.clone()))
+                })
+                .collect(),
+        }
     }
 
     /// Copies the shard core's cluster counters (cluster mode).
@@ -394,12 +681,8 @@ impl ShardMetrics {
         for request in requests {
             let latency_us = answered.saturating_duration_since(request.at).as_micros();
             histograms.request_latency_us[request.kind as usize]
-                .get_or_insert_with(|| histogram(LATENCY_US_MAX))
-                .saturating_record(
-                    u64::try_from(latency_us)
-                        .unwrap_or(u64::MAX)
-                        .clamp(1, LATENCY_US_MAX),
-                );
+                .get_or_insert_with(latency)
+                .record(u64::try_from(latency_us).unwrap_or(u64::MAX));
         }
     }
 }
@@ -417,6 +700,11 @@ impl Metrics {
             shards: (0..shards).map(|_| ShardMetrics::default()).collect(),
             started: Instant::now(),
         })
+    }
+
+    /// Seconds since the appliance started.
+    pub fn uptime_s(&self) -> u64 {
+        self.started.elapsed().as_secs()
     }
 
     pub fn total(&self, counter: Counter) -> u64 {
@@ -438,7 +726,7 @@ impl Metrics {
             }
             push(name.into(), value);
         }
-        let mut session_size = histogram(1 << 16);
+        let mut session_size = histogram(SESSION_SIZE_MAX);
         let mut commit_latency_us = histogram(LATENCY_US_MAX);
         let mut replica_latency_us = histogram(LATENCY_US_MAX);
         let mut errors_by_code = BTreeMap::<u16, u64>::new();
@@ -447,9 +735,9 @@ impl Metrics {
         for shard in &self.shards {
             let histograms = shard.histograms();
             // Same bounds on both sides: adding cannot fail.
-            let _ = session_size.add(&histograms.session_size);
-            let _ = commit_latency_us.add(&histograms.commit_latency_us);
-            let _ = replica_latency_us.add(&histograms.replica_latency_us);
+            let _ = session_size.add(&histograms.session_size.hdr);
+            let _ = commit_latency_us.add(&histograms.commit_latency_us.hdr);
+            let _ = replica_latency_us.add(&histograms.replica_latency_us.hdr);
             for (code, count) in &histograms.errors_by_code {
                 *errors_by_code.entry(*code).or_default() += count;
             }
@@ -458,7 +746,7 @@ impl Metrics {
                 .zip(&histograms.request_latency_us)
             {
                 if let Some(recorded) = recorded {
-                    let _ = sum.add(recorded);
+                    let _ = sum.add(&recorded.hdr);
                 }
             }
         }

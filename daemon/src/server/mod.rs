@@ -14,6 +14,7 @@
 
 pub mod coalesce;
 pub mod conn_rules;
+pub mod exporter;
 pub mod handshake;
 mod local;
 pub mod metrics;
@@ -52,7 +53,7 @@ pub enum ServerError {
     Journal { shard: u16, source: StoreError },
     #[error(transparent)]
     DataDir(#[from] DataDirError),
-    #[error("master key: {0}")]
+    #[error(transparent)]
     MasterKeySource(#[from] datadir::MasterKeyError),
     #[error("master key: {0}")]
     MasterKey(#[from] crate::engine::keys::KeyError),
@@ -107,6 +108,8 @@ pub struct Control {
     imports_left: Vec<AtomicUsize>,
     /// Every shard serves (or the start failed).
     gate: StartGate,
+    /// Hot backups: where the data is, and the master key for the copy's chain and audit.
+    backup: crate::store::backup::BackupSource,
 }
 
 /// Empties one shard's queue of a [`Control`] mailbox.
@@ -186,6 +189,11 @@ impl Control {
         if let Some(durable) = self.durable.get(usize::from(shard)) {
             durable.fetch_max(sequence, Ordering::AcqRel);
         }
+    }
+
+    /// What a hot backup needs.
+    fn backup(&self) -> &crate::store::backup::BackupSource {
+        &self.backup
     }
 
     fn durable(&self, shard: u16) -> u64 {
@@ -607,6 +615,11 @@ impl Server {
                 .collect(),
             imports_left: (0..shards).map(|_| AtomicUsize::new(usize::MAX)).collect(),
             gate: StartGate::default(),
+            backup: crate::store::backup::BackupSource::new(
+                data.path.clone(),
+                data.master_key(),
+                config.engine_config(),
+            ),
         });
         let (senders, receivers) =
             runtime::mesh(usize::from(shards), config.server.cross_shard_channel);
@@ -702,6 +715,7 @@ impl Server {
                 .collect();
             match audit_in_background(
                 Arc::clone(&control),
+                Arc::clone(&metrics),
                 shard_dirs,
                 zeroize::Zeroizing::new(*data.master_key()),
                 config.engine_config(),
@@ -809,6 +823,7 @@ impl Server {
 /// it (no more indicia from it) with the finding as the reason.
 fn audit_in_background(
     control: Arc<Control>,
+    metrics: Arc<Metrics>,
     shard_dirs: Vec<(u16, PathBuf)>,
     master_key: zeroize::Zeroizing<[u8; 32]>,
     engine_config: crate::engine::EngineConfig,
@@ -863,6 +878,9 @@ fn audit_in_background(
                             for finding in &report.findings {
                                 if reported.insert((*shard, finding.to_string())) {
                                     tracing::error!(shard, "integrity monitor: {finding}");
+                                    if let Some(shard) = metrics.shards.get(usize::from(*shard)) {
+                                        shard.add(metrics::Counter::IntegrityFindings, 1);
+                                    }
                                 }
                             }
                             tracing::info!(

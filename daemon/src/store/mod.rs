@@ -15,6 +15,7 @@
 //! journal, and the journal knows nothing above it.
 
 pub mod audit;
+pub mod backup;
 pub mod codec;
 pub mod fuzz;
 pub mod ledger;

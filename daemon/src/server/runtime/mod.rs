@@ -20,6 +20,7 @@
 //! glommio stays inside this module, so the runtime can be replaced without touching the
 //! engine, the journal or the sans-io parts of the server.
 
+mod backup;
 mod connection;
 mod inflight;
 mod peer;
@@ -536,6 +537,7 @@ async fn watch(shard: Rc<Shard>) {
         heartbeat.fetch_add(1, Ordering::Relaxed);
         for (vpsd_id, reason) in shard.control.take_integrity(shard.index) {
             tracing::error!(shard = shard.index, vpsd = vpsd_id, "locked: {reason}");
+            shard.metrics.shards[usize::from(shard.index)].add(Counter::IntegrityLocks, 1);
             shard.core.borrow_mut().lock_integrity(vpsd_id, &reason);
         }
         let given_up = {

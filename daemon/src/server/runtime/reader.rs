@@ -378,6 +378,10 @@ fn dispatch(
             deliver_local(shard, vec![(reply, Response::Topology(topology))]);
             return None;
         }
+        Request::Backup { out } => {
+            super::backup::backup_request(shard, out.clone(), reply);
+            return None;
+        }
         Request::ClusterStatus | Request::ClusterTakeover { .. } => {
             cluster_report(shard, request, reply);
             return None;
