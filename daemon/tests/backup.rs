@@ -141,6 +141,15 @@ fn a_backup_under_load_audits_clean_and_restores_at_its_point() {
         Some(ErrorCode::InvalidArgument),
         "{relative}"
     );
+    let inside = admin
+        .backup(data.join("backup").to_str().unwrap())
+        .unwrap_err();
+    assert_eq!(
+        refused_with(&inside),
+        Some(ErrorCode::InvalidArgument),
+        "{inside}"
+    );
+    assert!(!data.join("backup").exists());
     admin.sign(VPSDS[0], item(POSTAGE)).unwrap();
     assert!(daemon.terminate().success());
 

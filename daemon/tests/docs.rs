@@ -789,6 +789,50 @@ fn config_rows(heading: &str) -> BTreeMap<String, String> {
     rows
 }
 
+/// The `[hsm]` section's keys and defaults in OPERATIONS.md 4.8 are what a config with only
+/// the required keys gets.
+#[test]
+fn the_hsm_defaults_in_the_doc_are_the_codes() {
+    let config = indiciad::config::Config::parse(
+        "[hsm]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken = \"indicia\"\n",
+        std::path::Path::new("test.toml"),
+    )
+    .unwrap();
+    let hsm = config.hsm.unwrap();
+    let rows = config_rows("### 4.8 `[hsm]`");
+    let keys: Vec<&str> = rows.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["key_label", "module", "pin_credential", "token"]);
+    for key in ["module", "token"] {
+        assert_eq!(rows[key], "required", "{key}");
+    }
+    assert_eq!(rows["key_label"], format!("`\"{}\"`", hsm.key_label));
+    assert_eq!(
+        rows["pin_credential"],
+        format!("`\"{}\"`", hsm.pin_credential)
+    );
+}
+
+/// The `[metrics]` section in OPERATIONS.md 4.9: one required key, and off without it.
+#[test]
+fn the_metrics_section_in_the_doc_is_the_codes() {
+    let rows = config_rows("### 4.9 `[metrics]`");
+    let keys: Vec<&str> = rows.keys().map(String::as_str).collect();
+    assert_eq!(keys, ["listen"]);
+    assert_eq!(rows["listen"], "required");
+    let path = std::path::Path::new("test.toml");
+    assert!(indiciad::config::Config::parse("[metrics]\n", path).is_err());
+    assert_eq!(
+        indiciad::config::Config::parse("", path).unwrap().metrics,
+        None
+    );
+    let config =
+        indiciad::config::Config::parse("[metrics]\nlisten = \"127.0.0.1:9750\"\n", path).unwrap();
+    assert_eq!(
+        config.metrics.unwrap().listen,
+        "127.0.0.1:9750".parse().unwrap()
+    );
+}
+
 /// The `[cluster]` section's keys and defaults in OPERATIONS.md 4.7 are what a config with
 /// only the required keys gets.
 #[cfg(feature = "cluster")]

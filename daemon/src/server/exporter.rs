@@ -24,7 +24,8 @@ use super::metrics::{Metrics, Recorded, ShardHistograms, PROMETHEUS_COUNTERS};
 
 /// The longest request head read (a scraper's GET is a few hundred bytes).
 const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
-/// How long one scraper may take to send its request and read the answer.
+/// How long one scraper may take to send its request head (in all), and each write of the
+/// answer: the endpoint serves one connection at a time.
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The exposition's collector: reads the shards' metrics at each scrape. The `cluster_*`
@@ -296,7 +297,17 @@ fn answer(mut stream: TcpStream, metrics: &Arc<Metrics>, cluster: bool) -> std::
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
     while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+        // A client that trickles its request does not hold the endpoint past the limit.
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request head not complete in time",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
         if head.len() > REQUEST_HEAD_BYTES_MAX {
             return respond(
                 &mut stream,

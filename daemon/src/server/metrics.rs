@@ -328,7 +328,8 @@ pub const LATENCY_BUCKETS_US: [u64; 17] = [
 ];
 
 /// The fixed buckets of the Prometheus session-size histogram, in indicia.
-pub const SESSION_SIZE_BUCKETS: [u64; 12] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_024, 4_096];
+pub const SESSION_SIZE_BUCKETS: [u64; 13] =
+    [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1_024, 2_048, 4_096];
 
 /// A histogram as both readers need it: HDR for the percentiles of `stats`, and for
 /// Prometheus the exact sum and the counts in fixed buckets.

@@ -38,6 +38,8 @@ pub enum BackupError {
     NotAbsolute(PathBuf),
     #[error("{0} exists and is not empty: a backup goes to a new or empty directory")]
     NotEmpty(PathBuf),
+    #[error("{0} is inside the data directory: a backup goes elsewhere")]
+    InsideDataDir(PathBuf),
     #[error("another backup is running")]
     Running,
     #[error("{path}: {source}")]
@@ -49,6 +51,8 @@ pub enum BackupError {
     Journal { shard: u16, source: JournalError },
     #[error("the audit of the copy could not run: {0}")]
     Audit(#[from] super::audit::AuditError),
+    #[error("backup manifest: {0}")]
+    Manifest(indicia_files::FileError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BackupError + '_ {
@@ -121,6 +125,14 @@ impl BackupSource {
         if !out.is_absolute() {
             return Err(BackupError::NotAbsolute(out.to_owned()));
         }
+        let inside = |dir: &Path| {
+            // Compared as the file system resolves them, where they exist.
+            let resolve = |path: &Path| path.canonicalize().unwrap_or_else(|_| path.to_owned());
+            resolve(out).starts_with(resolve(dir))
+        };
+        if inside(&self.data_dir) {
+            return Err(BackupError::InsideDataDir(out.to_owned()));
+        }
         match std::fs::read_dir(out) {
             Ok(mut entries) => {
                 if entries.next().is_some() {
@@ -166,7 +178,7 @@ impl BackupSource {
         };
         let manifest = out.join(MANIFEST_FILE);
         indicia_files::write_durable(&manifest, manifest_text(&report).as_bytes())
-            .map_err(|err| io(&manifest)(std::io::Error::other(err.to_string())))?;
+            .map_err(BackupError::Manifest)?;
         Ok(report)
     }
 }

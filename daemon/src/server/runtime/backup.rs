@@ -75,7 +75,9 @@ pub(super) fn backup_request(shard: &Rc<Shard>, out: String, reply: ReplyTo) {
 
 fn refusal(err: &BackupError) -> Response {
     let code = match err {
-        BackupError::NotAbsolute(_) | BackupError::NotEmpty(_) => ErrorCode::InvalidArgument,
+        BackupError::NotAbsolute(_) | BackupError::NotEmpty(_) | BackupError::InsideDataDir(_) => {
+            ErrorCode::InvalidArgument
+        }
         BackupError::Running => ErrorCode::Busy,
         _ => ErrorCode::Internal,
     };
