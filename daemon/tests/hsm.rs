@@ -131,16 +131,21 @@ fn refused_start(dir: &Path, config: &Path, env: &[(&str, &Path)]) -> String {
     text(&output)
 }
 
+/// A token with its sealing key, made by `indiciad hsm-keygen`, and a config naming it.
+fn token_with_key(dir: &Path) -> (SoftHsm, PathBuf) {
+    let hsm = SoftHsm::new(dir);
+    let config = hsm_config(dir, "hsm.toml", TOKEN, "indicia-master");
+    let made = hsm.tool(dir, &config, &["hsm-keygen"]);
+    assert!(made.status.success(), "{}", text(&made));
+    assert!(text(&made).contains("never extractable"), "{}", text(&made));
+    (hsm, config)
+}
+
 #[test]
 fn the_master_key_sealed_by_softhsm_signs_restarts_audits_and_refuses_wrong_settings() {
     let dir = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(dir.path());
-    let config = hsm_config(dir.path(), "hsm.toml", TOKEN, "indicia-master");
-
     // The sealing key: made once; a second keygen refuses to replace it.
-    let made = hsm.tool(dir.path(), &config, &["hsm-keygen"]);
-    assert!(made.status.success(), "{}", text(&made));
-    assert!(text(&made).contains("never extractable"), "{}", text(&made));
+    let (hsm, config) = token_with_key(dir.path());
     let again = hsm.tool(dir.path(), &config, &["hsm-keygen"]);
     assert_eq!(again.status.code(), Some(2), "{}", text(&again));
     assert!(text(&again).contains("already"), "{}", text(&again));
@@ -222,10 +227,7 @@ fn the_master_key_sealed_by_softhsm_signs_restarts_audits_and_refuses_wrong_sett
 #[test]
 fn rewrap_moves_a_running_appliances_file_key_into_the_hsm() {
     let dir = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(dir.path());
-    let config = hsm_config(dir.path(), "hsm.toml", TOKEN, "indicia-master");
-    let made = hsm.tool(dir.path(), &config, &["hsm-keygen"]);
-    assert!(made.status.success(), "{}", text(&made));
+    let (hsm, config) = token_with_key(dir.path());
 
     // An appliance on a file key, serving.
     let daemon = Daemon::start(dir.path(), None);

@@ -66,9 +66,15 @@ pub fn aws_lc_rate(seconds: f64) -> Result<f64, Error> {
     })
 }
 
-/// SoftHSM2 ECDSA P-256 (SHA-256 here, then CKM_ECDSA) signatures per CPU-second, with a token made in
-/// a temporary directory.
-pub fn softhsm_rate(module: &Path, seconds: f64) -> Result<f64, Error> {
+/// The user PIN of the tokens [`temporary_token`] makes.
+const USER_PIN: &str = "indicia-user-pin";
+
+/// A SoftHSM2 token labelled `label` with the user PIN [`USER_PIN`], in a temporary
+/// directory (kept while the returned handle lives), and the module initialized.
+fn temporary_token(
+    module: &Path,
+    label: &str,
+) -> Result<(tempfile::TempDir, Pkcs11, cryptoki::slot::Slot), Error> {
     let dir = tempfile::tempdir()?;
     let tokens = dir.path().join("tokens");
     std::fs::create_dir(&tokens)?;
@@ -89,13 +95,18 @@ pub fn softhsm_rate(module: &Path, seconds: f64) -> Result<f64, Error> {
         .first()
         .ok_or("SoftHSM2 offers no slot")?;
     let so_pin = AuthPin::new("indicia-so-pin".into());
-    let user_pin = AuthPin::new("indicia-user-pin".into());
-    pkcs11.init_token(slot, &so_pin, "indicia-peer")?;
-    {
-        let session = pkcs11.open_rw_session(slot)?;
-        session.login(UserType::So, Some(&so_pin))?;
-        session.init_pin(&user_pin)?;
-    }
+    pkcs11.init_token(slot, &so_pin, label)?;
+    let session = pkcs11.open_rw_session(slot)?;
+    session.login(UserType::So, Some(&so_pin))?;
+    session.init_pin(&AuthPin::new(USER_PIN.into()))?;
+    Ok((dir, pkcs11, slot))
+}
+
+/// SoftHSM2 ECDSA P-256 (SHA-256 here, then CKM_ECDSA) signatures per CPU-second, with a token made in
+/// a temporary directory.
+pub fn softhsm_rate(module: &Path, seconds: f64) -> Result<f64, Error> {
+    let (_dir, pkcs11, slot) = temporary_token(module, "indicia-peer")?;
+    let user_pin = AuthPin::new(USER_PIN.into());
     let session = pkcs11.open_rw_session(slot)?;
     session.login(UserType::User, Some(&user_pin))?;
     let secp256r1: Vec<u8> = vec![0x06, 0x08, 0x2A, 0x86, 0x48, 0xCE, 0x3D, 0x03, 0x01, 0x07];
@@ -157,33 +168,8 @@ pub fn hsm_costs(module: &Path, seconds: f64) -> Result<HsmCosts, Error> {
     use indiciad::engine::{KeyBinding, MasterKey};
     use indiciad::hsm::Hsm;
 
-    let dir = tempfile::tempdir()?;
-    let tokens = dir.path().join("tokens");
-    std::fs::create_dir(&tokens)?;
-    let conf = dir.path().join("softhsm2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-            tokens.display()
-        ),
-    )?;
-    // Read by SoftHSM2 when it initializes, below; nothing else in this process uses it.
-    std::env::set_var("SOFTHSM2_CONF", &conf);
-    let pin = zeroize::Zeroizing::new(String::from("indicia-user-pin"));
-    {
-        let pkcs11 = Pkcs11::new(module)?;
-        pkcs11.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))?;
-        let slot = *pkcs11
-            .get_slots_with_token()?
-            .first()
-            .ok_or("SoftHSM2 offers no slot")?;
-        let so_pin = AuthPin::new("indicia-so-pin".into());
-        pkcs11.init_token(slot, &so_pin, "indicia-cost")?;
-        let session = pkcs11.open_rw_session(slot)?;
-        session.login(UserType::So, Some(&so_pin))?;
-        session.init_pin(&AuthPin::new(pin.as_str().into()))?;
-    }
+    let (_dir, _pkcs11, _slot) = temporary_token(module, "indicia-cost")?;
+    let pin = zeroize::Zeroizing::new(String::from(USER_PIN));
     let config = HsmConfig {
         module: module.to_owned(),
         token: "indicia-cost".into(),
