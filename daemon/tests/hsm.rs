@@ -60,17 +60,7 @@ impl SoftHsm {
 
     /// `indiciad --config CONFIG --data-dir DIR/data ARGS` with the token's environment.
     fn tool(&self, dir: &Path, config: &Path, args: &[&str]) -> Output {
-        let mut command = Command::new(BIN);
-        command
-            .arg("--config")
-            .arg(config)
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .args(args);
-        for (name, value) in self.env() {
-            command.env(name, value);
-        }
-        command.output().unwrap()
+        indiciad(dir, config, args, &self.env())
     }
 
     fn start(&self, dir: &Path, config: &Path) -> Daemon {
@@ -112,21 +102,33 @@ fn sign(daemon: &Daemon, vpsd: u64, count: usize) {
     }
 }
 
-/// Starts `indiciad` with `config` (and the token's environment, or none), which must fail;
-/// returns its log.
-fn refused_start(dir: &Path, config: &Path, env: &[(&str, &Path)]) -> String {
+/// `indiciad --config CONFIG --data-dir DIR/data ARGS` with exactly the credentials
+/// directory and SoftHSM2 configuration of `env` (none of this process's own).
+fn indiciad(dir: &Path, config: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut command = Command::new(BIN);
     command
         .arg("--config")
         .arg(config)
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "2"]);
-    command.env_remove("CREDENTIALS_DIRECTORY");
+        .args(args)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env_remove("SOFTHSM2_CONF");
     for (name, value) in env {
         command.env(name, value);
     }
-    let output = command.output().unwrap();
+    command.output().unwrap()
+}
+
+/// Starts `indiciad` with `config` (and the token's environment, or none), which must fail;
+/// returns its log.
+fn refused_start(dir: &Path, config: &Path, env: &[(&str, &Path)]) -> String {
+    let output = indiciad(
+        dir,
+        config,
+        &["--listen", "127.0.0.1:0", "--shards", "2"],
+        env,
+    );
     assert!(!output.status.success(), "it started: {}", text(&output));
     text(&output)
 }
