@@ -646,15 +646,31 @@ impl Inner {
 
     /// Where `vpsd_id`'s requests go: its owner (asked for if not known), and the shard
     /// that holds it there.
+    /// In a cluster, an owner remembered that does not answer (drained and stopped since,
+    /// or gone) is forgotten and the vPSD's owner asked for again, once.
     async fn target(self: &Arc<Self>, vpsd_id: u64) -> Result<Target> {
-        let address = self.owner_address(vpsd_id).await?;
-        let topology = if self.options.shard_aware {
-            self.topology(&address).await?
-        } else {
-            None
-        };
-        let shard = topology.map(|topology| indicia_proto::shard_of(vpsd_id, topology.shards));
-        Ok(Target { address, shard })
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let address = self.owner_address(vpsd_id).await?;
+            if !self.options.shard_aware {
+                return Ok(Target {
+                    address,
+                    shard: None,
+                });
+            }
+            match self.topology(&address).await {
+                Ok(topology) => {
+                    let shard =
+                        topology.map(|topology| indicia_proto::shard_of(vpsd_id, topology.shards));
+                    return Ok(Target { address, shard });
+                }
+                Err(ClientError::Unreachable(_)) if tries < 2 && self.in_cluster() => {
+                    self.forget_owner(vpsd_id);
+                }
+                Err(err) => return Err(err),
+            }
+        }
     }
 
     async fn owner_address(self: &Arc<Self>, vpsd_id: u64) -> Result<String> {

@@ -9,86 +9,15 @@ mod support;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use indicia_proto::Algorithm;
-use support::{item, verifies, Daemon, BIN};
-
-const MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
-const TOKEN: &str = "indicia-test";
-const PIN: &str = "4711-user-pin";
-
-/// A SoftHSM2 token of its own (its configuration and token directory) and a systemd-like
-/// credentials directory with its PIN.
-struct SoftHsm {
-    conf: PathBuf,
-    credentials: PathBuf,
-}
-
-impl SoftHsm {
-    fn new(dir: &Path) -> Self {
-        let tokens = dir.join("tokens");
-        std::fs::create_dir_all(&tokens).unwrap();
-        let conf = dir.join("softhsm2.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\n",
-                tokens.display()
-            ),
-        )
-        .unwrap();
-        let output = Command::new("softhsm2-util")
-            .env("SOFTHSM2_CONF", &conf)
-            .args(["--init-token", "--free", "--label", TOKEN])
-            .args(["--pin", PIN, "--so-pin", "4711-so-pin"])
-            .output()
-            .expect("softhsm2-util (Debian package softhsm2) runs");
-        assert!(output.status.success(), "{}", text(&output));
-        let credentials = dir.join("credentials");
-        std::fs::create_dir_all(&credentials).unwrap();
-        write_private(&credentials.join("hsm-pin"), &format!("{PIN}\n"));
-        Self { conf, credentials }
-    }
-
-    fn env(&self) -> [(&'static str, &Path); 2] {
-        [
-            ("SOFTHSM2_CONF", &self.conf),
-            ("CREDENTIALS_DIRECTORY", &self.credentials),
-        ]
-    }
-
-    /// `indiciad --config CONFIG --data-dir DIR/data ARGS` with the token's environment.
-    fn tool(&self, dir: &Path, config: &Path, args: &[&str]) -> Output {
-        indiciad(dir, config, args, &self.env())
-    }
-
-    fn start(&self, dir: &Path, config: &Path) -> Daemon {
-        Daemon::start_with_env(dir, Some(config), "127.0.0.1:0", None, &self.env())
-    }
-}
-
-fn write_private(path: &Path, text: &str) {
-    std::fs::write(path, text).unwrap();
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-fn text(output: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
+use support::softhsm::{hsm_section, indiciad, text, write_private, SoftHsm, TOKEN};
+use support::{item, verifies, Daemon};
 
 /// A config with `[hsm]` naming `token` and `key_label`.
 fn hsm_config(dir: &Path, name: &str, token: &str, key_label: &str) -> PathBuf {
     let path = dir.join(name);
-    std::fs::write(
-        &path,
-        format!("[hsm]\nmodule = \"{MODULE}\"\ntoken = \"{token}\"\nkey_label = \"{key_label}\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&path, hsm_section(token, key_label)).unwrap();
     path
 }
 
@@ -100,24 +29,6 @@ fn sign(daemon: &Daemon, vpsd: u64, count: usize) {
         let indicium = admin.sign(vpsd, item(10)).unwrap();
         assert!(verifies(&indicium, &spki));
     }
-}
-
-/// `indiciad --config CONFIG --data-dir DIR/data ARGS` with exactly the credentials
-/// directory and SoftHSM2 configuration of `env` (none of this process's own).
-fn indiciad(dir: &Path, config: &Path, args: &[&str], env: &[(&str, &Path)]) -> Output {
-    let mut command = Command::new(BIN);
-    command
-        .arg("--config")
-        .arg(config)
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .args(args)
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env_remove("SOFTHSM2_CONF");
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    command.output().unwrap()
 }
 
 /// Starts `indiciad` with `config` (and the token's environment, or none), which must fail;

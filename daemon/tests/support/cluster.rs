@@ -34,6 +34,9 @@ pub struct Appliance {
     pub host: String,
     /// The network namespace it runs in (a partition test), if any.
     pub netns: Option<String>,
+    /// Environment variables its process gets (an HSM test: SoftHSM2's configuration and
+    /// the credentials directory).
+    pub env: Vec<(&'static str, PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -100,6 +103,7 @@ impl Appliance {
             daemon: None,
             host: host.to_owned(),
             netns: netns.map(str::to_owned),
+            env: Vec::new(),
         }
     }
 
@@ -140,11 +144,17 @@ impl Appliance {
 
     pub fn start(&mut self) -> &Daemon {
         assert!(self.daemon.is_none());
-        self.daemon = Some(Daemon::start_in(
+        let env: Vec<(&str, &Path)> = self
+            .env
+            .iter()
+            .map(|(name, value)| (*name, value.as_path()))
+            .collect();
+        self.daemon = Some(Daemon::start_with_env(
             &self.dir,
             Some(&self.config),
             &format!("{}:{}", self.host, self.port),
             self.netns.as_deref(),
+            &env,
         ));
         self.daemon()
     }

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod etcd;
 pub mod netns;
+pub mod softhsm;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
