@@ -1,7 +1,8 @@
 //! Hot backups (docs/OPERATIONS.md 8.2): a backup taken while signers keep signing, audited
 //! clean by `indiciad audit`, restored into a fresh data directory that serves, with every
-//! vPSD's registers at the backup's point: no indicium acknowledged before the backup began
-//! is missing, and none answered after it ended is there.
+//! vPSD's registers at the backup's point: exactly those the original journals record at
+//! the sequence the backup holds (their ledger), no indicium acknowledged before the backup
+//! began missing, none answered after it ended there.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
 mod support;
@@ -153,6 +154,31 @@ fn a_backup_under_load_audits_clean_and_restores_at_its_point() {
     admin.sign(VPSDS[0], item(POSTAGE)).unwrap();
     assert!(daemon.terminate().success());
 
+    // The registers at the backup's point, from the original journals: for each vPSD the
+    // last ledger line of its shard at or before the sequence the backup holds.
+    let ledger = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(&data)
+        .args(["export-ledger", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    assert!(ledger.status.success());
+    let mut at_point: HashMap<u64, serde_json::Value> = HashMap::new();
+    for line in String::from_utf8(ledger.stdout).unwrap().lines() {
+        let line: serde_json::Value = serde_json::from_str(line).unwrap();
+        let shard = line["shard"].as_u64().unwrap() as usize;
+        if line["sequence"].as_u64().unwrap() > report.shards[shard].sequence {
+            continue;
+        }
+        let vpsd = line["vpsd_id"].as_u64().unwrap();
+        let later = at_point
+            .get(&vpsd)
+            .is_none_or(|seen| seen["sequence"].as_u64() < line["sequence"].as_u64());
+        if later {
+            at_point.insert(vpsd, line);
+        }
+    }
+
     // Restored into a fresh data directory (with the master key, kept apart): it serves,
     // each vPSD at the backup's point.
     let restored = tempfile::tempdir().unwrap();
@@ -183,6 +209,20 @@ fn a_backup_under_load_audits_clean_and_restores_at_its_point() {
         assert_eq!(
             status.ascending_mills + status.descending_mills,
             status.control_total_mills
+        );
+        let expected = &at_point[&vpsd];
+        assert_eq!(
+            (
+                status.ascending_mills,
+                status.descending_mills,
+                status.piece_count
+            ),
+            (
+                expected["ascending_mills"].as_u64().unwrap(),
+                expected["descending_mills"].as_u64().unwrap(),
+                expected["last_piece"].as_u64().unwrap()
+            ),
+            "vPSD {vpsd} restored at the backup's point"
         );
         // It signs on from there: the next piece number.
         let indicium = admin.sign(vpsd, item(POSTAGE)).unwrap();
