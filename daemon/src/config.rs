@@ -50,7 +50,7 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// The master key sealed by an AES key inside an HSM (PKCS#11), not a file. Without it
     /// the master key is `master.key` or its systemd credential (docs/OPERATIONS.md 5.7).
-    pub hsm: Option<HsmConfig>,
+    pub hsm: Option<crate::hsm::HsmConfig>,
     /// The Prometheus endpoint; off unless configured (docs/OPERATIONS.md 7.1).
     pub metrics: Option<MetricsConfig>,
 }
@@ -61,68 +61,6 @@ pub struct Config {
 pub struct MetricsConfig {
     /// Address of the HTTP endpoint, e.g. "127.0.0.1:9750" (port 0: one the kernel picks).
     pub listen: SocketAddr,
-}
-
-/// The `[hsm]` section: which PKCS#11 module, token and key seal the master key, and which
-/// systemd credential holds the token's PIN (never the configuration file).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HsmConfig {
-    /// The HSM vendor's PKCS#11 module (SoftHSM2: /usr/lib/softhsm/libsofthsm2.so).
-    pub module: PathBuf,
-    /// The token's label.
-    pub token: String,
-    /// The label of the AES key that seals the master key.
-    #[serde(default = "HsmConfig::default_key_label")]
-    pub key_label: String,
-    /// The systemd credential with the token's user PIN (`$CREDENTIALS_DIRECTORY/NAME`).
-    #[serde(default = "HsmConfig::default_pin_credential")]
-    pub pin_credential: String,
-}
-
-impl HsmConfig {
-    fn default_key_label() -> String {
-        "indicia-master".into()
-    }
-
-    fn default_pin_credential() -> String {
-        "hsm-pin".into()
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        if !self.module.is_absolute() {
-            return Err(format!(
-                "hsm.module = {:?} must be an absolute path (the PKCS#11 module)",
-                self.module
-            ));
-        }
-        // PKCS#11 labels are 32 bytes, blank-padded; printable ASCII without quotes or
-        // backslashes keeps them as they are in master.key.hsm's TOML.
-        for (key, value) in [("token", &self.token), ("key_label", &self.key_label)] {
-            let printable = value
-                .bytes()
-                .all(|byte| (0x20..0x7f).contains(&byte) && byte != b'"' && byte != b'\\');
-            if value.is_empty() || value.len() > 32 || value.ends_with(' ') || !printable {
-                return Err(format!(
-                    "hsm.{key} = {value:?}: 1 to 32 printable ASCII bytes (no quotes or \
-                     backslashes), not ending in a space"
-                ));
-            }
-        }
-        let name = &self.pin_credential;
-        if name.is_empty()
-            || name.len() > 255
-            || !name
-                .bytes()
-                .all(|byte| byte.is_ascii_alphanumeric() || b"._-".contains(&byte))
-            || name.starts_with('.')
-        {
-            return Err(format!(
-                "hsm.pin_credential = {name:?}: a credential name (letters, digits, '.', '_', '-')"
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// The longest appliance id: it must fit the replicated state's origin, and, as

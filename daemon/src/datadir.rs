@@ -16,7 +16,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::config::HsmConfig;
+use crate::hsm::HsmConfig;
 use crate::hsm::{Hsm, HsmError, SealedMasterKey, SEALED_MASTER_KEY_FILE};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_files::{parse_hex32, random32, write_durable, write_private};

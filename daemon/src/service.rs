@@ -369,7 +369,7 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
 }
 
 /// How the PIN's source is named in errors.
-fn pin_source(hsm: &crate::config::HsmConfig, pin_file: Option<&std::path::Path>) -> String {
+fn pin_source(hsm: &crate::hsm::HsmConfig, pin_file: Option<&std::path::Path>) -> String {
     match pin_file {
         Some(file) => file.display().to_string(),
         None => format!("the credential {:?}", hsm.pin_credential),

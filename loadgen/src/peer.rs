@@ -164,9 +164,9 @@ pub struct HsmCosts {
 pub fn hsm_costs(module: &Path, seconds: f64) -> Result<HsmCosts, Error> {
     use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
     use indicia_proto::Algorithm;
-    use indiciad::config::HsmConfig;
     use indiciad::engine::{KeyBinding, MasterKey};
     use indiciad::hsm::Hsm;
+    use indiciad::hsm::HsmConfig;
 
     let (_dir, _pkcs11, _slot) = temporary_token(module, "indicia-cost")?;
     let pin = zeroize::Zeroizing::new(String::from(USER_PIN));
