@@ -17,7 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::hsm::HsmConfig;
-use crate::hsm::{Hsm, HsmError, SealedMasterKey, SEALED_MASTER_KEY_FILE};
+use crate::hsm::{HsmError, SealedMasterKey, SEALED_MASTER_KEY_FILE};
 use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 use indicia_files::{parse_hex32, random32, write_durable, write_private};
 use zeroize::Zeroizing;
@@ -78,18 +78,6 @@ pub enum MasterKeyError {
     FileKeyUnderHsm { path: PathBuf },
 }
 
-impl KeySource<'_> {
-    /// Opens the HSM session this source needs (the PIN read first).
-    fn hsm(config: &HsmConfig, pin_file: Option<&Path>) -> Result<Hsm, HsmError> {
-        let pin = crate::hsm::read_pin(config, pin_file)?;
-        let source = match pin_file {
-            Some(file) => file.display().to_string(),
-            None => format!("the credential {:?}", config.pin_credential),
-        };
-        Hsm::open(config, &pin, &source)
-    }
-}
-
 /// The master key of an existing data directory, read-only: nothing is created (the
 /// offline tools, and an audit of a backup's copy).
 pub fn read_master_key(
@@ -111,7 +99,7 @@ pub fn read_master_key(
                 return Err(MasterKeyError::FileKeyUnderHsm { path: file_path });
             }
             let sealed = SealedMasterKey::read(&sealed_path)?;
-            let hsm = KeySource::hsm(config, pin_file)?;
+            let hsm = crate::hsm::unlock(config, pin_file)?;
             Ok(hsm.unseal(&sealed, &sealed_path)?)
         }
     }
@@ -180,7 +168,7 @@ impl DataDir {
             }
             .into());
         } else if let KeySource::Hsm { config, pin_file } = source {
-            let hsm = KeySource::hsm(config, pin_file)?;
+            let hsm = crate::hsm::unlock(config, pin_file)?;
             let key = random32()?;
             let sealed = hsm.seal(&key)?;
             write_private(&master_path, sealed.to_text().as_bytes())?;

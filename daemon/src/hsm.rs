@@ -175,7 +175,7 @@ pub enum HsmError {
 /// Reads the token's user PIN: from `file` when given (the offline tools' `--pin-file`),
 /// else from the systemd credential `[hsm] pin_credential` (`$CREDENTIALS_DIRECTORY/NAME`,
 /// `LoadCredential=` or `LoadCredentialEncrypted=`). Never from the configuration file.
-pub fn read_pin(config: &HsmConfig, file: Option<&Path>) -> Result<Zeroizing<String>, HsmError> {
+pub fn read_pin(config: &HsmConfig, file: Option<&Path>) -> Result<Pin, HsmError> {
     let path = match file {
         Some(file) => file.to_owned(),
         None => {
@@ -190,11 +190,33 @@ pub fn read_pin(config: &HsmConfig, file: Option<&Path>) -> Result<Zeroizing<Str
         }
     };
     let text = indicia_files::read_private(&path)?;
-    let pin = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned());
-    if pin.is_empty() {
+    let secret = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_owned());
+    if secret.is_empty() {
         return Err(HsmError::Pin(format!("{} is empty", path.display())));
     }
-    Ok(pin)
+    let source = match file {
+        Some(file) => file.display().to_string(),
+        None => format!("the credential {:?}", config.pin_credential),
+    };
+    Ok(Pin { secret, source })
+}
+
+/// A token's user PIN, and where it came from (an error names it, never the PIN).
+pub struct Pin {
+    pub secret: Zeroizing<String>,
+    pub source: String,
+}
+
+impl std::fmt::Debug for Pin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pin(from {})", self.source)
+    }
+}
+
+/// The PIN read ([`read_pin`]), then the token's key found ([`Hsm::open`]): what the
+/// appliance and its tools do to use the HSM.
+pub fn unlock(config: &HsmConfig, pin_file: Option<&Path>) -> Result<Hsm, HsmError> {
+    Hsm::open(config, &read_pin(config, pin_file)?)
 }
 
 /// A logged-in session on the configured token, and its AES key when it has one.
@@ -299,12 +321,8 @@ fn is_already_initialized(err: &Pkcs11Error) -> bool {
 impl Hsm {
     /// Loads the module, finds the token, logs in with `pin`, and finds the key (which must
     /// not be extractable).
-    pub fn open(
-        config: &HsmConfig,
-        pin: &Zeroizing<String>,
-        pin_source: &str,
-    ) -> Result<Self, HsmError> {
-        let mut hsm = Self::login(config, pin, pin_source)?;
+    pub fn open(config: &HsmConfig, pin: &Pin) -> Result<Self, HsmError> {
+        let mut hsm = Self::login(config, pin)?;
         let key = hsm.find_key()?.ok_or_else(|| HsmError::NoKey {
             token: hsm.token.clone(),
             label: hsm.label.clone(),
@@ -314,11 +332,7 @@ impl Hsm {
         Ok(hsm)
     }
 
-    fn login(
-        config: &HsmConfig,
-        pin: &Zeroizing<String>,
-        pin_source: &str,
-    ) -> Result<Self, HsmError> {
+    fn login(config: &HsmConfig, pin: &Pin) -> Result<Self, HsmError> {
         let module_error = |source| HsmError::Module {
             module: config.module.clone(),
             source,
@@ -342,7 +356,7 @@ impl Hsm {
         let session = pkcs11
             .open_rw_session(slot)
             .map_err(operation("open a session"))?;
-        let auth = AuthPin::new(pin.as_str().into());
+        let auth = AuthPin::new(pin.secret.as_str().into());
         match session.login(UserType::User, Some(&auth)) {
             Ok(()) => {}
             // Another session of this process (a tool that opens twice) is logged in already.
@@ -350,7 +364,7 @@ impl Hsm {
             Err(Pkcs11Error::Pkcs11(RvError::PinIncorrect | RvError::PinLenRange, _)) => {
                 return Err(HsmError::WrongPin {
                     token,
-                    source_name: pin_source.to_owned(),
+                    source_name: pin.source.clone(),
                 })
             }
             Err(Pkcs11Error::Pkcs11(RvError::PinLocked, _)) => {
@@ -431,12 +445,8 @@ impl Hsm {
     /// Makes the master key's sealing key on the token: AES-256, sensitive, never
     /// extractable, kept on the token, usable only to encrypt and decrypt. Refuses when the
     /// label names a key already.
-    pub fn generate_key(
-        config: &HsmConfig,
-        pin: &Zeroizing<String>,
-        pin_source: &str,
-    ) -> Result<(), HsmError> {
-        let hsm = Self::login(config, pin, pin_source)?;
+    pub fn generate_key(config: &HsmConfig, pin: &Pin) -> Result<(), HsmError> {
+        let hsm = Self::login(config, pin)?;
         if hsm.find_key()?.is_some() {
             return Err(HsmError::KeyExists {
                 token: hsm.token.clone(),

@@ -345,7 +345,7 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
         Tool::HsmKeygen { pin_file } => {
             let hsm = config.hsm.as_ref().ok_or(ServiceError::NoHsm)?;
             let pin = crate::hsm::read_pin(hsm, pin_file.as_deref())?;
-            crate::hsm::Hsm::generate_key(hsm, &pin, &pin_source(hsm, pin_file.as_deref()))?;
+            crate::hsm::Hsm::generate_key(hsm, &pin)?;
             print(&format!(
                 "made AES-256 key {:?} on token {:?} (sensitive, never extractable)\n",
                 hsm.key_label, hsm.token
@@ -368,14 +368,6 @@ fn run_tool(config: &Config, tool: Tool) -> Result<u8, ServiceError> {
     }
 }
 
-/// How the PIN's source is named in errors.
-fn pin_source(hsm: &crate::hsm::HsmConfig, pin_file: Option<&std::path::Path>) -> String {
-    match pin_file {
-        Some(file) => file.display().to_string(),
-        None => format!("the credential {:?}", hsm.pin_credential),
-    }
-}
-
 /// `indiciad rewrap`: seals the file master key by the HSM key, checks the sealed copy
 /// opens to the same key (from disk), and removes the data directory's `master.key`.
 fn rewrap(
@@ -384,7 +376,7 @@ fn rewrap(
     pin_file: Option<&std::path::Path>,
     keep_file: bool,
 ) -> Result<String, ServiceError> {
-    use crate::hsm::{Hsm, SealedMasterKey, SEALED_MASTER_KEY_FILE};
+    use crate::hsm::{SealedMasterKey, SEALED_MASTER_KEY_FILE};
     let hsm_config = config.hsm.as_ref().ok_or(ServiceError::NoHsm)?;
     let dir = std::path::Path::new(&config.data_dir);
     let sealed_path = dir.join(SEALED_MASTER_KEY_FILE);
@@ -401,8 +393,7 @@ fn rewrap(
         dir,
         crate::datadir::KeySource::File(credential.as_deref()),
     )?;
-    let pin = crate::hsm::read_pin(hsm_config, pin_file)?;
-    let hsm = Hsm::open(hsm_config, &pin, &pin_source(hsm_config, pin_file))?;
+    let hsm = crate::hsm::unlock(hsm_config, pin_file)?;
     let sealed = hsm.seal(&key)?;
     indicia_files::write_private(&sealed_path, sealed.to_text().as_bytes())
         .map_err(crate::datadir::MasterKeyError::from)?;

@@ -65,14 +65,7 @@ fn rewrap_rolling(name: &str, this: &mut Appliance, other: &Appliance, signers: 
 fn a_rolling_rewrap_moves_the_cluster_into_the_hsms_while_it_signs() {
     let etcd = EtcdCluster::start(1);
     let root = tempfile::tempdir().unwrap();
-    let mut a1 = Appliance::configured(root.path(), "a1", &etcd, "");
-    a1.start();
-    let mut a2 = Appliance::joining_configured(root.path(), "a2", &etcd, &a1, "");
-    a2.start();
-    let mut admin = a1.daemon().admin();
-    wait_until("a1 sees two live appliances", || {
-        admin.placement(&VPSDS).unwrap().appliances.len() == 2
-    });
+    let (mut a1, mut a2) = Appliance::started_pair(root.path(), &etcd);
     for vpsd in VPSDS {
         a1.daemon()
             .provision_funded(vpsd, Algorithm::EcdsaP256, FUNDS);

@@ -169,14 +169,17 @@ pub fn hsm_costs(module: &Path, seconds: f64) -> Result<HsmCosts, Error> {
     use indiciad::hsm::HsmConfig;
 
     let (_dir, _pkcs11, _slot) = temporary_token(module, "indicia-cost")?;
-    let pin = zeroize::Zeroizing::new(String::from(USER_PIN));
+    let pin = indiciad::hsm::Pin {
+        secret: zeroize::Zeroizing::new(String::from(USER_PIN)),
+        source: "hsm-cost".into(),
+    };
     let config = HsmConfig {
         module: module.to_owned(),
         token: "indicia-cost".into(),
         key_label: "indicia-master".into(),
         pin_credential: "hsm-pin".into(),
     };
-    Hsm::generate_key(&config, &pin, "hsm-cost")?;
+    Hsm::generate_key(&config, &pin)?;
 
     let mut master = [0u8; 32];
     aws_lc_rs::rand::SecureRandom::fill(&SystemRandom::new(), &mut master)
@@ -185,7 +188,7 @@ pub fn hsm_costs(module: &Path, seconds: f64) -> Result<HsmCosts, Error> {
     let mut sealed = None;
     for _ in 0..5 {
         let started = Instant::now();
-        let hsm = Hsm::open(&config, &pin, "hsm-cost")?;
+        let hsm = Hsm::open(&config, &pin)?;
         let sealed_key = match &sealed {
             Some(sealed) => sealed,
             None => sealed.insert(hsm.seal(&master)?),
@@ -199,7 +202,7 @@ pub fn hsm_costs(module: &Path, seconds: f64) -> Result<HsmCosts, Error> {
     }
     let sealed = sealed.ok_or("nothing sealed")?;
 
-    let hsm = Hsm::open(&config, &pin, "hsm-cost")?;
+    let hsm = Hsm::open(&config, &pin)?;
     let per_op = |rate: f64| 1e6 / rate;
     let hsm_unseal_us = per_op(rate(seconds, || {
         std::hint::black_box(hsm.unseal(&sealed, Path::new("master.key.hsm"))?);

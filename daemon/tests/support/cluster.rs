@@ -128,6 +128,20 @@ impl Appliance {
         appliance
     }
 
+    /// Two started members of one cluster (a1, and a2 joining it), both placing and
+    /// rebalancing by default, once a1 sees both live.
+    pub fn started_pair(root: &Path, etcd: &EtcdCluster) -> (Self, Self) {
+        let mut a1 = Self::configured(root, "a1", etcd, "");
+        a1.start();
+        let mut a2 = Self::joining_configured(root, "a2", etcd, &a1, "");
+        a2.start();
+        let mut admin = a1.daemon().admin();
+        wait_until("a1 sees two live appliances", || {
+            admin.placement(&[]).unwrap().appliances.len() == 2
+        });
+        (a1, a2)
+    }
+
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
     }
